@@ -1,0 +1,84 @@
+"""The bar frame: column names, dtypes and sorting shared by raw and aggregated bars.
+
+Raw 1-second bars and aggregated bars have the same columns, so one definition serves the
+decoder, the aggregation kernel, the storage layer and the validation schemas:
+``ts_event`` (UTC, nanoseconds, the bar's open), ``symbol`` (the catalog symbol),
+``instrument_id`` (Databento's id, which changes at a futures roll), ``open``/``high``/
+``low``/``close`` (float64, exact decimal prices) and ``volume`` (uint64).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+COLUMNS: tuple[str, ...] = (
+    "ts_event",
+    "symbol",
+    "instrument_id",
+    "open",
+    "high",
+    "low",
+    "close",
+    "volume",
+)
+PRICE_COLUMNS: tuple[str, ...] = ("open", "high", "low", "close")
+TS_DTYPE = pd.DatetimeTZDtype(unit="ns", tz="UTC")
+DTYPES: dict[str, object] = {
+    "ts_event": TS_DTYPE,
+    "symbol": pd.StringDtype(na_value=np.nan),
+    "instrument_id": np.dtype("uint32"),
+    "open": np.dtype("float64"),
+    "high": np.dtype("float64"),
+    "low": np.dtype("float64"),
+    "close": np.dtype("float64"),
+    "volume": np.dtype("uint64"),
+}
+
+
+def empty_bars() -> pd.DataFrame:
+    """A zero-row bar frame with the right columns and dtypes."""
+    return pd.DataFrame({name: pd.Series([], dtype=DTYPES[name]) for name in COLUMNS})
+
+
+def make_bars(
+    ts_ns: np.ndarray,
+    symbol: str,
+    instrument_id: np.ndarray,
+    opens: np.ndarray,
+    highs: np.ndarray,
+    lows: np.ndarray,
+    closes: np.ndarray,
+    volume: np.ndarray,
+) -> pd.DataFrame:
+    """Build a bar frame from column arrays (timestamps as int64 nanoseconds since epoch)."""
+    n = len(ts_ns)
+    ts = pd.DatetimeIndex(np.asarray(ts_ns, dtype="int64").view("datetime64[ns]")).tz_localize(
+        "UTC"
+    )
+    return pd.DataFrame(
+        {
+            "ts_event": ts,
+            "symbol": pd.array(np.full(n, symbol, dtype=object), dtype=DTYPES["symbol"]),
+            "instrument_id": np.asarray(instrument_id, dtype="uint32"),
+            "open": np.asarray(opens, dtype="float64"),
+            "high": np.asarray(highs, dtype="float64"),
+            "low": np.asarray(lows, dtype="float64"),
+            "close": np.asarray(closes, dtype="float64"),
+            "volume": np.asarray(volume, dtype="uint64"),
+        },
+        columns=list(COLUMNS),
+    )
+
+
+def ts_nanos(frame: pd.DataFrame) -> np.ndarray:
+    """The ``ts_event`` column as int64 nanoseconds since the Unix epoch (no copy if possible)."""
+    return frame["ts_event"].array.asi8 if len(frame) else np.empty(0, dtype="int64")
+
+
+def sort_bars(frame: pd.DataFrame) -> pd.DataFrame:
+    """Sort by ``ts_event`` then ``instrument_id`` with a fresh RangeIndex."""
+    order = np.lexsort((frame["instrument_id"].to_numpy(), ts_nanos(frame)))
+    if np.array_equal(order, np.arange(len(order))):
+        return frame.reset_index(drop=True)
+    return frame.take(order).reset_index(drop=True)

@@ -1,0 +1,127 @@
+"""The instrument catalog: which symbols exist, how Databento knows them, which timeframes.
+
+The catalog is a TOML file that users edit (``dbento_assets/catalog.toml`` by default, or the
+file named by ``DBENTO_CATALOG``). It maps a user symbol such as ``ES`` to its Databento
+dataset, request symbol and ``stype_in``, and holds the list of bar timeframes and the first
+month of the partitions. Loading validates everything up front so that a typo is reported
+with the file name and the offending entry rather than as a failed download later.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dbento_assets.core.months import Month
+from dbento_assets.core.timeframes import Timeframe, TimeframeError, parse_timeframes
+
+DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "catalog.toml"
+STYPES = ("continuous", "raw_symbol", "parent", "instrument_id")
+KINDS = ("future", "equity")
+_SYMBOL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+
+
+class CatalogError(ValueError):
+    """The catalog file is missing, malformed, or names something impossible."""
+
+
+@dataclass(frozen=True)
+class Instrument:
+    """One catalog entry: the user symbol and how to ask Databento for it."""
+
+    symbol: str
+    dataset: str
+    request_symbol: str
+    stype_in: str
+    tick: float
+    kind: str
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The whole catalog file, validated."""
+
+    instruments: dict[str, Instrument]
+    timeframes: list[Timeframe]
+    start_month: Month
+    path: Path
+
+    @property
+    def symbols(self) -> list[str]:
+        return list(self.instruments)
+
+    def instrument(self, symbol: str) -> Instrument:
+        try:
+            return self.instruments[symbol]
+        except KeyError:
+            raise CatalogError(
+                f"symbol {symbol!r} is not in the catalog {self.path}; known symbols: "
+                f"{', '.join(self.instruments)}"
+            ) from None
+
+
+def catalog_path() -> Path:
+    """The catalog file in force: ``DBENTO_CATALOG`` if set, else the packaged default."""
+    override = os.environ.get("DBENTO_CATALOG", "").strip()
+    return Path(override).expanduser() if override else DEFAULT_CATALOG
+
+
+def load_catalog(path: Path | str | None = None) -> Catalog:
+    """Read and validate a catalog file (default: :func:`catalog_path`)."""
+    file = Path(path) if path is not None else catalog_path()
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CatalogError(f"catalog file {file} does not exist (check DBENTO_CATALOG)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CatalogError(f"catalog file {file} is not valid TOML: {exc}") from None
+    return parse_catalog(raw, file)
+
+
+def parse_catalog(raw: dict[str, Any], file: Path) -> Catalog:
+    """Validate the decoded TOML of a catalog file."""
+    try:
+        start = Month.parse(str(raw.get("start_month", "")))
+    except ValueError as exc:
+        raise CatalogError(f"{file}: start_month: {exc}") from None
+    try:
+        timeframes = parse_timeframes(list(raw.get("timeframes", [])))
+    except TimeframeError as exc:
+        raise CatalogError(f"{file}: timeframes: {exc}") from None
+    if not timeframes:
+        raise CatalogError(f"{file}: timeframes is empty; list at least one, e.g. ['1min']")
+    entries = raw.get("instruments")
+    if not isinstance(entries, dict) or not entries:
+        raise CatalogError(f"{file}: no [instruments.<SYMBOL>] tables")
+    instruments = {sym: _instrument(sym, spec, file) for sym, spec in entries.items()}
+    return Catalog(instruments=instruments, timeframes=timeframes, start_month=start, path=file)
+
+
+def _instrument(symbol: str, spec: Any, file: Path) -> Instrument:
+    where = f"{file}: [instruments.{symbol}]"
+    if not _SYMBOL.match(symbol) or "|" in symbol:
+        raise CatalogError(f"{where}: symbol must be letters, digits, '.', '_' or '-'")
+    if not isinstance(spec, dict):
+        raise CatalogError(f"{where} must be a table")
+    missing = [k for k in ("dataset", "symbol", "stype_in", "tick", "kind") if k not in spec]
+    if missing:
+        raise CatalogError(f"{where} is missing {', '.join(missing)}")
+    if spec["stype_in"] not in STYPES:
+        raise CatalogError(f"{where}: stype_in {spec['stype_in']!r} is not one of {STYPES}")
+    if spec["kind"] not in KINDS:
+        raise CatalogError(f"{where}: kind {spec['kind']!r} is not one of {KINDS}")
+    tick = spec["tick"]
+    if not isinstance(tick, int | float) or not tick > 0:
+        raise CatalogError(f"{where}: tick must be a positive number, got {tick!r}")
+    return Instrument(
+        symbol=symbol,
+        dataset=str(spec["dataset"]),
+        request_symbol=str(spec["symbol"]),
+        stype_in=str(spec["stype_in"]),
+        tick=float(tick),
+        kind=str(spec["kind"]),
+    )
