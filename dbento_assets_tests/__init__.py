@@ -1,0 +1,1 @@
+"""Tests for dbento_assets (pytest). Run with `pytest` from the repository root."""

@@ -1,0 +1,128 @@
+"""Timeframe parsing, month windows and catalog validation: the inputs users type."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from dbento_assets.core.catalog import CatalogError, load_catalog
+from dbento_assets.core.months import Month, month_range
+from dbento_assets.core.timeframes import TimeframeError, parse_timeframe, parse_timeframes
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds", "label"),
+    [
+        ("15s", 15, "15s"),
+        ("30s", 30, "30s"),
+        ("1min", 60, "1min"),
+        ("60s", 60, "1min"),
+        ("45s", 45, "45s"),
+        ("2min", 120, "2min"),
+        ("90s", 90, "90s"),
+        ("1h", 3600, "1h"),
+        ("120min", 7200, "2h"),
+        (" 5min ", 300, "5min"),
+    ],
+)
+def test_parse_valid(text, seconds, label):
+    tf = parse_timeframe(text)
+    assert tf.seconds == seconds
+    assert tf.label == label
+    assert pd.Timedelta(tf.pandas_freq) == pd.Timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("1s", "longer than 1s"),
+        ("0min", "longer than 1s"),
+        ("15S", "old pandas alias"),
+        ("1T", "old pandas alias"),
+        ("7s", "divide a day"),
+        ("1.5min", "whole number"),
+        ("15", "whole number"),
+        ("3d", "unknown unit"),
+        ("", "whole number"),
+    ],
+)
+def test_parse_invalid(text, message):
+    with pytest.raises(TimeframeError, match=message):
+        parse_timeframe(text)
+
+
+def test_duplicate_timeframes_refused():
+    with pytest.raises(TimeframeError, match="listed twice"):
+        parse_timeframes(["1min", "60s"])
+
+
+def test_month_window_is_half_open_and_exact():
+    jan = Month.parse("2024-01-01")
+    assert jan.start == pd.Timestamp("2024-01-01T00:00:00Z")
+    assert jan.end == pd.Timestamp("2024-02-01T00:00:00Z")
+    assert Month(2024, 12).end == pd.Timestamp("2025-01-01T00:00:00Z")
+    assert Month(2024, 1).previous() == Month(2023, 12)
+    assert (jan.key, jan.tag, str(jan)) == ("2024-01-01", "2024_01", "2024-01")
+    assert [str(m) for m in month_range(Month(2023, 11), Month(2024, 2))] == [
+        "2023-11",
+        "2023-12",
+        "2024-01",
+        "2024-02",
+    ]
+    with pytest.raises(ValueError, match="YYYY-MM"):
+        Month.parse("Jan 2024")
+
+
+def test_default_catalog_has_the_documented_instruments():
+    cat = load_catalog()
+    assert cat.symbols == ["ES", "NQ", "GC", "SPY", "QQQ"]
+    es = cat.instrument("ES")
+    assert (es.dataset, es.request_symbol, es.stype_in) == ("GLBX.MDP3", "ES.v.0", "continuous")
+    spy = cat.instrument("SPY")
+    assert (spy.dataset, spy.stype_in) == ("EQUS.MINI", "raw_symbol")
+    assert [t.label for t in cat.timeframes] == ["15s", "30s", "1min"]
+    with pytest.raises(CatalogError, match="not in the catalog"):
+        cat.instrument("ZZ")
+
+
+def _write(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "catalog.toml"
+    path.write_text(body)
+    return path
+
+
+GOOD_ES = '[instruments.ES]\ndataset="GLBX.MDP3"\nsymbol="ES.v.0"\nstype_in="continuous"\ntick=0.25\nkind="future"\n'
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('start_month="2024-13"\ntimeframes=["1min"]\n' + GOOD_ES, "start_month"),
+        ('start_month="2024-01"\ntimeframes=["1T"]\n' + GOOD_ES, "timeframes"),
+        ('start_month="2024-01"\ntimeframes=[]\n' + GOOD_ES, "timeframes is empty"),
+        ('start_month="2024-01"\ntimeframes=["1min"]\n', "no \\[instruments"),
+        (
+            'start_month="2024-01"\ntimeframes=["1min"]\n' + GOOD_ES.replace("continuous", "cont"),
+            "stype_in",
+        ),
+        (
+            'start_month="2024-01"\ntimeframes=["1min"]\n' + GOOD_ES.replace("tick=0.25\n", ""),
+            "missing tick",
+        ),
+        ('start_month="2024-01"\ntimeframes=["1min"\n', "not valid TOML"),
+    ],
+)
+def test_bad_catalog_is_reported_with_file_and_entry(tmp_path, body, message):
+    path = _write(tmp_path, body)
+    with pytest.raises(CatalogError, match=message) as info:
+        load_catalog(path)
+    assert str(path) in str(info.value)
+
+
+def test_catalog_override_by_env(tmp_path, monkeypatch):
+    path = _write(tmp_path, 'start_month="2023-06"\ntimeframes=["5min"]\n' + GOOD_ES)
+    monkeypatch.setenv("DBENTO_CATALOG", str(path))
+    cat = load_catalog()
+    assert cat.path == path and cat.symbols == ["ES"] and cat.start_month == Month(2023, 6)
