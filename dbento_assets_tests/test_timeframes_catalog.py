@@ -93,7 +93,10 @@ def _write(tmp_path: Path, body: str) -> Path:
     return path
 
 
-GOOD_ES = '[instruments.ES]\ndataset="GLBX.MDP3"\nsymbol="ES.v.0"\nstype_in="continuous"\ntick=0.25\nkind="future"\n'
+GOOD_ES = (
+    '[instruments.ES]\ndataset="GLBX.MDP3"\nsymbol="ES.v.0"\n'
+    'stype_in="continuous"\ntick=0.25\nkind="future"\n'
+)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,205 @@
+"""Bar files on disk (or object storage): paths, atomic writes, Parquet/CSV, one origin per root.
+
+Layout under the data root (``DBENTO_DATA_DIR``, a local folder or an fsspec URL):
+``raw_1s/ES/ES_2024_01.parquet`` for the 1-second bars and
+``aggregated/15s/ES_2024_01_15s.parquet`` per timeframe (``.csv`` in CSV mode), plus
+``dbn/ES/ES_2024_01.ohlcv-1s.dbn.zst`` for the downloaded DBN cache. Every local write goes
+to a hidden temporary file in the same folder and is renamed over the target only when
+complete, so a crash never leaves a half file and never destroys the previous good one; on
+object storage a single PUT is already all-or-nothing, so files are written in one piece.
+CSV files have a header, ISO-8601 UTC timestamps and shortest round-trip prices (no float
+noise), and both formats read back to the exact dtypes of :mod:`dbento_assets.core.bars`.
+A root holds data of one origin, synthetic (demo) or vendor (Databento), recorded in a
+``.dbento_origin`` marker; mixing them is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from upath import UPath
+
+from dbento_assets.core.bars import COLUMNS, DTYPES
+from dbento_assets.core.months import Month
+from dbento_assets.core.timeframes import Timeframe
+
+FORMATS = ("parquet", "csv")
+ORIGIN_MARKER = ".dbento_origin"
+LOCAL_PROTOCOLS = ("", "file", "local")
+ARROW_SCHEMA = pa.schema(
+    [
+        ("ts_event", pa.timestamp("ns", tz="UTC")),
+        ("symbol", pa.string()),
+        ("instrument_id", pa.uint32()),
+        ("open", pa.float64()),
+        ("high", pa.float64()),
+        ("low", pa.float64()),
+        ("close", pa.float64()),
+        ("volume", pa.uint64()),
+    ]
+)
+# On timestamp[s] this prints whole seconds; on timestamp[ns] Arrow adds 9 fractional digits.
+_CSV_TS = "%Y-%m-%dT%H:%M:%SZ"
+
+
+class StorageError(RuntimeError):
+    """A data root or bar file that cannot be used, with a message a user can act on."""
+
+
+def data_root(location: str | os.PathLike[str]) -> UPath:
+    """The data root as a UPath (a local folder, or an fsspec URL such as ``s3://b/p``)."""
+    text = os.fspath(location).strip()
+    if not text:
+        raise StorageError("DBENTO_DATA_DIR is empty; set it to a folder such as ./data")
+    root = UPath(text)
+    if is_local(root):
+        root = UPath(os.path.abspath(os.path.expanduser(text)))
+    return root
+
+
+def is_local(path: UPath) -> bool:
+    return path.protocol in LOCAL_PROTOCOLS
+
+
+@dataclass(frozen=True)
+class BarStore:
+    """Where and how one data root keeps bar files."""
+
+    root: UPath
+    fmt: str = "parquet"
+
+    def __post_init__(self) -> None:
+        if self.fmt not in FORMATS:
+            raise StorageError(f"DBENTO_FORMAT={self.fmt!r} is not one of {', '.join(FORMATS)}")
+
+    @classmethod
+    def at(cls, location: str | os.PathLike[str], fmt: str = "parquet") -> BarStore:
+        return cls(data_root(location), fmt.strip().lower())
+
+    def raw_path(self, symbol: str, month: Month) -> UPath:
+        return self.root / "raw_1s" / symbol / f"{symbol}_{month.tag}.{self.fmt}"
+
+    def aggregated_path(self, symbol: str, month: Month, timeframe: Timeframe) -> UPath:
+        name = f"{symbol}_{month.tag}_{timeframe.label}.{self.fmt}"
+        return self.root / "aggregated" / timeframe.label / name
+
+    def dbn_cache_path(self, symbol: str, month: Month) -> UPath:
+        return self.root / "dbn" / symbol / f"{symbol}_{month.tag}.ohlcv-1s.dbn.zst"
+
+    # -- origin -----------------------------------------------------------------------------
+
+    def claim(self, origin: str, source_name: str) -> None:
+        """Record that this root holds ``origin`` data, or refuse if it holds the other kind."""
+        marker = self.root / ORIGIN_MARKER
+        if marker.exists():
+            found = marker.read_text().strip()
+            if found != origin:
+                raise StorageError(
+                    f"The data folder {self.root} holds {_origin_words(found)}, and "
+                    f"DBENTO_SOURCE={source_name} would add {_origin_words(origin)}. A data "
+                    "folder holds one kind only, so that synthetic bars can never be mistaken "
+                    "for market data. Set DBENTO_DATA_DIR to another folder (for example "
+                    f"./data-{source_name}) and run again."
+                )
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_atomic(marker, lambda f: f.write(f"{origin}\n".encode()))
+
+    # -- bar files --------------------------------------------------------------------------
+
+    def write(self, frame: pd.DataFrame, path: UPath) -> int:
+        """Write ``frame`` atomically in this store's format; return the file size in bytes."""
+        table = to_arrow(frame)
+        writer = _write_parquet if self.fmt == "parquet" else _write_csv
+        write_atomic(path, lambda f: writer(table, f))
+        return path.stat().st_size
+
+    def read(self, path: UPath) -> pd.DataFrame:
+        """Read a bar file written by :meth:`write` (format from the store)."""
+        if not path.exists():
+            raise StorageError(f"{path} does not exist; materialize its upstream asset first")
+        with path.open("rb") as f:
+            table = pq.read_table(f) if self.fmt == "parquet" else _read_csv(f)
+        return from_arrow(table)
+
+
+def write_atomic(path: UPath, write: Callable[[BinaryIO], object]) -> None:
+    """Write a file so that readers see the old file or the complete new one, never a part.
+
+    Locally: a temporary file in the same folder, fsync, then ``os.replace``; on failure the
+    temporary file is removed and the old file is untouched. On object storage a single PUT
+    is atomic, so the object is written in one piece from memory.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not is_local(path):
+        buffer = io.BytesIO()
+        write(buffer)
+        with path.open("wb") as f:
+            f.write(buffer.getvalue())
+        return
+    target = os.fspath(path.path)
+    folder, name = os.path.split(target)
+    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def to_arrow(frame: pd.DataFrame) -> pa.Table:
+    """The bar frame as an Arrow table with the fixed schema (columns in canonical order)."""
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise StorageError(f"bar frame is missing columns {missing}")
+    return pa.Table.from_pandas(frame[list(COLUMNS)], schema=ARROW_SCHEMA, preserve_index=False)
+
+
+def from_arrow(table: pa.Table) -> pd.DataFrame:
+    """An Arrow table of bars back to a pandas frame with :data:`DTYPES`."""
+    frame = table.select(list(COLUMNS)).cast(ARROW_SCHEMA).to_pandas()
+    return frame.astype(DTYPES, copy=False)
+
+
+def _write_parquet(table: pa.Table, f: BinaryIO) -> None:
+    pq.write_table(table, f, compression="zstd", compression_level=1)
+
+
+def _write_csv(table: pa.Table, f: BinaryIO) -> None:
+    ts = table["ts_event"]
+    whole = ts.cast(pa.timestamp("s", tz="UTC"), safe=False)
+    if pc.all(pc.equal(whole.cast(pa.timestamp("ns", tz="UTC")), ts)).as_py() is not False:
+        text = pc.strftime(whole, format=_CSV_TS)
+    else:
+        text = pc.strftime(ts, format=_CSV_TS)
+    table = table.set_column(0, "ts_event", text)
+    pacsv.write_csv(table, f, pacsv.WriteOptions(quoting_style="none"))
+
+
+def _read_csv(f: BinaryIO) -> pa.Table:
+    types = {field.name: field.type for field in ARROW_SCHEMA}
+    types["ts_event"] = pa.timestamp("ns", tz="UTC")
+    return pacsv.read_csv(
+        f,
+        convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False),
+    )
+
+
+def _origin_words(origin: str) -> str:
+    return "SYNTHETIC demo data" if origin == "synthetic" else "real Databento market data"

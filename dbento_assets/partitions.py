@@ -1,0 +1,49 @@
+"""Dagster partitions: one partition per (UTC month, catalog symbol), keyed ``2024-01-01|ES``.
+
+Dagster orders the dimensions of a multi-partition key by name, so ``month`` comes before
+``symbol``. Months start at the catalog's ``start_month`` and end with the last month that
+has fully closed; symbols are the catalog's symbols, in catalog order.
+"""
+
+from __future__ import annotations
+
+from dagster import (
+    MonthlyPartitionsDefinition,
+    MultiPartitionKey,
+    MultiPartitionsDefinition,
+    StaticPartitionsDefinition,
+)
+
+from dbento_assets.core.catalog import Catalog
+from dbento_assets.core.months import Month
+
+MONTH_DIM = "month"
+SYMBOL_DIM = "symbol"
+
+
+def build_partitions(catalog: Catalog) -> MultiPartitionsDefinition:
+    """The month x symbol partitions for a catalog."""
+    return MultiPartitionsDefinition(
+        {
+            MONTH_DIM: MonthlyPartitionsDefinition(
+                start_date=catalog.start_month.key, timezone="UTC", fmt="%Y-%m-%d"
+            ),
+            SYMBOL_DIM: StaticPartitionsDefinition(catalog.symbols),
+        }
+    )
+
+
+def partition_key(month: Month, symbol: str) -> MultiPartitionKey:
+    """The partition key of one symbol-month."""
+    return MultiPartitionKey({MONTH_DIM: month.key, SYMBOL_DIM: symbol})
+
+
+def split_partition_key(key: str) -> tuple[Month, str]:
+    """``2024-01-01|ES`` (or a MultiPartitionKey) to ``(Month(2024, 1), "ES")``."""
+    if isinstance(key, MultiPartitionKey):
+        dims = key.keys_by_dimension
+        return Month.parse(dims[MONTH_DIM]), dims[SYMBOL_DIM]
+    month_text, sep, symbol = str(key).partition("|")
+    if not sep or not symbol:
+        raise ValueError(f"partition key {key!r} is not '<YYYY-MM-01>|<SYMBOL>'")
+    return Month.parse(month_text), symbol

@@ -1,0 +1,142 @@
+"""Bar files: layout, round-trips in both formats, atomic writes and one origin per root."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from dbento_assets.core.bars import DTYPES, make_bars
+from dbento_assets.core.months import Month
+from dbento_assets.core.storage import BarStore, StorageError
+from dbento_assets.core.timeframes import parse_timeframe
+
+JAN = Month(2024, 1)
+
+
+def sample_bars() -> pd.DataFrame:
+    ts = np.array([JAN.start_ns, JAN.start_ns + 10**9, JAN.end_ns - 10**9])
+    # Prices as the decoder makes them: int64 fixed-point (1e-9) divided once by 1e9.
+    prices = np.array([4750250000000, 2050100000000, 4750250000001]) / 1e9
+    return make_bars(ts, "ES", [5, 5, 6], prices, prices, prices, prices, [1, 2**63 + 7, 0])
+
+
+def test_layout_keeps_the_seed_names(tmp_path):
+    store = BarStore.at(tmp_path, "parquet")
+    assert store.raw_path("ES", JAN).path.endswith("raw_1s/ES/ES_2024_01.parquet")
+    assert store.aggregated_path("ES", JAN, parse_timeframe("15s")).path.endswith(
+        "aggregated/15s/ES_2024_01_15s.parquet"
+    )
+    csv = BarStore.at(tmp_path, "csv")
+    assert csv.aggregated_path("NQ", Month(2023, 12), parse_timeframe("60s")).path.endswith(
+        "aggregated/1min/NQ_2023_12_1min.csv"
+    )
+    assert store.dbn_cache_path("ES", JAN).path.endswith("dbn/ES/ES_2024_01.ohlcv-1s.dbn.zst")
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_round_trip_is_exact_with_the_same_dtypes(tmp_path, fmt):
+    store = BarStore.at(tmp_path, fmt)
+    frame = sample_bars()
+    path = store.raw_path("ES", JAN)
+    size = store.write(frame, path)
+    assert size == os.path.getsize(path.path) > 0
+    back = store.read(path)
+    assert dict(back.dtypes) == dict(DTYPES)
+    pd.testing.assert_frame_equal(back, frame, check_exact=True)
+
+
+def test_csv_is_readable_iso_utc_without_float_noise(tmp_path):
+    store = BarStore.at(tmp_path, "csv")
+    path = store.raw_path("ES", JAN)
+    store.write(sample_bars(), path)
+    lines = Path(path.path).read_text().splitlines()
+    assert lines[0].replace('"', "") == "ts_event,symbol,instrument_id,open,high,low,close,volume"
+    assert lines[1].startswith("2024-01-01T00:00:00Z,ES,5,4750.25,")
+    assert lines[3].startswith("2024-01-31T23:59:59Z,ES,6,")
+    # Every price is written as its exact decimal: no float noise, no exponent.
+    assert lines[2].split(",")[3:7] == ["2050.1"] * 4
+    assert lines[3].split(",")[3:7] == ["4750.250000001"] * 4
+    # pandas reads it with no special options
+    parsed = pd.read_csv(path.path, parse_dates=["ts_event"])
+    assert str(parsed["ts_event"].dt.tz) == "UTC"
+
+
+def test_sub_second_timestamps_survive_csv(tmp_path):
+    store = BarStore.at(tmp_path, "csv")
+    frame = sample_bars()
+    frame["ts_event"] = frame["ts_event"] + pd.Timedelta("250ms")
+    path = store.raw_path("ES", JAN)
+    store.write(frame, path)
+    assert "2024-01-01T00:00:00.250000000Z" in Path(path.path).read_text()
+    pd.testing.assert_frame_equal(store.read(path), frame, check_exact=True)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, fmt, monkeypatch):
+    store = BarStore.at(tmp_path, fmt)
+    path = store.raw_path("ES", JAN)
+    store.write(sample_bars(), path)
+    before = Path(path.path).read_bytes()
+
+    import dbento_assets.core.storage as storage
+
+    def explode(table, f):
+        f.write(b"half a file")
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(storage, "_write_parquet" if fmt == "parquet" else "_write_csv", explode)
+    with pytest.raises(OSError, match="injected"):
+        store.write(sample_bars().iloc[:1], path)
+    assert Path(path.path).read_bytes() == before
+    assert sorted(p.name for p in Path(path.path).parent.iterdir()) == [Path(path.path).name]
+
+
+def test_killed_writer_never_leaves_a_half_file(tmp_path):
+    """A process killed in the middle of a write leaves the previous file complete."""
+    store = BarStore.at(tmp_path, "parquet")
+    path = store.raw_path("ES", JAN)
+    store.write(sample_bars(), path)
+    before = Path(path.path).read_bytes()
+    script = (
+        "import os, numpy as np\n"
+        "import dbento_assets.core.storage as s\n"
+        "from dbento_assets.core.bars import make_bars\n"
+        "def die(table, f):\n"
+        "    f.write(b'x' * 1000); f.flush(); os._exit(9)\n"
+        "s._write_parquet = die\n"
+        f"st = s.BarStore.at({str(tmp_path)!r}, 'parquet')\n"
+        "n = 10\n"
+        "st.write(make_bars(np.arange(n), 'ES', np.ones(n), *[np.ones(n)] * 4, np.ones(n)),"
+        f" st.raw_path('ES', s.Month(2024, 1)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], check=False)
+    assert result.returncode == 9
+    assert Path(path.path).read_bytes() == before
+    assert pq.read_table(path.path).num_rows == 3
+
+
+def test_root_holds_one_origin(tmp_path):
+    store = BarStore.at(tmp_path / "root")
+    store.claim("synthetic", "demo")
+    store.claim("synthetic", "demo")  # same origin: fine
+    with pytest.raises(StorageError, match="SYNTHETIC demo data") as info:
+        store.claim("databento", "databento")
+    assert "DBENTO_DATA_DIR" in str(info.value)
+    real = BarStore.at(tmp_path / "real")
+    real.claim("databento", "dbn")
+    with pytest.raises(StorageError, match="real Databento market data"):
+        real.claim("synthetic", "demo")
+
+
+def test_bad_format_and_empty_root_are_clear():
+    with pytest.raises(StorageError, match="DBENTO_FORMAT"):
+        BarStore.at("./data", "xlsx")
+    with pytest.raises(StorageError, match="DBENTO_DATA_DIR is empty"):
+        BarStore.at("  ")
