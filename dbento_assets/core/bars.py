@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 COLUMNS: tuple[str, ...] = (
     "ts_event",
@@ -59,7 +60,7 @@ def make_bars(
     return pd.DataFrame(
         {
             "ts_event": ts,
-            "symbol": pd.array(np.full(n, symbol, dtype=object), dtype=DTYPES["symbol"]),
+            "symbol": constant_strings(symbol, n),
             "instrument_id": np.asarray(instrument_id, dtype="uint32"),
             "open": np.asarray(opens, dtype="float64"),
             "high": np.asarray(highs, dtype="float64"),
@@ -69,6 +70,15 @@ def make_bars(
         },
         columns=list(COLUMNS),
     )
+
+
+def constant_strings(text: str, n: int) -> pd.api.extensions.ExtensionArray:
+    """``n`` copies of ``text`` as the ``symbol`` dtype, built from Arrow buffers directly
+    (a million-row month costs milliseconds instead of a Python object per row)."""
+    raw = text.encode()
+    offsets = np.arange(n + 1, dtype=np.int32) * len(raw)
+    strings = pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(raw * n))
+    return pd.array(strings, dtype=DTYPES["symbol"])
 
 
 def ts_nanos(frame: pd.DataFrame) -> np.ndarray:

@@ -42,7 +42,7 @@ OHLCV_RECORD_DTYPE = np.dtype(
     ]
 )
 
-DbnPayload = bytes | Path
+DbnPayload = bytes | Path  # raw DBN bytes, or a .dbn / .dbn.zst file (a str path works too)
 
 
 class DbnError(ValueError):
@@ -62,9 +62,9 @@ def read_records(payload: DbnPayload) -> tuple[np.ndarray, databento_dbn.Metadat
     """Decode one DBN payload (bytes or a file path, zstd or not) into its ohlcv-1s records."""
     try:
         store = (
-            databento.DBNStore.from_file(payload)
-            if isinstance(payload, Path)
-            else databento.DBNStore.from_bytes(payload)
+            databento.DBNStore.from_bytes(payload)
+            if isinstance(payload, bytes | bytearray | memoryview)
+            else databento.DBNStore.from_file(Path(payload))
         )
     except Exception as exc:  # the client raises several types for unreadable input
         raise DbnError(f"cannot read DBN from {_describe(payload)}: {exc}") from exc
@@ -197,4 +197,6 @@ def _mapping_objects(mappings: dict[str, list[dict[str, object]]]) -> list[_Mapp
 
 
 def _describe(payload: DbnPayload) -> str:
-    return str(payload) if isinstance(payload, Path) else f"a {len(payload)}-byte DBN payload"
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return f"a {len(payload)}-byte DBN payload"
+    return str(payload)

@@ -49,8 +49,6 @@ ARROW_SCHEMA = pa.schema(
         ("volume", pa.uint64()),
     ]
 )
-# On timestamp[s] this prints whole seconds; on timestamp[ns] Arrow adds 9 fractional digits.
-_CSV_TS = "%Y-%m-%dT%H:%M:%SZ"
 
 
 class StorageError(RuntimeError):
@@ -174,21 +172,33 @@ def to_arrow(frame: pd.DataFrame) -> pa.Table:
 def from_arrow(table: pa.Table) -> pd.DataFrame:
     """An Arrow table of bars back to a pandas frame with :data:`DTYPES`."""
     frame = table.select(list(COLUMNS)).cast(ARROW_SCHEMA).to_pandas()
-    return frame.astype(DTYPES, copy=False)
+    return frame.astype(DTYPES)
 
 
 def _write_parquet(table: pa.Table, f: BinaryIO) -> None:
-    pq.write_table(table, f, compression="zstd", compression_level=1)
+    # Dictionary-encode only the constant symbol column: the prices and timestamps compress
+    # better (and write faster) without dictionaries.
+    pq.write_table(table, f, compression="zstd", compression_level=1, use_dictionary=["symbol"])
+
+
+def iso_utc_strings(ts: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """UTC timestamps as ISO-8601 text: ``2024-01-31T23:59:59Z``, or with 9 fractional
+    digits (``...59.250000000Z``) when any timestamp is not a whole second.
+
+    Arrow formats tz-aware timestamps about 30x slower than naive ones, so the UTC values are
+    formatted as naive and the ``T`` and ``Z`` are put in place afterwards.
+    """
+    nanos = pc.cast(pc.cast(ts, pa.timestamp("ns", tz="UTC")), pa.int64())
+    seconds = pc.divide(nanos, 10**9)  # integer division
+    whole = pc.all(pc.equal(pc.multiply(seconds, 10**9), nanos)).as_py() is not False
+    naive = pc.cast(seconds, pa.timestamp("s")) if whole else pc.cast(nanos, pa.timestamp("ns"))
+    text = pc.cast(naive, pa.string())
+    text = pc.utf8_replace_slice(text, 10, 11, "T")
+    return pc.binary_join_element_wise(text, pa.scalar("Z"), "")
 
 
 def _write_csv(table: pa.Table, f: BinaryIO) -> None:
-    ts = table["ts_event"]
-    whole = ts.cast(pa.timestamp("s", tz="UTC"), safe=False)
-    if pc.all(pc.equal(whole.cast(pa.timestamp("ns", tz="UTC")), ts)).as_py() is not False:
-        text = pc.strftime(whole, format=_CSV_TS)
-    else:
-        text = pc.strftime(ts, format=_CSV_TS)
-    table = table.set_column(0, "ts_event", text)
+    table = table.set_column(0, "ts_event", iso_utc_strings(table["ts_event"]))
     pacsv.write_csv(table, f, pacsv.WriteOptions(quoting_style="none"))
 
 
