@@ -12,6 +12,7 @@ laid out exactly as ``databento_dbn.OHLCVMsg`` (56 bytes each; a test proves the
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,8 +62,10 @@ class DecodedMonth:
 def read_records(payload: DbnPayload) -> tuple[np.ndarray, databento_dbn.Metadata]:
     """Decode one DBN payload (bytes or a file path, zstd or not) into its ohlcv-1s records."""
     try:
+        # BytesIO, not the bytes themselves: from_bytes(bytes) keeps repr(payload) as the
+        # source name, which costs a copy of the whole month in text.
         store = (
-            databento.DBNStore.from_bytes(payload)
+            databento.DBNStore.from_bytes(io.BytesIO(payload))
             if isinstance(payload, bytes | bytearray | memoryview)
             else databento.DBNStore.from_file(Path(payload))
         )
