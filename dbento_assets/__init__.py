@@ -16,8 +16,12 @@ __all__ = ["defs"]
 
 def __getattr__(name: str) -> Any:
     if name == "defs":
-        from dbento_assets.definitions import defs
-
+        try:
+            from dbento_assets.definitions import defs
+        except AttributeError as exc:
+            # An AttributeError escaping here would read as "no attribute defs", and Dagster
+            # would report "No Definitions found" instead of the real problem.
+            raise ImportError(f"loading dbento_assets.definitions failed: {exc}") from exc
         return defs
     raise AttributeError(f"module 'dbento_assets' has no attribute {name!r}")
 

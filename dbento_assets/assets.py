@@ -1,0 +1,126 @@
+"""The asset graph: ``raw_1s_bars`` per symbol-month, then one ``bars_<tf>`` per timeframe.
+
+``raw_1s_bars`` asks the configured source (demo, Databento API or local DBN files, see
+:mod:`dbento_assets.resources`) for the partition's ohlcv-1s DBN and decodes it through the
+one decoding path in :mod:`dbento_assets.core.dbn`. Each ``bars_<tf>`` asset is built by
+:func:`build_bars_asset` from a catalog timeframe, so adding ``5min`` to the catalog adds
+``bars_5min``. Downloads run in the Dagster pool ``databento`` so a backfill never opens more
+concurrent API requests than the pool allows. Force a re-download with the run tag
+``dbento/force=true`` or the run config ``force: true``.
+"""
+
+
+import pandas as pd
+from dagster import (
+    AssetExecutionContext,
+    AssetIn,
+    AssetsDefinition,
+    Config,
+    MultiPartitionsDefinition,
+    asset,
+)
+
+from dbento_assets.core.aggregate import aggregate_bars
+from dbento_assets.core.catalog import Catalog
+from dbento_assets.core.dbn import decode_month
+from dbento_assets.core.source import FetchRequest
+from dbento_assets.core.timeframes import Timeframe
+from dbento_assets.io_managers import BARS_PREFIX, RAW_ASSET
+from dbento_assets.partitions import build_partitions, split_partition_key
+from dbento_assets.resources import DatabentoResource
+
+FORCE_TAG = "dbento/force"
+DOWNLOAD_POOL = "databento"
+RAW_GROUP = "raw"
+BARS_GROUP = "aggregated"
+
+
+class RawBarsConfig(Config):
+    """Run config of ``raw_1s_bars``."""
+
+    force: bool = False
+    """Download again even if the month is in the DBN cache (costs money)."""
+
+
+def force_requested(context: AssetExecutionContext, config: RawBarsConfig) -> bool:
+    """Force from run config or from the ``dbento/force`` run tag (as the UI sets it)."""
+    tag = context.run.tags.get(FORCE_TAG, "").strip().lower()
+    return config.force or tag in ("true", "1", "yes")
+
+
+def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> AssetsDefinition:
+    """The ``raw_1s_bars`` asset for a catalog."""
+
+    @asset(
+        name=RAW_ASSET,
+        partitions_def=partitions,
+        group_name=RAW_GROUP,
+        pool=DOWNLOAD_POOL,
+        kinds={"databento", "pandas"},
+        description=(
+            "Databento ohlcv-1s bars of one symbol for one UTC month, each stamped at its "
+            "open; a second without a trade has no bar. Decoded from DBN."
+        ),
+    )
+    def raw_1s_bars(
+        context: AssetExecutionContext, config: RawBarsConfig, databento: DatabentoResource
+    ) -> pd.DataFrame:
+        month, symbol = split_partition_key(context.partition_key)
+        instrument = catalog.instrument(symbol)
+        request = FetchRequest(instrument, month, force=force_requested(context, config))
+        fetched = databento.month_source().fetch(request, context.log.info)
+        decoded = decode_month(fetched.payloads, symbol, month, fetched.instrument_ids)
+        bars = decoded.bars
+        rolls = sorted({int(i) for i in bars["instrument_id"].unique()}) if len(bars) else []
+        context.add_output_metadata(
+            {
+                "dataset": instrument.dataset,
+                "request_symbol": f"{instrument.request_symbol} ({instrument.stype_in})",
+                "window": f"[{month.start.isoformat()}, {month.end.isoformat()})",
+                "records_decoded": decoded.records_read,
+                "instrument_ids": ", ".join(map(str, rolls)) or "none",
+                "forced": request.force,
+                **{f"source_{k}": _plain(v) for k, v in fetched.metadata.items()},
+            }
+        )
+        return bars
+
+    return raw_1s_bars
+
+
+def build_bars_asset(
+    timeframe: Timeframe, partitions: MultiPartitionsDefinition
+) -> AssetsDefinition:
+    """One aggregated asset, ``bars_<label>``, built from ``raw_1s_bars``."""
+
+    @asset(
+        name=f"{BARS_PREFIX}{timeframe.label}",
+        partitions_def=partitions,
+        group_name=BARS_GROUP,
+        ins={"raw": AssetIn(RAW_ASSET)},
+        kinds={"pandas"},
+        description=(
+            f"{timeframe.label} OHLCV bars aggregated from raw_1s_bars: UTC epoch-aligned, "
+            "labelled at the bar open, one instrument per bar, no bar for an empty interval."
+        ),
+    )
+    def _bars(raw: pd.DataFrame) -> pd.DataFrame:
+        return aggregate_bars(raw, timeframe)
+
+    return _bars
+
+
+def build_assets(catalog: Catalog) -> list[AssetsDefinition]:
+    """All assets of a catalog: raw first, then one per timeframe."""
+    partitions = build_partitions(catalog)
+    return [
+        build_raw_asset(catalog, partitions),
+        *(build_bars_asset(tf, partitions) for tf in catalog.timeframes),
+    ]
+
+
+def _plain(value: object) -> object:
+    """Metadata values Dagster accepts as they are; anything else as text."""
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)
