@@ -9,7 +9,6 @@ concurrent API requests than the pool allows. Force a re-download with the run t
 ``dbento/force=true`` or the run config ``force: true``.
 """
 
-
 import pandas as pd
 from dagster import (
     AssetExecutionContext,
