@@ -22,7 +22,8 @@ from dagster import (
 from dbento_assets.core.aggregate import aggregate_bars
 from dbento_assets.core.catalog import Catalog
 from dbento_assets.core.dbn import decode_month
-from dbento_assets.core.source import FetchRequest
+from dbento_assets.core.source import FetchRequest, origin_of
+from dbento_assets.core.storage import BarStore
 from dbento_assets.core.timeframes import Timeframe
 from dbento_assets.io_managers import BARS_PREFIX, RAW_ASSET
 from dbento_assets.partitions import build_partitions, split_partition_key
@@ -66,6 +67,8 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
     ) -> pd.DataFrame:
         month, symbol = split_partition_key(context.partition_key)
         instrument = catalog.instrument(symbol)
+        # Refuse a data root of the other origin before anything is fetched or paid for.
+        BarStore.at(databento.data_dir).claim(origin_of(databento.source), databento.source)
         request = FetchRequest(instrument, month, force=force_requested(context, config))
         fetched = databento.month_source().fetch(request, context.log.info)
         decoded = decode_month(fetched.payloads, symbol, month, fetched.instrument_ids)

@@ -1,0 +1,206 @@
+"""The asset graph through a real Dagster instance: all four assets, files, metadata, catalog."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from dagster import AssetKey, DagsterInstance, materialize
+
+from dbento_assets.assets import build_assets
+from dbento_assets.core.aggregate import aggregate_bars
+from dbento_assets.core.catalog import DEFAULT_CATALOG, load_catalog
+from dbento_assets.core.dbn import decode_month
+from dbento_assets.core.demo import DemoSource
+from dbento_assets.core.months import Month
+from dbento_assets.core.source import FetchRequest
+from dbento_assets.core.storage import BarStore
+from dbento_assets.core.timeframes import parse_timeframe
+from dbento_assets.definitions import build_definitions
+from dbento_assets.io_managers import BarFileIOManager
+from dbento_assets.resources import DatabentoResource
+
+REPO = Path(__file__).resolve().parent.parent
+PARTITION = "2024-01-01|ES"
+JAN = Month(2024, 1)
+ACTIVITY = 0.05  # a light synthetic month keeps these tests quick
+
+
+def run_partition(root: Path, partition: str = PARTITION, catalog=None, fmt: str = "parquet"):
+    catalog = catalog or load_catalog()
+    resources = {
+        "databento": DatabentoResource(source="demo", data_dir=str(root), demo_activity=ACTIVITY),
+        "io_manager": BarFileIOManager(data_dir=str(root), fmt=fmt, source="demo"),
+    }
+    return materialize(
+        build_assets(catalog),
+        partition_key=partition,
+        resources=resources,
+        instance=DagsterInstance.ephemeral(),
+        raise_on_error=False,
+    )
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.name.startswith(".")
+    }
+
+
+def test_definitions_load_with_the_catalog(monkeypatch):
+    monkeypatch.setenv("DBENTO_SOURCE", "demo")
+    defs = build_definitions()
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert keys == {"raw_1s_bars", "bars_15s", "bars_30s", "bars_1min"}
+    raw = defs.resolve_assets_def("raw_1s_bars")
+    assert PARTITION in raw.partitions_def.get_partition_keys()
+    assert {"databento", "io_manager"} <= set(defs.resources)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args",
+    [[], ["-w", "workspace.yaml"], ["-m", "dbento_assets"]],
+    ids=["pyproject", "workspace", "module"],
+)
+def test_every_entry_point_loads_the_same_definitions(args, tmp_path):
+    env = {**os.environ, "DBENTO_SOURCE": "demo", "DAGSTER_HOME": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "dagster", "definitions", "validate", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "dbento_assets" in done.stdout + done.stderr
+
+
+def test_all_four_assets_materialize_one_partition(tmp_path):
+    result = run_partition(tmp_path)
+    assert result.success
+    store = BarStore.at(tmp_path)
+    fetched = DemoSource(activity=ACTIVITY).fetch(
+        FetchRequest(load_catalog().instrument("ES"), JAN), lambda _msg: None
+    )
+    expected_raw = decode_month(fetched.payloads, "ES", JAN).bars
+    raw = store.read(store.raw_path("ES", JAN))
+    pd.testing.assert_frame_equal(raw, expected_raw, check_exact=True)
+    assert len(raw) > 10_000 and raw["ts_event"].is_monotonic_increasing
+
+    for label in ("15s", "30s", "1min"):
+        tf = parse_timeframe(label)
+        bars = store.read(store.aggregated_path("ES", JAN, tf))
+        pd.testing.assert_frame_equal(bars, aggregate_bars(raw, tf), check_exact=True)
+
+    events = {
+        m.asset_key.to_user_string(): m.metadata
+        for m in (
+            ev.event_specific_data.materialization
+            for ev in result.get_asset_materialization_events()
+        )
+    }
+    assert set(events) == {"raw_1s_bars", "bars_15s", "bars_30s", "bars_1min"}
+    meta = events["raw_1s_bars"]
+    assert meta["dagster/row_count"].value == len(raw)
+    assert meta["first_bar"].value == raw["ts_event"].iloc[0].isoformat()
+    assert meta["last_bar"].value == raw["ts_event"].iloc[-1].isoformat()
+    assert meta["path"].value.endswith("raw_1s/ES/ES_2024_01.parquet")
+    assert meta["size_bytes"].value == os.path.getsize(meta["path"].value)
+    assert "SYNTHETIC" in meta["source"].value
+    assert [c.name for c in meta["dagster/column_schema"].schema.columns][:2] == [
+        "ts_event",
+        "symbol",
+    ]
+    assert meta["dataset"].value == "GLBX.MDP3"
+
+
+def test_demo_materialization_is_byte_identical_twice(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert run_partition(first, fmt="csv").success
+    assert run_partition(second, fmt="csv").success
+    a, b = files_under(first), files_under(second)
+    assert len(a) == 4 and a == b
+    assert run_partition(first, fmt="csv").success  # and again over the existing files
+    assert files_under(first) == b
+
+
+@pytest.mark.parametrize("extra", ["45s", "5min", "1h"])
+def test_one_catalog_line_adds_a_working_timeframe(tmp_path, monkeypatch, extra):
+    text = DEFAULT_CATALOG.read_text()
+    old = 'timeframes = ["15s", "30s", "1min"]'
+    assert old in text
+    catalog_file = tmp_path / "catalog.toml"
+    catalog_file.write_text(text.replace(old, f'timeframes = ["15s", "30s", "1min", "{extra}"]'))
+    monkeypatch.setenv("DBENTO_CATALOG", str(catalog_file))
+    monkeypatch.setenv("DBENTO_SOURCE", "demo")
+    monkeypatch.setenv("DBENTO_DATA_DIR", str(tmp_path / "data"))
+    label = parse_timeframe(extra).label
+    defs = build_definitions()
+    assert defs.resolve_assets_def(f"bars_{label}").key == AssetKey(f"bars_{label}")
+    root = tmp_path / "data"
+    assert run_partition(root, catalog=load_catalog()).success
+    store = BarStore.at(root)
+    raw = store.read(store.raw_path("ES", JAN))
+    tf = parse_timeframe(extra)
+    new = store.read(store.aggregated_path("ES", JAN, tf))
+    pd.testing.assert_frame_equal(new, aggregate_bars(raw, tf), check_exact=True)
+    assert (new["ts_event"].array.asi8 % tf.nanos == 0).all()
+
+
+def test_demo_run_refuses_a_root_with_real_data(tmp_path):
+    BarStore.at(tmp_path).claim("databento", "databento")
+    result = run_partition(tmp_path)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    message = failure.step_failure_data.error.to_string()
+    assert "real Databento market data" in message and "DBENTO_DATA_DIR" in message
+    assert files_under(tmp_path) == {}
+
+
+def test_partitions_of_two_symbols_are_kept_apart(tmp_path):
+    assert run_partition(tmp_path, "2024-01-01|ES").success
+    assert run_partition(tmp_path, "2024-02-01|SPY").success
+    store = BarStore.at(tmp_path)
+    spy = store.read(store.raw_path("SPY", Month(2024, 2)))
+    assert set(spy["symbol"]) == {"SPY"}
+    assert spy["ts_event"].min() >= Month(2024, 2).start
+    assert spy["ts_event"].max() < Month(2024, 2).end
+    assert store.aggregated_path("SPY", Month(2024, 2), parse_timeframe("1min")).exists()
+
+
+@pytest.mark.slow
+def test_readme_main_command_runs(tmp_path):
+    readme = (REPO / "README.md").read_text()
+    line = next(
+        ln.strip()
+        for ln in readme.splitlines()
+        if "dagster asset materialize -m dbento_assets" in ln
+    )
+    command = line[line.index("DBENTO_SOURCE=demo") :]
+    assert command.startswith("DBENTO_SOURCE=demo dagster asset materialize")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DBENTO_", "DAGSTER_HOME"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    done = subprocess.run(
+        ["bash", "-c", command],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = tmp_path / "data"
+    assert (data / "raw_1s" / "ES" / "ES_2024_01.parquet").is_file()
+    for label in ("15s", "30s", "1min"):
+        assert (data / "aggregated" / label / f"ES_2024_01_{label}.parquet").is_file()
+    shutil.rmtree(data)
