@@ -2,21 +2,27 @@
 
 ``raw_1s_bars`` asks the configured source (demo, Databento API or local DBN files, see
 :mod:`dbento_assets.resources`) for the partition's ohlcv-1s DBN and decodes it through the
-one decoding path in :mod:`dbento_assets.core.dbn`. Each ``bars_<tf>`` asset is built by
-:func:`build_bars_asset` from a catalog timeframe, so adding ``5min`` to the catalog adds
-``bars_5min``. Downloads run in the Dagster pool ``databento`` so a backfill never opens more
-concurrent API requests than the pool allows. Force a re-download with the run tag
+one decoding path in :mod:`dbento_assets.core.dbn`. There is one ``bars_<tf>`` asset per
+catalog timeframe (adding ``5min`` to the catalog adds ``bars_5min``); one step builds all
+of them from a single read of the raw month (:func:`build_bars_assets`). Downloads run in
+the Dagster pool ``databento`` so a backfill never opens more concurrent API requests than
+the pool allows. Force a re-download with the run tag
 ``dbento/force=true`` or the run config ``force: true``.
 """
+
+from collections.abc import Iterator
 
 import pandas as pd
 from dagster import (
     AssetExecutionContext,
     AssetIn,
+    AssetOut,
     AssetsDefinition,
     Config,
     MultiPartitionsDefinition,
+    Output,
     asset,
+    multi_asset,
 )
 
 from dbento_assets.core.aggregate import aggregate_bars
@@ -90,34 +96,50 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
     return raw_1s_bars
 
 
-def build_bars_asset(
-    timeframe: Timeframe, partitions: MultiPartitionsDefinition
+def build_bars_assets(
+    timeframes: list[Timeframe], partitions: MultiPartitionsDefinition
 ) -> AssetsDefinition:
-    """One aggregated asset, ``bars_<label>``, built from ``raw_1s_bars``."""
+    """The aggregated assets, one ``bars_<label>`` per timeframe, computed in one step.
 
-    @asset(
-        name=f"{BARS_PREFIX}{timeframe.label}",
+    They are separate assets in the graph (each with its own file, checks and history, and
+    each can be materialized alone), but one step builds all those selected from a single
+    read of ``raw_1s_bars``, instead of one process reading the same month per timeframe.
+    """
+    by_name = {f"{BARS_PREFIX}{tf.label}": tf for tf in timeframes}
+
+    @multi_asset(
+        name="aggregate_bars",
         partitions_def=partitions,
-        group_name=BARS_GROUP,
+        can_subset=True,
         ins={"raw": AssetIn(RAW_ASSET)},
-        kinds={"pandas"},
-        description=(
-            f"{timeframe.label} OHLCV bars aggregated from raw_1s_bars: UTC epoch-aligned, "
-            "labelled at the bar open, one instrument per bar, no bar for an empty interval."
-        ),
+        outs={
+            name: AssetOut(
+                group_name=BARS_GROUP,
+                kinds={"pandas"},
+                is_required=False,
+                description=(
+                    f"{tf.label} OHLCV bars aggregated from raw_1s_bars: UTC epoch-aligned, "
+                    "labelled at the bar open, one instrument per bar, no bar for an empty "
+                    "interval."
+                ),
+            )
+            for name, tf in by_name.items()
+        },
     )
-    def _bars(raw: pd.DataFrame) -> pd.DataFrame:
-        return aggregate_bars(raw, timeframe)
+    def _bars(context: AssetExecutionContext, raw: pd.DataFrame) -> Iterator[Output]:
+        for key in context.selected_asset_keys:
+            name = key.path[-1]
+            yield Output(aggregate_bars(raw, by_name[name]), output_name=name)
 
     return _bars
 
 
 def build_assets(catalog: Catalog) -> list[AssetsDefinition]:
-    """All assets of a catalog: raw first, then one per timeframe."""
+    """All assets of a catalog: ``raw_1s_bars``, then one ``bars_<tf>`` per timeframe."""
     partitions = build_partitions(catalog)
     return [
         build_raw_asset(catalog, partitions),
-        *(build_bars_asset(tf, partitions) for tf in catalog.timeframes),
+        build_bars_assets(catalog.timeframes, partitions),
     ]
 
 

@@ -13,7 +13,7 @@ laid out exactly as ``databento_dbn.OHLCVMsg`` (56 bytes each; a test proves the
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,8 +59,11 @@ class DecodedMonth:
     datasets: set[str] = field(default_factory=set)
 
 
-def read_records(payload: DbnPayload) -> tuple[np.ndarray, databento_dbn.Metadata]:
-    """Decode one DBN payload (bytes or a file path, zstd or not) into its ohlcv-1s records."""
+CHUNK_RECORDS = 262_144  # records decoded at a time (14 MiB), so a month is never held twice
+
+
+def open_store(payload: DbnPayload) -> databento.DBNStore:
+    """Open one DBN payload (bytes or a file path, zstd or not) and check it is ohlcv-1s."""
     try:
         # BytesIO, not the bytes themselves: from_bytes(bytes) keeps repr(payload) as the
         # source name, which costs a copy of the whole month in text.
@@ -74,9 +77,26 @@ def read_records(payload: DbnPayload) -> tuple[np.ndarray, databento_dbn.Metadat
     schema = store.schema
     if schema is not None and str(schema) != "ohlcv-1s":
         raise DbnError(f"{_describe(payload)} holds schema {schema}, expected ohlcv-1s")
-    records = store.to_ndarray()
-    if len(records) and not np.all(records["rtype"] == OHLCV_1S_RTYPE):
-        raise DbnError(f"{_describe(payload)} holds records that are not ohlcv-1s")
+    return store
+
+
+def record_chunks(store: databento.DBNStore, payload: DbnPayload) -> Iterator[np.ndarray]:
+    """The store's records, at most :data:`CHUNK_RECORDS` at a time, checked to be ohlcv-1s.
+
+    The client streams a zstd file through its decompressor, so only one chunk of decoded
+    records is in memory at once.
+    """
+    for chunk in store.to_ndarray(count=CHUNK_RECORDS):
+        if len(chunk) and not np.all(chunk["rtype"] == OHLCV_1S_RTYPE):
+            raise DbnError(f"{_describe(payload)} holds records that are not ohlcv-1s")
+        yield chunk
+
+
+def read_records(payload: DbnPayload) -> tuple[np.ndarray, databento_dbn.Metadata]:
+    """All ohlcv-1s records of one DBN payload, with its metadata."""
+    store = open_store(payload)
+    chunks = list(record_chunks(store, payload))
+    records = np.concatenate(chunks) if chunks else np.empty(0, dtype=OHLCV_RECORD_DTYPE)
     return records, store.metadata
 
 
@@ -91,34 +111,61 @@ def decode_month(
     Records outside ``[month.start, month.end)`` are dropped (so nothing leaks in from a
     neighbouring month), and so are records of other instruments when ``instrument_ids`` is
     given. Prices become float64 by one exact division of the int64 fixed-point value.
+    Records are decoded chunk by chunk straight into the output columns, so the peak memory
+    is about one month of bars plus one chunk, not the records and the bars side by side.
     """
-    parts: list[np.ndarray] = []
+    columns: dict[str, list[np.ndarray]] = {name: [] for name in _RECORD_COLUMNS}
     datasets: set[str] = set()
     read = 0
     wanted = None if instrument_ids is None else np.fromiter(instrument_ids, dtype="uint32")
     for payload in payloads:
-        records, metadata = read_records(payload)
-        datasets.add(str(metadata.dataset))
-        read += len(records)
-        ts = records["ts_event"]
-        keep = (ts >= month.start_ns) & (ts < month.end_ns)
-        if wanted is not None:
-            keep &= np.isin(records["instrument_id"], wanted)
-        parts.append(records if keep.all() else records[keep])
-    if not parts or sum(len(p) for p in parts) == 0:
+        store = open_store(payload)
+        datasets.add(str(store.metadata.dataset))
+        for chunk in record_chunks(store, payload):
+            read += len(chunk)
+            ts = chunk["ts_event"]
+            keep = (ts >= month.start_ns) & (ts < month.end_ns)
+            if wanted is not None:
+                keep &= np.isin(chunk["instrument_id"], wanted)
+            part = chunk if keep.all() else chunk[keep]
+            for name, convert in _RECORD_COLUMNS.items():
+                columns[name].append(convert(part[name]))
+            del chunk, part
+    if sum(len(piece) for piece in columns["ts_event"]) == 0:
         return DecodedMonth(bars=empty_bars(), records_read=read, datasets=datasets)
-    rec = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    joined = {name: _join(columns, name) for name in _RECORD_COLUMNS}
     bars = make_bars(
-        rec["ts_event"].astype("int64"),
+        joined["ts_event"],
         symbol,
-        rec["instrument_id"],
-        rec["open"] / PRICE_SCALE,
-        rec["high"] / PRICE_SCALE,
-        rec["low"] / PRICE_SCALE,
-        rec["close"] / PRICE_SCALE,
-        rec["volume"],
+        joined["instrument_id"],
+        joined["open"],
+        joined["high"],
+        joined["low"],
+        joined["close"],
+        joined["volume"],
     )
     return DecodedMonth(bars=sort_bars(bars), records_read=read, datasets=datasets)
+
+
+def _price(fixed: np.ndarray) -> np.ndarray:
+    return fixed / PRICE_SCALE
+
+
+_RECORD_COLUMNS = {
+    "ts_event": lambda a: a.astype("int64"),
+    "instrument_id": lambda a: a.astype("uint32"),
+    "open": _price,
+    "high": _price,
+    "low": _price,
+    "close": _price,
+    "volume": lambda a: a.astype("uint64"),
+}
+
+
+def _join(columns: dict[str, list[np.ndarray]], name: str) -> np.ndarray:
+    """Concatenate one column's pieces and release them, one column at a time."""
+    pieces = columns.pop(name)
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
 
 def ohlcv_records(

@@ -5,8 +5,14 @@ Layout under the data root (``DBENTO_DATA_DIR``, a local folder or an fsspec URL
 ``aggregated/15s/ES_2024_01_15s.parquet`` per timeframe (``.csv`` in CSV mode), plus
 ``dbn/ES/ES_2024_01.ohlcv-1s.dbn.zst`` for the downloaded DBN cache. Every local write goes
 to a hidden temporary file in the same folder and is renamed over the target only when
-complete, so a crash never leaves a half file and never destroys the previous good one; on
-object storage a single PUT is already all-or-nothing, so files are written in one piece.
+complete, so a crash never leaves a half file and never destroys the previous good one. On
+object storage (``s3://bucket/prefix``, also ``gs://``, ``az://``) a file is serialized in
+memory first and then stored with one upload: S3 makes an object visible only when its PUT
+(or multipart upload) completes, so readers see the previous object or the complete new one.
+There are no folders to create there, and a missing bucket is an error, never created. The
+endpoint and credentials come from the usual settings of the storage library (for S3:
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL`` for an S3-compatible
+server, or an AWS profile); a remote failure is raised as :class:`StorageError` naming them.
 CSV files have a header, ISO-8601 UTC timestamps and shortest round-trip prices (no float
 noise), and both formats read back to the exact dtypes of :mod:`dbento_assets.core.bars`.
 A root holds data of one origin, synthetic (demo) or vendor (Databento), recorded in a
@@ -19,7 +25,7 @@ import contextlib
 import io
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -100,8 +106,9 @@ class BarStore:
     def claim(self, origin: str, source_name: str) -> None:
         """Record that this root holds ``origin`` data, or refuse if it holds the other kind."""
         marker = self.root / ORIGIN_MARKER
-        if marker.exists():
-            found = marker.read_text().strip()
+        with _remote_errors(marker, "read"):
+            found = marker.read_text().strip() if marker.exists() else None
+        if found is not None:
             if found != origin:
                 raise StorageError(
                     f"The data folder {self.root} holds {_origin_words(found)}, and "
@@ -111,7 +118,8 @@ class BarStore:
                     f"./data-{source_name}) and run again."
                 )
             return
-        self.root.mkdir(parents=True, exist_ok=True)
+        if is_local(self.root):
+            self.root.mkdir(parents=True, exist_ok=True)
         write_atomic(marker, lambda f: f.write(f"{origin}\n".encode()))
 
     # -- bar files --------------------------------------------------------------------------
@@ -125,10 +133,11 @@ class BarStore:
 
     def read(self, path: UPath) -> pd.DataFrame:
         """Read a bar file written by :meth:`write` (format from the store)."""
-        if not path.exists():
-            raise StorageError(f"{path} does not exist; materialize its upstream asset first")
-        with path.open("rb") as f:
-            table = pq.read_table(f) if self.fmt == "parquet" else _read_csv(f)
+        with _remote_errors(path, "read"):
+            if not path.exists():
+                raise StorageError(f"{path} does not exist; materialize its upstream asset first")
+            with path.open("rb") as f:
+                table = pq.read_table(f) if self.fmt == "parquet" else _read_csv(f)
         return from_arrow(table)
 
 
@@ -136,16 +145,18 @@ def write_atomic(path: UPath, write: Callable[[BinaryIO], object]) -> None:
     """Write a file so that readers see the old file or the complete new one, never a part.
 
     Locally: a temporary file in the same folder, fsync, then ``os.replace``; on failure the
-    temporary file is removed and the old file is untouched. On object storage a single PUT
-    is atomic, so the object is written in one piece from memory.
+    temporary file is removed and the old file is untouched. On object storage the whole
+    file is serialized in memory and stored with one ``pipe_file`` call (one PUT, or for
+    objects over 100 MB a multipart upload that is completed only after every part arrived),
+    so a failure before or during the upload leaves the previous object as it was.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     if not is_local(path):
         buffer = io.BytesIO()
         write(buffer)
-        with path.open("wb") as f:
-            f.write(buffer.getvalue())
+        with _remote_errors(path, "write"):
+            path.fs.pipe_file(path.path, buffer.getvalue())
         return
+    path.parent.mkdir(parents=True, exist_ok=True)
     target = os.fspath(path.path)
     folder, name = os.path.split(target)
     tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
@@ -171,8 +182,13 @@ def to_arrow(frame: pd.DataFrame) -> pa.Table:
 
 def from_arrow(table: pa.Table) -> pd.DataFrame:
     """An Arrow table of bars back to a pandas frame with :data:`DTYPES`."""
-    frame = table.select(list(COLUMNS)).cast(ARROW_SCHEMA).to_pandas()
-    return frame.astype(DTYPES)
+    table = table.select(list(COLUMNS)).cast(ARROW_SCHEMA)
+    # One column per block and buffers released as they are converted: numeric columns are
+    # handed over without a copy, so reading a month does not hold it twice.
+    frame = table.to_pandas(split_blocks=True, self_destruct=True)
+    del table
+    differ = {name: dtype for name, dtype in DTYPES.items() if frame[name].dtype != dtype}
+    return frame.astype(differ) if differ else frame
 
 
 def _write_parquet(table: pa.Table, f: BinaryIO) -> None:
@@ -209,6 +225,32 @@ def _read_csv(f: BinaryIO) -> pa.Table:
         f,
         convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False),
     )
+
+
+@contextlib.contextmanager
+def _remote_errors(path: UPath, action: str) -> Iterator[None]:
+    """Turn a failure of remote storage into a :class:`StorageError` that says what to check.
+
+    Local paths are left alone (their errors are already plain ``OSError`` messages).
+    """
+    if is_local(path):
+        yield
+        return
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as exc:
+        hint = (
+            "Check that the bucket exists (it is never created for you), that the credentials "
+            "may use it (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and, for an "
+            "S3-compatible server, that AWS_ENDPOINT_URL points at it."
+            if path.protocol in ("s3", "s3a")
+            else "Check the storage URL in DBENTO_DATA_DIR and the credentials for it."
+        )
+        raise StorageError(
+            f"could not {action} {path}: {type(exc).__name__}: {exc}. {hint}"
+        ) from exc
 
 
 def _origin_words(origin: str) -> str:
