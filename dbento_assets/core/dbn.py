@@ -28,6 +28,10 @@ from dbento_assets.core.months import Month
 
 PRICE_SCALE = 1_000_000_000  # DBN prices are int64 in units of 1e-9
 OHLCV_1S_RTYPE = int(databento_dbn.RType.OHLCV_1S)
+OHLCV_RTYPES: dict[str, int] = {
+    "ohlcv-1s": OHLCV_1S_RTYPE,
+    "ohlcv-1m": int(databento_dbn.RType.OHLCV_1M),  # the vendor's own 1-minute bars
+}
 OHLCV_RECORD_DTYPE = np.dtype(
     [
         ("length", "u1"),
@@ -62,8 +66,10 @@ class DecodedMonth:
 CHUNK_RECORDS = 262_144  # records decoded at a time (14 MiB), so a month is never held twice
 
 
-def open_store(payload: DbnPayload) -> databento.DBNStore:
-    """Open one DBN payload (bytes or a file path, zstd or not) and check it is ohlcv-1s."""
+def open_store(payload: DbnPayload, schema: str = "ohlcv-1s") -> databento.DBNStore:
+    """Open one DBN payload (bytes or a file path, zstd or not) and check its schema."""
+    if schema not in OHLCV_RTYPES:
+        raise DbnError(f"schema {schema!r} is not one of {', '.join(OHLCV_RTYPES)}")
     try:
         # BytesIO, not the bytes themselves: from_bytes(bytes) keeps repr(payload) as the
         # source name, which costs a copy of the whole month in text.
@@ -74,28 +80,32 @@ def open_store(payload: DbnPayload) -> databento.DBNStore:
         )
     except Exception as exc:  # the client raises several types for unreadable input
         raise DbnError(f"cannot read DBN from {_describe(payload)}: {exc}") from exc
-    schema = store.schema
-    if schema is not None and str(schema) != "ohlcv-1s":
-        raise DbnError(f"{_describe(payload)} holds schema {schema}, expected ohlcv-1s")
+    found = store.schema
+    if found is not None and str(found) != schema:
+        raise DbnError(f"{_describe(payload)} holds schema {found}, expected {schema}")
     return store
 
 
-def record_chunks(store: databento.DBNStore, payload: DbnPayload) -> Iterator[np.ndarray]:
-    """The store's records, at most :data:`CHUNK_RECORDS` at a time, checked to be ohlcv-1s.
+def record_chunks(
+    store: databento.DBNStore, payload: DbnPayload, schema: str = "ohlcv-1s"
+) -> Iterator[np.ndarray]:
+    """The store's records, at most :data:`CHUNK_RECORDS` at a time, checked to be ``schema``.
 
     The client streams a zstd file through its decompressor, so only one chunk of decoded
     records is in memory at once.
     """
     for chunk in store.to_ndarray(count=CHUNK_RECORDS):
-        if len(chunk) and not np.all(chunk["rtype"] == OHLCV_1S_RTYPE):
-            raise DbnError(f"{_describe(payload)} holds records that are not ohlcv-1s")
+        if len(chunk) and not np.all(chunk["rtype"] == OHLCV_RTYPES[schema]):
+            raise DbnError(f"{_describe(payload)} holds records that are not {schema}")
         yield chunk
 
 
-def read_records(payload: DbnPayload) -> tuple[np.ndarray, databento_dbn.Metadata]:
-    """All ohlcv-1s records of one DBN payload, with its metadata."""
-    store = open_store(payload)
-    chunks = list(record_chunks(store, payload))
+def read_records(
+    payload: DbnPayload, schema: str = "ohlcv-1s"
+) -> tuple[np.ndarray, databento_dbn.Metadata]:
+    """All records of one DBN payload of ``schema``, with its metadata."""
+    store = open_store(payload, schema)
+    chunks = list(record_chunks(store, payload, schema))
     records = np.concatenate(chunks) if chunks else np.empty(0, dtype=OHLCV_RECORD_DTYPE)
     return records, store.metadata
 
@@ -105,8 +115,12 @@ def decode_month(
     symbol: str,
     month: Month,
     instrument_ids: Iterable[int] | None = None,
+    schema: str = "ohlcv-1s",
 ) -> DecodedMonth:
     """Decode DBN payloads into the sorted raw bars of ``symbol`` inside ``month``.
+
+    ``schema`` is ``ohlcv-1s`` for the pipeline; ``ohlcv-1m`` reads the vendor's own
+    1-minute bars (same record layout) for the vendor cross-check.
 
     Records outside ``[month.start, month.end)`` are dropped (so nothing leaks in from a
     neighbouring month), and so are records of other instruments when ``instrument_ids`` is
@@ -119,9 +133,9 @@ def decode_month(
     read = 0
     wanted = None if instrument_ids is None else np.fromiter(instrument_ids, dtype="uint32")
     for payload in payloads:
-        store = open_store(payload)
+        store = open_store(payload, schema)
         datasets.add(str(store.metadata.dataset))
-        for chunk in record_chunks(store, payload):
+        for chunk in record_chunks(store, payload, schema):
             read += len(chunk)
             ts = chunk["ts_event"]
             keep = (ts >= month.start_ns) & (ts < month.end_ns)

@@ -1,0 +1,107 @@
+"""The one DBN decoding path: month window, instrument filter, schemas, record layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import databento_dbn
+import numpy as np
+import pandas as pd
+import pytest
+
+from dbento_assets.core import dbn
+from dbento_assets.core.dbn import DbnError, decode_month, encode_ohlcv_1s, ohlcv_records
+from dbento_assets.core.months import Month
+
+NS = 1_000_000_000
+FEB = Month(2024, 2)
+SAMPLES = Path(__file__).resolve().parent / "fixtures" / "databento"
+
+
+def month_edge_payload(compress: bool) -> bytes:
+    ts = np.array(
+        [FEB.start_ns - NS, FEB.start_ns, FEB.end_ns - NS, FEB.end_ns, FEB.end_ns - NS],
+        dtype="int64",
+    )
+    iid = np.array([1, 1, 1, 1, 2])
+    px = np.array([100, 101, 102, 103, 104]) * 250_000_000
+    records = ohlcv_records(ts, iid, px, px, px, px, np.array([1, 2, 3, 4, 5]))
+    return encode_ohlcv_1s(
+        records,
+        dataset="GLBX.MDP3",
+        symbols=["ES.v.0"],
+        stype_in="continuous",
+        start_ns=FEB.start_ns - NS,
+        end_ns=FEB.end_ns + NS,
+        compress=compress,
+    )
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_month_window_keeps_last_second_and_drops_neighbours(compress):
+    decoded = decode_month([month_edge_payload(compress)], "ES", FEB)
+    bars = decoded.bars
+    assert decoded.records_read == 5
+    assert list(bars["ts_event"]) == [
+        pd.Timestamp("2024-02-01T00:00:00Z"),
+        pd.Timestamp("2024-02-29T23:59:59Z"),
+        pd.Timestamp("2024-02-29T23:59:59Z"),
+    ]
+    assert list(bars["instrument_id"]) == [1, 1, 2]  # sorted by time, then instrument
+    assert list(bars["volume"]) == [2, 3, 5]
+    assert list(bars["close"]) == [25.25, 25.5, 26.0]
+
+
+def test_instrument_filter_and_file_paths(tmp_path):
+    path = tmp_path / "feb.dbn.zst"
+    path.write_bytes(month_edge_payload(True))
+    bars = decode_month([path, str(path)], "ES", FEB, instrument_ids=[2]).bars
+    assert list(bars["instrument_id"]) == [2, 2] and set(bars["symbol"]) == {"ES"}
+
+
+def test_chunked_decoding_equals_whole(monkeypatch):
+    payload = month_edge_payload(False)
+    whole = decode_month([payload], "ES", FEB).bars
+    monkeypatch.setattr(dbn, "CHUNK_RECORDS", 2)
+    pd.testing.assert_frame_equal(decode_month([payload], "ES", FEB).bars, whole)
+
+
+def test_record_layout_is_the_dbn_ohlcv_message():
+    records = ohlcv_records(
+        np.array([FEB.start_ns]), np.array([5482]), [7], [9], [6], [8], [11], publisher_id=95
+    )
+    message = databento_dbn.OHLCVMsg(
+        rtype=databento_dbn.RType.OHLCV_1S,
+        publisher_id=95,
+        instrument_id=5482,
+        ts_event=FEB.start_ns,
+        open=7,
+        high=9,
+        low=6,
+        close=8,
+        volume=11,
+    )
+    assert records.tobytes() == bytes(message)
+
+
+def test_real_glbx_sample_decodes_with_exact_prices():
+    bars = decode_month(
+        [SAMPLES / "GLBX.MDP3" / "test_data.ohlcv-1s.dbn.zst"], "ES", Month(2020, 12)
+    ).bars
+    assert len(bars) == 4 and set(bars["instrument_id"]) == {5482}
+    assert bars["ts_event"].iloc[0] == pd.Timestamp("2020-12-28T00:00:00Z")
+    assert (bars["ts_event"].array.asi8 % NS == 0).all()
+    prices = bars[["open", "high", "low", "close"]].to_numpy()
+    assert np.all(prices * 4 == np.round(prices * 4))  # ES trades in quarter points
+
+
+def test_wrong_schema_and_garbage_are_refused():
+    one_minute = SAMPLES / "EQUS.MINI" / "test_data.ohlcv-1m.dbn.zst"
+    with pytest.raises(DbnError, match="holds schema ohlcv-1m, expected ohlcv-1s"):
+        decode_month([one_minute], "QQQ", Month(2023, 3))
+    vendor = decode_month([one_minute], "QQQ", Month(2023, 3), schema="ohlcv-1m").bars
+    assert list(vendor["volume"])[:2] == [1800, 1062]
+    with pytest.raises(DbnError, match="cannot read DBN"):
+        decode_month([b"not dbn at all"], "ES", FEB)
+    with pytest.raises(DbnError, match="schema 'trades'"):
+        decode_month([one_minute], "QQQ", Month(2023, 3), schema="trades")
