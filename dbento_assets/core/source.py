@@ -60,6 +60,5 @@ def origin_of(source_name: str) -> str:
         return SOURCE_ORIGINS[source_name]
     except KeyError:
         raise SourceError(
-            f"DBENTO_SOURCE={source_name!r} is not a source; use one of "
-            f"{', '.join(SOURCE_ORIGINS)}"
+            f"DBENTO_SOURCE={source_name!r} is not a source; use one of {', '.join(SOURCE_ORIGINS)}"
         ) from None

@@ -1,0 +1,669 @@
+"""Real downloads from Databento's historical API, one month of ohlcv-1s bars at a time.
+
+:class:`DatabentoSource` answers a :class:`~dbento_assets.core.source.FetchRequest` with a
+DBN file in the local cache ``<data_root>/dbn/<SYMBOL>/<SYMBOL>_<YYYY>_<MM>.ohlcv-1s.dbn.zst``
+(:func:`dbn_cache_path` is the one place that spells it). A cached month is decoded again
+without a single request. Otherwise the source asks, in order and all free of charge: the
+dataset's ohlcv-1s range (``metadata.get_dataset_range``), the cost (``metadata.get_cost``,
+refused above the per-partition ceiling), the billable size and the record count; only then
+it pays for ``timeseries.get_range``, streamed by the client to a temporary file next to the
+cache entry. The temporary file is checked (every zstd frame closed, no partial record, only
+ohlcv-1s records inside the requested window, no fewer records than announced) and renamed
+over the cache entry only when whole, so a forced re-download keeps the old file until the
+new one is complete. Faults: 429 waits for ``Retry-After``; 5xx, connection errors, broken or
+truncated streams back off exponentially with jitter for a bounded number of attempts; 401
+and 403 fail at once without showing the key; 422 fails at once naming symbol, dataset,
+stype and the catalog file. Availability: a month that is not fully published yet, or lies
+wholly before the dataset's start, fails before any cost is incurred; a month in which the
+dataset starts is downloaded from the dataset's start and says so in the metadata. Empty
+months: a month for which Databento reports zero records fails with a :class:`SourceError`
+and caches nothing (no ``get_range`` is made). For the catalog's instruments (front-month
+futures, ETFs on a consolidated feed) a month without a single trade means a wrong symbol,
+stype or dataset, or a vendor gap; the one legitimate reason for a month without data, the
+dataset not having started yet, is reported as such by the availability check. A download
+that announced records but delivered none is treated as truncated and retried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import json
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import databento
+import numpy as np
+import pandas as pd
+import requests
+import zstandard
+from databento.common.error import BentoClientError, BentoError, BentoServerError
+
+from dbento_assets.core.catalog import Instrument, catalog_path
+from dbento_assets.core.dbn import OHLCV_1S_RTYPE, OHLCV_RECORD_DTYPE, DbnError
+from dbento_assets.core.months import Month
+from dbento_assets.core.source import FetchedMonth, FetchRequest, Logger, SourceError
+
+T = TypeVar("T")
+
+DEFAULT_GATEWAY = "https://hist.databento.com"
+DEFAULT_MAX_COST_USD = 5.0
+DEFAULT_TIMEOUT_SECONDS = 100.0
+SCHEMA = "ohlcv-1s"
+CACHE_SUFFIX = ".ohlcv-1s.dbn.zst"
+SIDECAR_SUFFIX = ".json"
+PART_SUFFIX = ".part"
+RETRYABLE_STATUS = frozenset({408, 500, 502, 503, 504})
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_DBN_MAGIC = b"DBN"
+_READ_CHUNK = 1 << 16  # compressed bytes per read: bounds the decompressed chunk
+_RECORD_SIZE = OHLCV_RECORD_DTYPE.itemsize
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How transient faults are retried (tests shrink the delays to zero).
+
+    ``max_attempts`` bounds every HTTP call (the first try included). The n-th backoff waits
+    ``min(backoff_max_seconds, backoff_base_seconds * 2**(n-1))`` scaled by a random factor in
+    ``[1 - jitter, 1]``. A 429 waits for its ``Retry-After`` (capped at
+    ``retry_after_max_seconds``) instead, or for the backoff when the header is missing.
+    """
+
+    max_attempts: int = 5
+    backoff_base_seconds: float = 1.0
+    backoff_max_seconds: float = 60.0
+    jitter: float = 0.5
+    retry_after_max_seconds: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        if self.backoff_base_seconds < 0 or self.backoff_max_seconds < 0:
+            raise ValueError("backoff delays must not be negative")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError(f"jitter must be within [0, 1], got {self.jitter}")
+        if self.retry_after_max_seconds < 0:
+            raise ValueError("retry_after_max_seconds must not be negative")
+
+    def backoff(self, attempt: int, rng: random.Random) -> float:
+        """The wait after failed attempt number ``attempt`` (1-based)."""
+        delay = min(self.backoff_max_seconds, self.backoff_base_seconds * 2 ** (attempt - 1))
+        return delay * (1.0 - self.jitter * rng.random())
+
+
+@dataclass(frozen=True)
+class Availability:
+    """What ``metadata.get_dataset_range`` says about one dataset's ohlcv-1s data."""
+
+    dataset: str
+    start: pd.Timestamp
+    end: pd.Timestamp  # exclusive
+
+
+@dataclass(frozen=True)
+class MonthWindow:
+    """The part of a month that will be requested, and why it may be shorter."""
+
+    start: pd.Timestamp
+    end: pd.Timestamp
+    partial_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    """One partition's price, or why it has none (cached, or not available)."""
+
+    symbol: str
+    month: Month
+    cached: bool
+    cost_usd: float | None = None
+    billable_size_bytes: int | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class DbnFileCheck:
+    """The result of reading a downloaded DBN file end to end."""
+
+    records: int
+    first_ts_ns: int | None
+    last_ts_ns: int | None
+
+
+class TruncatedDownload(SourceError):
+    """A download that ended early: never cached, retried."""
+
+
+class _Transient(Exception):
+    """A fault worth another attempt."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+def dbn_cache_path(data_root: Path | str, symbol: str, month: Month) -> Path:
+    """The cache file of one partition: ``<root>/dbn/ES/ES_2024_01.ohlcv-1s.dbn.zst``."""
+    return Path(data_root) / "dbn" / symbol / f"{symbol}_{month.tag}{CACHE_SUFFIX}"
+
+
+def sidecar_path(cache_file: Path) -> Path:
+    """The JSON note written next to a cache file (what the download cost, when)."""
+    return cache_file.with_name(cache_file.name + SIDECAR_SUFFIX)
+
+
+def check_dbn_file(path: Path, start_ns: int, end_ns: int) -> DbnFileCheck:
+    """Read a DBN file (zstd or plain) in bounded memory and prove it whole.
+
+    Raises :class:`TruncatedDownload` when a zstd frame is unfinished, the metadata header is
+    cut, or the last record is partial, and :class:`DbnError` when the file holds anything but
+    ohlcv-1s records inside ``[start_ns, end_ns)``.
+    """
+    header = b""
+    meta_left: int | None = None
+    tail = b""
+    count = 0
+    first: int | None = None
+    last: int | None = None
+    for chunk in _decompressed_chunks(path):
+        data = tail + chunk if tail else chunk
+        tail = b""
+        if meta_left is None:
+            header += data
+            if len(header) < 8:
+                continue
+            if header[:3] != _DBN_MAGIC:
+                raise DbnError(f"{path} is not DBN (bad magic)")
+            meta_left = int.from_bytes(header[4:8], "little")
+            data, header = header[8:], b""
+        if meta_left:
+            skip = min(meta_left, len(data))
+            meta_left -= skip
+            data = data[skip:]
+        usable = len(data) - len(data) % _RECORD_SIZE
+        tail = data[usable:]
+        if not usable:
+            continue
+        records = np.frombuffer(data, dtype=OHLCV_RECORD_DTYPE, count=usable // _RECORD_SIZE)
+        if np.any(records["rtype"] != OHLCV_1S_RTYPE) or np.any(
+            records["length"] != _RECORD_SIZE // 4
+        ):
+            raise DbnError(f"{path} holds records that are not ohlcv-1s")
+        ts = records["ts_event"]
+        lo, hi = int(ts.min()), int(ts.max())
+        if lo < start_ns or hi >= end_ns:
+            raise DbnError(
+                f"{path} holds records outside the requested window "
+                f"[{pd.Timestamp(start_ns, tz='UTC')}, {pd.Timestamp(end_ns, tz='UTC')})"
+            )
+        first = lo if first is None else min(first, lo)
+        last = hi if last is None else max(last, hi)
+        count += len(records)
+    if meta_left is None or meta_left > 0:
+        raise TruncatedDownload(f"{path} ends inside the DBN metadata header")
+    if tail:
+        raise TruncatedDownload(f"{path} ends with a partial record ({len(tail)} loose bytes)")
+    return DbnFileCheck(records=count, first_ts_ns=first, last_ts_ns=last)
+
+
+def _decompressed_chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as handle:
+        head = handle.read(4)
+        handle.seek(0)
+        if head != _ZSTD_MAGIC:
+            while chunk := handle.read(_READ_CHUNK):
+                yield chunk
+            return
+        decoder = zstandard.ZstdDecompressor().decompressobj()
+        open_frame = False
+        while raw := handle.read(_READ_CHUNK):
+            while raw:
+                open_frame = True
+                out = decoder.decompress(raw)
+                if out:
+                    yield out
+                if decoder.eof:
+                    raw = decoder.unused_data
+                    decoder = zstandard.ZstdDecompressor().decompressobj()
+                    open_frame = False
+                else:
+                    raw = b""
+        if open_frame:
+            raise TruncatedDownload(f"{path} ends inside a zstd frame (stream cut short)")
+
+
+class DatabentoSource:
+    """Month-by-month ohlcv-1s downloads from Databento's historical API, cached as DBN."""
+
+    name = "databento"
+
+    def __init__(
+        self,
+        api_key: str,
+        data_root: Path | str,
+        *,
+        gateway: str = DEFAULT_GATEWAY,
+        max_cost_usd: float = DEFAULT_MAX_COST_USD,
+        timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+        retry: RetryPolicy | None = None,
+        catalog_file: Path | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not api_key or not api_key.strip() or api_key.strip() == "YOUR_API_KEY":
+            raise SourceError(
+                "No Databento API key: put DATABENTO_API_KEY=db-... in the .env file next to "
+                "where you start Dagster, or try DBENTO_SOURCE=demo"
+            )
+        if max_cost_usd < 0:
+            raise SourceError(f"DBENTO_MAX_COST_USD must not be negative, got {max_cost_usd}")
+        if timeout_seconds <= 0:
+            raise SourceError(f"the timeout must be positive, got {timeout_seconds}")
+        self._key = api_key.strip()
+        self.data_root = Path(data_root)
+        self.gateway = gateway
+        self.max_cost_usd = float(max_cost_usd)
+        self.timeout_seconds = float(timeout_seconds)
+        self.retry = retry or RetryPolicy()
+        self.catalog_file = catalog_file
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._client: databento.Historical | None = None
+        self._ranges: dict[str, Availability] = {}
+
+    def __repr__(self) -> str:  # never show the key
+        return (
+            f"DatabentoSource(data_root={str(self.data_root)!r}, gateway={self.gateway!r}, "
+            f"max_cost_usd={self.max_cost_usd})"
+        )
+
+    # ------------------------------------------------------------------ public API
+
+    def cache_path(self, symbol: str, month: Month) -> Path:
+        return dbn_cache_path(self.data_root, symbol, month)
+
+    def fetch(self, request: FetchRequest, log: Logger) -> FetchedMonth:
+        """Return the month's cached DBN file, downloading it first when needed."""
+        inst, month = request.instrument, request.month
+        final = self.cache_path(inst.symbol, month)
+        if final.is_file() and not request.force:
+            log(f"DBN cache hit for {inst.symbol} {month}: {final} (no Databento request)")
+            return FetchedMonth(payloads=[final], metadata=self._cache_hit_metadata(final))
+        if request.force and final.is_file():
+            log(f"force: re-downloading {inst.symbol} {month}; {final} is kept until then")
+        availability = self._availability(inst.dataset, inst, month, use_cache=False, log=log)
+        window = self._window(inst, month, availability)
+        if window.partial_reason:
+            log(window.partial_reason)
+        cost = self._call(
+            "metadata.get_cost",
+            inst,
+            month,
+            lambda: self._client_().metadata.get_cost(**self._query(inst, window)),
+            log=log,
+        )
+        cost = float(cost)
+        if cost > self.max_cost_usd:
+            raise SourceError(
+                f"{inst.symbol} {month}: Databento estimates ${cost:,.2f} for this partition, "
+                f"above the ceiling of ${self.max_cost_usd:,.2f} (DBENTO_MAX_COST_USD). Nothing "
+                "was downloaded. Raise DBENTO_MAX_COST_USD if the price is expected, and check "
+                "the total first with `python -m dbento_assets.estimate`."
+            )
+        billable = int(
+            self._call(
+                "metadata.get_billable_size",
+                inst,
+                month,
+                lambda: self._client_().metadata.get_billable_size(**self._query(inst, window)),
+                log=log,
+            )
+        )
+        expected = int(
+            self._call(
+                "metadata.get_record_count",
+                inst,
+                month,
+                lambda: self._client_().metadata.get_record_count(**self._query(inst, window)),
+                log=log,
+            )
+        )
+        log(
+            f"{inst.symbol} {month}: estimated cost ${cost:,.4f}, billable size "
+            f"{billable:,} bytes, {expected:,} records"
+        )
+        if expected == 0:
+            raise SourceError(
+                f"Databento has no {SCHEMA} records for {inst.symbol} (symbol "
+                f"{inst.request_symbol!r}, stype_in {inst.stype_in!r}, dataset {inst.dataset!r}) "
+                f"in {month}. An empty month is not stored as complete: check the "
+                f"[instruments.{inst.symbol}] entry in {self._catalog_file()}."
+            )
+        check, attempts = self._download(inst, month, window, final, expected, log)
+        metadata: dict[str, Any] = {
+            "source": self.name,
+            "dbn_cache": "forced" if request.force else "miss",
+            "dbn_file": str(final),
+            "dbn_file_bytes": final.stat().st_size,
+            "dataset": inst.dataset,
+            "request_symbol": inst.request_symbol,
+            "stype_in": inst.stype_in,
+            "schema": SCHEMA,
+            "request_start": window.start.isoformat(),
+            "request_end": window.end.isoformat(),
+            "available_start": availability.start.isoformat(),
+            "available_end": availability.end.isoformat(),
+            "partial_month": window.partial_reason is not None,
+            "cost_usd": cost,
+            "max_cost_usd": self.max_cost_usd,
+            "billable_size_bytes": billable,
+            "record_count": expected,
+            "records_downloaded": check.records,
+            "download_attempts": attempts,
+            "downloaded_at": pd.Timestamp.now(tz="UTC").isoformat(),
+        }
+        if window.partial_reason:
+            metadata["partial_month_reason"] = window.partial_reason
+        self._write_sidecar(final, metadata)
+        return FetchedMonth(payloads=[final], metadata=metadata)
+
+    def estimate(self, instrument: Instrument, month: Month) -> CostEstimate:
+        """Price one partition without downloading it (free calls only; cached: no call)."""
+        final = self.cache_path(instrument.symbol, month)
+        if final.is_file():
+            return CostEstimate(instrument.symbol, month, cached=True, note=f"cached: {final}")
+        availability = self._availability(instrument.dataset, instrument, month, use_cache=True)
+        try:
+            window = self._window(instrument, month, availability)
+        except SourceError as exc:
+            return CostEstimate(instrument.symbol, month, cached=False, note=str(exc))
+        query = self._query(instrument, window)
+        cost = float(
+            self._call(
+                "metadata.get_cost",
+                instrument,
+                month,
+                lambda: self._client_().metadata.get_cost(**query),
+            )
+        )
+        size = int(
+            self._call(
+                "metadata.get_billable_size",
+                instrument,
+                month,
+                lambda: self._client_().metadata.get_billable_size(**query),
+            )
+        )
+        note = window.partial_reason or ""
+        if cost > self.max_cost_usd:
+            note = (note + "; " if note else "") + (
+                f"above the ceiling ${self.max_cost_usd:,.2f} (DBENTO_MAX_COST_USD)"
+            )
+        return CostEstimate(instrument.symbol, month, False, cost, size, note)
+
+    # ------------------------------------------------------------------ internals
+
+    def _client_(self) -> databento.Historical:
+        if self._client is None:
+            try:
+                client = databento.Historical(key=self._key, gateway=self.gateway)
+            except ValueError as exc:
+                raise SourceError(
+                    f"cannot use DBENTO_GATEWAY={self.gateway!r}: {self._scrub(str(exc))}"
+                ) from None
+            for api in (client.metadata, client.timeseries):
+                # The client reads its (connect, read) timeout from this attribute.
+                api.TIMEOUT = self.timeout_seconds  # type: ignore[misc]
+            self._client = client
+        return self._client
+
+    def _catalog_file(self) -> Path:
+        return self.catalog_file or catalog_path()
+
+    def _query(self, inst: Instrument, window: MonthWindow) -> dict[str, Any]:
+        return {
+            "dataset": inst.dataset,
+            "start": window.start,
+            "end": window.end,
+            "symbols": [inst.request_symbol],
+            "schema": SCHEMA,
+            "stype_in": inst.stype_in,
+        }
+
+    def _availability(
+        self,
+        dataset: str,
+        inst: Instrument,
+        month: Month,
+        *,
+        use_cache: bool,
+        log: Logger | None = None,
+    ) -> Availability:
+        if use_cache and dataset in self._ranges:
+            return self._ranges[dataset]
+        raw = self._call(
+            "metadata.get_dataset_range",
+            inst,
+            month,
+            lambda: self._client_().metadata.get_dataset_range(dataset=dataset),
+            log=log,
+        )
+        try:
+            schemas = raw.get("schema") or {}
+            span = schemas.get(SCHEMA) or raw
+            found = Availability(dataset, _utc(span["start"]), _utc(span["end"]))
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise SourceError(
+                f"Databento's dataset range for {dataset} is not understood ({exc!r})"
+            ) from None
+        self._ranges[dataset] = found
+        return found
+
+    def _window(self, inst: Instrument, month: Month, avail: Availability) -> MonthWindow:
+        what = f"{inst.symbol} {month} ({inst.dataset} {SCHEMA})"
+        if month.end <= avail.start:
+            raise SourceError(
+                f"{what}: the month lies wholly before the dataset's start "
+                f"({avail.start.isoformat()}); nothing to download. Move start_month in "
+                f"{self._catalog_file()} to {avail.start.strftime('%Y-%m')} or later."
+            )
+        if month.end > avail.end:
+            raise SourceError(
+                f"{what}: the month is not fully available yet: Databento has data up to "
+                f"{avail.end.isoformat()} (exclusive) and the month ends "
+                f"{month.end.isoformat()}. Nothing was downloaded or written; materialize it "
+                "once the month is complete."
+            )
+        if avail.start > month.start:
+            return MonthWindow(
+                start=avail.start,
+                end=month.end,
+                partial_reason=(
+                    f"{what}: the dataset starts mid-month at {avail.start.isoformat()}; "
+                    "downloading from there (there are no bars before it)"
+                ),
+            )
+        return MonthWindow(start=month.start, end=month.end)
+
+    def _download(
+        self,
+        inst: Instrument,
+        month: Month,
+        window: MonthWindow,
+        final: Path,
+        expected: int,
+        log: Logger,
+    ) -> tuple[DbnFileCheck, int]:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        attempts = 0
+
+        def attempt() -> DbnFileCheck:
+            nonlocal attempts
+            attempts += 1
+            part = final.with_name(
+                f"{final.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}{PART_SUFFIX}"
+            )
+            log(f"downloading {inst.symbol} {month} to {part.name} (attempt {attempts})")
+            try:
+                store = self._client_().timeseries.get_range(**self._query(inst, window), path=part)
+                del store  # the client's DBNStore keeps the file open
+                try:
+                    check = check_dbn_file(part, window.start.value, window.end.value)
+                except TruncatedDownload as exc:
+                    raise _Transient(f"truncated download: {exc}") from None
+                except DbnError as exc:
+                    raise SourceError(
+                        f"Databento's answer for {inst.symbol} {month} is not usable ({exc}); "
+                        "nothing was cached"
+                    ) from None
+                if check.records < expected:
+                    raise _Transient(
+                        f"truncated download: {check.records:,} records received, "
+                        f"{expected:,} announced"
+                    )
+                os.replace(part, final)
+                return check
+            finally:
+                part.unlink(missing_ok=True)
+
+        check = self._call("timeseries.get_range", inst, month, attempt, log=log)
+        log(f"stored {final} ({check.records:,} records, {final.stat().st_size:,} bytes)")
+        return check, attempts
+
+    def _call(
+        self,
+        what: str,
+        inst: Instrument,
+        month: Month,
+        fn: Callable[[], T],
+        log: Logger | None = None,
+    ) -> T:
+        """Run one API call with the retry policy; translate faults into SourceError."""
+        last = ""
+        for attempt in range(1, self.retry.max_attempts + 1):
+            try:
+                return fn()
+            except _Transient as exc:
+                fault = exc
+            except BentoClientError as exc:
+                fault = self._client_fault(exc, what, inst, month)
+            except BentoServerError as exc:
+                fault = _Transient(f"HTTP {exc.http_status} {self._detail(exc)}")
+            except (BentoError, requests.RequestException, ConnectionError) as exc:
+                fault = _Transient(f"{type(exc).__name__}: {self._scrub(str(exc))}")
+            last = fault.reason
+            if attempt == self.retry.max_attempts:
+                break
+            if fault.retry_after is not None:
+                delay = min(fault.retry_after, self.retry.retry_after_max_seconds)
+            else:
+                delay = self.retry.backoff(attempt, self._rng)
+            if log is not None:
+                log(f"{what} failed ({last}); retrying in {delay:.2f}s")
+            self._sleep(delay)
+        raise SourceError(
+            f"{what} for {inst.symbol} {month} failed {self.retry.max_attempts} times; "
+            f"giving up. Last error: {last}. Nothing was cached; materialize again later."
+        )
+
+    def _client_fault(
+        self, exc: BentoClientError, what: str, inst: Instrument, month: Month
+    ) -> _Transient:
+        status = exc.http_status
+        detail = self._detail(exc)
+        if status == 429:
+            return _Transient(f"HTTP 429 {detail}", retry_after=_retry_after(exc.headers))
+        if status in RETRYABLE_STATUS:
+            return _Transient(f"HTTP {status} {detail}")
+        if status in (401, 403):
+            raise SourceError(
+                f"Databento rejected the API key (HTTP {status}: {detail}) during {what}. "
+                "Check DATABENTO_API_KEY in your .env (the key is not shown here), that it is "
+                "active, and that it is entitled to the dataset. Not retried."
+            ) from None
+        raise SourceError(
+            f"Databento refused {what} for {inst.symbol} {month} (HTTP {status}: {detail}): "
+            f"symbol {inst.request_symbol!r}, dataset {inst.dataset!r}, stype_in "
+            f"{inst.stype_in!r}. Check the [instruments.{inst.symbol}] entry in "
+            f"{self._catalog_file()}. Not retried."
+        ) from None
+
+    def _detail(self, exc: BentoClientError | BentoServerError) -> str:
+        body = exc.json_body if isinstance(exc.json_body, dict) else {}
+        detail = body.get("detail")
+        if isinstance(detail, dict):
+            text = f"{detail.get('case', '')}: {detail.get('message', '')}".strip(": ")
+        elif detail:
+            text = str(detail)
+        else:
+            text = exc.message or ""
+        return self._scrub(str(text)) or "<no message>"
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._key, "<redacted>") if self._key else text
+
+    def _cache_hit_metadata(self, final: Path) -> dict[str, Any]:
+        metadata: dict[str, Any] = {}
+        note = sidecar_path(final)
+        with contextlib.suppress(OSError, ValueError):
+            loaded = json.loads(note.read_text(encoding="utf-8"))
+            if isinstance(loaded, dict):
+                metadata.update(loaded)
+        if "cost_usd" in metadata:
+            metadata["original_cost_usd"] = metadata["cost_usd"]
+        metadata.update(
+            {
+                "source": self.name,
+                "dbn_cache": "hit",
+                "dbn_file": str(final),
+                "dbn_file_bytes": final.stat().st_size,
+                "cost_usd": 0.0,
+            }
+        )
+        return metadata
+
+    def _write_sidecar(self, final: Path, metadata: dict[str, Any]) -> None:
+        note = sidecar_path(final)
+        part = _part_path(note)
+        try:
+            part.write_text(json.dumps(metadata, indent=2, sort_keys=True), encoding="utf-8")
+            os.replace(part, note)
+        finally:
+            part.unlink(missing_ok=True)
+
+
+def _part_path(target: Path) -> Path:
+    """A hidden temporary name next to ``target``, unique per process and call."""
+    return target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}{PART_SUFFIX}")
+
+
+def _utc(value: Any) -> pd.Timestamp:
+    stamp = pd.Timestamp(value)
+    return stamp.tz_convert("UTC") if stamp.tzinfo else stamp.tz_localize("UTC")
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date)."""
+    raw = None
+    with contextlib.suppress(AttributeError, TypeError):
+        raw = headers.get("Retry-After")
+    if raw is None:
+        return None
+    text = str(raw).strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())

@@ -1,0 +1,125 @@
+"""Price a backfill before launching it: ``python -m dbento_assets.estimate``.
+
+For every symbol and month of a selection this asks Databento's free ``metadata.get_cost`` and
+``metadata.get_billable_size`` (after one ``metadata.get_dataset_range`` per dataset) and prints
+one line per partition, then the total. Months already in the DBN cache under
+``DBENTO_DATA_DIR`` would not be downloaded again, so they are listed as skipped and cost
+nothing; months not (fully) available are listed with the reason. Settings come from the same
+environment variables and ``.env`` file as the Dagster code location (``DATABENTO_API_KEY``,
+``DBENTO_GATEWAY``, ``DBENTO_DATA_DIR``, ``DBENTO_MAX_COST_USD``); partitions above the
+per-partition ceiling are flagged, because a materialization would refuse them.
+
+Example: ``python -m dbento_assets.estimate --symbols ES,NQ --start 2021-01 --end 2025-12``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from dbento_assets.core.catalog import CatalogError, load_catalog
+from dbento_assets.core.databento_api import CostEstimate
+from dbento_assets.core.months import Month, month_range
+from dbento_assets.core.source import SourceError
+from dbento_assets.resources import databento_resource_from_env
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m dbento_assets.estimate",
+        description="Estimate the Databento cost of downloading ohlcv-1s months (free calls).",
+    )
+    parser.add_argument(
+        "--symbols", help="comma-separated catalog symbols (default: every catalog symbol)"
+    )
+    parser.add_argument("--start", help="first month, YYYY-MM (default: the catalog's start_month)")
+    parser.add_argument("--end", help="last month, YYYY-MM, inclusive (default: --start)")
+    parser.add_argument("--catalog", help="catalog file (default: DBENTO_CATALOG or packaged)")
+    return parser.parse_args(argv)
+
+
+def format_size(size: int | None) -> str:
+    """Bytes in decimal units: ``512 B``, ``1.2 MB``, ``3.4 GB``."""
+    if size is None:
+        return "-"
+    if size < 1000:
+        return f"{size} B"
+    value, unit = float(size) / 1000, "KB"
+    for bigger in ("MB", "GB", "TB"):
+        if value < 1000:
+            break
+        value, unit = value / 1000, bigger
+    return f"{value:,.1f} {unit}"
+
+
+def format_line(est: CostEstimate) -> str:
+    head = f"{est.symbol:<8} {est.month!s:<8}"
+    if est.cached:
+        return f"{head} {'skipped':>12} {'-':>10}  already in the DBN cache ({est.note})"
+    if est.cost_usd is None:
+        return f"{head} {'n/a':>12} {'-':>10}  {est.note}"
+    tail = f"  {est.note}" if est.note else ""
+    return f"{head} ${est.cost_usd:>11,.4f} {format_size(est.billable_size_bytes):>10}{tail}"
+
+
+def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Print the estimate; return the process exit status (0, or 2 on a usage/API error)."""
+    out = out or sys.stdout
+    args = parse_args(argv)
+    try:
+        catalog = load_catalog(args.catalog)
+        symbols = (
+            [s.strip() for s in args.symbols.split(",") if s.strip()]
+            if args.symbols
+            else catalog.symbols
+        )
+        instruments = [catalog.instrument(s) for s in symbols]
+        first = Month.parse(args.start) if args.start else catalog.start_month
+        last = Month.parse(args.end) if args.end else first
+        if last < first:
+            raise ValueError(f"--end {last} is before --start {first}")
+        api = databento_resource_from_env().api_source()
+        months = month_range(first, last)
+        print(f"{'symbol':<8} {'month':<8} {'est. cost':>12} {'size':>10}", file=out)
+        total_cost = 0.0
+        total_size = 0
+        counts = {"download": 0, "cached": 0, "unavailable": 0, "above": 0}
+        for inst in instruments:
+            for month in months:
+                est = api.estimate(inst, month)
+                print(format_line(est), file=out, flush=True)
+                if est.cached:
+                    counts["cached"] += 1
+                elif est.cost_usd is None:
+                    counts["unavailable"] += 1
+                else:
+                    counts["download"] += 1
+                    total_cost += est.cost_usd
+                    total_size += est.billable_size_bytes or 0
+                    counts["above"] += est.cost_usd > api.max_cost_usd
+    except (CatalogError, SourceError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"total: ${total_cost:,.4f} for {counts['download']} partition(s) to download, "
+        f"{format_size(total_size)} billable; {counts['cached']} cached month(s) skipped; "
+        f"{counts['unavailable']} not available",
+        file=out,
+    )
+    if counts["above"]:
+        print(
+            f"{counts['above']} partition(s) above the ceiling of ${api.max_cost_usd:,.2f} "
+            "(DBENTO_MAX_COST_USD) would be refused",
+            file=out,
+        )
+    return 0
+
+
+def main() -> None:
+    raise SystemExit(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,547 @@
+"""Issue 3 through Dagster: real runs of ``raw_1s_bars`` against the fake Databento gateway.
+
+Each test builds the code location with :func:`dbento_assets.definitions.build_definitions`,
+runs it on a real on-disk Dagster instance (``DAGSTER_HOME`` in a temporary folder) and lets the
+unpatched databento client talk to :mod:`dbento_assets_tests.gateway`. They prove the resource
+settings, the no-key failure, download and cost metadata, resume (no request for a cached month)
+and force (run tag ``dbento/force=true`` or run config), faults, availability, the
+``databento`` pool, the local DBN files source with the vendor cross-check, and that the API
+key appears nowhere afterwards: not in DAGSTER_HOME (event log, run storage, compute logs), the
+data files, the logs or any error message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import threading
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from dagster import AssetKey, DagsterInstance, EnvVar
+from dagster._core.errors import DagsterInvalidConfigError
+
+from dbento_assets.assets import DOWNLOAD_POOL, FORCE_TAG
+from dbento_assets.core.catalog import Catalog, load_catalog
+from dbento_assets.core.databento_api import DEFAULT_GATEWAY, DEFAULT_MAX_COST_USD
+from dbento_assets.core.dbn import OHLCV_RECORD_DTYPE
+from dbento_assets.core.dbn_files import DbnFilesSource
+from dbento_assets.core.demo import DemoSource
+from dbento_assets.core.months import Month
+from dbento_assets.core.source import SourceError
+from dbento_assets.definitions import build_definitions
+from dbento_assets.partitions import partition_key
+from dbento_assets.resources import (
+    DatabentoResource,
+    databento_resource_from_env,
+)
+from dbento_assets_tests.gateway import (
+    GET_RANGE,
+    TEST_KEY,
+    gateway_fixture,  # noqa: F401
+)
+
+RAW = AssetKey("raw_1s_bars")
+JAN = Month(2024, 1)
+SAMPLES = Path(__file__).parent / "fixtures" / "databento"
+SETTINGS = (
+    "DATABENTO_API_KEY",
+    "DBENTO_SOURCE",
+    "DBENTO_GATEWAY",
+    "DBENTO_DATA_DIR",
+    "DBENTO_DBN_DIR",
+    "DBENTO_MAX_COST_USD",
+    "DBENTO_TIMEOUT_SECONDS",
+    "DBENTO_RETRY_ATTEMPTS",
+    "DBENTO_RETRY_BACKOFF_SECONDS",
+    "DBENTO_FORMAT",
+    "DBENTO_CATALOG",
+)
+
+
+@pytest.fixture
+def clean_env(tmp_path, monkeypatch) -> Path:
+    """No DBENTO_* / DATABENTO_* settings from outside, and a working folder without .env."""
+    for name in SETTINGS:
+        monkeypatch.setenv(name, "")  # recorded, so monkeypatch restores the original state
+        monkeypatch.delenv(name)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return work
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "dagster_home"
+    path.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def instance(tmp_path_factory) -> DagsterInstance:
+    """One on-disk instance for the module's runs (creating one takes seconds)."""
+    with DagsterInstance.local_temp(str(tmp_path_factory.mktemp("dagster_home"))) as inst:
+        yield inst
+
+
+@pytest.fixture
+def env(gateway, clean_env, tmp_path, monkeypatch) -> Path:
+    """Settings as a user would put them in .env, pointing at the gateway; returns the data root."""
+    data = tmp_path / "data"
+    monkeypatch.setenv("DATABENTO_API_KEY", TEST_KEY)
+    monkeypatch.setenv("DBENTO_GATEWAY", gateway.url)
+    monkeypatch.setenv("DBENTO_DATA_DIR", str(data))
+    monkeypatch.setenv("DBENTO_RETRY_ATTEMPTS", "3")
+    monkeypatch.setenv("DBENTO_RETRY_BACKOFF_SECONDS", "0")
+    return data
+
+
+def catalog_from(tmp_path: Path, start_month: str = "2023-01", **overrides: str) -> Catalog:
+    """The packaged catalog with another start month (and optionally a replaced symbol)."""
+    text = load_catalog().path.read_text(encoding="utf-8")
+    text = text.replace('start_month = "2024-01"', f'start_month = "{start_month}"')
+    for old, new in overrides.items():
+        text = text.replace(old, new)
+    path = tmp_path / "catalog.toml"
+    path.write_text(text, encoding="utf-8")
+    return load_catalog(path)
+
+
+def run(
+    instance: DagsterInstance,
+    month: Month = JAN,
+    symbol: str = "ES",
+    *,
+    catalog: Catalog | None = None,
+    resource: DatabentoResource | None = None,
+    tags: dict[str, str] | None = None,
+    run_config: dict | None = None,
+    assets: list[AssetKey] | None = None,
+):
+    defs = build_definitions(catalog=catalog, databento=resource)
+    job = defs.resolve_implicit_global_asset_job_def()
+    return job.execute_in_process(
+        instance=instance,
+        partition_key=partition_key(month, symbol),
+        asset_selection=assets or [RAW],
+        tags=tags,
+        run_config=run_config,
+        raise_on_error=False,
+    )
+
+
+def materialization(result, key: AssetKey):
+    """The one materialization of ``key`` in a run (whatever step produced it)."""
+    (mat,) = [
+        event.event_specific_data.materialization
+        for event in result.get_asset_materialization_events()
+        if event.event_specific_data.materialization.asset_key == key
+    ]
+    return mat
+
+
+def raw_metadata(result) -> dict[str, object]:
+    return {key: value.value for key, value in materialization(result, RAW).metadata.items()}
+
+
+def failure_text(result) -> str:
+    """Every message of the step failures, causes and contexts included."""
+    texts = []
+    for event in result.all_events:
+        if event.event_type_value != "STEP_FAILURE":
+            continue
+        stack = [event.step_failure_data.error]
+        while stack:
+            error = stack.pop()
+            if error is None:
+                continue
+            texts.append(error.message)
+            stack += [error.cause, error.context]
+    return "\n".join(texts)
+
+
+def cache_file(data: Path, symbol: str = "ES", month: Month = JAN) -> Path:
+    return data / "dbn" / symbol / f"{symbol}_{month.tag}.ohlcv-1s.dbn.zst"
+
+
+def raw_file(data: Path, symbol: str = "ES", month: Month = JAN) -> Path:
+    return data / "raw_1s" / symbol / f"{symbol}_{month.tag}.parquet"
+
+
+# --------------------------------------------------------------------------- the resource
+
+
+def test_resource_from_env_reads_every_setting(clean_env, monkeypatch):
+    monkeypatch.setenv("DBENTO_SOURCE", "DBN")
+    monkeypatch.setenv("DBENTO_GATEWAY", "https://gw.example:8443")
+    monkeypatch.setenv("DBENTO_DATA_DIR", "/srv/bars")
+    monkeypatch.setenv("DBENTO_DBN_DIR", "/srv/dbn")
+    monkeypatch.setenv("DBENTO_MAX_COST_USD", "12.5")
+    monkeypatch.setenv("DBENTO_TIMEOUT_SECONDS", "30")
+    monkeypatch.setenv("DBENTO_RETRY_ATTEMPTS", "7")
+    monkeypatch.setenv("DBENTO_RETRY_BACKOFF_SECONDS", "0.25")
+    resource = databento_resource_from_env()
+    assert (resource.source, resource.gateway, resource.data_dir, resource.dbn_dir) == (
+        "dbn",
+        "https://gw.example:8443",
+        "/srv/bars",
+        "/srv/dbn",
+    )
+    assert (resource.max_cost_usd, resource.timeout_seconds) == (12.5, 30.0)
+    assert (resource.retry_attempts, resource.retry_backoff_seconds) == (7, 0.25)
+    assert resource.api_key is None  # no EnvVar for an unset key
+    assert isinstance(resource.month_source(), DbnFilesSource)
+
+
+def test_resource_defaults(clean_env):
+    resource = databento_resource_from_env()
+    assert resource.source == "databento"
+    assert resource.gateway == DEFAULT_GATEWAY == "https://hist.databento.com"
+    assert resource.data_dir == "./data"
+    assert resource.max_cost_usd == DEFAULT_MAX_COST_USD == 5.0
+    assert resource.retry_policy().max_attempts == 5
+
+
+def test_key_is_an_env_var_loaded_from_dotenv_without_overriding(clean_env, monkeypatch):
+    (clean_env / ".env").write_text(
+        "DATABENTO_API_KEY=db-FROMDOTENV\nDBENTO_MAX_COST_USD=9\nDBENTO_SOURCE=demo\n"
+    )
+    monkeypatch.setenv("DBENTO_SOURCE", "databento")  # already set: the environment wins
+    resource = databento_resource_from_env()
+    assert isinstance(resource.api_key, EnvVar)
+    assert resource.api_key.env_var_name == "DATABENTO_API_KEY"
+    assert resource.api_key.get_value() == "db-FROMDOTENV"
+    assert resource.max_cost_usd == 9.0
+    assert resource.source == "databento"
+    assert repr(resource.month_source()).startswith("DatabentoSource(")
+    assert "db-FROMDOTENV" not in repr(resource.month_source())
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "words"),
+    [
+        ("DBENTO_SOURCE", "bloomberg", "is not a source"),
+        ("DBENTO_MAX_COST_USD", "ten", "is not a float"),
+        ("DBENTO_MAX_COST_USD", "-1", "non-negative"),
+        ("DBENTO_RETRY_ATTEMPTS", "2.5", "is not a int"),
+    ],
+)
+def test_bad_settings_are_reported(clean_env, monkeypatch, variable, value, words):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SourceError, match=words):
+        databento_resource_from_env()
+
+
+def test_month_source_builds_the_selected_source(tmp_path):
+    assert isinstance(DatabentoResource(source="demo").month_source(), DemoSource)
+    with pytest.raises(SourceError, match="set DBENTO_DBN_DIR"):
+        DatabentoResource(source="dbn").month_source()
+    with pytest.raises(SourceError, match="needs a local folder"):
+        DatabentoResource(api_key="db-x", data_dir="s3://bucket/bars").month_source()
+    with pytest.raises(SourceError, match="invalid retry settings"):
+        DatabentoResource(api_key="db-x", retry_attempts=0).month_source()
+
+
+def test_definitions_load_without_a_key_for_any_source(clean_env, monkeypatch):
+    for source in ("databento", "demo", "dbn"):
+        monkeypatch.setenv("DBENTO_SOURCE", source)
+        defs = build_definitions()
+        assert defs.resolve_assets_def("raw_1s_bars").node_def.pool == DOWNLOAD_POOL
+
+
+# --------------------------------------------------------------------------- no key
+
+
+def test_no_key_fails_the_materialization_at_once_saying_what_to_do(gateway, clean_env, instance):
+    result = run(instance, resource=databento_resource_from_env())
+    assert not result.success
+    text = failure_text(result)
+    assert "DATABENTO_API_KEY" in text and ".env" in text and "DBENTO_SOURCE=demo" in text
+    assert gateway.count() == 0
+
+
+def test_an_unset_env_var_key_is_a_config_error_not_a_leak(gateway, clean_env, instance):
+    # Passing EnvVar for an unset variable fails at resource init: why the helper passes it
+    # only when the variable is set.
+    resource = DatabentoResource(api_key=EnvVar("DATABENTO_API_KEY"), gateway=gateway.url)
+    with pytest.raises(DagsterInvalidConfigError):
+        build_definitions(
+            databento=resource
+        ).resolve_implicit_global_asset_job_def().execute_in_process(
+            instance=instance, partition_key=partition_key(JAN, "ES"), asset_selection=[RAW]
+        )
+
+
+# --------------------------------------------------------------------------- download
+
+
+def test_materialization_downloads_the_month_and_records_cost(gateway, env, instance):
+    result = run(instance, resource=databento_resource_from_env())
+    assert result.success
+    (call,) = gateway.calls(GET_RANGE)
+    assert call.auth_user == TEST_KEY
+    assert (call.fields["symbols"], call.fields["stype_in"], call.fields["schema"]) == (
+        "ES.v.0",
+        "continuous",
+        "ohlcv-1s",
+    )
+    assert pd.Timestamp(call.fields["start"]) == JAN.start
+    assert pd.Timestamp(call.fields["end"]) == JAN.end
+    meta = raw_metadata(result)
+    count = meta["source_record_count"]
+    assert count > 0 and meta["records_decoded"] == count == meta["dagster/row_count"]
+    assert meta["source_billable_size_bytes"] == count * 56
+    assert meta["source_cost_usd"] == pytest.approx(count * 56 / 2**30 * gateway.price_per_gb)
+    assert meta["source_dbn_cache"] == "miss"
+    assert cache_file(env).is_file() and raw_file(env).is_file()
+    bars = pd.read_parquet(raw_file(env))
+    assert len(bars) == count and bars["ts_event"].min() >= JAN.start
+
+
+def test_a_cached_month_is_decoded_again_without_any_request(gateway, env, instance):
+    first = run(instance, resource=databento_resource_from_env())
+    before = gateway.count()
+    second = run(instance, resource=databento_resource_from_env())
+    assert first.success and second.success
+    assert gateway.count() == before
+    meta = raw_metadata(second)
+    assert meta["source_dbn_cache"] == "hit" and meta["source_cost_usd"] == 0.0
+    assert meta["records_decoded"] == raw_metadata(first)["records_decoded"]
+
+
+def test_force_by_run_tag_or_run_config_downloads_again(gateway, env, instance):
+    assert run(instance, resource=databento_resource_from_env()).success
+    tagged = run(instance, resource=databento_resource_from_env(), tags={FORCE_TAG: "true"})
+    assert tagged.success and gateway.count(GET_RANGE) == 2
+    assert raw_metadata(tagged)["source_dbn_cache"] == "forced"
+    configured = run(
+        instance,
+        resource=databento_resource_from_env(),
+        run_config={"ops": {"raw_1s_bars": {"config": {"force": True}}}},
+    )
+    assert configured.success and gateway.count(GET_RANGE) == 3
+    plain = run(instance, resource=databento_resource_from_env())
+    assert plain.success and gateway.count(GET_RANGE) == 3
+
+
+def test_a_forced_download_that_breaks_keeps_the_old_files(gateway, env, instance):
+    assert run(instance, resource=databento_resource_from_env()).success
+    dbn_bytes = cache_file(env).read_bytes()
+    raw_bytes = raw_file(env).read_bytes()
+    gateway.fail("cut", endpoint=GET_RANGE, times=3)
+    result = run(instance, resource=databento_resource_from_env(), tags={FORCE_TAG: "true"})
+    assert not result.success
+    assert "failed 3 times" in failure_text(result)
+    assert cache_file(env).read_bytes() == dbn_bytes
+    assert raw_file(env).read_bytes() == raw_bytes
+    assert not [p for p in env.rglob("*.part")]
+
+
+# --------------------------------------------------------------------------- faults
+
+
+@pytest.mark.parametrize("kind", ["429", "503", "truncate", "reset"])
+def test_transient_faults_are_retried_inside_the_run(gateway, env, instance, kind):
+    gateway.fail(kind, endpoint=GET_RANGE)
+    result = run(instance, resource=databento_resource_from_env())
+    assert result.success
+    assert gateway.count(GET_RANGE) == 2
+    assert raw_metadata(result)["source_download_attempts"] == 2
+
+
+@pytest.mark.parametrize(
+    ("setup", "words", "paid"),
+    [
+        (lambda gw: gw.fail("401", endpoint=GET_RANGE), ["rejected the API key"], 1),
+        (lambda gw: gw.fail("403", endpoint="metadata.get_cost"), ["HTTP 403"], 0),
+        (lambda gw: setattr(gw, "price_per_gb", 1e7), ["above the ceiling"], 0),
+        (lambda gw: gw.set_range("GLBX.MDP3", "2010-06-06", "2024-01-20"), ["available"], 0),
+        (
+            lambda gw: setattr(gw, "provider", lambda q: (np.empty(0, OHLCV_RECORD_DTYPE), {})),
+            ["no ohlcv-1s records"],
+            0,
+        ),
+    ],
+    ids=["401", "403", "cost-ceiling", "not-available", "empty-month"],
+)
+def test_refused_months_fail_clearly_and_write_nothing(gateway, env, instance, setup, words, paid):
+    setup(gateway)
+    result = run(instance, resource=databento_resource_from_env())
+    assert not result.success
+    text = failure_text(result)
+    for word in words:
+        assert word in text
+    assert TEST_KEY not in text
+    assert gateway.count(GET_RANGE) == paid
+    assert not cache_file(env).exists() and not raw_file(env).exists()
+
+
+def test_unresolvable_catalog_symbol_fails_naming_the_catalog(
+    gateway, env, instance, tmp_path, monkeypatch
+):
+    wrong = {'symbol = "ES.v.0"\nstype_in = "continuous"': 'symbol = "ES"\nstype_in = "raw_symbol"'}
+    catalog = catalog_from(tmp_path, "2024-01", **wrong)
+    monkeypatch.setenv("DBENTO_CATALOG", str(catalog.path))  # how a user points at a catalog
+    assert catalog.instrument("ES").request_symbol == "ES"
+    result = run(instance, catalog=catalog, resource=databento_resource_from_env())
+    assert not result.success
+    text = failure_text(result)
+    assert "HTTP 422" in text and "'ES'" in text and "'raw_symbol'" in text
+    assert "'GLBX.MDP3'" in text and str(catalog.path) in text
+    assert gateway.count("metadata.get_cost") == 1 and gateway.count(GET_RANGE) == 0
+
+
+def test_dataset_starting_mid_month_is_downloaded_and_flagged(gateway, env, instance, tmp_path):
+    march = Month(2023, 3)
+    result = run(
+        instance,
+        march,
+        "QQQ",
+        catalog=catalog_from(tmp_path),
+        resource=databento_resource_from_env(),
+    )
+    assert result.success
+    meta = raw_metadata(result)
+    assert meta["source_partial_month"] is True
+    assert "2023-03-28" in meta["source_partial_month_reason"]
+    bars = pd.read_parquet(raw_file(env, "QQQ", march))
+    assert len(bars) > 0 and bars["ts_event"].min() >= pd.Timestamp("2023-03-28", tz="UTC")
+
+
+# --------------------------------------------------------------------------- pool
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_downloads_share_the_databento_pool(gateway, env, home, limit):
+    with DagsterInstance.local_temp(str(home)) as setup:
+        setup.event_log_storage.set_concurrency_slots(DOWNLOAD_POOL, limit)
+    # Two partitions at once; each download waits (at most 3 s) for the other to be in flight.
+    gateway.gate(GET_RANGE, parties=2, timeout=3.0)
+    results: dict[str, object] = {}
+
+    def materialize(symbol: str) -> None:
+        with DagsterInstance.local_temp(str(home)) as inst:
+            results[symbol] = run(inst, JAN, symbol, resource=databento_resource_from_env())
+
+    threads = [threading.Thread(target=materialize, args=(s,)) for s in ("ES", "NQ")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert all(result.success for result in results.values()) and len(results) == 2
+    assert gateway.count(GET_RANGE) == 2
+    assert gateway.max_in_flight[GET_RANGE] == limit
+
+
+# --------------------------------------------------------------------------- local DBN files
+
+
+def test_dbn_source_run_matches_the_vendor_1min_bars(clean_env, instance, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    monkeypatch.setenv("DBENTO_SOURCE", "dbn")
+    monkeypatch.setenv("DBENTO_DBN_DIR", str(SAMPLES))
+    monkeypatch.setenv("DBENTO_DATA_DIR", str(data))
+    march = Month(2023, 3)
+    result = run(
+        instance,
+        march,
+        "QQQ",
+        catalog=catalog_from(tmp_path),
+        resource=databento_resource_from_env(),
+        assets=[RAW, AssetKey("bars_1min")],
+    )
+    assert result.success, failure_text(result)
+    meta = raw_metadata(result)
+    assert meta["records_decoded"] == 4 and meta["instrument_ids"] == "13340"
+    mat = materialization(result, AssetKey("bars_1min"))
+    ours = pd.read_parquet(mat.metadata["path"].value).set_index("ts_event")
+    vendor = {
+        "2023-03-28 11:08": (307.83, 307.83, 307.80, 307.80, 1800),
+        "2023-03-28 11:10": (307.97, 307.97, 307.96, 307.96, 1062),
+    }  # Databento's own ohlcv-1m bars (fixtures/databento/EQUS.MINI/test_data.ohlcv-1m)
+    for minute, (o, h, low, c, v) in vendor.items():
+        row = ours.loc[pd.Timestamp(minute, tz="UTC")]
+        assert (row["open"], row["high"], row["low"], row["close"], row["volume"]) == (
+            o,
+            h,
+            low,
+            c,
+            v,
+        )
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+def sqlite_leaks(path: Path, secret: bytes) -> list[str]:
+    """Cells of a SQLite file holding ``secret``, also inside zlib-compressed values (Dagster
+    stores job and execution-plan snapshots compressed, where a plain byte grep is blind)."""
+    found = []
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for table in tables:
+            for row in db.execute(f'SELECT * FROM "{table}"'):
+                for cell in row:
+                    data = cell.encode() if isinstance(cell, str) else cell
+                    if not isinstance(data, bytes):
+                        continue
+                    if secret in data:
+                        found.append(table)
+                        continue
+                    with contextlib.suppress(zlib.error):
+                        if secret in zlib.decompress(data):
+                            found.append(f"{table} (compressed)")
+    return found
+
+
+def test_the_key_appears_nowhere_after_a_full_run_through_the_gateway(
+    gateway, env, home, tmp_path, caplog, capfd
+):
+    caplog.set_level(logging.DEBUG)
+    messages: list[str] = []
+    instance = DagsterInstance.get()  # the instance of DAGSTER_HOME, as `dagster dev` uses
+
+    def go(**kwargs) -> None:
+        result = run(instance, resource=databento_resource_from_env(), **kwargs)
+        messages.append(failure_text(result))
+
+    go()  # download
+    go()  # cache hit
+    go(tags={FORCE_TAG: "true"})
+    for kind, endpoint, times in [
+        ("429", GET_RANGE, 1),
+        ("401", GET_RANGE, 1),
+        ("403", "metadata.get_cost", 1),
+        ("422", GET_RANGE, 1),
+        ("500", GET_RANGE, 3),
+        ("cut", GET_RANGE, 3),
+    ]:
+        gateway.fail(kind, endpoint=endpoint, times=times)
+        go(tags={FORCE_TAG: "true"})
+    gateway.price_per_gb = 1e7
+    go(tags={FORCE_TAG: "true"})
+
+    secret = TEST_KEY.encode()
+    assert sum(r.auth_user == TEST_KEY for r in gateway.requests) > 10  # the key was used
+    assert any("rejected the API key" in m for m in messages)  # failures were recorded
+    leaks = [m for m in messages if TEST_KEY in m]
+    leaks += [r.getMessage() for r in caplog.records if TEST_KEY in r.getMessage()]
+    captured = capfd.readouterr()
+    leaks += [s for s in (captured.out, captured.err) if TEST_KEY in s]
+    for folder in (home, env, tmp_path / "work"):
+        for path in folder.rglob("*"):
+            if path.is_file() and secret in path.read_bytes():
+                leaks.append(str(path))
+            if path.is_file() and path.suffix == ".db":
+                leaks += [f"{path}: {where}" for where in sqlite_leaks(path, secret)]
+    runs = instance.get_runs()
+    assert len(runs) == 10 and instance.all_logs(runs[0].run_id)  # the event log is there
+    assert any((home / "history").rglob("*.db"))
+    instance.dispose()
+    assert leaks == []

@@ -1,0 +1,169 @@
+"""``python -m dbento_assets.estimate``: the price of a backfill before launching it.
+
+The estimate talks to the fake gateway through the real client, with settings from the
+environment exactly as the code location reads them. Tests check each line against the
+gateway's own price, that months already in the DBN cache are skipped without a request, that
+nothing is ever downloaded, and that unavailable or too expensive months are called out.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dbento_assets.core.catalog import load_catalog
+from dbento_assets.core.databento_api import DatabentoSource, RetryPolicy
+from dbento_assets.core.demo import generate_month_records
+from dbento_assets.core.months import Month
+from dbento_assets.core.source import FetchRequest
+from dbento_assets.estimate import format_size, run
+from dbento_assets_tests.gateway import (
+    GET_RANGE,
+    RECORD_BYTES,
+    TEST_KEY,
+    FakeGateway,
+    gateway_fixture,  # noqa: F401
+)
+
+CATALOG = load_catalog()
+SETTINGS = (
+    "DATABENTO_API_KEY",
+    "DBENTO_SOURCE",
+    "DBENTO_DATA_DIR",
+    "DBENTO_DBN_DIR",
+    "DBENTO_MAX_COST_USD",
+    "DBENTO_TIMEOUT_SECONDS",
+    "DBENTO_RETRY_ATTEMPTS",
+    "DBENTO_CATALOG",
+)
+
+
+@pytest.fixture
+def env(gateway, tmp_path, monkeypatch) -> Path:
+    """A clean environment pointing at the gateway, run from an empty folder (no .env)."""
+    for name in SETTINGS:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DATABENTO_API_KEY", TEST_KEY)
+    data = tmp_path / "data"
+    monkeypatch.setenv("DBENTO_DATA_DIR", str(data))
+    return data
+
+
+def price(gw: FakeGateway, symbol: str, month: Month) -> tuple[float, int]:
+    n = len(generate_month_records(CATALOG.instrument(symbol), month, gw.activity))
+    return n * RECORD_BYTES / 2**30 * gw.price_per_gb, n * RECORD_BYTES
+
+
+def lines_of(text: str) -> dict[tuple[str, str], str]:
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and re.fullmatch(r"\d{4}-\d{2}", parts[1]):
+            out[(parts[0], parts[1])] = line
+    return out
+
+
+def test_prints_a_line_per_partition_and_the_total_skipping_cached_months(gateway, env):
+    cached = DatabentoSource(TEST_KEY, env, gateway=gateway.url, retry=RetryPolicy())
+    cached.fetch(FetchRequest(CATALOG.instrument("ES"), Month(2024, 2)), lambda _: None)
+    before = gateway.count()
+
+    out = io.StringIO()
+    assert run(["--symbols", "ES,QQQ", "--start", "2024-01", "--end", "2024-03"], out) == 0
+
+    text = out.getvalue()
+    rows = lines_of(text)
+    assert sorted(rows) == [
+        (s, m) for s in ("ES", "QQQ") for m in ("2024-01", "2024-02", "2024-03")
+    ]
+    assert (
+        "skipped" in rows[("ES", "2024-02")]
+        and "already in the DBN cache" in rows[("ES", "2024-02")]
+    )
+    total = 0.0
+    size = 0
+    for (symbol, month), line in rows.items():
+        if (symbol, month) == ("ES", "2024-02"):
+            continue
+        cost, nbytes = price(gateway, symbol, Month.parse(month))
+        assert f"{cost:,.4f}" in line
+        assert format_size(nbytes) in line
+        total += cost
+        size += nbytes
+    assert f"total: ${total:,.4f} for 5 partition(s) to download" in text
+    assert format_size(size) in text.splitlines()[-1]
+    assert "1 cached month(s) skipped" in text
+    # Free calls only, none for the cached month, one dataset range per dataset.
+    calls = gateway.requests[before:]
+    assert not [c for c in calls if c.endpoint == GET_RANGE]
+    assert sum(c.endpoint == "metadata.get_cost" for c in calls) == 5
+    assert sum(c.endpoint == "metadata.get_dataset_range" for c in calls) == 2
+    assert sorted(p.name for p in (env / "dbn").rglob("*.zst")) == ["ES_2024_02.ohlcv-1s.dbn.zst"]
+
+
+def test_unavailable_months_and_the_ceiling_are_called_out(gateway, env, monkeypatch):
+    gateway.set_range("GLBX.MDP3", "2010-06-06", "2024-03-10")
+    monkeypatch.setenv("DBENTO_MAX_COST_USD", "0.000001")
+    out = io.StringIO()
+    assert run(["--symbols", "ES", "--start", "2024-01", "--end", "2024-03"], out) == 0
+    text = out.getvalue()
+    rows = lines_of(text)
+    assert "not fully available" in rows[("ES", "2024-03")]
+    assert "n/a" in rows[("ES", "2024-03")]
+    assert "above the ceiling" in rows[("ES", "2024-01")]
+    assert "1 not available" in text
+    assert "2 partition(s) above the ceiling of $0.00 (DBENTO_MAX_COST_USD)" in text
+    assert gateway.count("metadata.get_cost") == 2
+
+
+def test_defaults_to_every_catalog_symbol_for_one_month(gateway, env):
+    out = io.StringIO()
+    assert run(["--start", "2024-01"], out) == 0
+    assert sorted(s for s, _ in lines_of(out.getvalue())) == sorted(CATALOG.symbols)
+
+
+def test_without_a_key_it_says_what_to_do(gateway, env, monkeypatch, capsys):
+    monkeypatch.delenv("DATABENTO_API_KEY")
+    assert run(["--symbols", "ES", "--start", "2024-01"], io.StringIO()) == 2
+    err = capsys.readouterr().err
+    assert "DATABENTO_API_KEY" in err and "DBENTO_SOURCE=demo" in err
+    assert gateway.count() == 0
+
+
+def test_bad_arguments_are_reported(gateway, env, capsys):
+    assert run(["--symbols", "XX", "--start", "2024-01"], io.StringIO()) == 2
+    assert "'XX' is not in the catalog" in capsys.readouterr().err
+    assert run(["--start", "2024-03", "--end", "2024-01"], io.StringIO()) == 2
+    assert "before --start" in capsys.readouterr().err
+
+
+def test_the_key_comes_from_a_dotenv_file(gateway, env, monkeypatch, tmp_path):
+    monkeypatch.delenv("DATABENTO_API_KEY")
+    (tmp_path / ".env").write_text(f"DATABENTO_API_KEY={TEST_KEY}\n")
+    assert run(["--symbols", "ES", "--start", "2024-01"], io.StringIO()) == 0
+    assert gateway.calls("metadata.get_cost")[0].auth_user == TEST_KEY
+
+
+def test_runs_as_a_module(gateway, env, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "dbento_assets.estimate", "--symbols", "NQ", "--start", "2024-01"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=dict(os.environ),
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    cost, _ = price(gateway, "NQ", Month(2024, 1))
+    assert f"{cost:,.4f}" in result.stdout
+    assert "total:" in result.stdout
+    assert TEST_KEY not in result.stdout + result.stderr
