@@ -4,7 +4,10 @@
 and ``dagster asset materialize -m dbento_assets`` all load :data:`defs`. Settings come from
 environment variables (and a ``.env`` file in the working directory): ``DBENTO_SOURCE``,
 ``DBENTO_DATA_DIR``, ``DBENTO_FORMAT``, ``DATABENTO_API_KEY`` and the others listed in
-``.env.example``. :func:`build_definitions` builds the same thing from explicit parts for tests.
+``.env.example``. It holds the assets (with their checks), the monthly schedule (stopped
+until you turn it on) and the executor chosen by ``DBENTO_EXECUTOR`` (Dagster's default
+multiprocess executor when unset). :func:`build_definitions` builds the same thing from
+explicit parts for tests.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from dagster import Definitions
 
 from dbento_assets.assets import build_assets
 from dbento_assets.core.catalog import Catalog, load_catalog
+from dbento_assets.executors import executor_from_env
 from dbento_assets.io_managers import BarFileIOManager
 from dbento_assets.resources import DatabentoResource, databento_resource_from_env
+from dbento_assets.schedules import build_schedules
 
 
 def io_manager_for(databento: DatabentoResource) -> BarFileIOManager:
@@ -35,6 +40,8 @@ def build_definitions(
     databento = databento or databento_resource_from_env()
     return Definitions(
         assets=build_assets(catalog),
+        schedules=build_schedules(catalog),
+        executor=executor_from_env(),
         resources={
             "databento": databento,
             "io_manager": io_manager or io_manager_for(databento),

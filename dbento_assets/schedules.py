@@ -1,0 +1,114 @@
+"""The monthly schedule: on the 2nd of each month at 06:00 UTC, fetch the month that just closed.
+
+Databento's historical API serves a day only once it is out of the live window: the docs say
+data from the last 24 hours counts as live data, so the last second of a month (23:59:59 UTC
+on its last day) becomes historical at 23:59:59 UTC on the 1st of the next month. The tick
+at 06:00 UTC on the 2nd is 30 hours after the month's end, which leaves six hours for
+Databento's end-of-day processing (its dataset condition for a day reads ``pending`` until
+then). :func:`build_schedules` returns :data:`SCHEDULE_NAME`, which starts one run of
+:data:`JOB_NAME` per catalog symbol, each materializing every asset (and its checks) of the
+partition ``<month>|<SYMBOL>``. Each run request carries a run key, so a month is never
+requested twice by the schedule even if a tick is evaluated again. The schedule ships
+STOPPED: turn it on in the UI (Automation, ``monthly_bars_schedule``, toggle on) or with
+``dagster schedule start monthly_bars_schedule -m dbento_assets.definitions``; the
+``dagster-daemon`` process (started by ``dagster dev``) must be running for it to fire.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pandas as pd
+from dagster import (
+    AssetSelection,
+    DefaultScheduleStatus,
+    RunRequest,
+    ScheduleDefinition,
+    ScheduleEvaluationContext,
+    SkipReason,
+    define_asset_job,
+    schedule,
+)
+from dagster._core.definitions.unresolved_asset_job_definition import (
+    UnresolvedAssetJobDefinition,
+)
+
+from dbento_assets.assets import build_assets
+from dbento_assets.core.catalog import Catalog
+from dbento_assets.core.months import Month
+from dbento_assets.partitions import partition_key
+
+JOB_NAME = "monthly_bars_job"
+SCHEDULE_NAME = "monthly_bars_schedule"
+CRON = "0 6 2 * *"
+"""06:00 UTC on the 2nd of every month."""
+TIMEZONE = "UTC"
+HISTORICAL_DELAY = timedelta(hours=24)
+"""Databento treats the last 24 hours as live data; the historical API serves what is older."""
+SCHEDULE_TAG = "dbento/schedule"
+MONTH_TAG = "dbento/month"
+SYMBOL_TAG = "dbento/symbol"
+
+
+def build_monthly_job(catalog: Catalog) -> UnresolvedAssetJobDefinition:
+    """The job over every asset of the catalog (their asset checks come along)."""
+    return define_asset_job(
+        JOB_NAME,
+        selection=AssetSelection.assets(*build_assets(catalog)),
+        description=(
+            "Every asset of one symbol-month: download the ohlcv-1s bars, build each timeframe "
+            "and run the checks. Started by monthly_bars_schedule, one run per symbol."
+        ),
+    )
+
+
+def last_available_month(at: datetime) -> Month:
+    """The newest month whose every second Databento's historical API serves at ``at``.
+
+    Data is historical once it is :data:`HISTORICAL_DELAY` old, so this is the month before
+    the one that contains ``at - HISTORICAL_DELAY`` (all in UTC).
+    """
+    if at.tzinfo is None:
+        raise ValueError(f"{at!r} has no time zone; pass an aware datetime")
+    served_until = pd.Timestamp(at).tz_convert("UTC") - HISTORICAL_DELAY
+    return Month(served_until.year, served_until.month).previous()
+
+
+def monthly_run_requests(catalog: Catalog, at: datetime) -> list[RunRequest] | SkipReason:
+    """One run request per catalog symbol for :func:`last_available_month` of ``at``."""
+    month = last_available_month(at)
+    if month < catalog.start_month:
+        return SkipReason(
+            f"{month} is before the catalog's start_month {catalog.start_month}; nothing to do"
+        )
+    return [
+        RunRequest(
+            run_key=f"{month.key}|{symbol}",
+            partition_key=partition_key(month, symbol),
+            tags={SCHEDULE_TAG: SCHEDULE_NAME, MONTH_TAG: str(month), SYMBOL_TAG: symbol},
+        )
+        for symbol in catalog.symbols
+    ]
+
+
+def build_schedules(catalog: Catalog) -> list[ScheduleDefinition]:
+    """The monthly schedule of a catalog (it also brings :func:`build_monthly_job`)."""
+
+    @schedule(
+        name=SCHEDULE_NAME,
+        cron_schedule=CRON,
+        execution_timezone=TIMEZONE,
+        job=build_monthly_job(catalog),
+        default_status=DefaultScheduleStatus.STOPPED,
+        description=(
+            "06:00 UTC on the 2nd: one run per symbol for the month that just closed (Databento "
+            "serves a day through its historical API once it is 24 hours old)."
+        ),
+    )
+    def monthly_bars_schedule(
+        context: ScheduleEvaluationContext,
+    ) -> list[RunRequest] | SkipReason:
+        at = context.scheduled_execution_time or datetime.now(UTC)
+        return monthly_run_requests(catalog, at)
+
+    return [monthly_bars_schedule]
