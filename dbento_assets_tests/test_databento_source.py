@@ -37,7 +37,6 @@ from dbento_assets.core.dbn import (
 from dbento_assets.core.demo import generate_month_records
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import FetchRequest, SourceError
-from dbento_assets.core.storage import BarStore
 from dbento_assets_tests.gateway import (
     GET_RANGE,
     RECORD_BYTES,
@@ -142,10 +141,9 @@ def test_equity_uses_raw_symbol_on_its_own_dataset(gateway, tmp_path):
     assert fetched.payloads == [tmp_path / "dbn" / "QQQ" / "QQQ_2024_02.ohlcv-1s.dbn.zst"]
 
 
-def test_cache_path_is_spelled_once_and_matches_the_storage_layer(tmp_path):
+def test_cache_path_is_spelled_once(tmp_path):
     path = dbn_cache_path(tmp_path, "NQ", Month(2023, 12))
     assert path == tmp_path / "dbn" / "NQ" / "NQ_2023_12.ohlcv-1s.dbn.zst"
-    assert BarStore.at(tmp_path).dbn_cache_path("NQ", Month(2023, 12)).path == str(path)
 
 
 def test_download_streams_to_disk_in_bounded_memory(gateway, tmp_path):

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dbento_assets.core.bars import DTYPES, make_bars
+from dbento_assets.core.databento_api import dbn_cache_path
 from dbento_assets.core.months import Month
 from dbento_assets.core.storage import BarStore, StorageError
 from dbento_assets.core.timeframes import parse_timeframe
@@ -37,7 +38,8 @@ def test_layout_keeps_the_seed_names(tmp_path):
     assert csv.aggregated_path("NQ", Month(2023, 12), parse_timeframe("60s")).path.endswith(
         "aggregated/1min/NQ_2023_12_1min.csv"
     )
-    assert store.dbn_cache_path("ES", JAN).path.endswith("dbn/ES/ES_2024_01.ohlcv-1s.dbn.zst")
+    cache = dbn_cache_path(tmp_path, "ES", JAN)
+    assert str(cache).endswith("dbn/ES/ES_2024_01.ohlcv-1s.dbn.zst")
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv"])

@@ -98,8 +98,6 @@ class BarStore:
         name = f"{symbol}_{month.tag}_{timeframe.label}.{self.fmt}"
         return self.root / "aggregated" / timeframe.label / name
 
-    def dbn_cache_path(self, symbol: str, month: Month) -> UPath:
-        return self.root / "dbn" / symbol / f"{symbol}_{month.tag}.ohlcv-1s.dbn.zst"
 
     # -- origin -----------------------------------------------------------------------------
 
