@@ -9,7 +9,8 @@ key is passed as ``EnvVar("DATABENTO_API_KEY")``, so Dagster resolves it at run 
 stores its value in run config or the event log; it is passed only when set, because an unset
 ``EnvVar`` fails at resource initialisation even for the demo source. Settings:
 ``DBENTO_SOURCE``, ``DBENTO_GATEWAY`` (default ``https://hist.databento.com``),
-``DBENTO_DATA_DIR`` (default ``./data``; the DBN cache lives in its ``dbn/`` folder),
+``DBENTO_DATA_DIR`` (default ``./data``; the DBN cache lives in its ``dbn/`` folder, or in
+that of ``DBENTO_CACHE_DIR`` when set, which an object-store data root needs),
 ``DBENTO_DBN_DIR``, ``DBENTO_MAX_COST_USD`` (default 5.00 US dollars per symbol-month
 partition: a month of ohlcv-1s bars for one front-month future or ETF normally costs well
 below that, so hitting it means something unexpected, like a parent symbol pulling every
@@ -64,6 +65,13 @@ class DatabentoResource(ConfigurableResource):
     gateway: str = Field(default=DEFAULT_GATEWAY, description="Databento historical gateway.")
     data_dir: str = Field(
         default=DEFAULT_DATA_DIR, description="Data root; the DBN cache is its dbn/ folder."
+    )
+    cache_dir: str | None = Field(
+        default=None,
+        description=(
+            "Local folder whose dbn/ subfolder caches Databento downloads; default data_dir. "
+            "Needed when data_dir is an object-store URL such as s3://bucket/prefix."
+        ),
     )
     dbn_dir: str | None = Field(
         default=None, description="Folder of .dbn/.dbn.zst files for source 'dbn'."
@@ -135,7 +143,7 @@ class DatabentoResource(ConfigurableResource):
             raise SourceError(NO_KEY_MESSAGE)
         return DatabentoSource(
             key,
-            _local_data_root(self.data_dir),
+            _local_cache_root(self.cache_dir or self.data_dir),
             gateway=self.gateway.strip() or DEFAULT_GATEWAY,
             max_cost_usd=self.max_cost_usd,
             timeout_seconds=self.timeout_seconds,
@@ -155,6 +163,7 @@ def databento_resource_from_env(env_file: Path | str | None = None) -> Databento
     for variable, field_name in (
         ("DBENTO_GATEWAY", "gateway"),
         ("DBENTO_DATA_DIR", "data_dir"),
+        ("DBENTO_CACHE_DIR", "cache_dir"),
         ("DBENTO_DBN_DIR", "dbn_dir"),
     ):
         value = _env(variable)
@@ -191,14 +200,16 @@ def _number(variable: str, text: str, kind: type[int] | type[float]) -> int | fl
     return value
 
 
-def _local_data_root(data_dir: str) -> Path:
-    text = data_dir.strip()
+def _local_cache_root(folder: str) -> Path:
+    """The local folder holding the ``dbn/`` download cache (an object store cannot: the
+    client streams to a temporary file and renames it when complete)."""
+    text = folder.strip()
     if text.startswith("file://"):
         text = text.removeprefix("file://")
     elif "://" in text:
         raise SourceError(
-            f"DBENTO_DATA_DIR={data_dir!r}: the Databento download cache (the dbn/ folder) "
-            "needs a local folder for now; use a local DBENTO_DATA_DIR with "
-            "DBENTO_SOURCE=databento"
+            f"DBENTO_DATA_DIR={folder!r} is not a local folder, and the Databento download "
+            "cache must be: set DBENTO_CACHE_DIR to a local folder (for example ./dbn-cache) "
+            "to keep the downloaded DBN files there while the bar files go to the URL"
         )
     return Path(text).expanduser()

@@ -242,8 +242,12 @@ def test_month_source_builds_the_selected_source(tmp_path):
     assert isinstance(DatabentoResource(source="demo").month_source(), DemoSource)
     with pytest.raises(SourceError, match="set DBENTO_DBN_DIR"):
         DatabentoResource(source="dbn").month_source()
-    with pytest.raises(SourceError, match="needs a local folder"):
+    with pytest.raises(SourceError, match="set DBENTO_CACHE_DIR to a local folder"):
         DatabentoResource(api_key="db-x", data_dir="s3://bucket/bars").month_source()
+    remote = DatabentoResource(
+        api_key="db-x", data_dir="s3://bucket/bars", cache_dir=str(tmp_path / "cache")
+    ).month_source()
+    assert remote.data_root == tmp_path / "cache"
     with pytest.raises(SourceError, match="invalid retry settings"):
         DatabentoResource(api_key="db-x", retry_attempts=0).month_source()
 

@@ -31,6 +31,7 @@ from dbento_assets.core.storage import ORIGIN_MARKER, BarStore, StorageError  # 
 from dbento_assets.core.timeframes import parse_timeframe  # noqa: E402
 from dbento_assets.io_managers import BarFileIOManager  # noqa: E402
 from dbento_assets.resources import DatabentoResource  # noqa: E402
+from dbento_assets_tests.gateway import TEST_KEY, gateway_fixture  # noqa: E402, F401
 from dbento_assets_tests.local_s3 import LocalS3, aws_env, running_s3  # noqa: E402
 from dbento_assets_tests.local_s3 import objects as bucket_objects  # noqa: E402
 from dbento_assets_tests.test_storage import sample_bars  # noqa: E402
@@ -212,3 +213,40 @@ def test_the_cli_writes_to_s3_with_nothing_but_environment_variables(s3, prefix,
     store = BarStore.at(f"s3://{BUCKET}/{prefix}")
     bars = store.read(store.aggregated_path("SPY", Month(2024, 2), parse_timeframe("1min")))
     assert len(bars) > 1000 and set(bars["symbol"]) == {"SPY"}
+
+
+def test_databento_downloads_with_bars_on_s3_and_the_cache_on_disk(gateway, tmp_path, prefix):
+    """The paid source: DBN cache in a local DBENTO_CACHE_DIR, bar files in the bucket; a
+    second run finds the month in the cache and makes no request."""
+    remote_root = f"s3://{BUCKET}/{prefix}"
+    cache = tmp_path / "cache"
+
+    def run():
+        return materialize(
+            build_assets(load_catalog()),
+            selection=["raw_1s_bars", "bars_1min"],
+            partition_key="2024-01-01|ES",
+            resources={
+                "databento": DatabentoResource(
+                    source="databento",
+                    api_key=TEST_KEY,
+                    gateway=gateway.url,
+                    data_dir=remote_root,
+                    cache_dir=str(cache),
+                    retry_backoff_seconds=0.0,
+                ),
+                "io_manager": BarFileIOManager(data_dir=remote_root, source="databento"),
+            },
+            instance=DagsterInstance.ephemeral(),
+        )
+
+    assert run().success
+    assert (cache / "dbn" / "ES" / "ES_2024_01.ohlcv-1s.dbn.zst").is_file()
+    stored = objects(prefix)
+    assert stored[ORIGIN_MARKER] == b"databento\n"
+    assert {"raw_1s/ES/ES_2024_01.parquet", "aggregated/1min/ES_2024_01_1min.parquet"} <= set(
+        stored
+    )
+    requests_before = gateway.count()
+    assert run().success
+    assert gateway.count() == requests_before  # resumed from the local cache: nothing paid
