@@ -90,6 +90,9 @@ AGGREGATED_RULES: tuple[str, ...] = (
     RULE_NO_ROLL_IN_BAR,
 )
 
+RAW_BLOCKING_RULES: tuple[str, ...] = tuple(r for r in RAW_RULES if RULE_SEVERITY[r] == ERROR)
+"""The raw rules whose failure stops the data (every raw rule except calendar completeness)."""
+
 SAMPLE_ROWS = 10  # rows kept in RuleResult.sample
 LISTED = 50  # entries kept in a list inside RuleResult.extra (roll events, sessions)
 VALUE_COLUMNS: tuple[str, ...] = (*PRICE_COLUMNS, "volume")
@@ -1062,16 +1065,42 @@ def run_raw_rules(
     instrument: Instrument,
     *,
     asof: pd.Timestamp | None = None,
+    rules: Iterable[str] = RAW_RULES,
 ) -> list[RuleResult]:
-    """All rules for a raw 1s partition, in :data:`RAW_RULES` order."""
-    return [
-        check_schema(raw),
-        check_time_order(raw),
-        check_ohlc(raw),
-        check_inside_month(raw, month),
-        check_rolls(raw),
-        check_calendar(raw, month, calendar_name(instrument), asof=asof),
-    ]
+    """The rules for a raw 1s partition (all of :data:`RAW_RULES` unless ``rules`` says which).
+
+    Results come in :data:`RAW_RULES` order. ``rules=RAW_BLOCKING_RULES`` runs only those
+    whose failure stops the data (what the aggregation step re-checks before using raw bars).
+    """
+    wanted = set(rules)
+    unknown = wanted - set(RAW_RULES)
+    if unknown:
+        raise ValueError(f"not raw rules: {', '.join(sorted(unknown))}")
+    runners: dict[str, Callable[[], RuleResult]] = {
+        RULE_SCHEMA: lambda: check_schema(raw),
+        RULE_TIME_ORDER: lambda: check_time_order(raw),
+        RULE_OHLC: lambda: check_ohlc(raw),
+        RULE_IN_MONTH: lambda: check_inside_month(raw, month),
+        RULE_NO_ROLL_IN_BAR: lambda: check_rolls(raw),
+        RULE_CALENDAR: lambda: check_calendar(raw, month, calendar_name(instrument), asof=asof),
+    }
+    return [runners[name]() for name in RAW_RULES if name in wanted]
+
+
+def vendor_skipped(reason: str) -> RuleResult:
+    """The vendor cross-check when there is nothing to compare with: passed, marked skipped.
+
+    ``reason`` says why in plain words (no ohlcv-1m file, the download is off, ...); it is the
+    result's description and ``extra["skipped_because"]``, and ``extra["skipped"]`` is True.
+    """
+    return RuleResult(
+        rule=RULE_VENDOR,
+        passed=True,
+        severity=RULE_SEVERITY[RULE_VENDOR],
+        violations=0,
+        description=f"Not compared with Databento's own 1-minute bars: {reason}.",
+        extra={"skipped": True, "skipped_because": reason},
+    )
 
 
 def run_aggregated_rules(

@@ -1,0 +1,315 @@
+"""The validation report: the latest result of every check per partition, as a Markdown file.
+
+``python -m dbento_assets.report [--symbol ES] [--out logs/validation_report.md]`` reads the
+Dagster instance of ``DAGSTER_HOME`` (the one ``dagster dev`` uses) and, for every asset check
+of the catalog in force (``DBENTO_CATALOG`` or the packaged catalog), takes its latest
+evaluation for each partition. It writes a symbol x month matrix (``pass``, ``WARN`` when
+only warnings failed, ``FAIL`` when an ERROR check failed, with the number of failing
+checks), then the details of every failing check: its plain-English description, the
+violation count, the first violating rows and facts such as roll dates or missing sessions.
+It exits with status 1 when any ERROR check failed, so a script can stop on it, 2 when it
+cannot run (no instance, bad arguments), and 0 otherwise. Check evaluations without a
+partition (Dagster drops it in runs over a partition range) cannot be placed in the matrix;
+the report counts them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dagster import AssetCheckKey, AssetCheckSeverity, DagsterInstance
+
+from dbento_assets.checks import COMPLETED, all_check_keys, evaluation_of
+from dbento_assets.core.catalog import CatalogError, load_catalog
+from dbento_assets.core.validation import RULE_TITLES
+from dbento_assets.partitions import split_partition_key
+
+DEFAULT_OUT = Path("logs") / "validation_report.md"
+PAGE = 1000  # check execution records read per query
+PASS, WARN, FAIL = "pass", "WARN", "FAIL"
+EXIT_OK, EXIT_ERRORS, EXIT_UNUSABLE = 0, 1, 2
+_SHOWN_ELSEWHERE = {"violations", "severity", "first_violations"}
+_VALUE_CHARS = 300  # a JSON fact longer than this is cut in the details
+
+
+@dataclass
+class Outcome:
+    """The latest evaluation of one check on one partition."""
+
+    partition: str
+    month: str  # YYYY-MM
+    symbol: str
+    asset: str
+    check: str
+    passed: bool
+    severity: str  # ERROR or WARN
+    description: str
+    metadata: dict[str, Any]
+    timestamp: float
+    run_id: str
+
+    @property
+    def failed_error(self) -> bool:
+        return not self.passed and self.severity == "ERROR"
+
+    @property
+    def failed_warn(self) -> bool:
+        return not self.passed and self.severity != "ERROR"
+
+
+@dataclass
+class Collected:
+    """Everything the report shows."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+    symbols: list[str] = field(default_factory=list)
+    unpartitioned: int = 0  # completed evaluations without a partition
+
+
+def latest_per_partition(
+    instance: DagsterInstance, key: AssetCheckKey
+) -> tuple[dict[str, Any], int]:
+    """{partition: newest completed execution record} of one check, and how many completed
+    records had no partition."""
+    latest: dict[str, Any] = {}
+    unpartitioned = 0
+    cursor = None
+    while True:
+        page = instance.event_log_storage.get_asset_check_execution_history(
+            key, limit=PAGE, cursor=cursor, status=set(COMPLETED)
+        )
+        for record in page:  # newest first
+            if record.partition is None:
+                unpartitioned += 1
+            else:
+                latest.setdefault(record.partition, record)
+        if len(page) < PAGE:
+            return latest, unpartitioned
+        cursor = page[-1].id
+
+
+def collect(
+    instance: DagsterInstance,
+    check_keys: Sequence[AssetCheckKey],
+    symbols: Sequence[str],
+) -> Collected:
+    """The latest outcome of each check per partition, for the given symbols."""
+    wanted = set(symbols)
+    found = Collected(symbols=list(symbols))
+    for key in check_keys:
+        latest, unpartitioned = latest_per_partition(instance, key)
+        found.unpartitioned += unpartitioned
+        for partition, record in latest.items():
+            try:
+                month, symbol = split_partition_key(partition)
+            except ValueError:
+                continue  # not one of this project's partition keys
+            evaluation = evaluation_of(record)
+            if symbol not in wanted or evaluation is None:
+                continue
+            metadata = {name: _plain(value) for name, value in evaluation.metadata.items()}
+            found.outcomes.append(
+                Outcome(
+                    partition=partition,
+                    month=f"{month.year:04d}-{month.month:02d}",
+                    symbol=symbol,
+                    asset=key.asset_key.to_user_string(),
+                    check=key.name,
+                    passed=bool(evaluation.passed),
+                    severity=(
+                        "ERROR" if evaluation.severity == AssetCheckSeverity.ERROR else "WARN"
+                    ),
+                    description=evaluation.description or "",
+                    metadata=metadata,
+                    timestamp=record.event.timestamp,
+                    run_id=record.run_id,
+                )
+            )
+    order = {(k.asset_key.to_user_string(), k.name): i for i, k in enumerate(check_keys)}
+    found.outcomes.sort(key=lambda o: (o.symbol, o.month, order[(o.asset, o.check)]))
+    return found
+
+
+def partition_status(outcomes: Iterable[Outcome]) -> tuple[str, int]:
+    """(``FAIL``/``WARN``/``pass``, number of failing checks) for one partition's outcomes."""
+    items = list(outcomes)
+    errors = sum(o.failed_error for o in items)
+    warns = sum(o.failed_warn for o in items)
+    if errors:
+        return FAIL, errors + warns
+    if warns:
+        return WARN, warns
+    return PASS, 0
+
+
+def matrix(found: Collected) -> dict[tuple[str, str], tuple[str, int]]:
+    """{(month, symbol): (status, failing checks)} for every partition with results."""
+    cells: dict[tuple[str, str], list[Outcome]] = {}
+    for outcome in found.outcomes:
+        cells.setdefault((outcome.month, outcome.symbol), []).append(outcome)
+    return {cell: partition_status(items) for cell, items in cells.items()}
+
+
+def render(found: Collected, source: str, now: dt.datetime | None = None) -> str:
+    """The report as Markdown."""
+    now = now or dt.datetime.now(dt.UTC)
+    cells = matrix(found)
+    months = sorted({month for month, _ in cells})
+    counts = {status: sum(s == status for s, _ in cells.values()) for status in (PASS, WARN, FAIL)}
+    lines = [
+        "# Validation report",
+        "",
+        f"Generated {now.strftime('%Y-%m-%d %H:%M:%S')} UTC from {source}. Each cell is the "
+        "latest result of every check of that symbol-month (raw 1-second bars and every "
+        "timeframe).",
+        "",
+        "## Symbol x month",
+        "",
+    ]
+    if not cells:
+        lines += ["No check results for these symbols yet: materialize some partitions first."]
+    else:
+        lines += [
+            "| month | " + " | ".join(found.symbols) + " |",
+            "|---|" + "---|" * len(found.symbols),
+        ]
+        for month in months:
+            row = [_cell(cells.get((month, symbol))) for symbol in found.symbols]
+            lines.append(f"| {month} | " + " | ".join(row) + " |")
+        lines += [
+            "",
+            "pass: every check passed. WARN (n): n warnings, the data was kept. FAIL (n): n "
+            "failing checks, at least one an ERROR: that data was refused and not saved. "
+            "-: never checked.",
+            "",
+            f"{len(cells)} partitions: {counts[PASS]} pass, {counts[WARN]} warn, "
+            f"{counts[FAIL]} fail.",
+        ]
+    if found.unpartitioned:
+        lines += [
+            "",
+            f"{found.unpartitioned} check results carry no partition (from runs over a "
+            "partition range) and are not shown; run one partition per run.",
+        ]
+    errors = [o for o in found.outcomes if o.failed_error]
+    warns = [o for o in found.outcomes if o.failed_warn]
+    lines += ["", "## Failures", ""]
+    lines += _details(errors) if errors else ["No ERROR check failed."]
+    lines += ["", "## Warnings", ""]
+    lines += _details(warns) if warns else ["No warning."]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: tuple[str, int] | None) -> str:
+    if value is None:
+        return "-"
+    status, failing = value
+    return status if status == PASS else f"{status} ({failing})"
+
+
+def _details(outcomes: Sequence[Outcome]) -> list[str]:
+    lines: list[str] = []
+    for o in outcomes:
+        when = dt.datetime.fromtimestamp(o.timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        title = RULE_TITLES.get(o.check, o.check)
+        lines += [
+            f"### {o.symbol} {o.month}: {o.asset} / {o.check} ({o.severity})",
+            "",
+            f"**{title}.** {o.description}",
+            "",
+            f"- violations: {o.metadata.get('violations', 'unknown')}",
+            f"- checked: {when} UTC, run {o.run_id}",
+        ]
+        for name, value in o.metadata.items():
+            if name not in _SHOWN_ELSEWHERE:
+                lines.append(f"- {name}: {_short(value)}")
+        table = o.metadata.get("first_violations")
+        if table:
+            lines += ["", "First violating rows:", "", str(table)]
+        lines.append("")
+    return lines
+
+
+def _plain(value: Any) -> Any:
+    """A metadata value as plain Python (text, number, bool, Markdown text or JSON data)."""
+    return getattr(value, "value", value)
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    text = text.replace("\n", " ")
+    return text if len(text) <= _VALUE_CHARS else text[: _VALUE_CHARS - 3] + "..."
+
+
+def write_report(text: str, out: Path) -> None:
+    """Write the report whole (a temporary file renamed over the old one)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    part = out.with_name(f".{out.name}.part")
+    part.write_text(text, encoding="utf-8")
+    os.replace(part, out)
+
+
+def main(argv: Sequence[str] | None = None, instance: DagsterInstance | None = None) -> int:
+    """Write the report; return the exit status (1 when an ERROR check failed)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m dbento_assets.report",
+        description="Write the validation report from the Dagster instance (DAGSTER_HOME).",
+    )
+    parser.add_argument(
+        "--symbol",
+        action="append",
+        help="only this catalog symbol (repeat for several); default: every symbol",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"report file (default {DEFAULT_OUT})"
+    )
+    args = parser.parse_args(argv)
+    try:
+        catalog = load_catalog()
+    except CatalogError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    symbols = args.symbol or catalog.symbols
+    unknown = [s for s in symbols if s not in catalog.instruments]
+    if unknown:
+        print(
+            f"error: {', '.join(unknown)} not in the catalog {catalog.path} "
+            f"(symbols: {', '.join(catalog.symbols)})",
+            file=sys.stderr,
+        )
+        return EXIT_UNUSABLE
+    if instance is None:
+        home = os.environ.get("DAGSTER_HOME", "").strip()
+        if not home:
+            print(
+                "error: DAGSTER_HOME is not set. Set it to the folder of the Dagster instance "
+                "your runs use (the one `dagster dev` was started with).",
+                file=sys.stderr,
+            )
+            return EXIT_UNUSABLE
+        instance = DagsterInstance.get()
+        source = f"the Dagster instance in {home}"
+    else:
+        source = "the Dagster instance"
+    found = collect(instance, all_check_keys(catalog), symbols)
+    write_report(render(found, source), args.out)
+    cells = matrix(found)
+    failed = sum(status == FAIL for status, _ in cells.values())
+    warned = sum(status == WARN for status, _ in cells.values())
+    print(
+        f"{args.out}: {len(cells)} partitions checked, {failed} with failed ERROR checks, "
+        f"{warned} with warnings only."
+    )
+    return EXIT_ERRORS if any(o.failed_error for o in found.outcomes) else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,707 @@
+"""The asset checks through real Dagster materializations, read back from the instance.
+
+Corrupted data flows through the real pipeline: a month source that damages the demo's DBN
+records (a repeated bar, a high below the low, a zero price, two contracts in one second), a
+raw file replaced by hand, a faulty aggregation kernel, a bar file edited on disk, and a
+Databento ohlcv-1m file with one changed value. Each time exactly the expected check fails,
+with its count and wording, it is stored in the instance against the right partition, and no
+file on disk changes. Valid data passes every check. The vendor cross-check runs on
+Databento's real EQUS.MINI QQQ sample through the DBN-files source.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import zstandard
+from dagster import (
+    AssetSelection,
+    DagsterInstance,
+    ExecuteInProcessResult,
+    materialize,
+)
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+
+import dbento_assets.assets as assets_module
+from dbento_assets.assets import build_assets
+from dbento_assets.checks import (
+    CHECKED_ON_DISK,
+    REFUSED,
+    SAVED,
+    VendorMonth,
+    all_check_keys,
+    dbn_coverage,
+    evaluation_of,
+    intersect_windows,
+    latest_evaluation,
+    load_vendor_1m,
+    merge_windows,
+    raw_gate,
+    whole_minutes,
+)
+from dbento_assets.core import validation as v
+from dbento_assets.core.aggregate import aggregate_bars
+from dbento_assets.core.catalog import Catalog, load_catalog
+from dbento_assets.core.dbn import decode_month, encode_ohlcv_1s, read_records
+from dbento_assets.core.demo import DemoSource
+from dbento_assets.core.months import Month
+from dbento_assets.core.source import FetchedMonth, FetchRequest, Logger
+from dbento_assets.core.storage import BarStore
+from dbento_assets.core.timeframes import parse_timeframe
+from dbento_assets.io_managers import BarFileIOManager
+from dbento_assets.resources import DatabentoResource
+
+CATALOG = load_catalog()
+ACTIVITY = 0.05  # a light synthetic month keeps these tests quick
+ES_JAN = "2024-01-01|ES"
+ES_FEB = "2024-02-01|ES"
+JAN = Month(2024, 1)
+SAMPLES = Path(__file__).parent / "fixtures" / "databento" / "EQUS.MINI"
+QQQ_PARTITION = "2023-03-01|QQQ"
+QQQ_MONTH = Month(2023, 3)
+PASSED = AssetCheckExecutionRecordStatus.SUCCEEDED
+FAILED = AssetCheckExecutionRecordStatus.FAILED
+MINUTE = parse_timeframe("1min")
+
+Corruption = Callable[[np.ndarray], np.ndarray]
+
+
+# --------------------------------------------------------------------------- harness
+
+
+def resources(root: Path, source: str = "demo", dbn_dir: Path | None = None) -> dict:
+    return {
+        "databento": DatabentoResource(
+            source=source,
+            data_dir=str(root),
+            dbn_dir=str(dbn_dir) if dbn_dir else None,
+            demo_activity=ACTIVITY,
+        ),
+        "io_manager": BarFileIOManager(data_dir=str(root), fmt="parquet", source=source),
+    }
+
+
+def run(
+    root: Path,
+    instance: DagsterInstance,
+    partition: str = ES_JAN,
+    *,
+    catalog: Catalog = CATALOG,
+    selection: AssetSelection | None = None,
+    source: str = "demo",
+    dbn_dir: Path | None = None,
+) -> ExecuteInProcessResult:
+    return materialize(
+        build_assets(catalog),
+        partition_key=partition,
+        resources=resources(root, source, dbn_dir),
+        instance=instance,
+        selection=selection,
+        raise_on_error=False,
+    )
+
+
+def bars_only(catalog: Catalog = CATALOG) -> AssetSelection:
+    return AssetSelection.assets(*(f"bars_{tf.label}" for tf in catalog.timeframes))
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.name.startswith(".")
+    }
+
+
+def latest(
+    instance: DagsterInstance, partition: str, catalog: Catalog = CATALOG
+) -> dict[tuple[str, str], object]:
+    """{(asset, check): newest completed evaluation record} for one partition, from the
+    instance's check storage (not from the run result)."""
+    found = {}
+    for key in all_check_keys(catalog):
+        record = latest_evaluation(instance, key, partition)
+        if record is not None:
+            found[(key.asset_key.to_user_string(), key.name)] = record
+    return found
+
+
+def in_run(records: dict, run_id: str) -> dict[tuple[str, str], object]:
+    return {k: r for k, r in records.items() if r.run_id == run_id}
+
+
+def failed_names(records: dict) -> set[tuple[str, str]]:
+    return {k for k, r in records.items() if r.status == FAILED}
+
+
+def meta(record) -> dict[str, object]:
+    return {k: getattr(m, "value", m) for k, m in evaluation_of(record).metadata.items()}
+
+
+def failure_message(result: ExecuteInProcessResult) -> str:
+    failures = [e for e in result.all_events if e.is_step_failure]
+    assert failures, "expected a failed step"
+    return "\n".join(e.step_failure_data.error.to_string() for e in failures)
+
+
+def failure_description(result: ExecuteInProcessResult) -> str:
+    failures = [e for e in result.all_events if e.is_step_failure]
+    assert failures, "expected a failed step"
+    return "\n".join(e.step_failure_data.user_failure_data.description for e in failures)
+
+
+class CorruptingSource:
+    """The demo source with its DBN records damaged by ``corrupt`` (a month source)."""
+
+    name = "demo"
+
+    def __init__(self, corrupt: Corruption, extra_ids: frozenset[int] = frozenset()) -> None:
+        self.corrupt = corrupt
+        self.extra_ids = extra_ids
+
+    def fetch(self, request: FetchRequest, log: Logger) -> FetchedMonth:
+        fetched = DemoSource(activity=ACTIVITY).fetch(request, log)
+        (payload,) = fetched.payloads
+        records, _ = read_records(payload)
+        inst, month = request.instrument, request.month
+        damaged = encode_ohlcv_1s(
+            self.corrupt(records.copy()),
+            dataset=inst.dataset,
+            symbols=[inst.request_symbol],
+            stype_in=inst.stype_in,
+            start_ns=month.start_ns,
+            end_ns=month.end_ns,
+        )
+        ids = (fetched.instrument_ids or frozenset()) | self.extra_ids
+        return FetchedMonth([damaged], ids, fetched.metadata)
+
+
+@pytest.fixture
+def corrupt_source(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """Make every ``raw_1s_bars`` fetch of the partitions given go through a corruption."""
+
+    plan: dict[str, CorruptingSource] = {}
+    real = DatabentoResource.month_source
+
+    class Router:
+        name = "demo"
+
+        def __init__(self, fallback: object) -> None:
+            self.fallback = fallback
+
+        def fetch(self, request: FetchRequest, log: Logger) -> FetchedMonth:
+            key = f"{request.month.key}|{request.instrument.symbol}"
+            chosen = plan.get(key, self.fallback)
+            return chosen.fetch(request, log)
+
+    monkeypatch.setattr(
+        DatabentoResource,
+        "month_source",
+        lambda self, catalog_file=None: Router(real(self, catalog_file)),
+    )
+
+    def arrange(partition: str, corrupt: Corruption | None, extra_ids=frozenset()) -> None:
+        if corrupt is None:
+            plan.pop(partition, None)
+        else:
+            plan[partition] = CorruptingSource(corrupt, frozenset(extra_ids))
+
+    return arrange
+
+
+@pytest.fixture(scope="module")
+def good_es_jan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data root holding the valid ES January partition (all four files)."""
+    root = tmp_path_factory.mktemp("good") / "data"
+    assert run(root, DagsterInstance.ephemeral()).success
+    return root
+
+
+@pytest.fixture
+def es_root(good_es_jan: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    shutil.copytree(good_es_jan, root)
+    return root
+
+
+def middle(records: np.ndarray) -> int:
+    return len(records) // 2
+
+
+def repeat_a_bar(records: np.ndarray) -> np.ndarray:
+    k = middle(records)
+    return np.insert(records, k + 1, records[k])
+
+
+def high_below_low(records: np.ndarray) -> np.ndarray:
+    k = middle(records)
+    records[k]["high"] = records[k]["low"] - 250_000_000  # one ES tick below the low
+    return records
+
+
+def zero_low(records: np.ndarray) -> np.ndarray:
+    records[middle(records)]["low"] = 0
+    return records
+
+
+def second_contract_in_a_second(records: np.ndarray) -> np.ndarray:
+    k = middle(records)
+    twin = records[k : k + 1].copy()
+    twin["instrument_id"] = int(records[k]["instrument_id"]) + 1
+    return np.insert(records, k + 1, twin)
+
+
+# --------------------------------------------------------------------------- specs
+
+
+def test_every_rule_is_a_partitioned_check_and_only_errors_block() -> None:
+    raw, bars = build_assets(CATALOG)
+    specs = {(s.asset_key.to_user_string(), s.name): s for d in (raw, bars) for s in d.check_specs}
+    expected = {(k.asset_key.to_user_string(), k.name) for k in all_check_keys(CATALOG)}
+    assert set(specs) == expected
+    assert {name for asset, name in specs if asset == "raw_1s_bars"} == set(v.RAW_RULES)
+    assert {name for asset, name in specs if asset == "bars_15s"} == set(v.AGGREGATED_RULES)
+    assert {name for asset, name in specs if asset == "bars_1min"} == {
+        *v.AGGREGATED_RULES,
+        v.RULE_VENDOR,
+    }
+    for (_, name), spec in specs.items():
+        assert spec.blocking == (v.RULE_SEVERITY[name] == v.ERROR), name
+        assert spec.partitions_def == raw.partitions_def
+    assert not specs[("raw_1s_bars", v.RULE_CALENDAR)].blocking
+
+
+# --------------------------------------------------------------------------- valid data
+
+
+def test_valid_data_passes_every_check_recorded_against_its_partition(tmp_path: Path) -> None:
+    instance = DagsterInstance.ephemeral()
+    root = tmp_path / "data"
+    first = run(root, instance, ES_JAN)
+    assert first.success
+    jan = latest(instance, ES_JAN)
+    assert set(jan) == {(k.asset_key.to_user_string(), k.name) for k in all_check_keys(CATALOG)}
+    assert {r.status for r in jan.values()} == {PASSED}
+    assert {r.partition for r in jan.values()} == {ES_JAN}
+    assert all(meta(r)["outcome"] == SAVED for r in jan.values())
+    assert latest(instance, ES_FEB) == {}
+
+    second = run(root, instance, ES_FEB)
+    assert second.success
+    feb = latest(instance, ES_FEB)
+    assert len(feb) == len(jan) and {r.run_id for r in feb.values()} == {second.run_id}
+    # January's results are still January's, from the first run.
+    assert {r.run_id for r in latest(instance, ES_JAN).values()} == {first.run_id}
+    roll = meta(jan[("raw_1s_bars", v.RULE_NO_ROLL_IN_BAR)])
+    assert roll["roll_count"] == 0 and roll["violations"] == 0
+    vendor = meta(jan[("bars_1min", v.RULE_VENDOR)])
+    assert vendor["skipped"] is True and "synthetic" in vendor["skipped_because"]
+
+
+def test_roll_dates_are_in_the_metadata_of_a_month_with_a_roll(tmp_path: Path) -> None:
+    instance = DagsterInstance.ephemeral()
+    assert run(tmp_path / "data", instance, "2024-03-01|ES").success
+    record = latest(instance, "2024-03-01|ES")[("raw_1s_bars", v.RULE_NO_ROLL_IN_BAR)]
+    found = meta(record)
+    assert record.status == PASSED
+    assert found["roll_count"] == 1 and found["roll_dates"] == "2024-03-07"
+    assert "the contract changes on 2024-03-07" in evaluation_of(record).description
+
+
+# --------------------------------------------------------------------------- raw corrupted
+
+
+RAW_CASES = {
+    "repeated bar": (
+        repeat_a_bar,
+        (),
+        v.RULE_TIME_ORDER,
+        1,
+        "1 bar out of time order or repeating an earlier bar (1 repeated, 0 going back",
+    ),
+    "high below low": (
+        high_below_low,
+        (),
+        v.RULE_OHLC,
+        1,
+        "1 bar with impossible prices: high below open or close (1), high below low (1).",
+    ),
+    "zero price": (zero_low, (), v.RULE_SCHEMA, 1, "low not above 0 (1)"),
+    "two contracts in one second": (
+        second_contract_in_a_second,
+        "extra id",
+        v.RULE_NO_ROLL_IN_BAR,
+        1,
+        "1 second with bars of two different contracts at once",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(RAW_CASES))
+def test_corrupted_raw_fails_exactly_its_check_and_changes_no_file(
+    case: str, es_root: Path, corrupt_source: Callable[..., None]
+) -> None:
+    corrupt, extra, rule, count, words = RAW_CASES[case]
+    extra_ids = set()
+    if extra:
+        records, _ = read_records(
+            DemoSource(activity=ACTIVITY)
+            .fetch(FetchRequest(CATALOG.instrument("ES"), JAN), lambda _m: None)
+            .payloads[0]
+        )
+        extra_ids = {int(records[middle(records)]["instrument_id"]) + 1}
+    corrupt_source(ES_JAN, corrupt, extra_ids)
+    before = files_under(es_root)
+    instance = DagsterInstance.ephemeral()
+
+    result = run(es_root, instance)
+
+    assert not result.success
+    assert files_under(es_root) == before  # raw and every bars file byte-identical
+    description = failure_description(result)
+    assert f"raw_1s_bars for {ES_JAN} was NOT saved: 1 blocking check failed." in description
+    assert words in description and "left unchanged" in description
+    records = in_run(latest(instance, ES_JAN), result.run_id)
+    # Every raw check was recorded against the partition; no bars step ran.
+    assert {asset for asset, _ in records} == {"raw_1s_bars"}
+    assert {name for _, name in records} == set(v.RAW_RULES)
+    assert failed_names(records) == {("raw_1s_bars", rule)}
+    failed = records[("raw_1s_bars", rule)]
+    assert failed.partition == ES_JAN
+    found = meta(failed)
+    assert found["violations"] == count and found["outcome"] == REFUSED
+    assert words in evaluation_of(failed).description
+    table = found["first_violations"]
+    assert table.startswith("| ") and "\n|---|" in table
+    assert evaluation_of(failed).blocking is True
+
+
+# --------------------------------------------------------------------------- raw gate
+
+
+def test_bars_alone_refuse_until_raw_is_fixed(
+    es_root: Path, corrupt_source: Callable[..., None]
+) -> None:
+    instance = DagsterInstance.ephemeral()
+    before = files_under(es_root)
+    corrupt_source(ES_JAN, repeat_a_bar)
+    assert not run(es_root, instance).success
+
+    refused = run(es_root, instance, selection=bars_only())
+    assert not refused.success
+    text = failure_description(refused)
+    assert f"The latest download of raw_1s_bars for {ES_JAN} was refused" in text
+    assert "timestamps_increasing" in text and "1 bar out of time order" in text
+    assert files_under(es_root) == before
+    assert in_run(latest(instance, ES_JAN), refused.run_id) == {}
+
+    corrupt_source(ES_JAN, None)  # the vendor's data is good again
+    fixed = run(es_root, instance, selection=AssetSelection.assets("raw_1s_bars"))
+    assert fixed.success
+    rebuilt = run(es_root, instance, selection=bars_only())
+    assert rebuilt.success
+    assert files_under(es_root) == before
+    assert failed_names(latest(instance, ES_JAN)) == set()
+
+
+def test_bars_refuse_a_raw_file_replaced_by_hand_with_a_bar_outside_the_month(
+    es_root: Path,
+) -> None:
+    store = BarStore.at(es_root)
+    raw = store.read(store.raw_path("ES", JAN))
+    stray = raw.tail(1).assign(ts_event=pd.Timestamp("2024-02-01 00:00:05", tz="UTC"))
+    store.write(pd.concat([raw, stray], ignore_index=True), store.raw_path("ES", JAN))
+    before = files_under(es_root)
+    instance = DagsterInstance.ephemeral()
+
+    result = run(es_root, instance, selection=bars_only())
+
+    assert not result.success
+    text = failure_description(result)
+    assert f"The raw 1-second bars of {ES_JAN} fail blocking checks" in text
+    assert "1 bar outside 2024-01" in text and "0 before it, 1 after it" in text
+    assert files_under(es_root) == before
+
+
+# --------------------------------------------------------------------------- aggregated
+
+
+def test_a_wrong_aggregate_is_refused_and_only_its_file_is_kept(
+    es_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = aggregate_bars
+
+    def off_by_one_lot(bars: pd.DataFrame, timeframe) -> pd.DataFrame:
+        out = real(bars, timeframe)
+        if timeframe == MINUTE:
+            out.loc[5, "volume"] += 1
+        return out
+
+    monkeypatch.setattr(assets_module, "aggregate_bars", off_by_one_lot)
+    store = BarStore.at(es_root)
+    one_min = store.aggregated_path("ES", JAN, MINUTE)
+    one_min_before = one_min.read_bytes()
+    one_min.unlink()  # so an accidental write would show
+    instance = DagsterInstance.ephemeral()
+
+    result = run(es_root, instance)
+
+    assert not result.success
+    assert not one_min.exists()
+    assert store.aggregated_path("ES", JAN, parse_timeframe("15s")).exists()
+    description = failure_description(result)
+    assert f"bars_1min for {ES_JAN} was NOT saved: 1 blocking check failed." in description
+    assert "left unchanged" in description
+    assert "1 bar not matching the 1-second bars they come from" in description
+    records = in_run(latest(instance, ES_JAN), result.run_id)
+    assert len(records) == len(all_check_keys(CATALOG))
+    assert failed_names(records) == {("bars_1min", v.RULE_RECONCILED)}
+    found = meta(records[("bars_1min", v.RULE_RECONCILED)])
+    assert found["violations"] == 1 and found["differing_bars"] == 1
+    assert found["outcome"] == REFUSED
+    assert "volume" in found["first_violations"] and "volume_expected" in found["first_violations"]
+    assert meta(records[("bars_15s", v.RULE_RECONCILED)])["outcome"] == SAVED
+    assert one_min_before  # the good file existed before this run
+
+
+def test_checks_alone_check_the_file_on_disk_and_leave_it(es_root: Path) -> None:
+    store = BarStore.at(es_root)
+    path = store.aggregated_path("ES", JAN, MINUTE)
+    bars = store.read(path).copy()  # files are read memory-mapped, read-only
+    bars.loc[3, "high"] = bars.loc[3, "low"] - 0.25
+    store.write(bars, path)
+    before = files_under(es_root)
+    instance = DagsterInstance.ephemeral()
+
+    # A run of checks alone, as the UI launches it for one partition (materialize() cannot
+    # infer a partitions definition from a selection holding no asset).
+    result = materialize(
+        build_assets(CATALOG),
+        selection=AssetSelection.checks_for_assets("bars_1min"),
+        tags={"dagster/partition": ES_JAN},
+        resources=resources(es_root),
+        instance=instance,
+        raise_on_error=False,
+    )
+
+    assert not result.success
+    assert files_under(es_root) == before
+    records = in_run(latest(instance, ES_JAN), result.run_id)
+    assert {asset for asset, _ in records} == {"bars_1min"}
+    assert failed_names(records) == {
+        ("bars_1min", v.RULE_OHLC),
+        ("bars_1min", v.RULE_RECONCILED),
+    }
+    assert meta(records[("bars_1min", v.RULE_OHLC)])["outcome"] == CHECKED_ON_DISK
+    assert result.get_asset_materialization_events() == []
+
+
+# --------------------------------------------------------------------------- vendor
+
+
+@pytest.fixture
+def qqq_catalog(tmp_path: Path) -> Catalog:
+    path = tmp_path / "catalog.toml"
+    path.write_text(
+        'start_month = "2023-03"\n'
+        'timeframes = ["15s", "1min"]\n'
+        "[instruments.QQQ]\n"
+        'dataset = "EQUS.MINI"\n'
+        'symbol = "QQQ"\n'
+        'stype_in = "raw_symbol"\n'
+        "tick = 0.01\n"
+        'kind = "equity"\n'
+    )
+    return load_catalog(path)
+
+
+def dbn_folder(tmp_path: Path, with_1m: bool = True) -> Path:
+    folder = tmp_path / "dbn"
+    folder.mkdir()
+    shutil.copy(SAMPLES / "test_data.ohlcv-1s.dbn.zst", folder)
+    if with_1m:
+        shutil.copy(SAMPLES / "test_data.ohlcv-1m.dbn.zst", folder)
+    return folder
+
+
+def test_bars_1min_equal_databentos_own_1m_bars_on_the_real_qqq_sample(
+    tmp_path: Path, qqq_catalog: Catalog
+) -> None:
+    instance = DagsterInstance.ephemeral()
+    root = tmp_path / "data"
+    result = run(
+        root,
+        instance,
+        QQQ_PARTITION,
+        catalog=qqq_catalog,
+        source="dbn",
+        dbn_dir=dbn_folder(tmp_path),
+    )
+    assert result.success, failure_message(result) if not result.success else ""
+    records = latest(instance, QQQ_PARTITION, qqq_catalog)
+    vendor = records[("bars_1min", v.RULE_VENDOR)]
+    found = meta(vendor)
+    assert vendor.status == PASSED and "skipped" not in found
+    assert found["compared"] == 2 and found["differing"] == 0
+    assert found["covered_minutes"] == 11 * 60 + 11  # 00:00 to 11:10, the 1s file's reach
+    assert found["compared_windows"] == [
+        {"start": "2023-03-28T00:00:00+00:00", "end": "2023-03-28T11:11:22+00:00"}
+    ]
+    assert "test_data.ohlcv-1m.dbn.zst" in found["vendor_source"]
+    # The sample trades before the regular session: a warning, and the data is kept.
+    calendar = records[("raw_1s_bars", v.RULE_CALENDAR)]
+    assert calendar.status == FAILED and evaluation_of(calendar).severity.value == "WARN"
+    assert failed_names(records) == {("raw_1s_bars", v.RULE_CALENDAR)}
+    store = BarStore.at(root)
+    assert len(store.read(store.aggregated_path("QQQ", QQQ_MONTH, MINUTE))) == 3
+
+
+def changed_1m_file(folder: Path) -> None:
+    """Rewrite the sample's ohlcv-1m file with the 11:10 bar's volume changed (1062 -> 1063)."""
+    path = folder / "test_data.ohlcv-1m.dbn.zst"
+    data = bytearray(zstandard.ZstdDecompressor().decompressobj().decompress(path.read_bytes()))
+    assert data[:3] == b"DBN"
+    first = 8 + int.from_bytes(data[4:8], "little")  # records follow the metadata header
+    volume = first + 56 + 48  # second record, volume field
+    assert int.from_bytes(data[volume : volume + 8], "little") == 1062
+    data[volume : volume + 8] = (1063).to_bytes(8, "little")
+    path.unlink()
+    (folder / "test_data.ohlcv-1m.dbn").write_bytes(bytes(data))
+
+
+def test_a_bar_differing_from_databento_is_refused(tmp_path: Path, qqq_catalog: Catalog) -> None:
+    folder = dbn_folder(tmp_path)
+    changed_1m_file(folder)
+    instance = DagsterInstance.ephemeral()
+    root = tmp_path / "data"
+
+    result = run(root, instance, QQQ_PARTITION, catalog=qqq_catalog, source="dbn", dbn_dir=folder)
+
+    assert not result.success
+    store = BarStore.at(root)
+    assert not store.aggregated_path("QQQ", QQQ_MONTH, MINUTE).exists()
+    assert store.aggregated_path("QQQ", QQQ_MONTH, parse_timeframe("15s")).exists()
+    records = in_run(latest(instance, QQQ_PARTITION, qqq_catalog), result.run_id)
+    assert failed_names(records) == {
+        ("raw_1s_bars", v.RULE_CALENDAR),
+        ("bars_1min", v.RULE_VENDOR),
+    }
+    vendor = records[("bars_1min", v.RULE_VENDOR)]
+    found = meta(vendor)
+    assert found["violations"] == 1 and found["differing"] == 1
+    assert "1 one-minute bar in 2023-03 disagreeing with Databento" in (
+        evaluation_of(vendor).description
+    )
+    assert "| 2023-03-28 11:10:00 |" in found["first_violations"]
+    assert "1063" in found["first_violations"] and "1062" in found["first_violations"]
+
+
+def test_without_vendor_bars_the_cross_check_is_skipped(
+    tmp_path: Path, qqq_catalog: Catalog
+) -> None:
+    instance = DagsterInstance.ephemeral()
+    result = run(
+        tmp_path / "data",
+        instance,
+        QQQ_PARTITION,
+        catalog=qqq_catalog,
+        source="dbn",
+        dbn_dir=dbn_folder(tmp_path, with_1m=False),
+    )
+    assert result.success
+    vendor = latest(instance, QQQ_PARTITION, qqq_catalog)[("bars_1min", v.RULE_VENDOR)]
+    found = meta(vendor)
+    assert vendor.status == PASSED and found["skipped"] is True
+    assert "no ohlcv-1m DBN file for QQQ" in found["skipped_because"]
+
+
+# --------------------------------------------------------------------------- coverage helpers
+
+
+def test_coverage_of_a_request_cut_short_by_its_limit_ends_at_its_last_record() -> None:
+    day = pd.Timestamp("2023-03-28", tz="UTC").value
+    one_s = dbn_coverage([SAMPLES / "test_data.ohlcv-1s.dbn.zst"], QQQ_MONTH, "ohlcv-1s")
+    one_m = dbn_coverage([SAMPLES / "test_data.ohlcv-1m.dbn.zst"], QQQ_MONTH, "ohlcv-1m")
+    assert one_s == [(day, pd.Timestamp("2023-03-28 11:11:22", tz="UTC").value)]
+    assert one_m == [(day, pd.Timestamp("2023-03-28 11:19", tz="UTC").value)]
+    minutes = whole_minutes(intersect_windows(one_s, one_m))
+    assert minutes[0] == pd.Timestamp("2023-03-28 00:00", tz="UTC")
+    assert minutes[-1] == pd.Timestamp("2023-03-28 11:10", tz="UTC")
+
+
+def test_coverage_of_a_whole_month_request_is_the_month() -> None:
+    fetched = DemoSource(activity=0.01).fetch(
+        FetchRequest(CATALOG.instrument("ES"), JAN), lambda _m: None
+    )
+    assert dbn_coverage(fetched.payloads, JAN, "ohlcv-1s") == [(JAN.start_ns, JAN.end_ns)]
+
+
+def test_only_whole_minutes_inside_both_windows_are_compared() -> None:
+    t = pd.Timestamp("2024-01-02", tz="UTC").value
+    s = 1_000_000_000
+    a = merge_windows([(t + 30 * s, t + 100 * s), (t + 100 * s, t + 190 * s)])
+    assert a == [(t + 30 * s, t + 190 * s)]
+    both = intersect_windows(a, [(t, t + 185 * s), (t + 400 * s, t + 900 * s)])
+    assert both == [(t + 30 * s, t + 185 * s)]
+    assert list(whole_minutes(both).asi8) == [t + 60 * s, t + 120 * s] and whole_minutes([]).empty
+
+
+def test_the_raw_gate_runs_the_blocking_raw_rules_only() -> None:
+    fetched = DemoSource(activity=0.01).fetch(
+        FetchRequest(CATALOG.instrument("ES"), JAN), lambda _m: None
+    )
+    records, _ = read_records(fetched.payloads[0])
+    bars = decode_month([encode_bytes(repeat_a_bar(records))], "ES", JAN).bars
+    names = [
+        r.rule
+        for r in v.run_raw_rules(bars, JAN, CATALOG.instrument("ES"), rules=v.RAW_BLOCKING_RULES)
+    ]
+    assert names == [r for r in v.RAW_RULES if r != v.RULE_CALENDAR]
+    assert [r.rule for r in raw_gate(bars, JAN, CATALOG.instrument("ES"))] == [v.RULE_TIME_ORDER]
+    with pytest.raises(ValueError, match="not raw rules: aligned_to_timeframe"):
+        v.run_raw_rules(bars, JAN, CATALOG.instrument("ES"), rules=[v.RULE_ALIGNED])
+
+
+def encode_bytes(records: np.ndarray) -> bytes:
+    es = CATALOG.instrument("ES")
+    return encode_ohlcv_1s(
+        records,
+        dataset=es.dataset,
+        symbols=[es.request_symbol],
+        stype_in=es.stype_in,
+        start_ns=JAN.start_ns,
+        end_ns=JAN.end_ns,
+    )
+
+
+def test_the_api_source_is_asked_for_1m_bars_only_when_the_user_turns_it_on(
+    monkeypatch: pytest.MonkeyPatch, qqq_catalog: Catalog
+) -> None:
+    qqq = qqq_catalog.instrument("QQQ")
+    asked: list[FetchRequest] = []
+
+    class Api:  # stands in for DatabentoSource.fetch_vendor_1m (a download, cached)
+        def fetch_vendor_1m(self, request: FetchRequest, log: Logger) -> FetchedMonth:
+            asked.append(request)
+            return FetchedMonth([SAMPLES / "test_data.ohlcv-1m.dbn.zst"], frozenset({13340}))
+
+    monkeypatch.setattr(DatabentoResource, "api_source", lambda self, c=None: Api())
+    resource = DatabentoResource(source="databento", api_key="db-test")
+    off = load_vendor_1m(resource, qqq, QQQ_MONTH, lambda _m: None)
+    assert isinstance(off, str) and "DBENTO_VENDOR_CHECK=true" in off and asked == []
+
+    monkeypatch.setattr(DatabentoResource, "vendor_check", True, raising=False)
+    found = load_vendor_1m(resource, qqq, QQQ_MONTH, lambda _m: None)
+    assert asked == [FetchRequest(qqq, QQQ_MONTH)]
+    assert isinstance(found, VendorMonth) and len(found.bars) == 4
+    assert found.covered == [
+        (
+            pd.Timestamp("2023-03-28", tz="UTC").value,
+            pd.Timestamp("2023-03-28 11:19", tz="UTC").value,
+        )
+    ]
