@@ -5,9 +5,9 @@ then times, in the same run and in separate processes:
 
 (a) this project's month pipeline, step by step as Dagster's default (multiprocess) executor
     runs the assets, each step in its own process: ``raw_1s_bars`` decodes the DBN and writes
-    the raw file; each ``bars_<tf>`` (15s, 30s, 1min) reads the raw file, aggregates and writes
-    its file. Its time is the sum of the steps and its peak RSS the largest step's. The same
-    pipeline in one single process is printed too;
+    the raw file; the ``bars_<tf>`` step reads the raw file once, aggregates it to 15s, 30s
+    and 1min and writes their files. Its time is the sum of the steps and its peak RSS the
+    larger step's. The same pipeline in one single process is printed too;
 (b) the reference, the seed scripts' pipeline: ``DBNStore.to_df()``, raw CSV, ``read_csv``,
     ``resample(label='left', closed='left').agg(...).dropna()`` per timeframe, CSV files;
 (c) all validation rules on the month (raw and every timeframe), compared with (a).
@@ -73,8 +73,8 @@ def step_raw(dbn: Path, out: Path, fmt: str) -> None:
     store.write(decode_month([dbn], SYMBOL, month).bars, store.raw_path(SYMBOL, month))
 
 
-def step_bars(label: str, out: Path, fmt: str) -> None:
-    """What ``bars_<label>`` does: read the raw file, aggregate, write."""
+def step_bars(out: Path, fmt: str) -> None:
+    """What the ``bars_<tf>`` step does: read the raw file once, aggregate, write each."""
     from dbento_assets.core.aggregate import aggregate_bars
     from dbento_assets.core.months import Month
     from dbento_assets.core.storage import BarStore
@@ -82,16 +82,16 @@ def step_bars(label: str, out: Path, fmt: str) -> None:
 
     month = Month(2024, 1)
     store = BarStore.at(out, fmt)
-    tf = parse_timeframe(label)
-    bars = aggregate_bars(store.read(store.raw_path(SYMBOL, month)), tf)
-    store.write(bars, store.aggregated_path(SYMBOL, month, tf))
+    raw = store.read(store.raw_path(SYMBOL, month))
+    for label in TIMEFRAMES:
+        tf = parse_timeframe(label)
+        store.write(aggregate_bars(raw, tf), store.aggregated_path(SYMBOL, month, tf))
 
 
 def single_process(dbn: Path, out: Path, fmt: str) -> None:
     """The whole pipeline of (a) in one process (as the in-process executor runs it)."""
     step_raw(dbn, out, fmt)
-    for label in TIMEFRAMES:
-        step_bars(label, out, fmt)
+    step_bars(out, fmt)
 
 
 def checks(dbn: Path, out: Path, fmt: str) -> float:
@@ -148,8 +148,8 @@ def child(kind: str, dbn: Path, out: Path, fmt: str) -> None:
     start = time.perf_counter()
     if kind == "raw":
         step_raw(dbn, out, fmt)
-    elif kind.startswith("bars:"):
-        step_bars(kind.removeprefix("bars:"), out, fmt)
+    elif kind == "bars":
+        step_bars(out, fmt)
     elif kind == "single":
         single_process(dbn, out, fmt)
     elif kind == "reference":
@@ -202,7 +202,7 @@ def main() -> None:
     if args.child:
         child(args.child, args.dbn, args.out, args.fmt)
         return
-    steps = ["raw", *(f"bars:{label}" for label in TIMEFRAMES)]
+    steps = ["raw", "bars"]
     with tempfile.TemporaryDirectory() as tmp:
         dbn, rows = make_month_file(Path(tmp))
         print(f"month: ES 2024-01, {rows:,} one-second bars, DBN {dbn.stat().st_size:,} bytes")
