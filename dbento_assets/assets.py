@@ -6,15 +6,17 @@ one decoding path in :mod:`dbento_assets.core.dbn`. There is one ``bars_<tf>`` a
 catalog timeframe (adding ``5min`` to the catalog adds ``bars_5min``); one step builds all
 of them from a single read of the raw month (:func:`build_bars_assets`). Downloads run in
 the Dagster pool ``databento`` so a backfill never opens more concurrent API requests than
-the pool allows. Force a re-download with the run tag ``dbento/force=true`` or the run config
-``force: true``. Every asset validates its frame before it is written (see
-:mod:`dbento_assets.checks`): the validation rules are asset checks declared on the assets
-and evaluated in the same step, on the frame in memory. A failed ERROR rule records the check
-results against the partition and fails the step without yielding the output, so the IO
-manager never writes bad bars and the files already on disk stay as they were. The
-aggregation step also refuses raw bars that fail the blocking raw rules, or whose latest
-download was refused, until ``raw_1s_bars`` is fixed. When only the checks of a
-``bars_<tf>`` are selected (not the asset), they run on its file on disk.
+the pool allows; with ``DBENTO_VENDOR_CHECK=true`` the same step also buys Databento's own
+ohlcv-1m of the partition for the vendor cross-check of ``bars_1min``. Force a re-download
+(of both) with the run tag ``dbento/force=true`` or the run config ``force: true``. Every
+asset validates its frame before it is written (see :mod:`dbento_assets.checks`): the
+validation rules are asset checks declared on the assets and evaluated in the same step, on
+the frame in memory. A failed ERROR rule records the check results against the partition
+and fails the step without yielding the output, so the IO manager never writes bad bars and
+the files already on disk stay as they were. The aggregation step also refuses raw bars that
+fail the blocking raw rules, or whose latest download was refused, until ``raw_1s_bars`` is
+fixed. When only the checks of a ``bars_<tf>`` are selected (not the asset), they run on its
+file on disk.
 """
 
 from collections.abc import Iterator
@@ -48,11 +50,13 @@ from dbento_assets.checks import (
     evaluation_of,
     load_vendor_1m,
     not_saved,
+    prefetch_vendor_1m,
     raw_coverage,
     raw_failures_in_instance,
     raw_gate,
     refusal,
     selected_results,
+    vendor_failure_in_run,
     vendor_result,
     windows_metadata,
 )
@@ -115,7 +119,8 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
         # Refuse a data root of the other origin before anything is fetched or paid for.
         BarStore.at(databento.data_dir).claim(origin_of(databento.source), databento.source)
         request = FetchRequest(instrument, month, force=force_requested(context, config))
-        fetched = databento.month_source().fetch(request, context.log.info)
+        source = databento.month_source()
+        fetched = source.fetch(request, context.log.info)
         decoded = decode_month(fetched.payloads, symbol, month, fetched.instrument_ids)
         bars = decoded.bars
         results = run_raw_rules(bars, month, instrument)
@@ -125,6 +130,7 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
             raise refusal(not_saved(RAW_ASSET, partition, failed), failed)
         rolls = sorted({int(i) for i in bars["instrument_id"].unique()}) if len(bars) else []
         covered = dbn_coverage(fetched.payloads, month, "ohlcv-1s")
+        vendor = prefetch_vendor_1m(databento, source, request, context.log.info)
         yield Output(
             bars,
             metadata={
@@ -136,6 +142,7 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
                 "forced": request.force,
                 COVERAGE_KEY: windows_metadata(covered),
                 **{f"source_{k}": _plain(v) for k, v in fetched.metadata.items()},
+                **vendor,
             },
         )
         yield from selected_results(context, RAW_KEY, results, SAVED)
@@ -203,9 +210,10 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
                 tf.seconds == 60
                 and AssetCheckKey(key, RULE_VENDOR) in context.selected_asset_check_keys
             ):
-                vendor = load_vendor_1m(
-                    context.resources.databento, instrument, month, context.log.info
-                )
+                databento = context.resources.databento
+                vendor = vendor_failure_in_run(
+                    context.instance, partition, context.run_id
+                ) or load_vendor_1m(databento, instrument, month, context.log.info)
                 results.append(
                     vendor_result(
                         bars, vendor, raw_coverage(context.instance, partition, month), month

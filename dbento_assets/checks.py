@@ -17,21 +17,20 @@ materialization (a refused download: raw is fixed once ``raw_1s_bars`` materiali
 its checks passing). The vendor cross-check compares ``bars_1min`` with Databento's own
 ohlcv-1m of the same instrument-month (:func:`load_vendor_1m`): ohlcv-1m files in the
 ``DBENTO_DBN_DIR`` folder with ``DBENTO_SOURCE=dbn``, or with ``DBENTO_SOURCE=databento`` and
-the resource's ``vendor_check`` on, a download by the API source's ``fetch_vendor_1m``. Only
-minutes both the 1s data and the 1m data fully cover are compared (:func:`dbn_coverage` reads
-the DBN headers; a request cut short by its ``limit`` covers up to its last record); with
-nothing to compare the check passes and its metadata says ``skipped`` and why.
+the resource's ``vendor_check`` on (``DBENTO_VENDOR_CHECK=true``), Databento's ohlcv-1m bought
+by ``raw_1s_bars`` in the download pool (:func:`prefetch_vendor_1m`) and cached next to the
+1-second file. Only minutes both the 1s data and the 1m data fully cover are compared
+(:func:`~dbento_assets.core.coverage.dbn_coverage` reads the DBN headers; a request cut short
+by its ``limit`` covers up to its last record); with nothing to compare, or when the 1-minute
+bars could not be had, the check passes and its metadata says ``skipped`` and why.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from dagster import (
     AssetCheckKey,
@@ -54,29 +53,33 @@ from dagster._core.storage.asset_check_execution_record import (
 )
 
 from dbento_assets.core import validation as v
-from dbento_assets.core.bars import empty_bars, sort_bars
 from dbento_assets.core.catalog import Catalog, Instrument
-from dbento_assets.core.dbn import DbnError, DbnPayload, decode_month, open_store, read_records
-from dbento_assets.core.dbn_files import DbnFilesSource
+from dbento_assets.core.coverage import (
+    VendorMonth,
+    Window,
+    dbn_coverage,
+    intersect_windows,
+    merge_windows,
+    whole_minutes,
+)
+from dbento_assets.core.databento_api import DatabentoSource
+from dbento_assets.core.dbn import DbnError, decode_month
+from dbento_assets.core.dbn_files import VENDOR_SCHEMA, DbnFilesSource
 from dbento_assets.core.months import Month
-from dbento_assets.core.source import FetchRequest, Logger, SourceError
+from dbento_assets.core.source import FetchRequest, Logger, MonthSource, SourceError
 from dbento_assets.core.timeframes import Timeframe
 from dbento_assets.io_managers import BARS_PREFIX, RAW_ASSET
 from dbento_assets.resources import DatabentoResource
 
 RAW_KEY = AssetKey(RAW_ASSET)
 COVERAGE_KEY = "covered"  # raw_1s_bars metadata: the windows its DBN data covers
-VENDOR_SCHEMA = "ohlcv-1m"
-MINUTE_NS = v.MINUTE_NS
+VENDOR_ERROR_KEY = "vendor_1m_error"  # raw_1s_bars metadata: the 1m download failed
 SAVED = "saved"
 REFUSED = "refused: not saved, the file on disk (if any) is unchanged"
 CHECKED_ON_DISK = "checked the file on disk"
 COMPLETED = frozenset(
     {AssetCheckExecutionRecordStatus.SUCCEEDED, AssetCheckExecutionRecordStatus.FAILED}
 )
-_UNDEFINED_END = 2**63 - 1
-
-Window = tuple[int, int]  # [start_ns, end_ns) in UTC nanoseconds
 
 
 # --------------------------------------------------------------------------- check specs
@@ -266,62 +269,6 @@ def evaluation_of(record: AssetCheckExecutionRecord) -> Any:
 # --------------------------------------------------------------------------- coverage
 
 
-def dbn_coverage(payloads: Iterable[DbnPayload], month: Month, schema: str) -> list[Window]:
-    """The windows of ``month`` that DBN payloads cover, from their metadata headers.
-
-    A payload covers ``[start, end)`` of its request, clipped to the month. A request cut
-    short by its ``limit`` (it holds ``limit`` records) covers only up to its last record,
-    exclusive; only then are its records read. Windows are merged.
-    """
-    windows = []
-    for payload in payloads:
-        try:
-            meta = open_store(payload, schema).metadata
-        except DbnError:
-            continue  # decoding has already judged the payload; coverage stays conservative
-        start = max(int(meta.start), month.start_ns)
-        end_value = None if meta.end is None else int(meta.end)
-        end = (
-            month.end_ns
-            if end_value is None or end_value <= 0 or end_value >= _UNDEFINED_END
-            else min(end_value, month.end_ns)
-        )
-        if meta.limit:
-            records, _ = read_records(payload, schema)
-            if len(records) >= int(meta.limit) and len(records):
-                end = min(end, int(records["ts_event"].max()))
-        if start < end:
-            windows.append((start, end))
-    return merge_windows(windows)
-
-
-def merge_windows(windows: Iterable[Window]) -> list[Window]:
-    """Sorted, non-overlapping windows (touching windows joined)."""
-    merged: list[Window] = []
-    for start, end in sorted(windows):
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return merged
-
-
-def intersect_windows(a: Sequence[Window], b: Sequence[Window]) -> list[Window]:
-    """The windows covered by both ``a`` and ``b``."""
-    out = [(max(s1, s2), min(e1, e2)) for s1, e1 in a for s2, e2 in b]
-    return merge_windows(w for w in out if w[0] < w[1])
-
-
-def whole_minutes(windows: Sequence[Window]) -> pd.DatetimeIndex:
-    """The minutes lying entirely inside the windows, as UTC bar opens."""
-    parts = [
-        np.arange(-(-start // MINUTE_NS) * MINUTE_NS, (end // MINUTE_NS) * MINUTE_NS, MINUTE_NS)
-        for start, end in windows
-    ]
-    ns = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
-    return pd.DatetimeIndex(pd.to_datetime(ns, unit="ns", utc=True))
-
-
 def windows_metadata(windows: Sequence[Window]) -> list[dict[str, str]]:
     """Windows as JSON-friendly ``{"start": iso, "end": iso}`` items (UTC)."""
     return [
@@ -363,71 +310,45 @@ def raw_coverage(instance: DagsterInstance, partition: str, month: Month) -> lis
 # --------------------------------------------------------------------------- vendor 1m
 
 
-@dataclass
-class VendorMonth:
-    """Databento's own 1-minute bars of one instrument-month, and what they cover."""
+def prefetch_vendor_1m(
+    databento: DatabentoResource, source: MonthSource, request: FetchRequest, log: Logger
+) -> dict[str, Any]:
+    """Buy Databento's ohlcv-1m of the partition in the download step, when it is wanted.
 
-    bars: pd.DataFrame
-    covered: list[Window]
-    origin: str
-
-
-def _mapped_spans(mapped: list[tuple[Any, Any, str]], month: Month) -> list[tuple[int, int, int]]:
-    """A file's symbology intervals for our symbol as (instrument_id, start_ns, end_ns)."""
-    spans = []
-    for start, end, symbol in mapped:
-        try:
-            iid = int(symbol)
-        except ValueError:
-            continue  # an empty or non-numeric mapping: nothing of ours in that range
-        lo = max(pd.Timestamp(start, tz="UTC").value, month.start_ns)
-        hi = min(pd.Timestamp(end, tz="UTC").value, month.end_ns)
-        if lo < hi:
-            spans.append((iid, lo, hi))
-    return spans
-
-
-def vendor_1m_from_dbn_dir(
-    dbn_dir: str | Path, instrument: Instrument, month: Month
-) -> VendorMonth | None:
-    """Databento's ohlcv-1m of the instrument-month from a folder of DBN files, or None.
-
-    Files are chosen from their headers as the DBN-files source chooses its 1s files (same
-    dataset and ``stype_in``, the request symbol mapped on a date of the month), and their
-    records are kept only where the symbology maps the request symbol to their
-    instrument_id on that date, so a file mapping ``ES.v.0`` and ``ES.v.1`` never mixes
-    contracts. Coverage is clipped to the mapped dates.
+    Only with the API source and the resource's ``vendor_check`` on (``DBENTO_VENDOR_CHECK``):
+    ``raw_1s_bars`` runs in the ``databento`` pool, so the paid 1-minute request shares the
+    pool's limit with the 1-second one, and a forced download (``request.force``) renews both.
+    The file lands in the DBN cache next to the 1-second one, where ``bars_1min``'s check
+    finds it. A failed download never fails the data: it is logged and returned as
+    ``vendor_1m_error`` (the check of this run is then skipped with that reason). Returns
+    the metadata to add to the raw materialization (empty when nothing was asked).
     """
-    source = DbnFilesSource(dbn_dir)
-    chosen = []
-    for info in source.scan():
-        if info.dataset != instrument.dataset or info.schema != VENDOR_SCHEMA:
-            continue
-        if not info.overlaps(month):
-            continue
-        if info.stype_in is not None and info.stype_in != instrument.stype_in:
-            continue
-        spans = _mapped_spans(info.mappings.get(instrument.request_symbol, []), month)
-        if spans:
-            chosen.append((info, spans))
-    if not chosen:
+    if not databento.vendor_check or not isinstance(source, DatabentoSource):
+        return {}
+    try:
+        fetched = source.fetch_vendor_1m(request, log)
+    except (SourceError, DbnError, OSError) as exc:
+        log(f"Databento's 1-minute bars (for the vendor cross-check) were not downloaded: {exc}")
+        return {VENDOR_ERROR_KEY: str(exc)}
+    found = fetched.metadata
+    return {
+        f"vendor_1m_{key}": found[key]
+        for key in ("dbn_cache", "dbn_file", "cost_usd", "record_count")
+        if found.get(key) is not None
+    }
+
+
+def vendor_failure_in_run(instance: DagsterInstance, partition: str, run_id: str) -> str | None:
+    """Why the cross-check has no vendor bars, when ``raw_1s_bars`` of this very run failed
+    to download them (so the aggregation step does not pay for a second round of retries)."""
+    record = latest_raw_materialization(instance, partition)
+    if record is None or record.run_id != run_id or record.asset_materialization is None:
         return None
-    frames, covered = [], []
-    for info, spans in chosen:
-        ids = sorted({iid for iid, _, _ in spans})
-        bars = decode_month([info.path], instrument.symbol, month, ids, schema=VENDOR_SCHEMA).bars
-        ts = bars["ts_event"].array.as_unit("ns").asi8
-        iid = bars["instrument_id"].to_numpy()
-        keep = np.zeros(len(bars), dtype=bool)
-        for instrument_id, lo, hi in spans:  # a few intervals, not rows
-            keep |= (iid == instrument_id) & (ts >= lo) & (ts < hi)
-        frames.append(bars[keep])
-        mapped = merge_windows((lo, hi) for _, lo, hi in spans)
-        covered += intersect_windows(dbn_coverage([info.path], month, VENDOR_SCHEMA), mapped)
-    frames = [f for f in frames if len(f)]
-    bars = sort_bars(pd.concat(frames, ignore_index=True)) if frames else empty_bars()
-    names = ", ".join(_relative(info.path, source.dbn_dir) for info, _ in chosen)
-    return VendorMonth(bars, merge_windows(covered), f"DBN files in {source.dbn_dir}: {names}")
+    value = record.asset_materialization.metadata.get(VENDOR_ERROR_KEY)
+    text = getattr(value, "value", value)
+    if not text:
+        return None
+    return f"downloading Databento's 1-minute bars failed in raw_1s_bars of this run ({text})"
 
 
 def load_vendor_1m(
@@ -435,15 +356,19 @@ def load_vendor_1m(
 ) -> VendorMonth | str:
     """Databento's own 1m bars for the partition, or the reason there are none to compare.
 
-    Source ``dbn``: ohlcv-1m files in its folder. Source ``databento``: only when the
-    resource's ``vendor_check`` is on, via the API source's ``fetch_vendor_1m(request, log) ->
-    FetchedMonth``. Source ``demo``: synthetic data, nothing to compare. A failed lookup or
-    download is a reason too (the check is skipped, it does not pass or fail the data).
+    Source ``dbn``: ohlcv-1m files in its folder (:meth:`DbnFilesSource.vendor_1m`). Source
+    ``databento``: only when the resource's ``vendor_check`` is on, via the API source's
+    :meth:`~dbento_assets.core.databento_api.DatabentoSource.fetch_vendor_1m`: normally a
+    cache hit, as ``raw_1s_bars`` downloaded the file (:func:`prefetch_vendor_1m`); a
+    download when raw was materialized before the setting was on. Source ``demo``: synthetic
+    data, nothing to compare. A failed lookup or download is a reason too (the check is
+    skipped, it does not pass or fail the data).
     """
     name = (databento.source or "").strip().lower()
     try:
         if name == "dbn":
-            found = vendor_1m_from_dbn_dir(databento.dbn_dir or "", instrument, month)
+            folder = (databento.dbn_dir or "").strip()
+            found = DbnFilesSource(folder).vendor_1m(instrument, month) if folder else None
             if found is None:
                 return (
                     f"no {VENDOR_SCHEMA} DBN file for {instrument.symbol} "
@@ -452,16 +377,12 @@ def load_vendor_1m(
                 )
             return found
         if name == "databento":
-            if not getattr(databento, "vendor_check", False):
+            if not databento.vendor_check:
                 return (
                     "the optional download of Databento's 1-minute bars is off "
                     "(DBENTO_VENDOR_CHECK=true turns it on)"
                 )
-            api = databento.api_source()
-            fetch = getattr(api, "fetch_vendor_1m", None)
-            if fetch is None:
-                return "this version of the Databento source cannot download 1-minute bars"
-            fetched = fetch(FetchRequest(instrument, month), log)
+            fetched = databento.api_source().fetch_vendor_1m(FetchRequest(instrument, month), log)
             bars = decode_month(
                 fetched.payloads,
                 instrument.symbol,
@@ -471,7 +392,7 @@ def load_vendor_1m(
             ).bars
             covered = dbn_coverage(fetched.payloads, month, VENDOR_SCHEMA)
             return VendorMonth(bars, covered, f"Databento API ({VENDOR_SCHEMA})")
-    except (SourceError, DbnError) as exc:
+    except (SourceError, DbnError, OSError) as exc:
         return f"Databento's 1-minute bars could not be read ({exc})"
     return "the demo source is synthetic, there are no Databento bars to compare with"
 
@@ -496,10 +417,3 @@ def vendor_result(
     result.extra["vendor_source"] = vendor.origin
     result.extra["compared_windows"] = windows_metadata(common)
     return result
-
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return str(path.relative_to(root))
-    except ValueError:
-        return str(path)

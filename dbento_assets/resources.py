@@ -14,8 +14,12 @@ that of ``DBENTO_CACHE_DIR`` when set, which an object-store data root needs),
 ``DBENTO_DBN_DIR``, ``DBENTO_MAX_COST_USD`` (default 5.00 US dollars per symbol-month
 partition: a month of ohlcv-1s bars for one front-month future or ETF normally costs well
 below that, so hitting it means something unexpected, like a parent symbol pulling every
-contract), ``DBENTO_TIMEOUT_SECONDS``, ``DBENTO_RETRY_ATTEMPTS`` and
-``DBENTO_RETRY_BACKOFF_SECONDS`` (the first wait after a failed call; it doubles each time).
+contract), ``DBENTO_TIMEOUT_SECONDS``, ``DBENTO_RETRY_ATTEMPTS``,
+``DBENTO_RETRY_BACKOFF_SECONDS`` (the first wait after a failed call; it doubles each time)
+and ``DBENTO_VENDOR_CHECK`` (true/1/yes or false/0/no, default false: also buy Databento's
+own ohlcv-1m of each partition, under the same ceiling and cached the same way, to compare
+``bars_1min`` with it; the DBN-files source compares with the folder's ohlcv-1m files
+whatever this says, as they cost nothing).
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from dbento_assets.core.source import MonthSource, SourceError, origin_of
 DEFAULT_SOURCE = "databento"
 DEFAULT_DATA_DIR = "./data"
 API_KEY_VARIABLE = "DATABENTO_API_KEY"
+TRUE_WORDS = frozenset({"true", "1", "yes"})
+FALSE_WORDS = frozenset({"false", "0", "no"})
 NO_KEY_MESSAGE = (
     "DBENTO_SOURCE=databento needs a Databento API key and none is set. Put "
     "DATABENTO_API_KEY=db-... in the .env file of the folder you start Dagster from (or in "
@@ -99,6 +105,13 @@ class DatabentoResource(ConfigurableResource):
     )
     demo_activity: float = Field(
         default=1.0, description="Demo source: multiplier of the synthetic trading activity."
+    )
+    vendor_check: bool = Field(
+        default=False,
+        description=(
+            "Databento source: also download Databento's own ohlcv-1m of each partition "
+            "(cached, under the same cost ceiling) and check bars_1min against it."
+        ),
     )
 
     def retry_policy(self) -> RetryPolicy:
@@ -178,6 +191,9 @@ def databento_resource_from_env(env_file: Path | str | None = None) -> Databento
         value = _env(variable)
         if value is not None:
             settings[field_name] = _number(variable, value, kind)
+    vendor_check = _env("DBENTO_VENDOR_CHECK")
+    if vendor_check is not None:
+        settings["vendor_check"] = _flag("DBENTO_VENDOR_CHECK", vendor_check)
     if _env(API_KEY_VARIABLE) is not None:
         settings["api_key"] = EnvVar(API_KEY_VARIABLE)
     return DatabentoResource(**settings)
@@ -198,6 +214,18 @@ def _number(variable: str, text: str, kind: type[int] | type[float]) -> int | fl
     if not math.isfinite(value) or value < 0:
         raise SourceError(f"{variable}={text!r} must be a non-negative number")
     return value
+
+
+def _flag(variable: str, text: str) -> bool:
+    word = text.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise SourceError(
+        f"{variable}={text!r} is neither true nor false: write true, 1 or yes to turn it on, "
+        "false, 0 or no to turn it off"
+    )
 
 
 def _local_cache_root(folder: str) -> Path:

@@ -7,8 +7,13 @@ and query parameters for GET, a zstd-compressed DBN body streamed with chunked t
 encoding, and JSON errors shaped ``{"detail": {"case", "message", "docs"}}``. Endpoints:
 ``/v0/timeseries.get_range``, ``/v0/metadata.get_cost``, ``/v0/metadata.get_billable_size``,
 ``/v0/metadata.get_record_count`` and ``/v0/metadata.get_dataset_range``. Data comes from a
-pluggable provider; the default one resolves the request symbol through the catalog and serves
-the demo generator's records for the requested ``[start, end)`` window. Tests queue faults
+pluggable provider of ohlcv-1s records; the default one resolves the request symbol through
+the catalog and serves the demo generator's records for the requested ``[start, end)`` window.
+Schema ``ohlcv-1m`` is served too, as the vendor does it: the same 1-second records aggregated
+per minute and instrument (bar at the minute's open, no bar for a minute without a record),
+computed here with plain numpy on the fixed-point integers, independently of the project's
+aggregation kernel, so the cross-check compares against a second implementation;
+:meth:`FakeGateway.corrupt_vendor_bar` makes one of those bars disagree. Tests queue faults
 with :meth:`FakeGateway.fail` (429 with Retry-After, 5xx, a stream cut mid-body, a clean EOF
 mid-body, a short but valid stream, a connection reset, 401/403/422, an empty result), move
 the dataset's available range with :meth:`FakeGateway.set_range`, and count requests through
@@ -26,7 +31,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -38,7 +43,7 @@ import pytest
 import trustme
 
 from dbento_assets.core.catalog import DEFAULT_CATALOG, Catalog, Instrument, load_catalog
-from dbento_assets.core.dbn import OHLCV_RECORD_DTYPE, encode_ohlcv_1s
+from dbento_assets.core.dbn import OHLCV_RECORD_DTYPE, encode_ohlcv, ohlcv_records
 from dbento_assets.core.demo import generate_month_records
 from dbento_assets.core.months import Month
 
@@ -52,6 +57,8 @@ ENDPOINTS = {
     "/v0/metadata.get_dataset_range": "metadata.get_dataset_range",
 }
 GET_RANGE = "timeseries.get_range"
+SCHEMAS = ("ohlcv-1s", "ohlcv-1m")
+MINUTE_NS = 60 * 10**9
 HTTP_FAULTS = {"401", "403", "404", "408", "422", "429", "500", "502", "503", "504"}
 STREAM_FAULTS = {"cut", "truncate", "short", "reset", "empty", "stall"}
 DEFAULT_RANGES = {
@@ -131,6 +138,7 @@ class FakeGateway:
     in_flight: dict[str, int] = field(default_factory=dict)
     max_in_flight: dict[str, int] = field(default_factory=dict)
     _gates: dict[str, threading.Barrier] = field(default_factory=dict)
+    _vendor_corruption: int | None = None
 
     # ------------------------------------------------------------------ test controls
 
@@ -184,6 +192,18 @@ class FakeGateway:
         at timing. :attr:`max_in_flight` then tells how many did."""
         self._gates[endpoint] = threading.Barrier(parties, timeout=timeout)
 
+    def corrupt_vendor_bar(self, index: int | None = 0) -> None:
+        """Serve the ``index``-th ohlcv-1m bar of every answer with one lot more volume (None:
+        serve them right again)."""
+        with self._lock:
+            self._vendor_corruption = index
+            for query in [q for q in self._bodies if q.schema == "ohlcv-1m"]:
+                del self._bodies[query]
+
+    def schemas(self, endpoint: str = GET_RANGE) -> list[str]:
+        """The schema of each request to ``endpoint``, in order."""
+        return [r.fields.get("schema", "") for r in self.calls(endpoint)]
+
     def pending_faults(self) -> int:
         with self._lock:
             return sum(f.times for f in self._faults)
@@ -200,17 +220,13 @@ class FakeGateway:
         if cached is not None:
             return cached
         provider = self.provider or self._demo_provider
-        records, mappings = provider(query)
-        body = encode_ohlcv_1s(
-            records,
-            dataset=query.dataset,
-            symbols=list(query.symbols),
-            stype_in=query.stype_in,
-            start_ns=query.start_ns,
-            end_ns=query.end_ns,
-            mappings=mappings,
-            compress=True,
-        )
+        records, mappings = provider(replace(query, schema="ohlcv-1s"))
+        if query.schema == "ohlcv-1m":
+            records = minute_records(records)
+            index = self._vendor_corruption
+            if index is not None and len(records):
+                records["volume"][min(index, len(records) - 1)] += 1
+        body = _encode(records, query, mappings)
         with self._lock:
             self._bodies[query] = (records, mappings, body)
         return records, mappings, body
@@ -387,16 +403,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(len(records) * RECORD_BYTES / 2**30 * gw.price_per_gb)
         if body is None or (fault is not None and fault.kind == "short"):
             records = records[: len(records) // 2] if body is not None else records
-            body = encode_ohlcv_1s(
-                records,
-                dataset=query.dataset,
-                symbols=list(query.symbols),
-                stype_in=query.stype_in,
-                start_ns=query.start_ns,
-                end_ns=query.end_ns,
-                mappings=mappings,
-                compress=True,
-            )
+            body = _encode(records, query, mappings)
         kind = fault.kind if fault is not None else None
         if kind == "cut":
             return self._stream(body, cut_at=len(body) // 2)
@@ -413,8 +420,10 @@ class _Handler(BaseHTTPRequestHandler):
         except (KeyError, ValueError) as exc:
             raise ProviderError("invalid_request", f"bad request fields: {exc}") from None
         schema = fields.get("schema", "trades")
-        if schema != "ohlcv-1s":
-            raise ProviderError("schema_unsupported", f"the fake serves ohlcv-1s, not {schema}")
+        if schema not in SCHEMAS:
+            raise ProviderError(
+                "schema_unsupported", f"the fake serves {' and '.join(SCHEMAS)}, not {schema}"
+            )
         if end <= start:
             raise ProviderError("data_start_after_end", "start must be before end")
         avail_start, avail_end = gw.available(dataset)
@@ -518,6 +527,50 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.connection.close()
+
+
+def minute_records(records: np.ndarray) -> np.ndarray:
+    """ohlcv-1s records aggregated to ohlcv-1m records, per minute and instrument.
+
+    Open is the minute's first open, high the max, low the min, close the last close, volume
+    the sum; a minute without a record has no bar. Sorted by minute, then instrument id.
+    """
+    if len(records) == 0:
+        return np.empty(0, dtype=OHLCV_RECORD_DTYPE)
+    order = np.lexsort((records["ts_event"], records["instrument_id"]))
+    ones = records[order]
+    minute = ones["ts_event"].astype("int64") // MINUTE_NS * MINUTE_NS
+    iid = ones["instrument_id"]
+    first = np.flatnonzero(
+        np.concatenate([[True], (minute[1:] != minute[:-1]) | (iid[1:] != iid[:-1])])
+    )
+    last = np.append(first[1:], len(ones)) - 1
+    out = ohlcv_records(
+        minute[first],
+        iid[first],
+        ones["open"][first],
+        np.maximum.reduceat(ones["high"], first),
+        np.minimum.reduceat(ones["low"], first),
+        ones["close"][last],
+        np.add.reduceat(ones["volume"], first),
+        publisher_id=ones["publisher_id"][first],
+        schema="ohlcv-1m",
+    )
+    return out[np.lexsort((out["instrument_id"], out["ts_event"]))]
+
+
+def _encode(records: np.ndarray, query: Query, mappings: Mappings) -> bytes:
+    return encode_ohlcv(
+        records,
+        dataset=query.dataset,
+        symbols=list(query.symbols),
+        stype_in=query.stype_in,
+        start_ns=query.start_ns,
+        end_ns=query.end_ns,
+        mappings=mappings,
+        compress=True,
+        schema=query.schema,
+    )
 
 
 def _resolve(catalog: Catalog, query: Query) -> Instrument:

@@ -695,7 +695,7 @@ def test_the_api_source_is_asked_for_1m_bars_only_when_the_user_turns_it_on(
     off = load_vendor_1m(resource, qqq, QQQ_MONTH, lambda _m: None)
     assert isinstance(off, str) and "DBENTO_VENDOR_CHECK=true" in off and asked == []
 
-    monkeypatch.setattr(DatabentoResource, "vendor_check", True, raising=False)
+    resource = DatabentoResource(source="databento", api_key="db-test", vendor_check=True)
     found = load_vendor_1m(resource, qqq, QQQ_MONTH, lambda _m: None)
     assert asked == [FetchRequest(qqq, QQQ_MONTH)]
     assert isinstance(found, VendorMonth) and len(found.bars) == 4

@@ -5,9 +5,11 @@ runs it on a real on-disk Dagster instance (``DAGSTER_HOME`` in a temporary fold
 unpatched databento client talk to :mod:`dbento_assets_tests.gateway`. They prove the resource
 settings, the no-key failure, download and cost metadata, resume (no request for a cached month)
 and force (run tag ``dbento/force=true`` or run config), faults, availability, the
-``databento`` pool, the local DBN files source with the vendor cross-check, and that the API
-key appears nowhere afterwards: not in DAGSTER_HOME (event log, run storage, compute logs), the
-data files, the logs or any error message.
+``databento`` pool, the local DBN files source with the vendor cross-check, the optional
+download of Databento's ohlcv-1m for that cross-check (``DBENTO_VENDOR_CHECK``: counted, cached,
+forced, a disagreeing vendor bar refusing ``bars_1min``, a failed download only skipping the
+check), and that the API key appears nowhere afterwards: not in DAGSTER_HOME (event log, run
+storage, compute logs), the data files, the logs or any error message.
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from dagster import AssetKey, DagsterInstance, EnvVar
+from dagster import AssetCheckKey, AssetKey, DagsterInstance, EnvVar
 from dagster._core.errors import DagsterInvalidConfigError
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from dbento_assets.assets import DOWNLOAD_POOL, FORCE_TAG
+from dbento_assets.checks import evaluation_of, latest_evaluation
+from dbento_assets.core.aggregate import aggregate_bars
 from dbento_assets.core.catalog import Catalog, load_catalog
 from dbento_assets.core.databento_api import DEFAULT_GATEWAY, DEFAULT_MAX_COST_USD
 from dbento_assets.core.dbn import OHLCV_RECORD_DTYPE
@@ -33,6 +38,8 @@ from dbento_assets.core.dbn_files import DbnFilesSource
 from dbento_assets.core.demo import DemoSource
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import SourceError
+from dbento_assets.core.timeframes import parse_timeframe
+from dbento_assets.core.validation import RULE_VENDOR
 from dbento_assets.definitions import build_definitions
 from dbento_assets.partitions import partition_key
 from dbento_assets.resources import (
@@ -46,6 +53,10 @@ from dbento_assets_tests.gateway import (
 )
 
 RAW = AssetKey("raw_1s_bars")
+BARS_1MIN = AssetKey("bars_1min")
+VENDOR_CHECK = AssetCheckKey(BARS_1MIN, RULE_VENDOR)
+PASSED = AssetCheckExecutionRecordStatus.SUCCEEDED
+FAILED = AssetCheckExecutionRecordStatus.FAILED
 JAN = Month(2024, 1)
 SAMPLES = Path(__file__).parent / "fixtures" / "databento"
 SETTINGS = (
@@ -53,7 +64,9 @@ SETTINGS = (
     "DBENTO_SOURCE",
     "DBENTO_GATEWAY",
     "DBENTO_DATA_DIR",
+    "DBENTO_CACHE_DIR",
     "DBENTO_DBN_DIR",
+    "DBENTO_VENDOR_CHECK",
     "DBENTO_MAX_COST_USD",
     "DBENTO_TIMEOUT_SECONDS",
     "DBENTO_RETRY_ATTEMPTS",
@@ -174,6 +187,23 @@ def raw_file(data: Path, symbol: str = "ES", month: Month = JAN) -> Path:
     return data / "raw_1s" / symbol / f"{symbol}_{month.tag}.parquet"
 
 
+def vendor_file(data: Path, symbol: str = "ES", month: Month = JAN) -> Path:
+    return data / "dbn" / symbol / f"{symbol}_{month.tag}.ohlcv-1m.dbn.zst"
+
+
+def bars_1min_file(data: Path, symbol: str = "ES", month: Month = JAN) -> Path:
+    return data / "aggregated" / "1min" / f"{symbol}_{month.tag}_1min.parquet"
+
+
+def vendor_check(instance: DagsterInstance, result, month: Month = JAN, symbol: str = "ES"):
+    """The vendor cross-check of ``bars_1min`` as the instance stored it for the partition
+    (it must come from ``result``'s run), and its metadata values."""
+    record = latest_evaluation(instance, VENDOR_CHECK, partition_key(month, symbol))
+    assert record is not None and record.run_id == result.run_id
+    found = {k: getattr(m, "value", m) for k, m in evaluation_of(record).metadata.items()}
+    return record, found
+
+
 # --------------------------------------------------------------------------- the resource
 
 
@@ -196,6 +226,7 @@ def test_resource_from_env_reads_every_setting(clean_env, monkeypatch):
     assert (resource.max_cost_usd, resource.timeout_seconds) == (12.5, 30.0)
     assert (resource.retry_attempts, resource.retry_backoff_seconds) == (7, 0.25)
     assert resource.api_key is None  # no EnvVar for an unset key
+    assert resource.vendor_check is False  # off unless asked for
     assert isinstance(resource.month_source(), DbnFilesSource)
 
 
@@ -230,12 +261,23 @@ def test_key_is_an_env_var_loaded_from_dotenv_without_overriding(clean_env, monk
         ("DBENTO_MAX_COST_USD", "ten", "is not a float"),
         ("DBENTO_MAX_COST_USD", "-1", "non-negative"),
         ("DBENTO_RETRY_ATTEMPTS", "2.5", "is not a int"),
+        ("DBENTO_VENDOR_CHECK", "maybe", "'maybe' is neither true nor false: write true, 1"),
+        ("DBENTO_VENDOR_CHECK", "on", "neither true nor false"),
     ],
 )
 def test_bad_settings_are_reported(clean_env, monkeypatch, variable, value, words):
     monkeypatch.setenv(variable, value)
     with pytest.raises(SourceError, match=words):
         databento_resource_from_env()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("true", True), ("1", True), (" YES ", True), ("False", False), ("0", False), ("no", False)],
+)
+def test_vendor_check_setting(clean_env, monkeypatch, value, expected):
+    monkeypatch.setenv("DBENTO_VENDOR_CHECK", value)
+    assert databento_resource_from_env().vendor_check is expected
 
 
 def test_month_source_builds_the_selected_source(tmp_path):
@@ -418,6 +460,106 @@ def test_dataset_starting_mid_month_is_downloaded_and_flagged(gateway, env, inst
     assert len(bars) > 0 and bars["ts_event"].min() >= pd.Timestamp("2023-03-28", tz="UTC")
 
 
+# --------------------------------------------------------------------------- vendor 1m
+
+
+def test_vendor_check_buys_databentos_1m_once_and_bars_1min_match_them(
+    gateway, env, instance, monkeypatch
+):
+    monkeypatch.setenv("DBENTO_VENDOR_CHECK", "true")
+    first = run(instance, resource=databento_resource_from_env(), assets=[RAW, BARS_1MIN])
+    assert first.success, failure_text(first)
+    # One extra paid request, for the same dataset, symbol, stype and window; priced first.
+    assert gateway.schemas(GET_RANGE) == ["ohlcv-1s", "ohlcv-1m"]
+    assert gateway.schemas("metadata.get_cost") == ["ohlcv-1s", "ohlcv-1m"]
+    one_s, one_m = gateway.calls(GET_RANGE)
+    for name in ("dataset", "symbols", "stype_in", "start", "end"):
+        assert one_m.fields[name] == one_s.fields[name], name
+    assert vendor_file(env).is_file()
+    meta = raw_metadata(first)
+    assert meta["vendor_1m_dbn_cache"] == "miss" and meta["vendor_1m_cost_usd"] > 0
+    record, found = vendor_check(instance, first)
+    assert record.status == PASSED and record.partition == partition_key(JAN, "ES")
+    assert "skipped" not in found and found["differing"] == 0 and found["violations"] == 0
+    ours = pd.read_parquet(bars_1min_file(env))
+    assert found["compared"] == found["vendor_bars"] == len(ours) > 100
+
+    requests = gateway.count()
+    second = run(instance, resource=databento_resource_from_env(), assets=[RAW, BARS_1MIN])
+    assert second.success and gateway.count() == requests  # both months come from the cache
+    assert raw_metadata(second)["vendor_1m_dbn_cache"] == "hit"
+    record, found = vendor_check(instance, second)
+    assert record.status == PASSED and found["compared"] == len(ours)
+
+    forced = run(
+        instance,
+        resource=databento_resource_from_env(),
+        assets=[RAW, BARS_1MIN],
+        tags={FORCE_TAG: "true"},
+    )
+    assert forced.success
+    assert gateway.schemas(GET_RANGE) == ["ohlcv-1s", "ohlcv-1m"] * 2  # force renews both
+    assert raw_metadata(forced)["vendor_1m_dbn_cache"] == "forced"
+    assert vendor_check(instance, forced)[0].status == PASSED
+
+
+def test_a_vendor_bar_that_disagrees_fails_the_check_and_bars_1min_is_not_written(
+    gateway, env, instance, monkeypatch
+):
+    monkeypatch.setenv("DBENTO_VENDOR_CHECK", "true")
+    gateway.corrupt_vendor_bar(3)
+    result = run(instance, resource=databento_resource_from_env(), assets=[RAW, BARS_1MIN])
+    assert not result.success
+    assert raw_file(env).is_file() and not bars_1min_file(env).exists()
+    assert "bars_1min for 2024-01-01|ES was NOT saved" in failure_text(result)
+    record, found = vendor_check(instance, result)
+    assert record.status == FAILED and record.partition == partition_key(JAN, "ES")
+    assert found["violations"] == found["differing"] == 1
+    assert found["missing_here"] == found["missing_at_vendor"] == 0
+    ours = aggregate_bars(pd.read_parquet(raw_file(env)), parse_timeframe("1min"))
+    fourth = ours.iloc[3]
+    assert fourth["ts_event"].strftime("%Y-%m-%d %H:%M") in found["first_violations"]
+    assert str(int(fourth["volume"]) + 1) in found["first_violations"]
+
+
+def test_without_vendor_check_no_1m_request_is_made_and_the_check_says_skipped(
+    gateway, env, instance
+):
+    result = run(instance, resource=databento_resource_from_env(), assets=[RAW, BARS_1MIN])
+    assert result.success
+    assert gateway.schemas(GET_RANGE) == ["ohlcv-1s"]
+    assert "ohlcv-1m" not in gateway.schemas("metadata.get_cost")
+    assert not vendor_file(env).exists() and bars_1min_file(env).is_file()
+    record, found = vendor_check(instance, result)
+    assert record.status == PASSED and found["skipped"] is True
+    assert "DBENTO_VENDOR_CHECK=true" in found["skipped_because"]
+
+
+def test_a_failed_1m_download_skips_the_check_and_keeps_the_data(
+    gateway, env, instance, monkeypatch
+):
+    assert run(instance, resource=databento_resource_from_env()).success  # 1s month cached
+    monkeypatch.setenv("DBENTO_VENDOR_CHECK", "true")
+    gateway.fail("503", endpoint=GET_RANGE, times=3)  # every attempt of the 1m download
+    result = run(instance, resource=databento_resource_from_env(), assets=[RAW, BARS_1MIN])
+    assert result.success, failure_text(result)
+    # Three attempts in raw_1s_bars, none again in the aggregation step of the same run.
+    assert gateway.schemas(GET_RANGE) == ["ohlcv-1s"] + ["ohlcv-1m"] * 3
+    assert "failed 3 times" in raw_metadata(result)["vendor_1m_error"]
+    assert not vendor_file(env).exists() and bars_1min_file(env).is_file()
+    record, found = vendor_check(instance, result)
+    assert record.status == PASSED and found["skipped"] is True
+    assert "failed 3 times" in found["skipped_because"]
+    assert TEST_KEY not in found["skipped_because"]
+
+    # Later, bars_1min alone: its check downloads the missing 1m month itself.
+    again = run(instance, resource=databento_resource_from_env(), assets=[BARS_1MIN])
+    assert again.success, failure_text(again)
+    assert gateway.schemas(GET_RANGE)[-1] == "ohlcv-1m" and vendor_file(env).is_file()
+    record, found = vendor_check(instance, again)
+    assert record.status == PASSED and "skipped" not in found and found["differing"] == 0
+
+
 # --------------------------------------------------------------------------- pool
 
 
@@ -505,9 +647,10 @@ def sqlite_leaks(path: Path, secret: bytes) -> list[str]:
 
 
 def test_the_key_appears_nowhere_after_a_full_run_through_the_gateway(
-    gateway, env, home, tmp_path, caplog, capfd
+    gateway, env, home, tmp_path, caplog, capfd, monkeypatch
 ):
     caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("DBENTO_VENDOR_CHECK", "true")  # the 1m downloads too
     messages: list[str] = []
     instance = DagsterInstance.get()  # the instance of DAGSTER_HOME, as `dagster dev` uses
 
@@ -533,6 +676,7 @@ def test_the_key_appears_nowhere_after_a_full_run_through_the_gateway(
 
     secret = TEST_KEY.encode()
     assert sum(r.auth_user == TEST_KEY for r in gateway.requests) > 10  # the key was used
+    assert "ohlcv-1m" in gateway.schemas(GET_RANGE)
     assert any("rejected the API key" in m for m in messages)  # failures were recorded
     leaks = [m for m in messages if TEST_KEY in m]
     leaks += [r.getMessage() for r in caplog.records if TEST_KEY in r.getMessage()]

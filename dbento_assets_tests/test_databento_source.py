@@ -559,3 +559,67 @@ def test_gateway_serves_the_demo_records_for_the_exact_window():
     assert {int(iv["symbol"]) for iv in mappings["ES.v.0"]} == set(
         np.unique(records["instrument_id"]).tolist()
     )
+
+
+# --------------------------------------------------------------------------- vendor 1m
+
+
+def fetch_1m(source: DatabentoSource, inst: Instrument = ES, month: Month = JAN, force=False):
+    logs: list[str] = []
+    fetched = source.fetch_vendor_1m(FetchRequest(inst, month, force=force), logs.append)
+    return fetched, logs
+
+
+def test_vendor_1m_is_the_same_request_in_ohlcv_1m_cached_beside_the_1s_file(gateway, tmp_path):
+    source = make_source(gateway, tmp_path)
+    fetch(source)
+    fetched, _ = fetch_1m(source)
+
+    one_s, one_m = gateway.calls(GET_RANGE)
+    assert one_m.fields["schema"] == "ohlcv-1m"
+    for name in ("dataset", "symbols", "stype_in", "start", "end"):
+        assert one_m.fields[name] == one_s.fields[name], name
+    assert [r.fields.get("schema") for r in gateway.calls("metadata.get_cost")] == [
+        "ohlcv-1s",
+        "ohlcv-1m",
+    ]
+    cache = dbn_cache_path(tmp_path, "ES", JAN, "ohlcv-1m")
+    assert cache == tmp_path / "dbn" / "ES" / "ES_2024_01.ohlcv-1m.dbn.zst"
+    assert fetched.payloads == [cache] and fetched.metadata["schema"] == "ohlcv-1m"
+    bars = decode_month(fetched.payloads, "ES", JAN, schema="ohlcv-1m").bars
+    truth = expected_records(gateway, ES, JAN)
+    minutes = truth["ts_event"].astype("int64") // (60 * 10**9)
+    assert len(bars) == len(np.unique(np.stack([minutes, truth["instrument_id"]]), axis=1).T)
+    assert int(bars["volume"].sum()) == int(truth["volume"].sum())
+    assert fetched.metadata["record_count"] == len(bars)
+
+    before = gateway.count()
+    again, logs = fetch_1m(make_source(gateway, tmp_path))
+    assert gateway.count() == before and again.metadata["dbn_cache"] == "hit"
+    assert any("cache hit" in line and "ohlcv-1m" in line for line in logs)
+    forced, _ = fetch_1m(make_source(gateway, tmp_path), force=True)
+    assert gateway.count(GET_RANGE) == 3 and forced.metadata["dbn_cache"] == "forced"
+    assert gateway.calls(GET_RANGE)[-1].fields["schema"] == "ohlcv-1m"
+
+
+def test_vendor_1m_has_the_ceiling_retries_and_file_checks_of_the_1s_path(gateway, tmp_path):
+    gateway.price_per_gb = 1e7
+    with pytest.raises(SourceError, match="ES 2024-01 ohlcv-1m: Databento estimates") as info:
+        fetch_1m(make_source(gateway, tmp_path))
+    assert TEST_KEY not in str(info.value) and gateway.count(GET_RANGE) == 0
+    gateway.price_per_gb = 10.0
+    gateway.fail("cut", endpoint=GET_RANGE)
+    fetched, _ = fetch_1m(make_source(gateway, tmp_path))
+    assert fetched.metadata["download_attempts"] == 2
+    assert not [p for p in tmp_path.rglob("*.part")]
+    assert not dbn_cache_path(tmp_path, "ES", JAN).exists()  # the 1s month was not bought
+
+
+def test_check_dbn_file_refuses_records_of_another_schema(tmp_path):
+    payload, month = _payload()
+    path = tmp_path / "x.dbn.zst"
+    path.write_bytes(payload)
+    with pytest.raises(DbnError, match="records that are not ohlcv-1m"):
+        check_dbn_file(path, month.start_ns, month.end_ns, "ohlcv-1m")
+    with pytest.raises(SourceError, match="not one the Databento source downloads"):
+        dbn_cache_path(tmp_path, "ES", month, "trades")

@@ -5,7 +5,9 @@ timestamps, and the vendor cross-check: QQQ 1-second bars aggregated to one minu
 Databento's own 1-minute bars for the minutes the 1s file fully covers. Synthetic folders,
 written with the project's DBN encoder, prove file selection by dataset, month and
 symbology, day-split files holding several symbols, continuous futures rolling mid-month,
-and that a file mapping two continuous symbols onto the same contract never mixes them.
+that a file mapping two continuous symbols onto the same contract never mixes them, that such
+a file, filtered, still claims only the time its original covered, and that the folder's
+ohlcv-1m files serve the vendor cross-check the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import pytest
 
 from dbento_assets.core.aggregate import aggregate_bars
 from dbento_assets.core.catalog import Instrument, load_catalog
-from dbento_assets.core.dbn import decode_month, encode_ohlcv_1s, ohlcv_records
+from dbento_assets.core.coverage import dbn_coverage
+from dbento_assets.core.dbn import decode_month, encode_ohlcv, encode_ohlcv_1s, ohlcv_records
 from dbento_assets.core.dbn_files import DbnFilesSource
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import FetchRequest, SourceError
@@ -151,15 +154,20 @@ def day_ns(day: dt.date) -> int:
     return int(pd.Timestamp(day, tz="UTC").value)
 
 
-def records_for(day: dt.date, ids: list[int], base: int) -> np.ndarray:
-    """Three bars per instrument on ``day``; the close encodes the id so rows are traceable."""
+def records_for(day: dt.date, ids: list[int], base: int, schema: str = "ohlcv-1s") -> np.ndarray:
+    """Three bars per instrument on ``day`` (seconds, or minutes for ohlcv-1m) from 01:00; the
+    close encodes the id so rows are traceable."""
+    step = 60 * NS if schema == "ohlcv-1m" else NS
     rows = [
-        (day_ns(day) + (3600 + k) * NS, iid, (base + iid) * NS + k) for iid in ids for k in range(3)
+        (day_ns(day) + 3600 * NS + k * step, iid, (base + iid) * NS + k)
+        for iid in ids
+        for k in range(3)
     ]
     ts, iids, px = (np.array(col, dtype=np.int64) for col in zip(*rows, strict=True))
     vol = np.full(len(ts), 5, dtype=np.uint64)
     order = np.lexsort((iids, ts))
-    return ohlcv_records(ts[order], iids[order], px[order], px[order], px[order], px[order], vol)
+    p = px[order]
+    return ohlcv_records(ts[order], iids[order], p, p, p, p, vol, schema=schema)
 
 
 def write_day_file(
@@ -170,12 +178,16 @@ def write_day_file(
     dataset: str = "GLBX.MDP3",
     stype_in: str = "continuous",
     compress: bool = True,
+    schema: str = "ohlcv-1s",
+    limit: int | None = None,
 ) -> Path:
     """One batch file of one day holding several symbols, as Databento splits by day."""
-    records = records_for(day, sorted(set(mappings.values())), base=1000)
+    records = records_for(day, sorted(set(mappings.values())), base=1000, schema=schema)
     end = day + dt.timedelta(days=1)
-    payload = encode_ohlcv_1s(
+    payload = encode_ohlcv(
         records,
+        schema=schema,
+        limit=limit,
         dataset=dataset,
         symbols=sorted(mappings),
         stype_in=stype_in,
@@ -188,7 +200,7 @@ def write_day_file(
         compress=compress,
     )
     suffix = ".dbn.zst" if compress else ".dbn"
-    path = folder / f"{dataset.lower()}-{day:%Y%m%d}.ohlcv-1s{suffix}"
+    path = folder / f"{dataset.lower()}-{day:%Y%m%d}.{schema}{suffix}"
     path.write_bytes(payload)
     return path
 
@@ -301,3 +313,96 @@ def test_a_month_file_spanning_the_boundary_keeps_only_the_month(tmp_path):
     assert len(bars) == 5 * 3  # March 1..5
     assert fetched.metadata["first_day_covered"] == "2024-03-01"
     assert fetched.metadata["last_day_covered"] == "2024-03-05"
+
+
+# --------------------------------------------------------------------------- filtered coverage
+
+
+def header(payload: bytes | Path) -> tuple[int, int | None]:
+    store = (
+        databento.DBNStore.from_bytes(payload)
+        if isinstance(payload, bytes)
+        else databento.DBNStore.from_file(payload)
+    )
+    return int(store.metadata.start), store.metadata.end
+
+
+def test_a_filtered_file_claims_only_the_window_of_its_original(batch_folder):
+    fetched, _ = fetch(DbnFilesSource(batch_folder), ES, MAR24)
+    filtered = [p for p in fetched.payloads if isinstance(p, bytes)]
+    assert len(filtered) == 2  # before the roll ES.v.1 is ESM4, ES.v.0's next contract
+    originals = {header(path) for path in batch_folder.rglob("glbx*2024031*") if path.is_file()}
+    assert {header(p) for p in filtered} <= originals  # each keeps its day, not the month
+    # So the month is covered on the files' five days only, not whole.
+    day = lambda d: day_ns(dt.date(2024, 3, d))  # noqa: E731
+    assert dbn_coverage(fetched.payloads, MAR24, "ohlcv-1s") == [
+        (day(13), day(16)),
+        (day(18), day(20)),
+    ]
+
+
+def test_a_filtered_file_cut_by_its_limit_covers_up_to_its_last_record(tmp_path):
+    # Two days across the roll, ES.v.0 and ES.v.1 in one request, cut short by its limit: the
+    # file ends at its last record (the 15th, 01:00:02), not at the requested end (the 17th).
+    first, second, end = dt.date(2024, 3, 14), ROLL, dt.date(2024, 3, 17)
+    records = np.concatenate(
+        [records_for(first, [100, 200], base=1000), records_for(second, [200, 300], base=1000)]
+    )
+    path = tmp_path / "roll.ohlcv-1s.dbn.zst"
+    path.write_bytes(
+        encode_ohlcv(
+            records,
+            dataset="GLBX.MDP3",
+            symbols=["ES.v.0", "ES.v.1"],
+            stype_in="continuous",
+            start_ns=day_ns(first),
+            end_ns=day_ns(end),
+            limit=len(records),
+            mappings={
+                "ES.v.0": [
+                    {"start_date": first, "end_date": second, "symbol": "100"},
+                    {"start_date": second, "end_date": end, "symbol": "200"},
+                ],
+                "ES.v.1": [
+                    {"start_date": first, "end_date": second, "symbol": "200"},
+                    {"start_date": second, "end_date": end, "symbol": "300"},
+                ],
+            },
+        )
+    )
+    last = day_ns(second) + (3600 + 2) * NS
+    assert dbn_coverage([path], MAR24, "ohlcv-1s") == [(day_ns(first), last)]
+
+    fetched, _ = fetch(DbnFilesSource(tmp_path), ES, MAR24)
+    (payload,) = fetched.payloads
+    assert isinstance(payload, bytes)  # ESM4 (200) is ES.v.1, then ES.v.0: filtered by date
+    assert header(payload) == (day_ns(first), last)
+    assert dbn_coverage(fetched.payloads, MAR24, "ohlcv-1s") == [(day_ns(first), last)]
+    bars = decode_month(fetched.payloads, "ES", MAR24, fetched.instrument_ids).bars
+    assert list(bars["instrument_id"]) == [100] * 3 + [200] * 3
+
+
+# --------------------------------------------------------------------------- vendor 1m files
+
+
+def test_vendor_1m_of_the_real_sample_covers_what_its_header_says():
+    found = DbnFilesSource(SAMPLES).vendor_1m(QQQ, MAR23)
+    assert found is not None and "test_data.ohlcv-1m.dbn.zst" in found.origin
+    assert len(found.bars) == 4 and set(found.bars["instrument_id"]) == {13340}
+    assert found.covered == [(day_ns(dt.date(2023, 3, 28)), utc("2023-03-28 11:19").value)]
+    assert DbnFilesSource(SAMPLES).vendor_1m(QQQ, Month(2023, 4)) is None
+
+
+def test_vendor_1m_files_are_chosen_and_filtered_like_the_1s_files(batch_folder):
+    days = (dt.date(2024, 3, 14), ROLL)
+    for day in days:
+        write_day_file(batch_folder, day, contracts_on(day), schema="ohlcv-1m")
+    found = DbnFilesSource(batch_folder).vendor_1m(ES, MAR24)
+    assert found is not None
+    # Only the two ohlcv-1m files, and in them only ES.v.0's contract of each day.
+    assert found.origin.count("ohlcv-1m") == 2 and "ohlcv-1s" not in found.origin
+    bars = found.bars
+    assert list(bars["instrument_id"]) == [100] * 3 + [200] * 3
+    assert (bars["close"].round() == 1000 + bars["instrument_id"].astype("int64")).all()
+    assert found.covered == [(day_ns(days[0]), day_ns(ROLL + dt.timedelta(days=1)))]
+    assert DbnFilesSource(batch_folder).vendor_1m(CATALOG.instrument("SPY"), MAR24) is None

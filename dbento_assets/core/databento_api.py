@@ -2,15 +2,18 @@
 
 :class:`DatabentoSource` answers a :class:`~dbento_assets.core.source.FetchRequest` with a
 DBN file in the local cache ``<data_root>/dbn/<SYMBOL>/<SYMBOL>_<YYYY>_<MM>.ohlcv-1s.dbn.zst``
-(:func:`dbn_cache_path` is the one place that spells it). A cached month is decoded again
-without a single request. Otherwise the source asks, in order and all free of charge: the
-dataset's ohlcv-1s range (``metadata.get_dataset_range``), the cost (``metadata.get_cost``,
-refused above the per-partition ceiling), the billable size and the record count; only then
-it pays for ``timeseries.get_range``, streamed by the client to a temporary file next to the
-cache entry. The temporary file is checked (every zstd frame closed, no partial record, only
-ohlcv-1s records inside the requested window, no fewer records than announced) and renamed
-over the cache entry only when whole, so a forced re-download keeps the old file until the
-new one is complete. Faults: 429 waits for ``Retry-After``; 5xx, connection errors, broken or
+(:func:`dbn_cache_path` is the one place that spells it). :meth:`DatabentoSource.fetch_vendor_1m`
+does the same, by the same code, for Databento's own ohlcv-1m bars of the partition (the
+vendor cross-check, ``<SYMBOL>_<YYYY>_<MM>.ohlcv-1m.dbn.zst``): every step below is
+parametrized by the schema. A cached month is decoded again without a single request.
+Otherwise the source asks, in order and all free of charge: the dataset's range for the
+schema (``metadata.get_dataset_range``), the cost (``metadata.get_cost``, refused above the
+per-partition ceiling), the billable size and the record count; only then it pays for
+``timeseries.get_range``, streamed by the client to a temporary file next to the cache entry.
+The temporary file is checked (every zstd frame closed, no partial record, only records of
+the schema inside the requested window, no fewer records than announced) and renamed over
+the cache entry only when whole, so a forced re-download keeps the old file until the new
+one is complete. Faults: 429 waits for ``Retry-After``; 5xx, connection errors, broken or
 truncated streams back off exponentially with jitter for a bounded number of attempts; 401
 and 403 fail at once without showing the key; 422 fails at once naming symbol, dataset,
 stype and the catalog file. Availability: a month that is not fully published yet, or lies
@@ -46,7 +49,7 @@ import zstandard
 from databento.common.error import BentoClientError, BentoError, BentoServerError
 
 from dbento_assets.core.catalog import Instrument, catalog_path
-from dbento_assets.core.dbn import OHLCV_1S_RTYPE, OHLCV_RECORD_DTYPE, DbnError
+from dbento_assets.core.dbn import OHLCV_RECORD_DTYPE, OHLCV_RTYPES, DbnError
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import FetchedMonth, FetchRequest, Logger, SourceError
 
@@ -55,8 +58,8 @@ T = TypeVar("T")
 DEFAULT_GATEWAY = "https://hist.databento.com"
 DEFAULT_MAX_COST_USD = 5.0
 DEFAULT_TIMEOUT_SECONDS = 100.0
-SCHEMA = "ohlcv-1s"
-CACHE_SUFFIX = ".ohlcv-1s.dbn.zst"
+SCHEMA = "ohlcv-1s"  # the pipeline's bars
+VENDOR_SCHEMA = "ohlcv-1m"  # Databento's own 1-minute bars, for the vendor cross-check
 SIDECAR_SUFFIX = ".json"
 PART_SUFFIX = ".part"
 RETRYABLE_STATUS = frozenset({408, 500, 502, 503, 504})
@@ -100,9 +103,10 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class Availability:
-    """What ``metadata.get_dataset_range`` says about one dataset's ohlcv-1s data."""
+    """What ``metadata.get_dataset_range`` says about one dataset's data of one schema."""
 
     dataset: str
+    schema: str
     start: pd.Timestamp
     end: pd.Timestamp  # exclusive
 
@@ -150,9 +154,29 @@ class _Transient(Exception):
         self.retry_after = retry_after
 
 
-def dbn_cache_path(data_root: Path | str, symbol: str, month: Month) -> Path:
-    """The cache file of one partition: ``<root>/dbn/ES/ES_2024_01.ohlcv-1s.dbn.zst``."""
-    return Path(data_root) / "dbn" / symbol / f"{symbol}_{month.tag}{CACHE_SUFFIX}"
+def _rtype(schema: str) -> int:
+    try:
+        return OHLCV_RTYPES[schema]
+    except KeyError:
+        raise SourceError(
+            f"schema {schema!r} is not one the Databento source downloads "
+            f"({', '.join(OHLCV_RTYPES)})"
+        ) from None
+
+
+def cache_suffix(schema: str = SCHEMA) -> str:
+    """``.ohlcv-1s.dbn.zst``: how a cache file of ``schema`` ends."""
+    _rtype(schema)
+    return f".{schema}.dbn.zst"
+
+
+CACHE_SUFFIX = cache_suffix(SCHEMA)
+
+
+def dbn_cache_path(data_root: Path | str, symbol: str, month: Month, schema: str = SCHEMA) -> Path:
+    """The cache file of one partition and schema: ``<root>/dbn/ES/ES_2024_01.ohlcv-1s.dbn.zst``
+    (``...ohlcv-1m.dbn.zst`` for the vendor's 1-minute bars)."""
+    return Path(data_root) / "dbn" / symbol / f"{symbol}_{month.tag}{cache_suffix(schema)}"
 
 
 def sidecar_path(cache_file: Path) -> Path:
@@ -160,13 +184,14 @@ def sidecar_path(cache_file: Path) -> Path:
     return cache_file.with_name(cache_file.name + SIDECAR_SUFFIX)
 
 
-def check_dbn_file(path: Path, start_ns: int, end_ns: int) -> DbnFileCheck:
+def check_dbn_file(path: Path, start_ns: int, end_ns: int, schema: str = SCHEMA) -> DbnFileCheck:
     """Read a DBN file (zstd or plain) in bounded memory and prove it whole.
 
     Raises :class:`TruncatedDownload` when a zstd frame is unfinished, the metadata header is
     cut, or the last record is partial, and :class:`DbnError` when the file holds anything but
-    ohlcv-1s records inside ``[start_ns, end_ns)``.
+    ``schema`` records inside ``[start_ns, end_ns)``.
     """
+    rtype = _rtype(schema)
     header = b""
     meta_left: int | None = None
     tail = b""
@@ -193,10 +218,8 @@ def check_dbn_file(path: Path, start_ns: int, end_ns: int) -> DbnFileCheck:
         if not usable:
             continue
         records = np.frombuffer(data, dtype=OHLCV_RECORD_DTYPE, count=usable // _RECORD_SIZE)
-        if np.any(records["rtype"] != OHLCV_1S_RTYPE) or np.any(
-            records["length"] != _RECORD_SIZE // 4
-        ):
-            raise DbnError(f"{path} holds records that are not ohlcv-1s")
+        if np.any(records["rtype"] != rtype) or np.any(records["length"] != _RECORD_SIZE // 4):
+            raise DbnError(f"{path} holds records that are not {schema}")
         ts = records["ts_event"]
         lo, hi = int(ts.min()), int(ts.max())
         if lo < start_ns or hi >= end_ns:
@@ -241,7 +264,8 @@ def _decompressed_chunks(path: Path) -> Iterator[bytes]:
 
 
 class DatabentoSource:
-    """Month-by-month ohlcv-1s downloads from Databento's historical API, cached as DBN."""
+    """Month-by-month ohlcv-1s (and, on request, ohlcv-1m) downloads from Databento's
+    historical API, cached as DBN."""
 
     name = "databento"
 
@@ -277,7 +301,7 @@ class DatabentoSource:
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._client: databento.Historical | None = None
-        self._ranges: dict[str, Availability] = {}
+        self._ranges: dict[tuple[str, str], Availability] = {}
 
     def __repr__(self) -> str:  # never show the key
         return (
@@ -287,33 +311,46 @@ class DatabentoSource:
 
     # ------------------------------------------------------------------ public API
 
-    def cache_path(self, symbol: str, month: Month) -> Path:
-        return dbn_cache_path(self.data_root, symbol, month)
+    def cache_path(self, symbol: str, month: Month, schema: str = SCHEMA) -> Path:
+        return dbn_cache_path(self.data_root, symbol, month, schema)
 
     def fetch(self, request: FetchRequest, log: Logger) -> FetchedMonth:
-        """Return the month's cached DBN file, downloading it first when needed."""
+        """Return the month's cached ohlcv-1s DBN file, downloading it first when needed."""
+        return self._fetch(request, log, SCHEMA)
+
+    def fetch_vendor_1m(self, request: FetchRequest, log: Logger) -> FetchedMonth:
+        """Return Databento's own ohlcv-1m of the partition (same dataset, symbol, stype_in
+        and month window), cached as ``<SYM>_<YYYY>_<MM>.ohlcv-1m.dbn.zst`` and downloaded
+        first when needed, with every check, ceiling and retry of :meth:`fetch`."""
+        return self._fetch(request, log, VENDOR_SCHEMA)
+
+    def _fetch(self, request: FetchRequest, log: Logger, schema: str) -> FetchedMonth:
         inst, month = request.instrument, request.month
-        final = self.cache_path(inst.symbol, month)
+        what = f"{inst.symbol} {month} {schema}"
+        final = self.cache_path(inst.symbol, month, schema)
         if final.is_file() and not request.force:
-            log(f"DBN cache hit for {inst.symbol} {month}: {final} (no Databento request)")
+            log(f"DBN cache hit for {what}: {final} (no Databento request)")
             return FetchedMonth(payloads=[final], metadata=self._cache_hit_metadata(final))
         if request.force and final.is_file():
-            log(f"force: re-downloading {inst.symbol} {month}; {final} is kept until then")
-        availability = self._availability(inst.dataset, inst, month, use_cache=False, log=log)
+            log(f"force: re-downloading {what}; {final} is kept until then")
+        availability = self._availability(
+            inst.dataset, inst, month, schema, use_cache=False, log=log
+        )
         window = self._window(inst, month, availability)
         if window.partial_reason:
             log(window.partial_reason)
+        query = self._query(inst, window, schema)
         cost = self._call(
             "metadata.get_cost",
             inst,
             month,
-            lambda: self._client_().metadata.get_cost(**self._query(inst, window)),
+            lambda: self._client_().metadata.get_cost(**query),
             log=log,
         )
         cost = float(cost)
         if cost > self.max_cost_usd:
             raise SourceError(
-                f"{inst.symbol} {month}: Databento estimates ${cost:,.2f} for this partition, "
+                f"{what}: Databento estimates ${cost:,.2f} for this partition, "
                 f"above the ceiling of ${self.max_cost_usd:,.2f} (DBENTO_MAX_COST_USD). Nothing "
                 "was downloaded. Raise DBENTO_MAX_COST_USD if the price is expected, and check "
                 "the total first with `python -m dbento_assets.estimate`."
@@ -323,7 +360,7 @@ class DatabentoSource:
                 "metadata.get_billable_size",
                 inst,
                 month,
-                lambda: self._client_().metadata.get_billable_size(**self._query(inst, window)),
+                lambda: self._client_().metadata.get_billable_size(**query),
                 log=log,
             )
         )
@@ -332,22 +369,22 @@ class DatabentoSource:
                 "metadata.get_record_count",
                 inst,
                 month,
-                lambda: self._client_().metadata.get_record_count(**self._query(inst, window)),
+                lambda: self._client_().metadata.get_record_count(**query),
                 log=log,
             )
         )
         log(
-            f"{inst.symbol} {month}: estimated cost ${cost:,.4f}, billable size "
+            f"{what}: estimated cost ${cost:,.4f}, billable size "
             f"{billable:,} bytes, {expected:,} records"
         )
         if expected == 0:
             raise SourceError(
-                f"Databento has no {SCHEMA} records for {inst.symbol} (symbol "
+                f"Databento has no {schema} records for {inst.symbol} (symbol "
                 f"{inst.request_symbol!r}, stype_in {inst.stype_in!r}, dataset {inst.dataset!r}) "
                 f"in {month}. An empty month is not stored as complete: check the "
                 f"[instruments.{inst.symbol}] entry in {self._catalog_file()}."
             )
-        check, attempts = self._download(inst, month, window, final, expected, log)
+        check, attempts = self._download(inst, month, window, schema, final, expected, log)
         metadata: dict[str, Any] = {
             "source": self.name,
             "dbn_cache": "forced" if request.force else "miss",
@@ -356,7 +393,7 @@ class DatabentoSource:
             "dataset": inst.dataset,
             "request_symbol": inst.request_symbol,
             "stype_in": inst.stype_in,
-            "schema": SCHEMA,
+            "schema": schema,
             "request_start": window.start.isoformat(),
             "request_end": window.end.isoformat(),
             "available_start": availability.start.isoformat(),
@@ -375,17 +412,19 @@ class DatabentoSource:
         self._write_sidecar(final, metadata)
         return FetchedMonth(payloads=[final], metadata=metadata)
 
-    def estimate(self, instrument: Instrument, month: Month) -> CostEstimate:
+    def estimate(self, instrument: Instrument, month: Month, schema: str = SCHEMA) -> CostEstimate:
         """Price one partition without downloading it (free calls only; cached: no call)."""
-        final = self.cache_path(instrument.symbol, month)
+        final = self.cache_path(instrument.symbol, month, schema)
         if final.is_file():
             return CostEstimate(instrument.symbol, month, cached=True, note=f"cached: {final}")
-        availability = self._availability(instrument.dataset, instrument, month, use_cache=True)
+        availability = self._availability(
+            instrument.dataset, instrument, month, schema, use_cache=True
+        )
         try:
             window = self._window(instrument, month, availability)
         except SourceError as exc:
             return CostEstimate(instrument.symbol, month, cached=False, note=str(exc))
-        query = self._query(instrument, window)
+        query = self._query(instrument, window, schema)
         cost = float(
             self._call(
                 "metadata.get_cost",
@@ -428,13 +467,13 @@ class DatabentoSource:
     def _catalog_file(self) -> Path:
         return self.catalog_file or catalog_path()
 
-    def _query(self, inst: Instrument, window: MonthWindow) -> dict[str, Any]:
+    def _query(self, inst: Instrument, window: MonthWindow, schema: str) -> dict[str, Any]:
         return {
             "dataset": inst.dataset,
             "start": window.start,
             "end": window.end,
             "symbols": [inst.request_symbol],
-            "schema": SCHEMA,
+            "schema": schema,
             "stype_in": inst.stype_in,
         }
 
@@ -443,12 +482,13 @@ class DatabentoSource:
         dataset: str,
         inst: Instrument,
         month: Month,
+        schema: str,
         *,
         use_cache: bool,
         log: Logger | None = None,
     ) -> Availability:
-        if use_cache and dataset in self._ranges:
-            return self._ranges[dataset]
+        if use_cache and (dataset, schema) in self._ranges:
+            return self._ranges[(dataset, schema)]
         raw = self._call(
             "metadata.get_dataset_range",
             inst,
@@ -458,17 +498,17 @@ class DatabentoSource:
         )
         try:
             schemas = raw.get("schema") or {}
-            span = schemas.get(SCHEMA) or raw
-            found = Availability(dataset, _utc(span["start"]), _utc(span["end"]))
+            span = schemas.get(schema) or raw
+            found = Availability(dataset, schema, _utc(span["start"]), _utc(span["end"]))
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise SourceError(
                 f"Databento's dataset range for {dataset} is not understood ({exc!r})"
             ) from None
-        self._ranges[dataset] = found
+        self._ranges[(dataset, schema)] = found
         return found
 
     def _window(self, inst: Instrument, month: Month, avail: Availability) -> MonthWindow:
-        what = f"{inst.symbol} {month} ({inst.dataset} {SCHEMA})"
+        what = f"{inst.symbol} {month} ({inst.dataset} {avail.schema})"
         if month.end <= avail.start:
             raise SourceError(
                 f"{what}: the month lies wholly before the dataset's start "
@@ -498,6 +538,7 @@ class DatabentoSource:
         inst: Instrument,
         month: Month,
         window: MonthWindow,
+        schema: str,
         final: Path,
         expected: int,
         log: Logger,
@@ -511,18 +552,20 @@ class DatabentoSource:
             part = final.with_name(
                 f"{final.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}{PART_SUFFIX}"
             )
-            log(f"downloading {inst.symbol} {month} to {part.name} (attempt {attempts})")
+            log(f"downloading {inst.symbol} {month} {schema} to {part.name} (attempt {attempts})")
             try:
-                store = self._client_().timeseries.get_range(**self._query(inst, window), path=part)
+                store = self._client_().timeseries.get_range(
+                    **self._query(inst, window, schema), path=part
+                )
                 del store  # the client's DBNStore keeps the file open
                 try:
-                    check = check_dbn_file(part, window.start.value, window.end.value)
+                    check = check_dbn_file(part, window.start.value, window.end.value, schema)
                 except TruncatedDownload as exc:
                     raise _Transient(f"truncated download: {exc}") from None
                 except DbnError as exc:
                     raise SourceError(
-                        f"Databento's answer for {inst.symbol} {month} is not usable ({exc}); "
-                        "nothing was cached"
+                        f"Databento's {schema} answer for {inst.symbol} {month} is not usable "
+                        f"({exc}); nothing was cached"
                     ) from None
                 if check.records < expected:
                     raise _Transient(

@@ -5,9 +5,10 @@ Encoding, optionally zstd-compressed). :func:`decode_month` turns one or more DB
 into the sorted bar frame of :mod:`dbento_assets.core.bars`, keeping only the records of the
 partition's month window (and, when asked, of given instrument ids). Decoding goes through
 ``DBNStore.to_ndarray()``, which is an order of magnitude faster than ``to_df()``.
-:func:`encode_ohlcv_1s` writes DBN for the demo generator and the test gateway: the metadata
-header comes from ``databento_dbn.Metadata.encode()`` and the records from a numpy array
-laid out exactly as ``databento_dbn.OHLCVMsg`` (56 bytes each; a test proves the layout).
+:func:`encode_ohlcv` (``encode_ohlcv_1s`` for the pipeline's schema) writes DBN of an OHLCV
+schema for the demo generator, the DBN-files source's filtered files and the test gateway: the
+metadata header comes from ``databento_dbn.Metadata.encode()`` and the records from a numpy
+array laid out exactly as ``databento_dbn.OHLCVMsg`` (56 bytes each; a test proves the layout).
 """
 
 from __future__ import annotations
@@ -190,12 +191,13 @@ def ohlcv_records(
     lows: np.ndarray,
     closes: np.ndarray,
     volume: np.ndarray,
-    publisher_id: int = 1,
+    publisher_id: int | np.ndarray = 1,
+    schema: str = "ohlcv-1s",
 ) -> np.ndarray:
-    """Pack columns (prices already int64 fixed-point) into ohlcv-1s DBN records."""
+    """Pack columns (prices already int64 fixed-point) into OHLCV DBN records of ``schema``."""
     out = np.zeros(len(ts_ns), dtype=OHLCV_RECORD_DTYPE)
     out["length"] = OHLCV_RECORD_DTYPE.itemsize // 4
-    out["rtype"] = OHLCV_1S_RTYPE
+    out["rtype"] = _rtype(schema)
     out["publisher_id"] = publisher_id
     out["instrument_id"] = instrument_id
     out["ts_event"] = ts_ns
@@ -207,29 +209,35 @@ def ohlcv_records(
     return out
 
 
-def encode_ohlcv_1s(
+def encode_ohlcv(
     records: np.ndarray,
     *,
     dataset: str,
     symbols: Sequence[str],
     stype_in: str,
     start_ns: int,
-    end_ns: int,
+    end_ns: int | None,
     mappings: dict[str, list[dict[str, object]]] | None = None,
     compress: bool = True,
+    schema: str = "ohlcv-1s",
+    limit: int | None = None,
 ) -> bytes:
-    """Encode ohlcv-1s records as a DBN v3 stream (zstd-compressed unless told otherwise).
+    """Encode OHLCV records as a DBN v3 stream of ``schema`` (zstd unless told otherwise).
 
-    ``mappings`` uses the client's own spelling: ``{"ES.v.0": [{"start_date": date,
-    "end_date": date, "symbol": "4916"}]}``.
+    The header names ``schema``; the records are written as given (their ``rtype`` is the
+    caller's, see :func:`ohlcv_records`). ``end_ns`` None leaves the end undefined, ``limit``
+    records a request's record limit. ``mappings`` uses the client's own spelling:
+    ``{"ES.v.0": [{"start_date": date, "end_date": date, "symbol": "4916"}]}``.
     """
+    _rtype(schema)
     metadata = databento_dbn.Metadata(
         dataset=dataset,
-        schema=databento_dbn.Schema.OHLCV_1S,
+        schema=databento_dbn.Schema(schema),
         start=int(start_ns),
         stype_in=databento_dbn.SType(stype_in),
         stype_out=databento_dbn.SType.INSTRUMENT_ID,
-        end=int(end_ns),
+        end=None if end_ns is None else int(end_ns),
+        limit=None if not limit else int(limit),
         symbols=list(symbols),
         partial=[],
         not_found=[],
@@ -237,6 +245,16 @@ def encode_ohlcv_1s(
     )
     raw = metadata.encode() + np.ascontiguousarray(records, dtype=OHLCV_RECORD_DTYPE).tobytes()
     return zstandard.ZstdCompressor(level=3).compress(raw) if compress else raw
+
+
+encode_ohlcv_1s = encode_ohlcv  # its default schema is the pipeline's ohlcv-1s
+
+
+def _rtype(schema: str) -> int:
+    try:
+        return OHLCV_RTYPES[schema]
+    except KeyError:
+        raise DbnError(f"schema {schema!r} is not one of {', '.join(OHLCV_RTYPES)}") from None
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,12 @@ future picks up every contract it rolled through in the month. When a file also 
 symbol to one of those ids (``ES.v.0`` and ``ES.v.1`` in one file, where next month's contract
 is ``ES.v.1`` before the roll and ``ES.v.0`` after it), an id filter alone would mix contracts,
 so that file's records are filtered by id *and* date interval and handed over re-encoded as
-DBN; every other file is handed over as a path. Decoding stays in :mod:`dbento_assets.core.dbn`.
+DBN, with the original file's start and end (a request cut short by its ``limit``: up to its
+last record) in the new header, so its coverage is what the original covered, never more;
+every other file is handed over as a path. Decoding stays in :mod:`dbento_assets.core.dbn`.
+The folder's ohlcv-1m files, chosen the same way, are Databento's own 1-minute bars for the
+vendor cross-check (:meth:`DbnFilesSource.vendor_1m`), their coverage clipped to the dates
+the symbology maps the request symbol.
 """
 
 from __future__ import annotations
@@ -24,13 +29,24 @@ from typing import Any
 
 import databento
 import numpy as np
+import pandas as pd
 
+from dbento_assets.core.bars import empty_bars, sort_bars
 from dbento_assets.core.catalog import Instrument
-from dbento_assets.core.dbn import DbnError, DbnPayload, encode_ohlcv_1s, read_records
+from dbento_assets.core.coverage import (
+    VendorMonth,
+    Window,
+    dbn_coverage,
+    defined_end,
+    intersect_windows,
+    merge_windows,
+)
+from dbento_assets.core.dbn import DbnError, DbnPayload, decode_month, encode_ohlcv, read_records
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import FetchedMonth, FetchRequest, Logger, SourceError
 
 SCHEMA = "ohlcv-1s"
+VENDOR_SCHEMA = "ohlcv-1m"
 SUFFIXES = (".dbn", ".dbn.zst")
 _NS_PER_DAY = 86_400 * 1_000_000_000
 _EPOCH = dt.date(1970, 1, 1)
@@ -69,6 +85,16 @@ class _Interval:
     instrument_id: int
     start_ns: int
     end_ns: int
+
+
+@dataclass(frozen=True)
+class _Chosen:
+    """A file holding the partition's symbol: our intervals, and the ids other symbols of
+    the file map in the month."""
+
+    info: DbnFileInfo
+    ours: list[_Interval]
+    others: set[int]
 
 
 class DbnFilesSource:
@@ -112,48 +138,28 @@ class DbnFilesSource:
         """The DBN payloads and instrument ids of one partition, from the folder's files."""
         inst, month = request.instrument, request.month
         infos = self.scan()
-        chosen: list[tuple[DbnFileInfo, list[_Interval], set[int]]] = []
-        skipped: list[str] = []
-        for info in infos:
-            if info.dataset != inst.dataset or not info.overlaps(month):
-                continue
-            if info.schema != SCHEMA:
-                skipped.append(f"{_relative(info.path, self.dbn_dir)} (schema {info.schema})")
-                continue
-            if info.stype_in is not None and info.stype_in != inst.stype_in:
-                continue
-            ours = _intervals(info.mappings.get(inst.request_symbol, []), month)
-            if not ours:
-                continue
-            others = {
-                iv.instrument_id
-                for raw, ivs in info.mappings.items()
-                if raw != inst.request_symbol
-                for iv in _intervals(ivs, month)
-            }
-            chosen.append((info, ours, others))
+        chosen, skipped = self._choose(infos, inst, month, SCHEMA)
         if skipped:
             log(f"ignoring DBN files that are not {SCHEMA}: {', '.join(skipped)}")
         if not chosen:
             raise SourceError(self._nothing_matches(inst, month, infos))
 
-        wanted = {iv.instrument_id for _, ours, _ in chosen for iv in ours}
+        wanted = _wanted(chosen)
         payloads: list[DbnPayload] = []
         filtered: list[str] = []
-        for info, ours, others in chosen:
-            if others & wanted:
-                payloads.append(_filtered_payload(info, ours, inst, month))
-                filtered.append(_relative(info.path, self.dbn_dir))
-            else:
-                payloads.append(info.path)
+        for choice in chosen:
+            payload = _payload(choice, wanted, inst, SCHEMA)
+            payloads.append(payload)
+            if isinstance(payload, bytes):
+                filtered.append(_relative(choice.info.path, self.dbn_dir))
         if filtered:
             log(
                 "filtered by date-aware symbology (the file maps other symbols to the same "
                 f"instrument ids): {', '.join(filtered)}"
             )
-        names = [_relative(info.path, self.dbn_dir) for info, _, _ in chosen]
+        names = [_relative(choice.info.path, self.dbn_dir) for choice in chosen]
         log(f"{inst.symbol} {month}: {len(names)} DBN file(s) from {self.dbn_dir}: {names}")
-        covered = _covered_days(info for info, _, _ in chosen)
+        covered = _covered_days(choice.info for choice in chosen)
         month_days = _month_days(month)
         days_in_month = sorted(covered & month_days)
         metadata: dict[str, Any] = {
@@ -169,7 +175,7 @@ class DbnFilesSource:
             "symbol_mappings": [
                 f"{inst.request_symbol} -> {iv.instrument_id} "
                 f"[{_day(iv.start_ns).isoformat()}, {_day(iv.end_ns).isoformat()})"
-                for iv in _merge(iv for _, ours, _ in chosen for iv in ours)
+                for iv in _merge(iv for choice in chosen for iv in choice.ours)
             ],
             "date_filtered_files": filtered,
             "days_covered": len(days_in_month),
@@ -180,6 +186,58 @@ class DbnFilesSource:
             metadata["first_day_covered"] = days_in_month[0].isoformat()
             metadata["last_day_covered"] = days_in_month[-1].isoformat()
         return FetchedMonth(payloads=payloads, instrument_ids=frozenset(wanted), metadata=metadata)
+
+    def vendor_1m(self, instrument: Instrument, month: Month) -> VendorMonth | None:
+        """Databento's ohlcv-1m of the instrument-month from the folder, or None if no file.
+
+        Files are chosen as :meth:`fetch` chooses its ohlcv-1s files, and filtered the same
+        way, so a file mapping ``ES.v.0`` and ``ES.v.1`` never mixes contracts. Each file's
+        coverage is clipped to the dates its symbology maps the request symbol.
+        """
+        chosen, _ = self._choose(self.scan(), instrument, month, VENDOR_SCHEMA)
+        if not chosen:
+            return None
+        wanted = _wanted(chosen)
+        frames, covered = [], []
+        for choice in chosen:
+            payload = _payload(choice, wanted, instrument, VENDOR_SCHEMA)
+            decoded = decode_month(
+                [payload], instrument.symbol, month, wanted, schema=VENDOR_SCHEMA
+            )
+            frames.append(decoded.bars)
+            mapped: list[Window] = merge_windows((iv.start_ns, iv.end_ns) for iv in choice.ours)
+            covered += intersect_windows(dbn_coverage([payload], month, VENDOR_SCHEMA), mapped)
+        frames = [frame for frame in frames if len(frame)]
+        bars = sort_bars(pd.concat(frames, ignore_index=True)) if frames else empty_bars()
+        names = ", ".join(_relative(choice.info.path, self.dbn_dir) for choice in chosen)
+        return VendorMonth(bars, merge_windows(covered), f"DBN files in {self.dbn_dir}: {names}")
+
+    def _choose(
+        self, infos: list[DbnFileInfo], inst: Instrument, month: Month, schema: str
+    ) -> tuple[list[_Chosen], list[str]]:
+        """The files of ``schema`` holding the partition's symbol in the month, and the
+        files of the dataset and month skipped for their schema."""
+        chosen: list[_Chosen] = []
+        skipped: list[str] = []
+        for info in infos:
+            if info.dataset != inst.dataset or not info.overlaps(month):
+                continue
+            if info.schema != schema:
+                skipped.append(f"{_relative(info.path, self.dbn_dir)} (schema {info.schema})")
+                continue
+            if info.stype_in is not None and info.stype_in != inst.stype_in:
+                continue
+            ours = _intervals(info.mappings.get(inst.request_symbol, []), month)
+            if not ours:
+                continue
+            others = {
+                iv.instrument_id
+                for raw, ivs in info.mappings.items()
+                if raw != inst.request_symbol
+                for iv in _intervals(ivs, month)
+            }
+            chosen.append(_Chosen(info, ours, others))
+        return chosen, skipped
 
     def _nothing_matches(self, inst: Instrument, month: Month, infos: list[DbnFileInfo]) -> str:
         shown = [info.describe(self.dbn_dir) for info in infos[:12]]
@@ -239,26 +297,49 @@ def _intervals(mapped: list[tuple[dt.date, dt.date, str]], month: Month) -> list
     return out
 
 
+def _wanted(chosen: list[_Chosen]) -> set[int]:
+    return {iv.instrument_id for choice in chosen for iv in choice.ours}
+
+
+def _payload(choice: _Chosen, wanted: set[int], inst: Instrument, schema: str) -> DbnPayload:
+    """The file itself, or its records of our intervals re-encoded when another symbol of
+    the file maps one of the partition's instrument ids (an id filter would mix them)."""
+    if choice.others & wanted:
+        return _filtered_payload(choice.info, choice.ours, inst, schema)
+    return choice.info.path
+
+
 def _filtered_payload(
-    info: DbnFileInfo, ours: list[_Interval], inst: Instrument, month: Month
+    info: DbnFileInfo, ours: list[_Interval], inst: Instrument, schema: str
 ) -> bytes:
+    """The file's records of ``ours`` (id and date interval) as DBN of ``schema``.
+
+    The header keeps the original request's start and end, or, when the original was cut
+    short by its ``limit``, ends at its last record as :func:`dbn_coverage` would read it:
+    the filtered file never claims more coverage than the file it comes from.
+    """
     try:
-        records, _ = read_records(info.path)
+        records, meta = read_records(info.path, schema)
     except DbnError as exc:
         raise SourceError(str(exc)) from None
+    end = defined_end(meta.end)
+    if meta.limit and len(records) >= int(meta.limit) and len(records):
+        last = int(records["ts_event"].max())
+        end = last if end is None else min(end, last)
     ts = records["ts_event"].astype("int64")
     iid = records["instrument_id"]
     keep = np.zeros(len(records), dtype=bool)
     for iv in ours:
         keep |= (iid == iv.instrument_id) & (ts >= iv.start_ns) & (ts < iv.end_ns)
-    return encode_ohlcv_1s(
+    return encode_ohlcv(
         records[keep],
         dataset=info.dataset,
         symbols=[inst.request_symbol],
         stype_in=inst.stype_in,
-        start_ns=month.start_ns,
-        end_ns=month.end_ns,
+        start_ns=int(meta.start),
+        end_ns=end,
         compress=False,
+        schema=schema,
     )
 
 
