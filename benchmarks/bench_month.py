@@ -36,7 +36,7 @@ SYMBOL = "ES"
 def make_month_file(folder: Path) -> tuple[Path, int]:
     """Write a ~1.2M-row demo ES month (January 2024) as DBN; return its path and rows."""
     from dbento_assets.core.catalog import load_catalog
-    from dbento_assets.core.dbn import encode_ohlcv_1s
+    from dbento_assets.core.dbn import encode_month
     from dbento_assets.core.demo import generate_month_records
     from dbento_assets.core.months import Month
 
@@ -49,16 +49,7 @@ def make_month_file(folder: Path) -> tuple[Path, int]:
             break
         activity *= TARGET_ROWS / max(len(records), 1)
     path = folder / "ES_2024_01.ohlcv-1s.dbn.zst"
-    path.write_bytes(
-        encode_ohlcv_1s(
-            records,
-            dataset=instrument.dataset,
-            symbols=[instrument.request_symbol],
-            stype_in=instrument.stype_in,
-            start_ns=month.start_ns,
-            end_ns=month.end_ns,
-        )
-    )
+    path.write_bytes(encode_month(records, instrument, month))
     return path, len(records)
 
 

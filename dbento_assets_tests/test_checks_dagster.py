@@ -47,7 +47,7 @@ from dbento_assets.checks import (
 from dbento_assets.core import validation as v
 from dbento_assets.core.aggregate import aggregate_bars
 from dbento_assets.core.catalog import Catalog, load_catalog
-from dbento_assets.core.dbn import decode_month, encode_ohlcv_1s, read_records
+from dbento_assets.core.dbn import decode_month, encode_month, read_records
 from dbento_assets.core.demo import DemoSource
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import FetchedMonth, FetchRequest, Logger
@@ -168,15 +168,7 @@ class CorruptingSource:
         fetched = DemoSource(activity=ACTIVITY).fetch(request, log)
         (payload,) = fetched.payloads
         records, _ = read_records(payload)
-        inst, month = request.instrument, request.month
-        damaged = encode_ohlcv_1s(
-            self.corrupt(records.copy()),
-            dataset=inst.dataset,
-            symbols=[inst.request_symbol],
-            stype_in=inst.stype_in,
-            start_ns=month.start_ns,
-            end_ns=month.end_ns,
-        )
+        damaged = encode_month(self.corrupt(records.copy()), request.instrument, request.month)
         ids = (fetched.instrument_ids or frozenset()) | self.extra_ids
         return FetchedMonth([damaged], ids, fetched.metadata)
 
@@ -668,15 +660,7 @@ def test_the_raw_gate_runs_the_blocking_raw_rules_only() -> None:
 
 
 def encode_bytes(records: np.ndarray) -> bytes:
-    es = CATALOG.instrument("ES")
-    return encode_ohlcv_1s(
-        records,
-        dataset=es.dataset,
-        symbols=[es.request_symbol],
-        stype_in=es.stype_in,
-        start_ns=JAN.start_ns,
-        end_ns=JAN.end_ns,
-    )
+    return encode_month(records, CATALOG.instrument("ES"), JAN)
 
 
 def test_the_api_source_is_asked_for_1m_bars_only_when_the_user_turns_it_on(

@@ -24,7 +24,7 @@ from dbento_assets.core import validation as v
 from dbento_assets.core.aggregate import aggregate_bars
 from dbento_assets.core.bars import make_bars, sort_bars
 from dbento_assets.core.catalog import DEFAULT_CATALOG, load_catalog
-from dbento_assets.core.dbn import PRICE_SCALE, decode_month, encode_ohlcv_1s
+from dbento_assets.core.dbn import PRICE_SCALE, decode_month, encode_month
 from dbento_assets.core.demo import demo_contract_schedule, generate_month_records
 from dbento_assets.core.months import Month
 from dbento_assets.core.timeframes import parse_timeframe
@@ -51,14 +51,7 @@ def _demo(symbol: str, month: Month) -> pd.DataFrame:
     """A demo month at 1% activity, through the real DBN encode/decode path."""
     instrument = CATALOG.instrument(symbol)
     records = generate_month_records(instrument, month, activity=0.01)
-    payload = encode_ohlcv_1s(
-        records,
-        dataset=instrument.dataset,
-        symbols=[instrument.request_symbol],
-        stype_in=instrument.stype_in,
-        start_ns=month.start_ns,
-        end_ns=month.end_ns,
-    )
+    payload = encode_month(records, instrument, month)
     return decode_month([payload], symbol, month).bars
 
 

@@ -25,6 +25,7 @@ import pandas as pd
 import zstandard
 
 from dbento_assets.core.bars import empty_bars, make_bars, sort_bars
+from dbento_assets.core.catalog import Instrument
 from dbento_assets.core.months import Month
 
 PRICE_SCALE = 1_000_000_000  # DBN prices are int64 in units of 1e-9
@@ -248,6 +249,28 @@ def encode_ohlcv(
 
 
 encode_ohlcv_1s = encode_ohlcv  # its default schema is the pipeline's ohlcv-1s
+
+
+def encode_month(
+    records: np.ndarray,
+    instrument: Instrument,
+    month: Month,
+    *,
+    mappings: dict[str, list[dict[str, object]]] | None = None,
+    compress: bool = True,
+) -> bytes:
+    """One instrument-month of ohlcv-1s records as Databento would send it: the catalog
+    entry's dataset, request symbol and ``stype_in``, and the month window in the header."""
+    return encode_ohlcv(
+        records,
+        dataset=instrument.dataset,
+        symbols=[instrument.request_symbol],
+        stype_in=instrument.stype_in,
+        start_ns=month.start_ns,
+        end_ns=month.end_ns,
+        mappings=mappings,
+        compress=compress,
+    )
 
 
 def _rtype(schema: str) -> int:

@@ -30,7 +30,7 @@ import numpy as np
 from databento.common.publishers import Publisher
 
 from dbento_assets.core.catalog import Instrument
-from dbento_assets.core.dbn import PRICE_SCALE, encode_ohlcv_1s, ohlcv_records
+from dbento_assets.core.dbn import PRICE_SCALE, encode_month, ohlcv_records
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import FetchedMonth, FetchRequest, Logger, SourceError
 
@@ -274,13 +274,10 @@ class DemoSource:
             raise SourceError(
                 f"demo source cannot generate {instrument.symbol} {month}: {exc}"
             ) from exc
-        payload = encode_ohlcv_1s(
+        payload = encode_month(
             records,
-            dataset=instrument.dataset,
-            symbols=[instrument.request_symbol],
-            stype_in=instrument.stype_in,
-            start_ns=month.start_ns,
-            end_ns=month.end_ns,
+            instrument,
+            month,
             mappings=symbology_mappings(instrument, schedule),
             compress=self.compress,
         )
