@@ -98,7 +98,6 @@ class BarStore:
         name = f"{symbol}_{month.tag}_{timeframe.label}.{self.fmt}"
         return self.root / "aggregated" / timeframe.label / name
 
-
     # -- origin -----------------------------------------------------------------------------
 
     def claim(self, origin: str, source_name: str) -> None:

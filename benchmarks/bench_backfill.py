@@ -1,0 +1,224 @@
+"""Benchmark a 24-partition backfill (2 symbols x 12 months of demo data) through the daemon.
+
+It starts a real deployment (webserver plus daemon, a temporary ``DAGSTER_HOME``, the demo
+source at its realistic default activity, about a million 1-second bars per ES month) with
+:mod:`dbento_assets_tests.deployment`, launches one asset backfill of every asset for ES and NQ
+x 2024-01..2024-12 through ``launchPartitionBackfill`` (as the UI does), waits for it, and
+prints:
+
+- the wall time, from the launch to the backfill being reported finished;
+- the pure compute: the sum over partitions of their steps' durations (download and decode,
+  validation, aggregation, writing), from the instance's step stats;
+- their ratio, and the target: wall <= 2 x compute + a constant (the constant covers the
+  daemon's loop period and start-up, not per-partition costs);
+- that every asset check result is attributed to its partition (per-partition runs).
+
+Options choose what is explored: ``--executor`` sets ``DBENTO_EXECUTOR`` (``in_process``: the
+steps of a run in the run's own process; ``multiprocess``: a process per step; ``default``:
+unset, Dagster's default), ``--max-concurrent-runs`` (the run queue limit), ``--pool-limit``
+(the ``databento`` pool), ``--backfill-interval`` (shorten the backfill daemon's 30 s loop;
+default: Dagster's own), ``--months``/``--symbols`` and ``--mode cli``, which runs the same
+partitions with ``python -m dbento_assets.backfill`` (one process, one run per partition, no
+daemon) for comparison. ``--json`` prints the figures as one JSON object.
+
+Run: ``python benchmarks/bench_backfill.py`` (from the repository root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dagster import DagsterInstance, RunsFilter  # noqa: E402
+
+from dbento_assets.core.months import Month, month_range  # noqa: E402
+from dbento_assets.partitions import partition_key  # noqa: E402
+from dbento_assets_tests.deployment import (  # noqa: E402
+    DeploymentConfig,
+    RunTiming,
+    backfill_runs,
+    check_evaluations,
+    partition_of,
+    run_timings,
+    running_deployment,
+    write_dagster_yaml,
+)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mode", choices=("daemon", "cli"), default="daemon")
+    parser.add_argument(
+        "--executor", choices=("in_process", "multiprocess", "default"), default="in_process"
+    )
+    parser.add_argument("--max-concurrent-runs", type=int, default=2)
+    parser.add_argument("--pool-limit", type=int, default=2)
+    parser.add_argument("--run-buffer", type=int, default=1)
+    parser.add_argument(
+        "--backfill-interval",
+        type=float,
+        default=None,
+        help="backfill daemon loop period in seconds (default: Dagster's own, 30 s)",
+    )
+    parser.add_argument("--symbols", default="ES,NQ")
+    parser.add_argument("--start", default="2024-01")
+    parser.add_argument("--months", type=int, default=12)
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    return parser.parse_args()
+
+
+def planned_partitions(symbols: list[str], start: Month, months: int) -> list[str]:
+    last = start
+    for _ in range(months - 1):
+        last = last.next()
+    return [str(partition_key(m, s)) for s in symbols for m in month_range(start, last)]
+
+
+def attribution(instance: DagsterInstance, run_ids: list[str], partitions: list[str]) -> dict:
+    """Check results per partition: every check once per partition, each named by it."""
+    evaluations = check_evaluations(instance, run_ids)
+    per_key = Counter((e.asset, e.check_name, e.partition) for e in evaluations)
+    checks = {(e.asset, e.check_name) for e in evaluations}
+    complete = per_key == Counter({(a, c, p): 1 for a, c in checks for p in partitions})
+    return {
+        "check_evaluations": len(evaluations),
+        "checks_per_partition": len(checks),
+        "without_partition": sum(1 for e in evaluations if e.partition is None),
+        "attributed_per_partition": bool(evaluations) and complete,
+        "failed_error_checks": sum(
+            1 for e in evaluations if not e.passed and e.severity == "ERROR"
+        ),
+    }
+
+
+def figures(timings: list[RunTiming], wall: float, partitions: list[str]) -> dict:
+    compute = sum(t.compute_seconds for t in timings)
+    run_seconds = sum(t.run_seconds or 0.0 for t in timings)
+    started = [t.created for t in timings]
+    ended = [t.ended for t in timings if t.ended is not None]
+    return {
+        "partitions": len(partitions),
+        "runs": len(timings),
+        "runs_succeeded": sum(t.status == "SUCCESS" for t in timings),
+        "wall_seconds": round(wall, 1),
+        "compute_seconds": round(compute, 1),
+        "run_seconds_sum": round(run_seconds, 1),
+        "first_run_to_last_end_seconds": round(max(ended) - min(started), 1) if ended else None,
+        "ratio_wall_to_compute": round(wall / compute, 2) if compute else None,
+        "compute_per_partition_seconds": round(compute / max(len(timings), 1), 2),
+    }
+
+
+def bench_daemon(args: argparse.Namespace, workdir: Path, partitions: list[str]) -> dict:
+    env = {"DBENTO_SOURCE": "demo", "DBENTO_DATA_DIR": str(workdir / "data")}
+    if args.executor == "in_process":
+        env["DBENTO_EXECUTOR"] = "in_process"
+    elif args.executor == "multiprocess":
+        env["DBENTO_EXECUTOR"] = "multiprocess"
+    config = DeploymentConfig(
+        max_concurrent_runs=args.max_concurrent_runs,
+        databento_pool_limit=args.pool_limit,
+        run_buffer=args.run_buffer,
+    )
+    with running_deployment(
+        workdir, env, config=config, backfill_interval_seconds=args.backfill_interval
+    ) as deployment:
+        start = time.monotonic()
+        backfill_id = deployment.launch_backfill(partitions)
+        result = deployment.wait_for_backfill(
+            backfill_id, timeout=args.timeout, poll_seconds=1.0, started_at=start
+        )
+        with deployment.instance() as instance:
+            runs = backfill_runs(instance, backfill_id)
+            timings = run_timings(instance, runs)
+            out = figures(timings, result.wall_seconds, partitions)
+            out["backfill_status"] = result.status
+            out["run_partitions_match"] = sorted(partition_of(r) for r in runs) == sorted(
+                partitions
+            )
+            out.update(attribution(instance, [r.run_id for r in runs], partitions))
+    return out
+
+
+def bench_cli(args: argparse.Namespace, workdir: Path, partitions: list[str]) -> dict:
+    home = workdir / "dagster_home"
+    write_dagster_yaml(home)
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "DBENTO_SOURCE": "demo",
+        "DBENTO_DATA_DIR": str(workdir / "data"),
+        "PYTHONPATH": str(ROOT),
+    }
+    symbols = sorted({p.split("|")[1] for p in partitions})
+    months = sorted({p.split("|")[0][:7] for p in partitions})
+    command = [sys.executable, "-m", "dbento_assets.backfill", "--symbols", ",".join(symbols)]
+    command += ["--start", months[0], "--end", months[-1]]
+    start = time.monotonic()
+    done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True)
+    wall = time.monotonic() - start
+    if done.returncode != 0:
+        raise SystemExit(f"the backfill command failed:\n{done.stdout}\n{done.stderr[-4000:]}")
+    with DagsterInstance.from_config(str(home)) as instance:
+        runs = list(instance.get_runs(RunsFilter()))
+        out = figures(run_timings(instance, runs), wall, partitions)
+        out["backfill_status"] = "COMPLETED_SUCCESS" if done.returncode == 0 else "FAILED"
+        out["run_partitions_match"] = sorted(partition_of(r) for r in runs) == sorted(partitions)
+        out.update(attribution(instance, [r.run_id for r in runs], partitions))
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    symbols = [s.strip() for s in args.symbols.split(",") if s.strip()]
+    partitions = planned_partitions(symbols, Month.parse(args.start), args.months)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-backfill-"))
+    try:
+        bench = bench_daemon if args.mode == "daemon" else bench_cli
+        out = bench(args, workdir, partitions)
+    finally:
+        if not args.keep:
+            subprocess.run(["rm", "-rf", str(workdir)], check=False)
+    out["settings"] = {
+        "mode": args.mode,
+        "executor": args.executor,
+        "max_concurrent_runs": args.max_concurrent_runs,
+        "pool_limit": args.pool_limit,
+        "run_buffer": args.run_buffer,
+        "backfill_interval_seconds": args.backfill_interval or 30.0,
+        "cpus": os.cpu_count(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    }
+    if args.json:
+        print(json.dumps(out))
+        return
+    compute = out["compute_seconds"]
+    print(f"backfill of {len(partitions)} partitions ({args.mode}, {args.executor} executor)")
+    print(f"  status:                   {out['backfill_status']}, {out['runs']} runs")
+    print(f"  wall time:                {out['wall_seconds']:.1f} s")
+    each = out["compute_per_partition_seconds"]
+    print(f"  sum of partition compute: {compute:.1f} s ({each} s per partition)")
+    print(f"  ratio wall / compute:     {out['ratio_wall_to_compute']}")
+    print(f"  target wall <= 2 x compute + constant: 2 x compute = {2 * compute:.1f} s")
+    print(
+        f"  check results: {out['check_evaluations']} evaluations, "
+        f"{out['checks_per_partition']} checks per partition, attributed per partition: "
+        f"{out['attributed_per_partition']}"
+    )
+    print(f"  settings: {out['settings']}")
+
+
+if __name__ == "__main__":
+    main()
