@@ -5,8 +5,8 @@ and ``dagster asset materialize -m dbento_assets`` all load :data:`defs`. Settin
 environment variables (and a ``.env`` file in the working directory): ``DBENTO_SOURCE``,
 ``DBENTO_DATA_DIR``, ``DBENTO_FORMAT``, ``DATABENTO_API_KEY`` and the others listed in
 ``.env.example``. It holds the assets (with their checks), the monthly schedule (stopped
-until you turn it on) and the executor chosen by ``DBENTO_EXECUTOR`` (Dagster's default
-multiprocess executor when unset). :func:`build_definitions` builds the same thing from
+until you turn it on) and the executor chosen by ``DBENTO_EXECUTOR`` (in-process when
+unset: see :mod:`dbento_assets.executors`). :func:`build_definitions` builds the same thing from
 explicit parts for tests.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from dagster import Definitions
+from dagster import Definitions, ExecutorDefinition
 
 from dbento_assets.assets import build_assets
 from dbento_assets.core.catalog import Catalog, load_catalog
@@ -34,6 +34,7 @@ def build_definitions(
     catalog: Catalog | None = None,
     databento: DatabentoResource | None = None,
     io_manager: BarFileIOManager | None = None,
+    executor: ExecutorDefinition | None = None,
 ) -> Definitions:
     """Definitions for a catalog (default: the catalog file in force) and resources."""
     catalog = catalog or load_catalog()
@@ -41,7 +42,7 @@ def build_definitions(
     return Definitions(
         assets=build_assets(catalog),
         schedules=build_schedules(catalog),
-        executor=executor_from_env(),
+        executor=executor or executor_from_env(),
         resources={
             "databento": databento,
             "io_manager": io_manager or io_manager_for(databento),

@@ -1,16 +1,20 @@
 """Which Dagster executor runs the steps of a run, chosen with ``DBENTO_EXECUTOR``.
 
-The code location is the same everywhere; only the executor changes. Unset (the default),
-Dagster's own default executor runs each step in a subprocess of the run (``multiprocess``).
-``in_process`` runs every step in the run's own process (no start-up per step; one step at a
-time). ``celery`` sends each step to a Celery worker through a broker (dagster-celery), and
-``k8s`` starts each step as a Kubernetes Job (dagster-k8s); both need the ``deploy`` extra
-(``pip install 'dbento_assets[deploy]'``) and an instance whose storage every machine reaches
-(Postgres, dagster-postgres), see ``deploy/k8s_celery.md``. For Celery the broker and the
-result backend come from ``DBENTO_CELERY_BROKER`` (default: RabbitMQ on
-``DAGSTER_CELERY_BROKER_HOST`` or localhost) and ``DBENTO_CELERY_BACKEND`` (default ``rpc://``);
-the workers must be started with the same two URLs. Kubernetes settings (image, namespace,
-secrets) come from the ``K8sRunLauncher`` of the Dagster Helm chart, or from run config.
+The code location is the same everywhere; only the executor changes. Unset (the default)
+means ``in_process``: every step runs in the run's own process. A run here is one partition
+with two chained steps (download, then aggregate), so a process per step buys no parallelism
+and costs a Python and Dagster start-up per step, which more than doubled the wall time of a
+24-partition backfill (benchmarks/bench_backfill.py); it also lets the aggregation step take
+the raw month from memory instead of reading the file back. ``multiprocess`` (Dagster's own
+default) runs each step in a subprocess of the run. ``celery`` sends each step to a Celery
+worker through a broker (dagster-celery), and ``k8s`` starts each step as a Kubernetes Job
+(dagster-k8s); both need the ``deploy`` extra (``pip install 'dbento_assets[deploy]'``) and an
+instance whose storage every machine reaches (Postgres, dagster-postgres), see
+``deploy/k8s_celery.md``. For Celery the broker and the result backend come from
+``DBENTO_CELERY_BROKER`` (default: RabbitMQ on ``DAGSTER_CELERY_BROKER_HOST`` or localhost)
+and ``DBENTO_CELERY_BACKEND`` (default ``rpc://``); the workers must be started with the same
+two URLs. Kubernetes settings (image, namespace, secrets) come from the ``K8sRunLauncher`` of
+the Dagster Helm chart, or from run config.
 """
 
 from __future__ import annotations
@@ -31,12 +35,10 @@ class ExecutorChoiceError(ValueError):
     """``DBENTO_EXECUTOR`` names no executor, or one whose package is not installed."""
 
 
-def executor_from_env(environ: Mapping[str, str] | None = None) -> ExecutorDefinition | None:
-    """The executor ``DBENTO_EXECUTOR`` asks for; ``None`` keeps Dagster's default."""
+def executor_from_env(environ: Mapping[str, str] | None = None) -> ExecutorDefinition:
+    """The executor ``DBENTO_EXECUTOR`` asks for; ``in_process`` when unset."""
     env = os.environ if environ is None else environ
-    name = env.get(EXECUTOR_VARIABLE, "").strip().lower().replace("-", "_")
-    if not name:
-        return None
+    name = env.get(EXECUTOR_VARIABLE, "").strip().lower().replace("-", "_") or "in_process"
     if name == "multiprocess":
         return multiprocess_executor
     if name == "in_process":
@@ -47,7 +49,7 @@ def executor_from_env(environ: Mapping[str, str] | None = None) -> ExecutorDefin
         return _k8s_executor()
     raise ExecutorChoiceError(
         f"{EXECUTOR_VARIABLE}={env.get(EXECUTOR_VARIABLE)!r} is not one of "
-        f"{', '.join(EXECUTORS)} (or leave it unset for Dagster's default, multiprocess)"
+        f"{', '.join(EXECUTORS)} (or leave it unset for in_process)"
     )
 
 

@@ -71,10 +71,51 @@ class BarFileIOManager(ConfigurableIOManager):
         store.claim(origin_of(self.source), self.source)
         path = self.path_for(context.asset_key, context.asset_partition_key)
         size = store.write(obj, path)
+        if context.asset_key.path[-1] == RAW_ASSET:
+            _HANDOFF.keep(path, obj)
         context.add_output_metadata(bar_file_metadata(obj, path, size, self.source))
 
     def load_input(self, context: InputContext) -> pd.DataFrame:
-        return self.store.read(self.path_for(context.asset_key, context.asset_partition_key))
+        path = self.path_for(context.asset_key, context.asset_partition_key)
+        handed = _HANDOFF.take(path)
+        return handed if handed is not None else self.store.read(path)
+
+
+class _Handoff:
+    """The raw month just written by this process, for the next step of the same run.
+
+    With the in-process executor the aggregation step runs in the process that has just
+    written ``raw_1s_bars``; it takes the frame from here instead of reading the file back.
+    The frame is handed over only while the file on disk is exactly the one written (same
+    inode, size and modification time), so a file replaced or rewritten since is read
+    afresh; only local files qualify, and only one month is kept.
+    """
+
+    def __init__(self) -> None:
+        self._entry: tuple[str, tuple[int, int, int], pd.DataFrame] | None = None
+
+    @staticmethod
+    def _signature(path: UPath) -> tuple[int, int, int] | None:
+        if path.protocol not in ("", "file", "local"):
+            return None
+        try:
+            stat = os.stat(path.path)
+        except OSError:
+            return None
+        return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+    def keep(self, path: UPath, frame: pd.DataFrame) -> None:
+        signature = self._signature(path)
+        self._entry = None if signature is None else (str(path), signature, frame)
+
+    def take(self, path: UPath) -> pd.DataFrame | None:
+        entry = self._entry
+        if entry is None or entry[0] != str(path) or entry[1] != self._signature(path):
+            return None
+        return entry[2]
+
+
+_HANDOFF = _Handoff()
 
 
 def bar_file_metadata(

@@ -228,3 +228,38 @@ def test_one_timeframe_can_be_rebuilt_alone(tmp_path):
     done = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert done == {"bars_30s"}
     assert path_30s.is_file() and path_15s.stat().st_mtime_ns == before_15s
+
+
+def test_aggregation_takes_the_raw_month_from_memory_in_the_same_process(tmp_path, monkeypatch):
+    reads: list[str] = []
+    real_read = BarStore.read
+
+    def counting_read(self, path):
+        reads.append(str(path))
+        return real_read(self, path)
+
+    monkeypatch.setattr(BarStore, "read", counting_read)
+    assert run_partition(tmp_path).success  # in-process: both steps in this process
+    assert not [p for p in reads if "raw_1s" in p]
+    store = BarStore.at(tmp_path)
+    raw = real_read(store, store.raw_path("ES", JAN))
+    bars = real_read(store, store.aggregated_path("ES", JAN, parse_timeframe("1min")))
+    pd.testing.assert_frame_equal(bars, aggregate_bars(raw, parse_timeframe("1min")))
+
+
+def test_handoff_is_refused_once_the_file_on_disk_changed(tmp_path):
+    from dbento_assets.io_managers import _Handoff
+
+    store = BarStore.at(tmp_path)
+    path = store.raw_path("ES", JAN)
+    frame = DemoSource(activity=ACTIVITY).fetch(
+        FetchRequest(load_catalog().instrument("ES"), JAN), lambda _msg: None
+    )
+    bars = decode_month(frame.payloads, "ES", JAN).bars
+    store.write(bars, path)
+    handoff = _Handoff()
+    handoff.keep(path, bars)
+    assert handoff.take(path) is bars
+    assert handoff.take(store.raw_path("NQ", JAN)) is None
+    store.write(bars.iloc[:-1], path)  # rewritten since: the file must be read again
+    assert handoff.take(path) is None

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from dagster import Definitions
+from dagster import Definitions, in_process_executor
 from dagster._config import validate_config
 
 from dbento_assets.definitions import build_definitions
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def definitions_with(env: dict[str, str]) -> Definitions:
     """What definitions.py builds, with the executor the environment asks for."""
-    return Definitions.merge(build_definitions(), Definitions(executor=executor_from_env(env)))
+    return build_definitions(executor=executor_from_env(env))
 
 
 def asset_job_executor(defs: Definitions):
@@ -32,11 +32,11 @@ def asset_job_executor(defs: Definitions):
     return defs.resolve_implicit_global_asset_job_def().executor_def
 
 
-def test_unset_keeps_dagsters_default_executor():
-    assert executor_from_env({}) is None
-    assert executor_from_env({EXECUTOR_VARIABLE: "  "}) is None
+def test_unset_runs_each_partition_in_one_process():
+    assert executor_from_env({}) is in_process_executor
+    assert executor_from_env({EXECUTOR_VARIABLE: "  "}) is in_process_executor
     executor = asset_job_executor(definitions_with({}))
-    assert executor.name == "multi_or_in_process_executor"
+    assert executor.name == "in_process"
 
 
 @pytest.mark.parametrize(
