@@ -119,7 +119,7 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
         # Refuse a data root of the other origin before anything is fetched or paid for.
         BarStore.at(databento.data_dir).claim(origin_of(databento.source), databento.source)
         request = FetchRequest(instrument, month, force=force_requested(context, config))
-        source = databento.month_source()
+        source = databento.month_source(catalog.path)
         fetched = source.fetch(request, context.log.info)
         decoded = decode_month(fetched.payloads, symbol, month, fetched.instrument_ids)
         bars = decoded.bars
@@ -141,7 +141,8 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
                 "instrument_ids": ", ".join(map(str, rolls)) or "none",
                 "forced": request.force,
                 COVERAGE_KEY: windows_metadata(covered),
-                **{f"source_{k}": _plain(v) for k, v in fetched.metadata.items()},
+                # The IO manager records the source itself (marking demo data synthetic).
+                **{f"source_{k}": _plain(v) for k, v in fetched.metadata.items() if k != "source"},
                 **vendor,
             },
         )
