@@ -7,7 +7,9 @@ one line per partition, then the total. Months already in the DBN cache under
 nothing; months not (fully) available are listed with the reason. Settings come from the same
 environment variables and ``.env`` file as the Dagster code location (``DATABENTO_API_KEY``,
 ``DBENTO_GATEWAY``, ``DBENTO_DATA_DIR``, ``DBENTO_MAX_COST_USD``); partitions above the
-per-partition ceiling are flagged, because a materialization would refuse them.
+per-partition ceiling are flagged, because a materialization would refuse them. With
+``DBENTO_VENDOR_CHECK=true`` each month also gets a line for Databento's own ohlcv-1m bars,
+which the materialization then buys for the vendor cross-check, and the total includes them.
 
 Example: ``python -m dbento_assets.estimate --symbols ES,NQ --start 2021-01 --end 2025-12``.
 """
@@ -15,6 +17,8 @@ Example: ``python -m dbento_assets.estimate --symbols ES,NQ --start 2021-01 --en
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import sys
 from collections.abc import Sequence
 from typing import TextIO
@@ -54,8 +58,11 @@ def format_size(size: int | None) -> str:
     return f"{value:,.1f} {unit}"
 
 
-def format_line(est: CostEstimate) -> str:
+def format_line(est: CostEstimate, schema: str = "ohlcv-1s") -> str:
     head = f"{est.symbol:<8} {est.month!s:<8}"
+    if schema != "ohlcv-1s":  # the optional vendor bars, on their own line
+        note = f"{schema} for the vendor check" + (f"; {est.note}" if est.note else "")
+        est = dataclasses.replace(est, note=note)
     if est.cached:
         return f"{head} {'skipped':>12} {'-':>10}  already in the DBN cache ({est.note})"
     if est.cost_usd is None:
@@ -80,16 +87,19 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         last = Month.parse(args.end) if args.end else first
         if last < first:
             raise ValueError(f"--end {last} is before --start {first}")
-        api = databento_resource_from_env().api_source()
+        resource = databento_resource_from_env()
+        api = resource.api_source()
+        # With DBENTO_VENDOR_CHECK on, each month also buys Databento's own 1-minute bars.
+        schemas = ("ohlcv-1s", "ohlcv-1m") if resource.vendor_check else ("ohlcv-1s",)
         months = month_range(first, last)
         print(f"{'symbol':<8} {'month':<8} {'est. cost':>12} {'size':>10}", file=out)
         total_cost = 0.0
         total_size = 0
         counts = {"download": 0, "cached": 0, "unavailable": 0, "above": 0}
         for inst in instruments:
-            for month in months:
-                est = api.estimate(inst, month)
-                print(format_line(est), file=out, flush=True)
+            for month, schema in itertools.product(months, schemas):
+                est = api.estimate(inst, month, schema)
+                print(format_line(est, schema), file=out, flush=True)
                 if est.cached:
                     counts["cached"] += 1
                 elif est.cost_usd is None:

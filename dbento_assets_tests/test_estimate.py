@@ -167,3 +167,20 @@ def test_runs_as_a_module(gateway, env, tmp_path):
     assert f"{cost:,.4f}" in result.stdout
     assert "total:" in result.stdout
     assert TEST_KEY not in result.stdout + result.stderr
+
+
+def test_vendor_check_adds_the_one_minute_bars_to_the_estimate(gateway, env, monkeypatch):
+    monkeypatch.setenv("DBENTO_VENDOR_CHECK", "true")
+    before = gateway.count()
+    out = io.StringIO()
+    assert run(["--symbols", "ES", "--start", "2024-01", "--end", "2024-02"], out) == 0
+    text = out.getvalue()
+    vendor_lines = [line for line in text.splitlines() if "ohlcv-1m for the vendor check" in line]
+    assert len(vendor_lines) == 2
+    assert "for 4 partition(s) to download" in text.splitlines()[-1] or "for 4 partition" in text
+    calls = gateway.requests[before:]
+    cost_schemas = sorted(
+        c.fields.get("schema") for c in calls if c.endpoint == "metadata.get_cost"
+    )
+    assert cost_schemas == ["ohlcv-1m", "ohlcv-1m", "ohlcv-1s", "ohlcv-1s"]
+    assert not [c for c in calls if c.endpoint == GET_RANGE]
