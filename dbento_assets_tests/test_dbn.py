@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from dbento_assets.core import dbn
-from dbento_assets.core.dbn import DbnError, decode_month, encode_ohlcv_1s, ohlcv_records
+from dbento_assets.core.dbn import DbnError, decode_month, encode_ohlcv, ohlcv_records
 from dbento_assets.core.months import Month
 
 NS = 1_000_000_000
@@ -26,7 +26,7 @@ def month_edge_payload(compress: bool) -> bytes:
     iid = np.array([1, 1, 1, 1, 2])
     px = np.array([100, 101, 102, 103, 104]) * 250_000_000
     records = ohlcv_records(ts, iid, px, px, px, px, np.array([1, 2, 3, 4, 5]))
-    return encode_ohlcv_1s(
+    return encode_ohlcv(
         records,
         dataset="GLBX.MDP3",
         symbols=["ES.v.0"],

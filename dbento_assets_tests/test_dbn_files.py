@@ -24,7 +24,7 @@ import pytest
 from dbento_assets.core.aggregate import aggregate_bars
 from dbento_assets.core.catalog import Instrument, load_catalog
 from dbento_assets.core.coverage import dbn_coverage
-from dbento_assets.core.dbn import decode_month, encode_ohlcv, encode_ohlcv_1s, ohlcv_records
+from dbento_assets.core.dbn import decode_month, encode_ohlcv, ohlcv_records
 from dbento_assets.core.dbn_files import DbnFilesSource
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import FetchRequest, SourceError
@@ -293,7 +293,7 @@ def test_a_month_file_spanning_the_boundary_keeps_only_the_month(tmp_path):
     records = np.concatenate(
         [records_for(feb_20 + dt.timedelta(days=k), [100], base=1000) for k in range(15)]
     )
-    payload = encode_ohlcv_1s(
+    payload = encode_ohlcv(
         records,
         dataset="GLBX.MDP3",
         symbols=["ES.v.0"],

@@ -5,7 +5,7 @@ Encoding, optionally zstd-compressed). :func:`decode_month` turns one or more DB
 into the sorted bar frame of :mod:`dbento_assets.core.bars`, keeping only the records of the
 partition's month window (and, when asked, of given instrument ids). Decoding goes through
 ``DBNStore.to_ndarray()``, which is an order of magnitude faster than ``to_df()``.
-:func:`encode_ohlcv` (``encode_ohlcv_1s`` for the pipeline's schema) writes DBN of an OHLCV
+:func:`encode_ohlcv` (ohlcv-1s by default) writes DBN of an OHLCV
 schema for the demo generator, the DBN-files source's filtered files and the test gateway: the
 metadata header comes from ``databento_dbn.Metadata.encode()`` and the records from a numpy
 array laid out exactly as ``databento_dbn.OHLCVMsg`` (56 bytes each; a test proves the layout).
@@ -246,9 +246,6 @@ def encode_ohlcv(
     )
     raw = metadata.encode() + np.ascontiguousarray(records, dtype=OHLCV_RECORD_DTYPE).tobytes()
     return zstandard.ZstdCompressor(level=3).compress(raw) if compress else raw
-
-
-encode_ohlcv_1s = encode_ohlcv  # its default schema is the pipeline's ohlcv-1s
 
 
 def encode_month(
