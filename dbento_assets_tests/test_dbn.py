@@ -105,3 +105,40 @@ def test_wrong_schema_and_garbage_are_refused():
         decode_month([b"not dbn at all"], "ES", FEB)
     with pytest.raises(DbnError, match="schema 'trades'"):
         decode_month([one_minute], "QQQ", Month(2023, 3), schema="trades")
+
+
+def test_columns_grow_past_their_reserved_rows(monkeypatch):
+    # Decoding reserves one month of seconds per column; more rows (several instruments
+    # over a whole month) must grow the columns in place without losing or moving a value.
+    monkeypatch.setattr(dbn, "CHUNK_RECORDS", 2)
+    columns = dbn._GrowingColumns(capacity=1)
+    ts = np.arange(9, dtype="int64") * NS
+    px = np.arange(9) * 250_000_000
+    records = ohlcv_records(ts, np.arange(9) % 2, px, px + 1, px - 1, px, np.arange(9))
+    for lo in range(0, 9, 2):
+        columns.append(records[lo : lo + 2])
+    out = columns.finish()
+    assert columns.rows == 9 and all(len(column) == 9 for column in out.values())
+    assert out["ts_event"].tolist() == ts.tolist()
+    assert out["high"].tolist() == ((px + 1) / 1e9).tolist()
+    assert out["instrument_id"].tolist() == (np.arange(9) % 2).tolist()
+
+
+def test_a_bad_record_in_a_later_chunk_stops_decoding(monkeypatch):
+    # Records are checked chunk by chunk: a record of another schema in the third chunk
+    # must still stop the decoding with a clear error.
+    monkeypatch.setattr(dbn, "CHUNK_RECORDS", 2)
+    ts = FEB.start_ns + np.arange(6, dtype="int64") * NS
+    px = np.full(6, 100 * 250_000_000)
+    records = ohlcv_records(ts, np.ones(6), px, px, px, px, np.ones(6))
+    records["rtype"][5] = dbn.OHLCV_RTYPES["ohlcv-1m"]  # not an ohlcv-1s record
+    payload = encode_ohlcv(
+        records,
+        dataset="GLBX.MDP3",
+        symbols=["ES.v.0"],
+        stype_in="continuous",
+        start_ns=FEB.start_ns,
+        end_ns=FEB.end_ns,
+    )
+    with pytest.raises(DbnError, match="holds records that are not ohlcv-1s"):
+        decode_month([payload], "ES", FEB)
