@@ -54,9 +54,10 @@ def make_bars(
 ) -> pd.DataFrame:
     """Build a bar frame from column arrays (timestamps as int64 nanoseconds since epoch)."""
     n = len(ts_ns)
-    ts = pd.DatetimeIndex(np.asarray(ts_ns, dtype="int64").view("datetime64[ns]")).tz_localize(
-        "UTC"
-    )
+    # One copy of the timestamps is made here; pandas has no public way to adopt them
+    # writable, and a read-only column would break in-place edits of the frame.
+    naive = pd.DatetimeIndex(np.asarray(ts_ns, dtype="int64").view("datetime64[ns]"))
+    ts = naive.tz_localize("UTC")
     return pd.DataFrame(
         {
             "ts_event": ts,
@@ -75,10 +76,12 @@ def make_bars(
 
 def constant_strings(text: str, n: int) -> pd.api.extensions.ExtensionArray:
     """``n`` copies of ``text`` as the ``symbol`` dtype, built from Arrow buffers directly
-    (a million-row month costs milliseconds instead of a Python object per row)."""
+    (a million-row month costs milliseconds instead of a Python object per row). The buffers
+    are those of Arrow's ``large_string``, the type pandas keeps strings in, so nothing is
+    converted or copied on the way in."""
     raw = text.encode()
-    offsets = np.arange(n + 1, dtype=np.int32) * len(raw)
-    strings = pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(raw * n))
+    offsets = np.arange(n + 1, dtype=np.int64) * len(raw)
+    strings = pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(raw * n))
     return pd.array(strings, dtype=DTYPES["symbol"])
 
 
