@@ -12,6 +12,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from dbento_assets.core import storage
 from dbento_assets.core.bars import DTYPES, make_bars
 from dbento_assets.core.databento_api import dbn_cache_path
 from dbento_assets.core.months import Month
@@ -59,7 +60,7 @@ def test_csv_is_readable_iso_utc_without_float_noise(tmp_path):
     path = store.raw_path("ES", JAN)
     store.write(sample_bars(), path)
     lines = Path(path.path).read_text().splitlines()
-    assert lines[0].replace('"', "") == "ts_event,symbol,instrument_id,open,high,low,close,volume"
+    assert lines[0] == "ts_event,symbol,instrument_id,open,high,low,close,volume"
     assert lines[1].startswith("2024-01-01T00:00:00Z,ES,5,4750.25,")
     assert lines[3].startswith("2024-01-31T23:59:59Z,ES,6,")
     # Every price is written as its exact decimal: no float noise, no exponent.
@@ -77,6 +78,25 @@ def test_sub_second_timestamps_survive_csv(tmp_path):
     path = store.raw_path("ES", JAN)
     store.write(frame, path)
     assert "2024-01-01T00:00:00.250000000Z" in Path(path.path).read_text()
+    pd.testing.assert_frame_equal(store.read(path), frame, check_exact=True)
+
+
+def test_csv_uses_one_timestamp_format_even_when_written_in_batches(tmp_path, monkeypatch):
+    # Rows are formatted in batches; one sub-second bar in the last batch still gives every
+    # row of the file the 9-digit format, so the column reads back as one type.
+    monkeypatch.setattr(storage, "_CSV_BATCH", 1)
+    store = BarStore.at(tmp_path, "csv")
+    frame = sample_bars()
+    frame.loc[2, "ts_event"] += pd.Timedelta("1ns")
+    path = store.raw_path("ES", JAN)
+    store.write(frame, path)
+    lines = Path(path.path).read_text().splitlines()
+    assert len(lines) == 4 and lines[0].startswith("ts_event,symbol,")
+    assert [line.split(",")[0][19:] for line in lines[1:]] == [
+        ".000000000Z",
+        ".000000000Z",
+        ".000000001Z",
+    ]
     pd.testing.assert_frame_equal(store.read(path), frame, check_exact=True)
 
 
@@ -142,3 +162,60 @@ def test_bad_format_and_empty_root_are_clear():
         BarStore.at("./data", "xlsx")
     with pytest.raises(StorageError, match="DBENTO_DATA_DIR is empty"):
         BarStore.at("  ")
+
+
+def test_parquet_reads_back_with_plain_tools_as_the_bar_dtypes(tmp_path):
+    # The files are for other tools too: pandas.read_parquet (no dbento_assets involved)
+    # must see a string symbol (not the dictionary it is stored as) and required columns.
+    store = BarStore.at(tmp_path, "parquet")
+    path = store.raw_path("ES", JAN)
+    store.write(sample_bars(), path)
+    plain = pd.read_parquet(path.path)
+    assert dict(plain.dtypes) == dict(DTYPES)
+    pd.testing.assert_frame_equal(plain, sample_bars(), check_exact=True)
+    schema = pq.read_schema(path.path)
+    assert not any(field.nullable for field in schema)
+    assert pq.ParquetFile(path.path).metadata.row_group(0).column(1).statistics is not None
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_a_bar_with_a_missing_value_is_refused_and_the_old_file_kept(tmp_path, fmt):
+    store = BarStore.at(tmp_path, fmt)
+    path = store.raw_path("ES", JAN)
+    store.write(sample_bars(), path)
+    before = Path(path.path).read_bytes()
+    broken = sample_bars().copy()  # its own buffer per column (sample_bars shares prices)
+    broken.loc[1, "high"] = np.nan
+    with pytest.raises(StorageError, match="high"):
+        store.write(broken, path)
+    assert Path(path.path).read_bytes() == before
+
+
+def test_frames_with_other_dtypes_are_converted_to_the_bar_dtypes(tmp_path):
+    # A frame built by hand (microsecond timestamps, signed volumes, plain str symbols)
+    # takes the converting path and still reads back as the bar dtypes.
+    frame = sample_bars()
+    frame["ts_event"] = frame["ts_event"].astype("datetime64[us, UTC]")
+    frame["volume"] = [1, 2, 3]
+    frame["symbol"] = frame["symbol"].astype(object)
+    store = BarStore.at(tmp_path, "parquet")
+    path = store.raw_path("ES", JAN)
+    store.write(frame, path)
+    back = store.read(path)
+    assert dict(back.dtypes) == dict(DTYPES)
+    assert back["volume"].tolist() == [1, 2, 3]
+    assert back["ts_event"].tolist() == sample_bars()["ts_event"].tolist()
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, "system"), ("mimalloc", "mimalloc")])
+def test_the_package_shares_glibcs_allocator_with_arrow_unless_told_otherwise(preset, expected):
+    # Importing dbento_assets first (as Dagster and the CLIs do) makes Arrow allocate
+    # through the system allocator; an ARROW_DEFAULT_MEMORY_POOL already set wins.
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    if preset:
+        env["ARROW_DEFAULT_MEMORY_POOL"] = preset
+    code = "import dbento_assets, pyarrow; print(pyarrow.default_memory_pool().backend_name)"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == expected
