@@ -60,7 +60,7 @@ from dbento_assets.checks import (
     vendor_result,
     windows_metadata,
 )
-from dbento_assets.core.aggregate import aggregate_bars
+from dbento_assets.core.aggregate import aggregate_many
 from dbento_assets.core.catalog import Catalog, Instrument
 from dbento_assets.core.dbn import decode_month
 from dbento_assets.core.source import FetchRequest, origin_of
@@ -156,9 +156,11 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
 
     They are separate assets in the graph (each with its own file, checks and history, and
     each can be materialized alone), but one step builds all those selected from a single
-    read of ``raw_1s_bars``, instead of one process reading the same month per timeframe.
-    Each frame is validated (against raw too) before it is yielded; a timeframe failing a
-    blocking rule is not yielded, the others are, and the step then fails naming it.
+    read of ``raw_1s_bars``, instead of one process reading the same month per timeframe,
+    and each timeframe from the widest finer one already built (see
+    :func:`~dbento_assets.core.aggregate.aggregate_many`). Each frame is validated (against
+    raw too) before it is yielded; a timeframe failing a blocking rule is not yielded, the
+    others are, and the step then fails naming it.
     """
     by_name = {bars_asset_name(tf): tf for tf in catalog.timeframes}
 
@@ -197,12 +199,13 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
         built = {key.path[-1] for key in context.selected_asset_keys}
         checked = {key.asset_key.path[-1] for key in context.selected_asset_check_keys}
         refused: list[tuple[str, list[RuleResult]]] = []
+        aggregated = aggregate_many(raw, [tf for name, tf in by_name.items() if name in built])
         for name, tf in by_name.items():
             if name not in built and name not in checked:
                 continue
             key = AssetKey(name)
             if name in built:
-                bars = aggregate_bars(raw, tf)
+                bars = aggregated.pop(tf)
             else:  # only checks selected: check the file this asset has on disk
                 io_manager = context.resources.io_manager
                 bars = io_manager.store.read(io_manager.path_for(key, partition))

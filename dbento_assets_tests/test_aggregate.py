@@ -8,7 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dbento_assets.core.aggregate import aggregate_bars
+from dbento_assets.core import aggregate
+from dbento_assets.core.aggregate import aggregate_bars, aggregate_many
 from dbento_assets.core.bars import COLUMNS, DTYPES, make_bars, sort_bars
 from dbento_assets.core.months import Month
 from dbento_assets.core.timeframes import Timeframe, parse_timeframe
@@ -139,3 +140,32 @@ def test_refuses_two_symbols():
     b = make_bars(np.array([0]), "NQ", [2], [1.0], [1.0], [1.0], [1.0], [1])
     with pytest.raises(ValueError, match="one symbol"):
         aggregate_bars(pd.concat([a, b], ignore_index=True), parse_timeframe("15s"))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(1, 400),
+    n_instruments=st.integers(1, 3),
+    month=st.sampled_from([Month(2024, 1), Month(2024, 2), Month(2023, 12)]),
+    timeframes=st.sets(st.sampled_from(TIMEFRAMES), min_size=1),
+)
+def test_cascade_equals_each_timeframe_from_the_seconds(seed, n, n_instruments, month, timeframes):
+    # aggregate_many builds 30s from 15s, 1min from 30s, 5min from 1min...: the result must
+    # be exactly what aggregating the 1-second bars directly gives, for every timeframe.
+    bars = random_bars(seed, n, n_instruments, month)
+    got = aggregate_many(bars, timeframes)
+    assert set(got) == set(timeframes)
+    for timeframe in timeframes:
+        pd.testing.assert_frame_equal(got[timeframe], aggregate_bars(bars, timeframe))
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 7])
+def test_bar_boundaries_are_found_across_computation_blocks(monkeypatch, block):
+    # The kernel finds where bars start in fixed-size blocks of rows; a bar (or a roll)
+    # straddling two blocks must come out the same as with one block for everything.
+    bars = sort_bars(random_bars(11, 300, 2, Month(2024, 1)))
+    expected = {tf: oracle(bars, tf) for tf in TIMEFRAMES}
+    monkeypatch.setattr(aggregate, "_BLOCK", block)
+    for timeframe, want in expected.items():
+        pd.testing.assert_frame_equal(aggregate_bars(bars, timeframe), want, check_exact=True)

@@ -27,7 +27,7 @@ from dagster import (
 )
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
-import dbento_assets.assets as assets_module
+import dbento_assets.core.aggregate as aggregate_module
 from dbento_assets.assets import build_assets
 from dbento_assets.checks import (
     CHECKED_ON_DISK,
@@ -434,7 +434,8 @@ def test_a_wrong_aggregate_is_refused_and_only_its_file_is_kept(
             out.loc[5, "volume"] += 1
         return out
 
-    monkeypatch.setattr(assets_module, "aggregate_bars", off_by_one_lot)
+    # aggregate_many builds every timeframe through aggregate_bars
+    monkeypatch.setattr(aggregate_module, "aggregate_bars", off_by_one_lot)
     store = BarStore.at(es_root)
     one_min = store.aggregated_path("ES", JAN, MINUTE)
     one_min_before = one_min.read_bytes()

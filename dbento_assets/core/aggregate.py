@@ -6,10 +6,13 @@ Each output bar belongs to one ``instrument_id``, so a bar never mixes two futur
 around a roll. Open is the first 1s open, high the max, low the min, close the last close,
 volume the sum; an empty bin produces no bar. The work is a handful of numpy passes over the
 columns (a stable sort only when the input needs one, then ``reduceat`` per group), with no
-Python loop over rows.
+Python loop over rows. :func:`aggregate_many` builds several timeframes, each from the
+widest finer one already built, with the same result.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
@@ -21,7 +24,9 @@ from dbento_assets.core.timeframes import Timeframe
 def bin_starts(ts_ns: np.ndarray, timeframe: Timeframe) -> np.ndarray:
     """The epoch-aligned open of the bin holding each timestamp (int64 nanoseconds)."""
     step = timeframe.nanos
-    return np.floor_divide(ts_ns, step) * step
+    starts = np.floor_divide(ts_ns, step)
+    starts *= step  # in place: one month-long temporary, not two
+    return starts
 
 
 def aggregate_bars(bars: pd.DataFrame, timeframe: Timeframe) -> pd.DataFrame:
@@ -32,28 +37,24 @@ def aggregate_bars(bars: pd.DataFrame, timeframe: Timeframe) -> pd.DataFrame:
     """
     if len(bars) == 0:
         return empty_bars()
-    symbols = bars["symbol"].unique()
-    if len(symbols) != 1:
-        raise ValueError(f"aggregate_bars takes one symbol at a time, got {list(symbols)}")
+    symbol = bars["symbol"].iloc[0]
+    if not (bars["symbol"] == symbol).all():
+        found = sorted(map(str, bars["symbol"].unique()))
+        raise ValueError(f"aggregate_bars takes one symbol at a time, got {found}")
     ts = ts_nanos(bars)
     iid = bars["instrument_id"].to_numpy()
     order = _time_order_per_instrument(ts, iid)
     take = (lambda a: a) if order is None else (lambda a: a[order])
     ts, iid = take(ts), take(iid)
-    bins = bin_starts(ts, timeframe)
-
-    new_group = np.empty(len(ts), dtype=bool)
-    new_group[0] = True
-    np.not_equal(bins[1:], bins[:-1], out=new_group[1:])
-    new_group[1:] |= iid[1:] != iid[:-1]
-    starts = np.flatnonzero(new_group)
+    starts = _group_starts(ts, iid, timeframe)
     lasts = np.append(starts[1:], len(ts)) - 1
+    bins = bin_starts(ts[starts], timeframe)
 
     opens = take(bars["open"].to_numpy())
     closes = take(bars["close"].to_numpy())
     out = make_bars(
-        bins[starts],
-        str(symbols[0]),
+        bins,
+        str(symbol),
         iid[starts],
         opens[starts],
         np.maximum.reduceat(take(bars["high"].to_numpy()), starts),
@@ -61,7 +62,47 @@ def aggregate_bars(bars: pd.DataFrame, timeframe: Timeframe) -> pd.DataFrame:
         closes[lasts],
         np.add.reduceat(take(bars["volume"].to_numpy()), starts),
     )
-    return out if _is_sorted(bins[starts], iid[starts]) else sort_bars(out)
+    return out if _is_sorted(bins, iid[starts]) else sort_bars(out)
+
+
+_BLOCK = 65_536  # rows per block in _group_starts (half a megabyte per temporary)
+
+
+def _group_starts(ts: np.ndarray, iid: np.ndarray, timeframe: Timeframe) -> np.ndarray:
+    """Indices of the rows that open a new output bar: the first row, and every row whose
+    bin or instrument differs from the previous row's (rows already in per-instrument time
+    order). Computed block by block, so no month-long temporary is made."""
+    pieces = []
+    for lo in range(0, len(ts), _BLOCK):
+        hi = min(lo + _BLOCK, len(ts))
+        first = max(lo - 1, 0)  # each block also looks at the row before it
+        bins = np.floor_divide(ts[first:hi], timeframe.nanos)
+        new = bins[1:] != bins[:-1]
+        new |= iid[first + 1 : hi] != iid[first : hi - 1]
+        if lo == 0:
+            pieces.append(np.zeros(1, dtype=np.intp))
+        pieces.append(np.flatnonzero(new) + first + 1)
+    return np.concatenate(pieces)
+
+
+def aggregate_many(
+    bars: pd.DataFrame, timeframes: Iterable[Timeframe]
+) -> dict[Timeframe, pd.DataFrame]:
+    """Aggregate ``bars`` to several timeframes at once, each built from the widest bars
+    already built whose timeframe divides it (30s from 15s, 1min from 30s), else from
+    ``bars``.
+
+    The result is exactly :func:`aggregate_bars` of ``bars`` for every timeframe: bins are
+    epoch-aligned, so a bin of a dividing timeframe lies inside one bin of the wider one, and
+    first/max/min/last/sum over whole sub-bins equal those over their seconds. The wider
+    timeframes then read a fraction of the rows.
+    """
+    built: dict[Timeframe, pd.DataFrame] = {}
+    for timeframe in sorted(set(timeframes), key=lambda tf: tf.nanos):
+        finer = [tf for tf in built if timeframe.nanos % tf.nanos == 0]
+        source = built[max(finer, key=lambda tf: tf.nanos)] if finer else bars
+        built[timeframe] = aggregate_bars(source, timeframe)
+    return built
 
 
 def _is_sorted(ts: np.ndarray, iid: np.ndarray) -> bool:
