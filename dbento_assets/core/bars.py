@@ -94,6 +94,10 @@ def sort_bars(frame: pd.DataFrame) -> pd.DataFrame:
     """Sort by ``ts_event`` then ``instrument_id`` with a fresh RangeIndex (no copy when the
     frame is already in that order, which decoded DBN almost always is)."""
     ts, iid = ts_nanos(frame), frame["instrument_id"].to_numpy()
+    # Strictly increasing times (one instrument) are checked with one boolean temporary;
+    # only otherwise is the time step of every row worked out.
+    if np.all(ts[1:] > ts[:-1]):
+        return frame.reset_index(drop=True)
     step = np.diff(ts)
     if np.all((step > 0) | ((step == 0) & (iid[1:] > iid[:-1]))):
         return frame.reset_index(drop=True)
