@@ -28,8 +28,10 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:  # imported in the child processes only, after the package (see child)
+    import pandas as pd
 
 TIMEFRAMES = ("15s", "30s", "1min")
 TARGET_ROWS = 1_200_000
@@ -73,7 +75,7 @@ def step_raw(dbn: Path, out: Path, fmt: str) -> pd.DataFrame:
 def step_bars(out: Path, fmt: str, raw: pd.DataFrame | None = None) -> None:
     """What the ``bars_<tf>`` step does: read the raw file once (unless the raw step handed
     the month over in memory), aggregate, write each timeframe."""
-    from dbento_assets.core.aggregate import aggregate_bars
+    from dbento_assets.core.aggregate import aggregate_many
     from dbento_assets.core.months import Month
     from dbento_assets.core.storage import BarStore
     from dbento_assets.core.timeframes import parse_timeframe
@@ -82,9 +84,11 @@ def step_bars(out: Path, fmt: str, raw: pd.DataFrame | None = None) -> None:
     store = BarStore.at(out, fmt)
     if raw is None:
         raw = store.read(store.raw_path(SYMBOL, month))
-    for label in TIMEFRAMES:
-        tf = parse_timeframe(label)
-        store.write(aggregate_bars(raw, tf), store.aggregated_path(SYMBOL, month, tf))
+    aggregated = aggregate_many(raw, [parse_timeframe(label) for label in TIMEFRAMES])
+    while aggregated:
+        tf, bars = aggregated.popitem()
+        store.write(bars, store.aggregated_path(SYMBOL, month, tf))
+        del bars
 
 
 def single_process(dbn: Path, out: Path, fmt: str) -> None:
@@ -131,6 +135,10 @@ def reference(dbn: Path, out: Path, fmt: str) -> None:
 
 def child(kind: str, dbn: Path, out: Path, fmt: str) -> None:
     """Run one piece in this fresh process; print its seconds and peak RSS as JSON."""
+    if kind != "reference":
+        # A process running this project's pipeline (a Dagster run worker, a CLI) imports
+        # the package before pandas or pyarrow, which sets its allocator choice.
+        import dbento_assets
     # Import what any piece uses before the clock starts: start-up is not the pipeline.
     import databento  # noqa: F401
     import pandas  # noqa: F401
