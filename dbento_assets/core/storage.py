@@ -132,6 +132,9 @@ class BarStore:
         table = to_arrow(frame)
         writer = _write_parquet if self.fmt == "parquet" else _write_csv
         write_atomic(path, lambda f: writer(table, f))
+        # Hand the writer's working memory back to the operating system now rather than
+        # hold it for the rest of the run (see ARROW_DEFAULT_MEMORY_POOL in dbento_assets).
+        pa.default_memory_pool().release_unused()
         return path.stat().st_size
 
     def read(self, path: UPath) -> pd.DataFrame:
@@ -256,9 +259,6 @@ def _write_parquet(table: pa.Table, f: BinaryIO) -> None:
         # back exactly the bar dtypes.
         store_schema=False,
     )
-    # Hand the writer's working memory back to the operating system now rather than hold
-    # it for the rest of the run (see ARROW_DEFAULT_MEMORY_POOL in dbento_assets/__init__).
-    pa.default_memory_pool().release_unused()
 
 
 def _symbol_as_dictionary(table: pa.Table) -> pa.Table:
