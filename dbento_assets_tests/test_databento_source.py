@@ -31,7 +31,7 @@ from dbento_assets.core.dbn import (
     OHLCV_RECORD_DTYPE,
     DbnError,
     decode_month,
-    encode_ohlcv,
+    encode_month,
     ohlcv_records,
 )
 from dbento_assets.core.demo import generate_month_records
@@ -493,16 +493,7 @@ def _payload(n: int = 50, compress: bool = True) -> tuple[bytes, Month]:
     ts = month.start_ns + np.arange(n, dtype=np.int64) * 10**9
     px = np.full(n, 4_800_250_000_000, dtype=np.int64)
     records = ohlcv_records(ts, np.full(n, 7), px, px, px, px, np.ones(n, dtype=np.uint64))
-    payload = encode_ohlcv(
-        records,
-        dataset="GLBX.MDP3",
-        symbols=["ES.v.0"],
-        stype_in="continuous",
-        start_ns=month.start_ns,
-        end_ns=month.end_ns,
-        compress=compress,
-    )
-    return payload, month
+    return encode_month(records, CATALOG.instrument("ES"), month, compress=compress), month
 
 
 def test_check_dbn_file_flags_every_cut_of_a_zstd_stream(tmp_path):

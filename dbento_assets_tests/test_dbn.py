@@ -10,7 +10,14 @@ import pandas as pd
 import pytest
 
 from dbento_assets.core import dbn
-from dbento_assets.core.dbn import DbnError, decode_month, encode_ohlcv, ohlcv_records
+from dbento_assets.core.catalog import load_catalog
+from dbento_assets.core.dbn import (
+    DbnError,
+    decode_month,
+    encode_month,
+    encode_ohlcv,
+    ohlcv_records,
+)
 from dbento_assets.core.months import Month
 
 NS = 1_000_000_000
@@ -132,13 +139,6 @@ def test_a_bad_record_in_a_later_chunk_stops_decoding(monkeypatch):
     px = np.full(6, 100 * 250_000_000)
     records = ohlcv_records(ts, np.ones(6), px, px, px, px, np.ones(6))
     records["rtype"][5] = dbn.OHLCV_RTYPES["ohlcv-1m"]  # not an ohlcv-1s record
-    payload = encode_ohlcv(
-        records,
-        dataset="GLBX.MDP3",
-        symbols=["ES.v.0"],
-        stype_in="continuous",
-        start_ns=FEB.start_ns,
-        end_ns=FEB.end_ns,
-    )
+    payload = encode_month(records, load_catalog().instrument("ES"), FEB)
     with pytest.raises(DbnError, match="holds records that are not ohlcv-1s"):
         decode_month([payload], "ES", FEB)
