@@ -23,13 +23,13 @@ from dbento_assets.core.catalog import Instrument, load_catalog
 from dbento_assets.core.databento_api import (
     DatabentoSource,
     RetryPolicy,
-    TruncatedDownload,
-    check_dbn_file,
     dbn_cache_path,
 )
 from dbento_assets.core.dbn import (
     OHLCV_RECORD_DTYPE,
     DbnError,
+    TruncatedDbn,
+    check_dbn_file,
     decode_month,
     encode_month,
     ohlcv_records,
@@ -504,7 +504,7 @@ def test_check_dbn_file_flags_every_cut_of_a_zstd_stream(tmp_path):
     for cut in range(1, len(payload)):
         part = tmp_path / "part.dbn.zst"
         part.write_bytes(payload[:cut])
-        with pytest.raises(TruncatedDownload):
+        with pytest.raises(TruncatedDbn):
             check_dbn_file(part, month.start_ns, month.end_ns)
 
 
@@ -521,7 +521,7 @@ def test_check_dbn_file_reads_several_frames_and_plain_dbn(tmp_path):
     assert check_dbn_file(multi, month.start_ns, month.end_ns).records == 50
     plain = tmp_path / "plain.dbn"
     plain.write_bytes(payload[:-3])  # a partial last record
-    with pytest.raises(TruncatedDownload, match="partial record"):
+    with pytest.raises(TruncatedDbn, match="partial record"):
         check_dbn_file(plain, month.start_ns, month.end_ns)
 
 

@@ -330,3 +330,103 @@ def _describe(payload: DbnPayload) -> str:
     if isinstance(payload, bytes | bytearray | memoryview):
         return f"a {len(payload)}-byte DBN payload"
     return str(payload)
+
+
+@dataclass(frozen=True)
+class DbnFileCheck:
+    """The result of reading a DBN file end to end."""
+
+    records: int
+    first_ts_ns: int | None
+    last_ts_ns: int | None
+
+
+class TruncatedDbn(DbnError):
+    """A DBN file or stream that ends early (cut mid-frame, mid-header or mid-record)."""
+
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_DBN_MAGIC = b"DBN"
+_READ_CHUNK = 1 << 16  # compressed bytes per read: bounds the decompressed chunk
+_RECORD_SIZE = OHLCV_RECORD_DTYPE.itemsize
+
+
+def check_dbn_file(
+    path: Path, start_ns: int, end_ns: int, schema: str = "ohlcv-1s"
+) -> DbnFileCheck:
+    """Read a DBN file (zstd or plain) in bounded memory and prove it whole.
+
+    Raises :class:`TruncatedDbn` when a zstd frame is unfinished, the metadata header is
+    cut, or the last record is partial, and :class:`DbnError` when the file holds anything but
+    ``schema`` records inside ``[start_ns, end_ns)``.
+    """
+    rtype = _rtype(schema)
+    header = b""
+    meta_left: int | None = None
+    tail = b""
+    count = 0
+    first: int | None = None
+    last: int | None = None
+    for chunk in _decompressed_chunks(path):
+        data = tail + chunk if tail else chunk
+        tail = b""
+        if meta_left is None:
+            header += data
+            if len(header) < 8:
+                continue
+            if header[:3] != _DBN_MAGIC:
+                raise DbnError(f"{path} is not DBN (bad magic)")
+            meta_left = int.from_bytes(header[4:8], "little")
+            data, header = header[8:], b""
+        if meta_left:
+            skip = min(meta_left, len(data))
+            meta_left -= skip
+            data = data[skip:]
+        usable = len(data) - len(data) % _RECORD_SIZE
+        tail = data[usable:]
+        if not usable:
+            continue
+        records = np.frombuffer(data, dtype=OHLCV_RECORD_DTYPE, count=usable // _RECORD_SIZE)
+        if np.any(records["rtype"] != rtype) or np.any(records["length"] != _RECORD_SIZE // 4):
+            raise DbnError(f"{path} holds records that are not {schema}")
+        ts = records["ts_event"]
+        lo, hi = int(ts.min()), int(ts.max())
+        if lo < start_ns or hi >= end_ns:
+            raise DbnError(
+                f"{path} holds records outside the requested window "
+                f"[{pd.Timestamp(start_ns, tz='UTC')}, {pd.Timestamp(end_ns, tz='UTC')})"
+            )
+        first = lo if first is None else min(first, lo)
+        last = hi if last is None else max(last, hi)
+        count += len(records)
+    if meta_left is None or meta_left > 0:
+        raise TruncatedDbn(f"{path} ends inside the DBN metadata header")
+    if tail:
+        raise TruncatedDbn(f"{path} ends with a partial record ({len(tail)} loose bytes)")
+    return DbnFileCheck(records=count, first_ts_ns=first, last_ts_ns=last)
+
+
+def _decompressed_chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as handle:
+        head = handle.read(4)
+        handle.seek(0)
+        if head != _ZSTD_MAGIC:
+            while chunk := handle.read(_READ_CHUNK):
+                yield chunk
+            return
+        decoder = zstandard.ZstdDecompressor().decompressobj()
+        open_frame = False
+        while raw := handle.read(_READ_CHUNK):
+            while raw:
+                open_frame = True
+                out = decoder.decompress(raw)
+                if out:
+                    yield out
+                if decoder.eof:
+                    raw = decoder.unused_data
+                    decoder = zstandard.ZstdDecompressor().decompressobj()
+                    open_frame = False
+                else:
+                    raw = b""
+        if open_frame:
+            raise TruncatedDbn(f"{path} ends inside a zstd frame (stream cut short)")
