@@ -62,8 +62,14 @@ from dbento_assets.checks import (
 )
 from dbento_assets.core.aggregate import aggregate_many
 from dbento_assets.core.catalog import Catalog, Instrument
-from dbento_assets.core.dbn import decode_month
-from dbento_assets.core.source import FetchRequest, origin_of
+from dbento_assets.core.dbn import DecodedMonth, decode_month
+from dbento_assets.core.source import (
+    DownloadRefused,
+    FetchedMonth,
+    FetchRequest,
+    fetch_accepted,
+    origin_of,
+)
 from dbento_assets.core.storage import BarStore
 from dbento_assets.core.validation import (
     RULE_VENDOR,
@@ -120,14 +126,30 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
         BarStore.at(databento.data_dir).claim(origin_of(databento.source), databento.source)
         request = FetchRequest(instrument, month, force=force_requested(context, config))
         source = databento.month_source(catalog.path)
-        fetched = source.fetch(request, context.log.info)
-        decoded = decode_month(fetched.payloads, symbol, month, fetched.instrument_ids)
+
+        def accept(fetched: FetchedMonth) -> tuple[DecodedMonth, list[RuleResult]]:
+            # Runs on a download before it enters the DBN cache (or on a cached file before
+            # it is used): data failing a blocking rule is refused, never cached or stored.
+            decoded = decode_month(fetched.payloads, symbol, month, fetched.instrument_ids)
+            results = run_raw_rules(decoded.bars, month, instrument)
+            failed = [r for r in results if r.blocking]
+            if failed:
+                raise DownloadRefused(
+                    not_saved(RAW_ASSET, partition, failed),
+                    rules=[r.rule for r in failed],
+                    results=results,
+                )
+            return decoded, results
+
+        try:
+            fetched, (decoded, results) = fetch_accepted(source, request, context.log.info, accept)
+        except DownloadRefused as exc:
+            if exc.results is None:  # refused by the file check: no rule results to show
+                raise
+            yield from selected_results(context, RAW_KEY, exc.results, REFUSED)
+            failed = [r for r in exc.results if r.blocking]
+            raise refusal(str(exc), failed) from None
         bars = decoded.bars
-        results = run_raw_rules(bars, month, instrument)
-        failed = [r for r in results if r.blocking]
-        if failed:
-            yield from selected_results(context, RAW_KEY, results, REFUSED)
-            raise refusal(not_saved(RAW_ASSET, partition, failed), failed)
         rolls = sorted({int(i) for i in bars["instrument_id"].unique()}) if len(bars) else []
         covered = dbn_coverage(fetched.payloads, month, "ohlcv-1s")
         vendor = prefetch_vendor_1m(databento, source, request, context.log.info)

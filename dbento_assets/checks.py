@@ -22,13 +22,15 @@ by ``raw_1s_bars`` in the download pool (:func:`prefetch_vendor_1m`) and cached 
 1-second file. Only minutes both the 1s data and the 1m data fully cover are compared
 (:func:`~dbento_assets.core.coverage.dbn_coverage` reads the DBN headers; a request cut short
 by its ``limit`` covers up to its last record); with nothing to compare, or when the 1-minute
-bars could not be had, the check passes and its metadata says ``skipped`` and why.
+bars could not be had, the check is a failed WARN (yellow in the UI, never blocking) whose
+description says why, and its metadata says ``skipped``: never a green pass that compared
+nothing.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import pandas as pd
@@ -62,11 +64,18 @@ from dbento_assets.core.coverage import (
     merge_windows,
     whole_minutes,
 )
-from dbento_assets.core.databento_api import DatabentoSource
+from dbento_assets.core.databento_api import VENDOR_SCHEMA, DatabentoSource
 from dbento_assets.core.dbn import DbnError, decode_month
-from dbento_assets.core.dbn_files import VENDOR_SCHEMA, DbnFilesSource
+from dbento_assets.core.dbn_files import DbnFilesSource
 from dbento_assets.core.months import Month
-from dbento_assets.core.source import FetchRequest, Logger, MonthSource, SourceError
+from dbento_assets.core.source import (
+    DownloadRefused,
+    FetchedMonth,
+    FetchRequest,
+    Logger,
+    MonthSource,
+    SourceError,
+)
 from dbento_assets.core.timeframes import Timeframe
 from dbento_assets.io_managers import BARS_PREFIX, RAW_ASSET
 from dbento_assets.resources import DatabentoResource
@@ -310,6 +319,28 @@ def raw_coverage(instance: DagsterInstance, partition: str, month: Month) -> lis
 # --------------------------------------------------------------------------- vendor 1m
 
 
+def vendor_accept(instrument: Instrument, month: Month) -> Callable[[FetchedMonth], VendorMonth]:
+    """The ``accept`` of a vendor 1m download: it must decode and its bars must be consistent
+    (high/low), or it is refused, quarantined and remembered (not bought again without force).
+    Returns what the cross-check compares with, so the file is decoded once per step."""
+
+    def accept(fetched: FetchedMonth) -> VendorMonth:
+        bars = decode_month(
+            fetched.payloads, instrument.symbol, month, fetched.instrument_ids, VENDOR_SCHEMA
+        ).bars
+        ohlc = v.check_ohlc(bars)
+        if not ohlc.passed:
+            raise DownloadRefused(
+                f"Databento's {VENDOR_SCHEMA} bars of {instrument.symbol} {month} fail the "
+                f"rule {ohlc.rule} ({ohlc.description}).",
+                rules=[ohlc.rule],
+            )
+        covered = dbn_coverage(fetched.payloads, month, VENDOR_SCHEMA)
+        return VendorMonth(bars, covered, f"Databento API ({VENDOR_SCHEMA})")
+
+    return accept
+
+
 def prefetch_vendor_1m(
     databento: DatabentoResource, source: MonthSource, request: FetchRequest, log: Logger
 ) -> dict[str, Any]:
@@ -319,14 +350,17 @@ def prefetch_vendor_1m(
     ``raw_1s_bars`` runs in the ``databento`` pool, so the paid 1-minute request shares the
     pool's limit with the 1-second one, and a forced download (``request.force``) renews both.
     The file lands in the DBN cache next to the 1-second one, where ``bars_1min``'s check
-    finds it. A failed download never fails the data: it is logged and returned as
-    ``vendor_1m_error`` (the check of this run is then skipped with that reason). Returns
-    the metadata to add to the raw materialization (empty when nothing was asked).
+    finds it. A failed or refused download never fails the data: it is logged and returned
+    as ``vendor_1m_error`` (the check of this run then says why it compared nothing); a
+    refused one is remembered by the cache and not bought again without force. Returns the
+    metadata to add to the raw materialization (empty when nothing was asked).
     """
     if not databento.vendor_check or not isinstance(source, DatabentoSource):
         return {}
     try:
-        fetched = source.fetch_vendor_1m(request, log)
+        fetched, _ = source.fetch_accepted(
+            request, log, vendor_accept(request.instrument, request.month), VENDOR_SCHEMA
+        )
     except (SourceError, DbnError, OSError) as exc:
         log(f"Databento's 1-minute bars (for the vendor cross-check) were not downloaded: {exc}")
         return {VENDOR_ERROR_KEY: str(exc)}
@@ -360,9 +394,10 @@ def load_vendor_1m(
     ``databento``: only when the resource's ``vendor_check`` is on, via the API source's
     :meth:`~dbento_assets.core.databento_api.DatabentoSource.fetch_vendor_1m`: normally a
     cache hit, as ``raw_1s_bars`` downloaded the file (:func:`prefetch_vendor_1m`); a
-    download when raw was materialized before the setting was on. Source ``demo``: synthetic
-    data, nothing to compare. A failed lookup or download is a reason too (the check is
-    skipped, it does not pass or fail the data).
+    download when raw was materialized before the setting was on; a refused download is
+    not bought again (the cache remembers it) unless raw is forced. Source ``demo``: synthetic
+    data, nothing to compare. A failed lookup or download is a reason too (the check is a
+    WARN saying it compared nothing; it neither passes nor blocks the data).
     """
     name = (databento.source or "").strip().lower()
     try:
@@ -382,16 +417,13 @@ def load_vendor_1m(
                     "the optional download of Databento's 1-minute bars is off "
                     "(DBENTO_VENDOR_CHECK=true turns it on)"
                 )
-            fetched = databento.api_source().fetch_vendor_1m(FetchRequest(instrument, month), log)
-            bars = decode_month(
-                fetched.payloads,
-                instrument.symbol,
-                month,
-                fetched.instrument_ids,
-                schema=VENDOR_SCHEMA,
-            ).bars
-            covered = dbn_coverage(fetched.payloads, month, VENDOR_SCHEMA)
-            return VendorMonth(bars, covered, f"Databento API ({VENDOR_SCHEMA})")
+            _, found = databento.api_source().fetch_accepted(
+                FetchRequest(instrument, month),
+                log,
+                vendor_accept(instrument, month),
+                VENDOR_SCHEMA,
+            )
+            return found
     except (SourceError, DbnError, OSError) as exc:
         return f"Databento's 1-minute bars could not be read ({exc})"
     return "the demo source is synthetic, there are no Databento bars to compare with"

@@ -531,8 +531,10 @@ def test_without_vendor_check_no_1m_request_is_made_and_the_check_says_skipped(
     assert "ohlcv-1m" not in gateway.schemas("metadata.get_cost")
     assert not vendor_file(env).exists() and bars_1min_file(env).is_file()
     record, found = vendor_check(instance, result)
-    assert record.status == PASSED and found["skipped"] is True
+    # Nothing compared: a WARN that says why (yellow in the UI), never a green pass.
+    assert record.status == FAILED and found["skipped"] is True and found["severity"] == "WARN"
     assert "DBENTO_VENDOR_CHECK=true" in found["skipped_because"]
+    assert "Not compared" in evaluation_of(record).description
 
 
 def test_a_failed_1m_download_skips_the_check_and_keeps_the_data(
@@ -548,7 +550,7 @@ def test_a_failed_1m_download_skips_the_check_and_keeps_the_data(
     assert "failed 3 times" in raw_metadata(result)["vendor_1m_error"]
     assert not vendor_file(env).exists() and bars_1min_file(env).is_file()
     record, found = vendor_check(instance, result)
-    assert record.status == PASSED and found["skipped"] is True
+    assert record.status == FAILED and found["skipped"] is True and found["severity"] == "WARN"
     assert "failed 3 times" in found["skipped_because"]
     assert TEST_KEY not in found["skipped_because"]
 

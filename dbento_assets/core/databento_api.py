@@ -2,40 +2,42 @@
 
 :class:`DatabentoSource` answers a :class:`~dbento_assets.core.source.FetchRequest` with a
 DBN file in the local cache ``<data_root>/dbn/<SYMBOL>/<SYMBOL>_<YYYY>_<MM>.ohlcv-1s.dbn.zst``
-(:func:`dbn_cache_path` is the one place that spells it). :meth:`DatabentoSource.fetch_vendor_1m`
-does the same, by the same code, for Databento's own ohlcv-1m bars of the partition (the
-vendor cross-check, ``<SYMBOL>_<YYYY>_<MM>.ohlcv-1m.dbn.zst``): every step below is
-parametrized by the schema. A cached month is decoded again without a single request.
-Otherwise the source asks, in order and all free of charge: the dataset's range for the
-schema (``metadata.get_dataset_range``), the cost (``metadata.get_cost``, refused above the
-per-partition ceiling), the billable size and the record count; only then it pays for
+(:func:`dbn_cache_path`; the cache itself, its manifests, quarantine, refusals and locks are
+:mod:`dbento_assets.core.dbn_cache`). :meth:`DatabentoSource.fetch_vendor_1m` does the same,
+by the same code, for Databento's own ohlcv-1m bars of the partition (the vendor
+cross-check, ``<SYMBOL>_<YYYY>_<MM>.ohlcv-1m.dbn.zst``): every step below is parametrized by
+the schema. Under the entry's lock, a cached month is verified against its manifest and used
+without a single request; a month whose last download was refused fails at once unless
+forced. Otherwise the source asks, in order and all free of charge: the dataset's range for
+the schema (``metadata.get_dataset_range``), the cost (``metadata.get_cost``, refused above
+the per-partition ceiling), the billable size and the record count; only then it pays for
 ``timeseries.get_range``, streamed by the client to a temporary file next to the cache entry.
 The temporary file is checked (every zstd frame closed, no partial record, only records of
-the schema inside the requested window, no fewer records than announced) and renamed over
-the cache entry only when whole, so a forced re-download keeps the old file until the new
-one is complete. Faults: 429 waits for ``Retry-After``; 5xx, connection errors, broken or
-truncated streams back off exponentially with jitter for a bounded number of attempts; 401
-and 403 fail at once without showing the key; 422 fails at once naming symbol, dataset,
-stype and the catalog file. Availability: a month that is not fully published yet, or lies
-wholly before the dataset's start, fails before any cost is incurred; a month in which the
-dataset starts is downloaded from the dataset's start and says so in the metadata. Empty
-months: a month for which Databento reports zero records fails with a :class:`SourceError`
-and caches nothing (no ``get_range`` is made). For the catalog's instruments (front-month
-futures, ETFs on a consolidated feed) a month without a single trade means a wrong symbol,
-stype or dataset, or a vendor gap; the one legitimate reason for a month without data, the
-dataset not having started yet, is reported as such by the availability check. A download
-that announced records but delivered none is treated as truncated and retried.
+the schema inside the requested window, no fewer records than announced), then handed to the
+caller's ``accept`` (:meth:`DatabentoSource.fetch_accepted`: the raw asset decodes it and runs
+the blocking rules), and only then committed over the cache entry, so a forced re-download
+keeps the old file unless the new one is whole and accepted. Faults, retried with
+``tenacity``: 429 waits for ``Retry-After``; 5xx, connection errors, broken or truncated
+streams back off exponentially with jitter for a bounded number of attempts; 401 and 403 fail
+at once without showing the key; 422 fails at once naming symbol, dataset, stype and the
+catalog file; a local disk error (no space, read-only, permission) fails at once naming the
+path. Availability: a month that is not fully published yet, or lies wholly before the
+dataset's start, fails before any cost is incurred; a month in which the dataset starts is
+downloaded from the dataset's start and says so in the metadata. Empty months: a month for
+which Databento reports zero records fails with a :class:`SourceError` and caches nothing (no
+``get_range`` is made). For the catalog's instruments (front-month futures, ETFs on a
+consolidated feed) a month without a single trade means a wrong symbol, stype or dataset, or
+a vendor gap; the one legitimate reason for a month without data, the dataset not having
+started yet, is reported as such by the availability check. A download that announced
+records but delivered none is treated as truncated and retried.
 """
 
 from __future__ import annotations
 
 import contextlib
 import email.utils
-import json
-import os
 import random
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +46,8 @@ from typing import Any, TypeVar
 import databento
 import pandas as pd
 import requests
-from databento.common.error import BentoClientError, BentoError, BentoServerError
+import tenacity
+from databento import BentoClientError, BentoError, BentoServerError
 
 from dbento_assets.core.catalog import Instrument, catalog_path
 from dbento_assets.core.dbn import (
@@ -54,8 +57,23 @@ from dbento_assets.core.dbn import (
     TruncatedDbn,
     check_dbn_file,
 )
+from dbento_assets.core.dbn_cache import (
+    FORCE_HINT,
+    MANIFEST_SUFFIX,
+    CacheEntry,
+    DbnCache,
+    LocalIOError,
+    local_io_message,
+    local_os_error,
+)
 from dbento_assets.core.months import Month
-from dbento_assets.core.source import FetchedMonth, FetchRequest, Logger, SourceError
+from dbento_assets.core.source import (
+    DownloadRefused,
+    FetchedMonth,
+    FetchRequest,
+    Logger,
+    SourceError,
+)
 
 T = TypeVar("T")
 
@@ -64,8 +82,6 @@ DEFAULT_MAX_COST_USD = 5.0
 DEFAULT_TIMEOUT_SECONDS = 100.0
 SCHEMA = "ohlcv-1s"  # the pipeline's bars
 VENDOR_SCHEMA = "ohlcv-1m"  # Databento's own 1-minute bars, for the vendor cross-check
-SIDECAR_SUFFIX = ".json"
-PART_SUFFIX = ".part"
 RETRYABLE_STATUS = frozenset({408, 500, 502, 503, 504})
 
 
@@ -163,12 +179,17 @@ CACHE_SUFFIX = cache_suffix(SCHEMA)
 def dbn_cache_path(data_root: Path | str, symbol: str, month: Month, schema: str = SCHEMA) -> Path:
     """The cache file of one partition and schema: ``<root>/dbn/ES/ES_2024_01.ohlcv-1s.dbn.zst``
     (``...ohlcv-1m.dbn.zst`` for the vendor's 1-minute bars)."""
-    return Path(data_root) / "dbn" / symbol / f"{symbol}_{month.tag}{cache_suffix(schema)}"
+    _rtype(schema)
+    return DbnCache(data_root).entry(symbol, month, schema).path
 
 
-def sidecar_path(cache_file: Path) -> Path:
-    """The JSON note written next to a cache file (what the download cost, when)."""
-    return cache_file.with_name(cache_file.name + SIDECAR_SUFFIX)
+def manifest_path(cache_file: Path) -> Path:
+    """The manifest written next to a cache file (see :mod:`dbento_assets.core.dbn_cache`)."""
+    return cache_file.with_name(cache_file.name + MANIFEST_SUFFIX)
+
+
+def _accept_all(fetched: FetchedMonth) -> None:
+    """The ``accept`` of a plain fetch: the file checks are the only gate."""
 
 
 class DatabentoSource:
@@ -210,6 +231,7 @@ class DatabentoSource:
         self._rng = rng or random.Random()
         self._client: databento.Historical | None = None
         self._ranges: dict[tuple[str, str], Availability] = {}
+        self.cache = DbnCache(self.data_root)
 
     def __repr__(self) -> str:  # never show the key
         return (
@@ -224,23 +246,61 @@ class DatabentoSource:
 
     def fetch(self, request: FetchRequest, log: Logger) -> FetchedMonth:
         """Return the month's cached ohlcv-1s DBN file, downloading it first when needed."""
-        return self._fetch(request, log, SCHEMA)
+        return self.fetch_accepted(request, log, _accept_all)[0]
 
     def fetch_vendor_1m(self, request: FetchRequest, log: Logger) -> FetchedMonth:
         """Return Databento's own ohlcv-1m of the partition (same dataset, symbol, stype_in
         and month window), cached as ``<SYM>_<YYYY>_<MM>.ohlcv-1m.dbn.zst`` and downloaded
         first when needed, with every check, ceiling and retry of :meth:`fetch`."""
-        return self._fetch(request, log, VENDOR_SCHEMA)
+        return self.fetch_accepted(request, log, _accept_all, VENDOR_SCHEMA)[0]
 
-    def _fetch(self, request: FetchRequest, log: Logger, schema: str) -> FetchedMonth:
+    def fetch_accepted(
+        self,
+        request: FetchRequest,
+        log: Logger,
+        accept: Callable[[FetchedMonth], T],
+        schema: str = SCHEMA,
+    ) -> tuple[FetchedMonth, T]:
+        """The month's DBN file, with what ``accept`` made of it.
+
+        ``accept`` sees the data before it becomes the cache entry (a download, still under a
+        temporary name) or before it is used (a cached entry): it raises
+        :class:`~dbento_assets.core.dbn_cache.DownloadRefused` to refuse it. A refused
+        download is quarantined and remembered (a later run without force fails at once,
+        without paying), and a forced download that is refused leaves the cached file as it
+        was. All of it runs under the entry's lock, so one download per entry at a time.
+        """
         inst, month = request.instrument, request.month
-        what = f"{inst.symbol} {month} {schema}"
-        final = self.cache_path(inst.symbol, month, schema)
-        if final.is_file() and not request.force:
-            log(f"DBN cache hit for {what}: {final} (no Databento request)")
-            return FetchedMonth(payloads=[final], metadata=self._cache_hit_metadata(final))
-        if request.force and final.is_file():
-            log(f"force: re-downloading {what}; {final} is kept until then")
+        entry = self.cache.entry(inst.symbol, month, schema)
+        with self.cache.lock(entry, log):
+            if entry.path.is_file() and not request.force:
+                manifest = self.cache.verify(entry, log)
+                fetched = FetchedMonth(
+                    payloads=[entry.path], metadata=self._cache_hit_metadata(manifest)
+                )
+                log(f"DBN cache hit for {entry}: {entry.path} (no Databento request)")
+                try:
+                    return fetched, accept(fetched)
+                except DownloadRefused as exc:
+                    self._refuse(entry, entry.path, exc, cached=True)
+                    raise
+            if not request.force:
+                refused = self.cache.refused_message(entry)
+                if refused:
+                    raise SourceError(refused)
+            if request.force and entry.path.is_file():
+                log(f"force: re-downloading {entry}; {entry.path} is kept until then")
+            return self._buy(request, entry, log, accept)
+
+    def _buy(
+        self,
+        request: FetchRequest,
+        entry: CacheEntry,
+        log: Logger,
+        accept: Callable[[FetchedMonth], T],
+    ) -> tuple[FetchedMonth, T]:
+        inst, month, schema = request.instrument, request.month, entry.schema
+        what = str(entry)
         availability = self._availability(
             inst.dataset, inst, month, schema, use_cache=False, log=log
         )
@@ -292,38 +352,68 @@ class DatabentoSource:
                 f"in {month}. An empty month is not stored as complete: check the "
                 f"[instruments.{inst.symbol}] entry in {self._catalog_file()}."
             )
-        check, attempts = self._download(inst, month, window, schema, final, expected, log)
-        metadata: dict[str, Any] = {
-            "source": self.name,
-            "dbn_cache": "forced" if request.force else "miss",
-            "dbn_file": str(final),
-            "dbn_file_bytes": final.stat().st_size,
-            "dataset": inst.dataset,
-            "request_symbol": inst.request_symbol,
-            "stype_in": inst.stype_in,
-            "schema": schema,
-            "request_start": window.start.isoformat(),
-            "request_end": window.end.isoformat(),
-            "available_start": availability.start.isoformat(),
-            "available_end": availability.end.isoformat(),
-            "partial_month": window.partial_reason is not None,
-            "cost_usd": cost,
-            "max_cost_usd": self.max_cost_usd,
-            "billable_size_bytes": billable,
-            "record_count": expected,
-            "records_downloaded": check.records,
-            "download_attempts": attempts,
-            "downloaded_at": pd.Timestamp.now(tz="UTC").isoformat(),
-        }
-        if window.partial_reason:
-            metadata["partial_month_reason"] = window.partial_reason
-        self._write_sidecar(final, metadata)
-        return FetchedMonth(payloads=[final], metadata=metadata)
+        part, check, attempts = self._download(inst, month, window, entry, expected, billable, log)
+        try:
+            metadata: dict[str, Any] = {
+                "source": self.name,
+                "dbn_cache": "forced" if request.force else "miss",
+                "dataset": inst.dataset,
+                "request_symbol": inst.request_symbol,
+                "stype_in": inst.stype_in,
+                "schema": schema,
+                "request_start": window.start.isoformat(),
+                "request_end": window.end.isoformat(),
+                "available_start": availability.start.isoformat(),
+                "available_end": availability.end.isoformat(),
+                "partial_month": window.partial_reason is not None,
+                "cost_usd": cost,
+                "max_cost_usd": self.max_cost_usd,
+                "billable_size_bytes": billable,
+                "record_count": expected,
+                "records_downloaded": check.records,
+                "download_attempts": attempts,
+                "downloaded_at": pd.Timestamp.now(tz="UTC").isoformat(),
+                "gateway": self.gateway,
+            }
+            if window.partial_reason:
+                metadata["partial_month_reason"] = window.partial_reason
+            try:
+                accepted = accept(FetchedMonth(payloads=[part], metadata=metadata))
+            except DownloadRefused as exc:
+                self._refuse(entry, part, exc, cached=False)
+                raise
+            try:
+                metadata = self.cache.commit(part, entry, metadata)
+            except OSError as exc:
+                raise LocalIOError(local_io_message(exc, entry.path, billable)) from None
+        finally:
+            part.unlink(missing_ok=True)
+        log(
+            f"stored {entry.path} ({check.records:,} records, {metadata['dbn_file_bytes']:,} bytes)"
+        )
+        return FetchedMonth(payloads=[entry.path], metadata=metadata), accepted
+
+    def _refuse(self, entry: CacheEntry, data: Path, exc: DownloadRefused, *, cached: bool) -> None:
+        """Quarantine refused data and say where it went (on ``exc.outcome``); remember the
+        refusal unless a good cached file stays in place (a refused forced download)."""
+        moved = self.cache.quarantine(data, entry, with_manifest=cached)
+        if not cached and entry.path.is_file():
+            exc.outcome = (
+                f"The new download was quarantined at {moved}; the cached file {entry.path} "
+                "was kept unchanged."
+            )
+            return
+        self.cache.remember_refused(entry, exc, moved)
+        what = "cached file" if cached else "download"
+        exc.outcome = (
+            f"The {what} of {entry} was refused, moved to {moved} and not cached; later runs "
+            f"fail at once without paying again, and {FORCE_HINT}."
+        )
 
     def estimate(self, instrument: Instrument, month: Month, schema: str = SCHEMA) -> CostEstimate:
         """Price one partition without downloading it (free calls only; cached: no call)."""
         final = self.cache_path(instrument.symbol, month, schema)
-        if final.is_file():
+        if final.is_file():  # a price, not a read: the run that uses it verifies it
             return CostEstimate(instrument.symbol, month, cached=True, note=f"cached: {final}")
         availability = self._availability(
             instrument.dataset, instrument, month, schema, use_cache=True
@@ -446,48 +536,58 @@ class DatabentoSource:
         inst: Instrument,
         month: Month,
         window: MonthWindow,
-        schema: str,
-        final: Path,
+        entry: CacheEntry,
         expected: int,
+        billable: int,
         log: Logger,
-    ) -> tuple[DbnFileCheck, int]:
-        final.parent.mkdir(parents=True, exist_ok=True)
+    ) -> tuple[Path, DbnFileCheck, int]:
+        """Pay for ``get_range`` into a temporary file of ``entry`` and prove the file whole;
+        the caller owns the returned file. Only network faults and cut streams are retried."""
         attempts = 0
+        schema = entry.schema
 
-        def attempt() -> DbnFileCheck:
+        def attempt() -> tuple[Path, DbnFileCheck]:
             nonlocal attempts
             attempts += 1
-            part = final.with_name(
-                f"{final.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}{PART_SUFFIX}"
-            )
-            log(f"downloading {inst.symbol} {month} {schema} to {part.name} (attempt {attempts})")
+            part = self.cache.new_part(entry)
+            log(f"downloading {entry} to {part.name} (attempt {attempts})")
+            keep = False
             try:
-                store = self._client_().timeseries.get_range(
-                    **self._query(inst, window, schema), path=part
-                )
-                del store  # the client's DBNStore keeps the file open
+                try:
+                    store = self._client_().timeseries.get_range(
+                        **self._query(inst, window, schema), path=part
+                    )
+                    del store  # the client's DBNStore keeps the file open
+                except Exception as exc:
+                    local = local_os_error(exc)
+                    if local is not None:
+                        raise LocalIOError(local_io_message(local, part, billable)) from None
+                    raise
                 try:
                     check = check_dbn_file(part, window.start.value, window.end.value, schema)
                 except TruncatedDbn as exc:
                     raise _Transient(f"truncated download: {exc}") from None
                 except DbnError as exc:
-                    raise SourceError(
+                    refusal = DownloadRefused(
                         f"Databento's {schema} answer for {inst.symbol} {month} is not usable "
-                        f"({exc}); nothing was cached"
-                    ) from None
+                        f"({exc}).",
+                        rules=["the DBN file check"],
+                    )
+                    self._refuse(entry, part, refusal, cached=False)
+                    raise refusal from None
                 if check.records < expected:
                     raise _Transient(
                         f"truncated download: {check.records:,} records received, "
                         f"{expected:,} announced"
                     )
-                os.replace(part, final)
-                return check
+                keep = True
+                return part, check
             finally:
-                part.unlink(missing_ok=True)
+                if not keep:
+                    part.unlink(missing_ok=True)
 
-        check = self._call("timeseries.get_range", inst, month, attempt, log=log)
-        log(f"stored {final} ({check.records:,} records, {final.stat().st_size:,} bytes)")
-        return check, attempts
+        part, check = self._call("timeseries.get_range", inst, month, attempt, log=log)
+        return part, check, attempts
 
     def _call(
         self,
@@ -497,33 +597,47 @@ class DatabentoSource:
         fn: Callable[[], T],
         log: Logger | None = None,
     ) -> T:
-        """Run one API call with the retry policy; translate faults into SourceError."""
-        last = ""
-        for attempt in range(1, self.retry.max_attempts + 1):
+        """Run one API call under the retry policy (tenacity); faults become SourceError."""
+
+        def classified() -> T:
             try:
                 return fn()
-            except _Transient as exc:
-                fault = exc
+            except (_Transient, SourceError):
+                raise
             except BentoClientError as exc:
-                fault = self._client_fault(exc, what, inst, month)
+                raise self._client_fault(exc, what, inst, month) from None
             except BentoServerError as exc:
-                fault = _Transient(f"HTTP {exc.http_status} {self._detail(exc)}")
+                raise _Transient(f"HTTP {exc.http_status} {self._detail(exc)}") from None
             except (BentoError, requests.RequestException, ConnectionError) as exc:
-                fault = _Transient(f"{type(exc).__name__}: {self._scrub(str(exc))}")
-            last = fault.reason
-            if attempt == self.retry.max_attempts:
-                break
-            if fault.retry_after is not None:
-                delay = min(fault.retry_after, self.retry.retry_after_max_seconds)
-            else:
-                delay = self.retry.backoff(attempt, self._rng)
+                raise _Transient(f"{type(exc).__name__}: {self._scrub(str(exc))}") from None
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            fault = state.outcome.exception() if state.outcome is not None else None
+            if isinstance(fault, _Transient) and fault.retry_after is not None:
+                return min(fault.retry_after, self.retry.retry_after_max_seconds)
+            return self.retry.backoff(state.attempt_number, self._rng)
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            fault = state.outcome.exception() if state.outcome is not None else None
             if log is not None:
-                log(f"{what} failed ({last}); retrying in {delay:.2f}s")
-            self._sleep(delay)
-        raise SourceError(
-            f"{what} for {inst.symbol} {month} failed {self.retry.max_attempts} times; "
-            f"giving up. Last error: {last}. Nothing was cached; materialize again later."
+                log(f"{what} failed ({fault}); retrying in {state.upcoming_sleep:.2f}s")
+
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.retry.max_attempts),
+            wait=wait,
+            retry=tenacity.retry_if_exception_type(_Transient),
+            sleep=self._sleep,
+            before_sleep=before_sleep,
+            reraise=True,
         )
+        try:
+            return retrying(classified)
+        except _Transient as exc:
+            raise SourceError(
+                f"{what} for {inst.symbol} {month} failed {self.retry.max_attempts} times; "
+                f"giving up. Last error: {exc.reason}. Nothing was cached; materialize again "
+                "later."
+            ) from None
 
     def _client_fault(
         self, exc: BentoClientError, what: str, inst: Instrument, month: Month
@@ -561,39 +675,12 @@ class DatabentoSource:
     def _scrub(self, text: str) -> str:
         return text.replace(self._key, "<redacted>") if self._key else text
 
-    def _cache_hit_metadata(self, final: Path) -> dict[str, Any]:
-        metadata: dict[str, Any] = {}
-        note = sidecar_path(final)
-        with contextlib.suppress(OSError, ValueError):
-            loaded = json.loads(note.read_text(encoding="utf-8"))
-            if isinstance(loaded, dict):
-                metadata.update(loaded)
+    def _cache_hit_metadata(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        metadata = dict(manifest)
         if "cost_usd" in metadata:
             metadata["original_cost_usd"] = metadata["cost_usd"]
-        metadata.update(
-            {
-                "source": self.name,
-                "dbn_cache": "hit",
-                "dbn_file": str(final),
-                "dbn_file_bytes": final.stat().st_size,
-                "cost_usd": 0.0,
-            }
-        )
+        metadata.update({"source": self.name, "dbn_cache": "hit", "cost_usd": 0.0})
         return metadata
-
-    def _write_sidecar(self, final: Path, metadata: dict[str, Any]) -> None:
-        note = sidecar_path(final)
-        part = _part_path(note)
-        try:
-            part.write_text(json.dumps(metadata, indent=2, sort_keys=True), encoding="utf-8")
-            os.replace(part, note)
-        finally:
-            part.unlink(missing_ok=True)
-
-
-def _part_path(target: Path) -> Path:
-    """A hidden temporary name next to ``target``, unique per process and call."""
-    return target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}{PART_SUFFIX}")
 
 
 def _utc(value: Any) -> pd.Timestamp:

@@ -4,14 +4,17 @@ Every place bars can come from (the embedded demo generator, Databento's histori
 folder of DBN files bought through the batch portal) implements :class:`MonthSource`. A source
 returns DBN payloads (bytes or file paths) and never decodes them itself, so all data takes
 the one decoding path in :mod:`dbento_assets.core.dbn`. Sources raise :class:`SourceError`
-with a message written for the person running the job.
+with a message written for the person running the job. :func:`fetch_accepted` is how a
+caller hands a source its ``accept`` step (decode and check the data): a source with a paid
+cache (the Databento API) runs it before the data enters the cache; the others return their
+payloads and the step runs on them afterwards.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from dbento_assets.core.catalog import Instrument
 from dbento_assets.core.dbn import DbnPayload
@@ -22,10 +25,27 @@ VENDOR = "databento"
 SOURCE_ORIGINS: dict[str, str] = {"demo": SYNTHETIC, "databento": VENDOR, "dbn": VENDOR}
 
 Logger = Callable[[str], None]
+T = TypeVar("T")
 
 
 class SourceError(RuntimeError):
     """A month that cannot be fetched, with a message a user can act on."""
+
+
+class DownloadRefused(SourceError):
+    """Data that must not become a cache entry or a month (raised by an ``accept`` callable or
+    by the file check). ``rules`` names what refused it; ``results`` carries whatever the
+    caller wants back (the asset's check results); the cache adds ``outcome``, a sentence on
+    where the data went."""
+
+    def __init__(self, message: str, rules: list[str], results: Any = None) -> None:
+        super().__init__(message)
+        self.rules = rules
+        self.results = results
+        self.outcome = ""
+
+    def __str__(self) -> str:
+        return f"{self.args[0]} {self.outcome}".strip()
 
 
 @dataclass(frozen=True)
@@ -52,6 +72,26 @@ class MonthSource(Protocol):
     name: str
 
     def fetch(self, request: FetchRequest, log: Logger) -> FetchedMonth: ...
+
+
+@runtime_checkable
+class AcceptingSource(Protocol):
+    """A source that checks data with the caller's ``accept`` before it keeps it."""
+
+    def fetch_accepted(
+        self, request: FetchRequest, log: Logger, accept: Callable[[FetchedMonth], T]
+    ) -> tuple[FetchedMonth, T]: ...
+
+
+def fetch_accepted(
+    source: MonthSource, request: FetchRequest, log: Logger, accept: Callable[[FetchedMonth], T]
+) -> tuple[FetchedMonth, T]:
+    """Fetch a month and ``accept`` it (``accept`` raises to refuse the data), in the order the
+    source needs: inside the source when it keeps what it fetched, else right after."""
+    if isinstance(source, AcceptingSource):
+        return source.fetch_accepted(request, log, accept)
+    fetched = source.fetch(request, log)
+    return fetched, accept(fetched)
 
 
 def origin_of(source_name: str) -> str:

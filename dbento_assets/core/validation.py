@@ -1088,15 +1088,17 @@ def run_raw_rules(
 
 
 def vendor_skipped(reason: str) -> RuleResult:
-    """The vendor cross-check when there is nothing to compare with: passed, marked skipped.
+    """The vendor cross-check when there is nothing to compare with: a failed WARN, not a pass.
 
-    ``reason`` says why in plain words (no ohlcv-1m file, the download is off, ...); it is the
-    result's description and ``extra["skipped_because"]``, and ``extra["skipped"]`` is True.
+    A green "passed" would claim a comparison that did not happen; a WARN is shown in the UI
+    as a warning and never blocks the data (only a failed ERROR does). ``reason`` says why in
+    plain words (no ohlcv-1m file, the download is off, ...); it is in the description and in
+    ``extra["skipped_because"]``, and ``extra["skipped"]`` is True.
     """
     return RuleResult(
         rule=RULE_VENDOR,
-        passed=True,
-        severity=RULE_SEVERITY[RULE_VENDOR],
+        passed=False,
+        severity=WARN,
         violations=0,
         description=f"Not compared with Databento's own 1-minute bars: {reason}.",
         extra={"skipped": True, "skipped_because": reason},

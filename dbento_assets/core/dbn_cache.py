@@ -1,0 +1,374 @@
+"""The local cache of paid Databento downloads: one DBN file per symbol, month and schema.
+
+Everything that keeps "a month is paid for once" and "nothing paid for is lost" lives here.
+Layout, under ``<cache root>/dbn/``:
+
+- ``ES/ES_2024_01.ohlcv-1s.dbn.zst``: an entry; ``...dbn.zst.json`` next to it: its manifest
+  (what was asked for, record count, byte size, SHA-256, cost, when and from which gateway);
+- ``ES/ES_2024_01.ohlcv-1s.dbn.zst.refused.json``: a download the checks refused (there is no
+  entry then); the next run without force fails at once instead of buying it again;
+- ``quarantine/ES/<entry name>.<UTC stamp>``: entries that failed verification and downloads
+  that were refused, kept (never deleted) for a person to look at;
+- ``.locks/ES_2024_01.ohlcv-1s.dbn.zst.lock``: one lock per entry, held from the cache lookup
+  to the commit, so one download per entry at a time, across threads and processes. It is an
+  OS file lock (``filelock``), which the kernel drops when its holder dies, even by SIGKILL.
+
+Every read verifies the entry against its manifest (size, SHA-256 and the record count from a
+full decode with :func:`~dbento_assets.core.dbn.check_dbn_file`). An entry written before
+manifests existed is verified once by a full decode and then given one. A temporary download
+(``<entry>.<pid>.<uuid>.part``) becomes the entry only by :meth:`DbnCache.commit`, after it was
+checked and accepted; stale ones of a killed process are removed when the lock is next taken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from filelock import FileLock, Timeout
+
+from dbento_assets.core.dbn import DbnError, check_dbn_file
+from dbento_assets.core.months import Month
+from dbento_assets.core.source import DownloadRefused, SourceError
+
+MANIFEST_SUFFIX = ".json"  # the name of the sidecar earlier versions wrote, now a manifest
+REFUSED_SUFFIX = ".refused.json"
+PART_SUFFIX = ".part"
+LOCK_SUFFIX = ".lock"
+QUARANTINE = "quarantine"
+LOCKS = ".locks"
+MANIFEST_VERSION = 1
+LOCK_LOG_SECONDS = 30.0  # how often a run waiting for another one's download says so
+FORCE_HINT = (
+    "the run tag dbento/force=true (or the run config force: true) buys it again (a paid request)"
+)
+# Errors of the local disk: retrying them as network faults would pay again for nothing.
+LOCAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+class CacheEntryBroken(SourceError):
+    """A cached file that failed verification; it was moved to the quarantine folder."""
+
+
+class LocalIOError(SourceError):
+    """The local disk refused a write (no space, read-only, no permission): never retried."""
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """Where one symbol-month-schema lives in the cache."""
+
+    folder: Path  # the cache's dbn/ folder
+    symbol: str
+    month: Month
+    schema: str
+
+    @property
+    def path(self) -> Path:
+        return self.folder / self.symbol / f"{self.symbol}_{self.month.tag}.{self.schema}.dbn.zst"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path.with_name(self.path.name + MANIFEST_SUFFIX)
+
+    @property
+    def refused_path(self) -> Path:
+        return self.path.with_name(self.path.name + REFUSED_SUFFIX)
+
+    @property
+    def lock_path(self) -> Path:
+        return self.folder / LOCKS / (self.path.name + LOCK_SUFFIX)
+
+    def __str__(self) -> str:
+        return f"{self.symbol} {self.month} {self.schema}"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_file(path: Path) -> None:
+    with path.open("rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where directories cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees the old or the new file, never a part:
+    a hidden temporary next to it, fsync, rename over, fsync of the folder."""
+    part = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}{PART_SUFFIX}")
+    try:
+        with part.open("w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(part, path)
+        fsync_dir(path.parent)
+    finally:
+        part.unlink(missing_ok=True)
+
+
+def local_os_error(exc: BaseException) -> OSError | None:
+    """The local-disk ``OSError`` (see :data:`LOCAL_ERRNOS`) behind ``exc``, if any: the
+    databento client wraps a failed write in a ``BentoError`` (``from None`` keeps it as the
+    context), requests in its own exceptions."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        item = stack.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, OSError) and item.errno in LOCAL_ERRNOS:
+            return item
+        stack += [item.__cause__, item.__context__]
+        stack += [arg for arg in getattr(item, "args", ()) if isinstance(arg, BaseException)]
+    return None
+
+
+def local_io_message(error: OSError, path: Path, needed_bytes: int | None = None) -> str:
+    """One message for a local-disk failure: the path, what happened, what to do."""
+    where = Path(error.filename) if error.filename else path
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = None
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(_existing(where)).free
+        need = (
+            f" The download needs roughly {needed_bytes / 1e6:,.1f} MB (its billable size; "
+            "the compressed file is smaller)"
+            if needed_bytes
+            else ""
+        )
+        has = f", {free / 1e6:,.1f} MB are free there" if free is not None else ""
+        return (
+            f"No space left on the device holding {where} ({error.strerror}).{need}{has}. "
+            "Free some space, or point DBENTO_CACHE_DIR at a larger disk, then materialize "
+            "again. Not retried; nothing was cached."
+        )
+    kind = "is read-only" if error.errno == errno.EROFS else "is not writable (permission denied)"
+    return (
+        f"The DBN cache location {where} {kind} ({error.strerror}). Fix the folder's "
+        "permissions or point DBENTO_CACHE_DIR (or DBENTO_DATA_DIR) at a writable folder. "
+        "Not retried; nothing was cached."
+    )
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+class DbnCache:
+    """The DBN cache under one local folder (its ``dbn/`` subfolder)."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.folder = Path(root) / "dbn"
+
+    def entry(self, symbol: str, month: Month, schema: str) -> CacheEntry:
+        return CacheEntry(self.folder, symbol, month, schema)
+
+    # ------------------------------------------------------------------ lock and leftovers
+
+    @contextlib.contextmanager
+    def lock(self, entry: CacheEntry, log: Callable[[str], None]) -> Iterator[None]:
+        """Hold the entry's lock (waiting for another run's download, saying so), clean the
+        temporary files a killed holder left, and clean this run's on the way out."""
+        try:
+            entry.lock_path.parent.mkdir(parents=True, exist_ok=True)
+            entry.path.parent.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(entry.lock_path, thread_local=False)
+            while True:
+                try:
+                    lock.acquire(timeout=LOCK_LOG_SECONDS)
+                    break
+                except Timeout:
+                    log(f"waiting for another run that holds {entry.lock_path} ({entry})")
+        except OSError as exc:
+            raise LocalIOError(local_io_message(exc, entry.lock_path)) from None
+        try:
+            self._clean_parts(entry, log)  # we hold the lock: any part left is stale
+            yield
+        finally:
+            self._clean_parts(entry, None)
+            lock.release()
+
+    def new_part(self, entry: CacheEntry) -> Path:
+        return entry.path.with_name(
+            f"{entry.path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}{PART_SUFFIX}"
+        )
+
+    def _clean_parts(self, entry: CacheEntry, log: Callable[[str], None] | None) -> None:
+        folder = entry.path.parent
+        for pattern in (f"{entry.path.name}.*{PART_SUFFIX}", f".{entry.path.name}*{PART_SUFFIX}"):
+            for part in folder.glob(pattern):
+                part.unlink(missing_ok=True)
+                if log is not None:
+                    log(f"removed {part}, left by a run that ended before finishing")
+
+    # ------------------------------------------------------------------ reading
+
+    def verify(self, entry: CacheEntry, log: Callable[[str], None]) -> dict[str, Any]:
+        """The manifest of a cached entry, after proving the file is what it says.
+
+        A file whose size, SHA-256 or record count does not match its manifest, or that does
+        not decode to its end, is moved to the quarantine folder and :class:`CacheEntryBroken`
+        names it. An entry without a manifest (written by an earlier version) is decoded in
+        full once and given one.
+        """
+        manifest = self._read_json(entry.manifest_path)
+        if manifest is not None and manifest.get("manifest_version") == MANIFEST_VERSION:
+            problem = self._mismatch(entry, manifest)
+        else:
+            manifest, problem = self._adopt_legacy(entry, manifest or {})
+        if problem:
+            moved = self.quarantine(entry.path, entry, with_manifest=True)
+            raise CacheEntryBroken(
+                f"The cached DBN file of {entry} failed verification ({problem}); it was moved "
+                f"to {moved} and nothing was decoded from it. Materialize again to download "
+                "the month again (a paid request), or put the file back if it was moved "
+                "by mistake."
+            )
+        return manifest
+
+    def _mismatch(self, entry: CacheEntry, manifest: dict[str, Any]) -> str | None:
+        size = entry.path.stat().st_size
+        if size != manifest.get("dbn_file_bytes"):
+            return f"{size:,} bytes on disk, {manifest.get('dbn_file_bytes')} in the manifest"
+        if sha256_of(entry.path) != manifest.get("sha256"):
+            return "its SHA-256 differs from the manifest's"
+        try:
+            check = check_dbn_file(
+                entry.path,
+                pd.Timestamp(manifest["request_start"]).value,
+                pd.Timestamp(manifest["request_end"]).value,
+                entry.schema,
+            )
+        except (DbnError, KeyError, ValueError) as exc:
+            return str(exc)
+        if check.records != manifest.get("records_downloaded"):
+            return (
+                f"{check.records:,} records decoded, "
+                f"{manifest.get('records_downloaded')} in the manifest"
+            )
+        return None
+
+    def _adopt_legacy(
+        self, entry: CacheEntry, sidecar: dict[str, Any]
+    ) -> tuple[dict[str, Any], str | None]:
+        start = sidecar.get("request_start") or entry.month.start.isoformat()
+        end = sidecar.get("request_end") or entry.month.end.isoformat()
+        try:
+            check = check_dbn_file(
+                entry.path, pd.Timestamp(start).value, pd.Timestamp(end).value, entry.schema
+            )
+        except (DbnError, ValueError) as exc:
+            return sidecar, str(exc)
+        expected = sidecar.get("records_downloaded")
+        if isinstance(expected, int) and check.records != expected:
+            return sidecar, f"{check.records:,} records decoded, {expected:,} when downloaded"
+        manifest = {
+            **sidecar,
+            "request_start": start,
+            "request_end": end,
+            "schema": entry.schema,
+            "records_downloaded": check.records,
+            "adopted_at": pd.Timestamp.now(tz="UTC").isoformat(),
+        }
+        self.write_manifest(entry, manifest)
+        return manifest, None
+
+    # ------------------------------------------------------------------ writing
+
+    def write_manifest(self, entry: CacheEntry, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Complete ``manifest`` with the file's size and SHA-256 and write it atomically."""
+        manifest = {
+            **manifest,
+            "manifest_version": MANIFEST_VERSION,
+            "dbn_file": str(entry.path),
+            "dbn_file_bytes": entry.path.stat().st_size,
+            "sha256": sha256_of(entry.path),
+        }
+        atomic_write_text(entry.manifest_path, json.dumps(manifest, indent=2, sort_keys=True))
+        return manifest
+
+    def commit(self, part: Path, entry: CacheEntry, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Make an accepted download the entry. The old manifest goes first: a crash before the
+        new one is written leaves an entry without manifest, which the next read verifies in
+        full, never a manifest describing another file."""
+        fsync_file(part)
+        entry.manifest_path.unlink(missing_ok=True)
+        os.replace(part, entry.path)
+        fsync_dir(entry.path.parent)
+        written = self.write_manifest(entry, manifest)
+        entry.refused_path.unlink(missing_ok=True)
+        return written
+
+    def quarantine(self, path: Path, entry: CacheEntry, *, with_manifest: bool = False) -> Path:
+        """Move ``path`` (an entry or a download of it) to the quarantine folder; its new name."""
+        stamp = pd.Timestamp.now(tz="UTC").strftime("%Y%m%dT%H%M%S%fZ")
+        target = self.folder / QUARANTINE / entry.symbol / f"{entry.path.name}.{stamp}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+        if with_manifest and entry.manifest_path.exists():
+            os.replace(entry.manifest_path, target.with_name(target.name + MANIFEST_SUFFIX))
+        fsync_dir(target.parent)
+        return target
+
+    # ------------------------------------------------------------------ refusals
+
+    def remember_refused(self, entry: CacheEntry, refusal: DownloadRefused, moved: Path) -> None:
+        atomic_write_text(
+            entry.refused_path,
+            json.dumps(
+                {
+                    "refused_at": pd.Timestamp.now(tz="UTC").isoformat(),
+                    "rules": refusal.rules,
+                    "reason": refusal.args[0],
+                    "quarantined": str(moved),
+                },
+                indent=2,
+            ),
+        )
+
+    def refused_message(self, entry: CacheEntry) -> str | None:
+        """Why this entry must not be bought again without force, or None."""
+        note = self._read_json(entry.refused_path)
+        if note is None:
+            return None
+        rules = ", ".join(note.get("rules") or []) or "its checks"
+        return (
+            f"The download of {entry} was refused on {note.get('refused_at', '?')} by "
+            f"{rules}, and is quarantined at {note.get('quarantined', '?')}; nothing was "
+            f"requested this time, and {FORCE_HINT}."
+        )
+
+    def _read_json(self, path: Path) -> dict[str, Any] | None:
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return loaded if isinstance(loaded, dict) else None
