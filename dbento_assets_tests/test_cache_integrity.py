@@ -1,0 +1,444 @@
+"""Issue 9, the DBN cache: a month is paid for once and nothing paid for is lost.
+
+Through the real ``databento`` client against the test gateway (and Dagster where the user
+sees the behaviour): cached files are verified on every read (a cut file, a same-size tampered
+file, an entry of an earlier version), a forced download that brings bad data never replaces
+the good file, a refused download is remembered instead of bought again, one download per
+entry at a time (threads and real processes, a SIGKILLed lock holder), a full or read-only
+disk fails at once, and the vendor 1m download follows the same rules. Gateway request counts
+prove "paid once"; SHA-256 of files before and after proves "nothing lost".
+"""
+
+# ruff: noqa: F811 (the Dagster fixtures env and instance are imported from test_databento_dagster)
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zstandard
+
+from dbento_assets.assets import FORCE_TAG
+from dbento_assets.core.catalog import load_catalog
+from dbento_assets.core.databento_api import DatabentoSource, RetryPolicy
+from dbento_assets.core.dbn import decode_month
+from dbento_assets.core.dbn_cache import DbnCache
+from dbento_assets.core.source import FetchRequest, SourceError
+from dbento_assets.resources import databento_resource_from_env
+from dbento_assets_tests.gateway import (
+    GET_RANGE,
+    TEST_KEY,
+    FakeGateway,
+    Query,
+    gateway_fixture,  # noqa: F401
+)
+from dbento_assets_tests.test_databento_dagster import (  # noqa: F401 (fixtures)
+    BARS_1MIN,
+    FAILED,
+    JAN,
+    RAW,
+    cache_file,
+    clean_env,
+    env,
+    failure_text,
+    instance,
+    raw_file,
+    raw_metadata,
+    run,
+    vendor_check,
+    vendor_file,
+)
+
+FAST = RetryPolicy(max_attempts=3, backoff_base_seconds=0.0, backoff_max_seconds=0.0)
+CATALOG_ES = load_catalog().instrument("ES")
+TICK = 250_000_000  # a quarter point, in DBN fixed-point units
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def manifest_of(path: Path) -> dict:
+    return json.loads(path.with_name(path.name + ".json").read_text(encoding="utf-8"))
+
+
+def quarantined(data: Path) -> list[Path]:
+    folder = data / "dbn" / "quarantine"
+    return sorted(p for p in folder.rglob("*.dbn.zst.*") if not p.name.endswith(".json"))
+
+
+def bad_minute_provider(gw: FakeGateway):
+    """The demo records, but every bar of the first traded minute has its high a tick below
+    its low (so the vendor's 1m bar of that minute is inverted too)."""
+
+    def provider(query: Query):
+        records, mappings = gw._demo_provider(query)  # the fake's own data, then broken
+        records = records.copy()
+        minute = records["ts_event"] // (60 * 10**9)
+        first = minute == minute[0]
+        level = records["low"][0]
+        records["low"][first] = level
+        records["high"][first] = level - TICK
+        records["open"][first] = records["close"][first] = level
+        return records, mappings
+
+    return provider
+
+
+def serve_bad_data(gw: FakeGateway) -> None:
+    gw.provider = bad_minute_provider(gw)
+    gw.reset_data()
+
+
+def serve_good_data(gw: FakeGateway) -> None:
+    gw.provider = None
+    gw.reset_data()
+
+
+def source_for(gw: FakeGateway, root: Path) -> DatabentoSource:
+    return DatabentoSource(TEST_KEY, root, gateway=gw.url, retry=FAST, sleep=lambda _s: None)
+
+
+# --------------------------------------------------------------------------- verified reads
+
+
+def test_a_cut_cached_file_is_quarantined_and_never_decoded(gateway, env, instance):
+    assert run(instance, resource=databento_resource_from_env()).success
+    cached = cache_file(env)
+    raw_before = sha(raw_file(env))
+    whole = cached.read_bytes()
+    cached.write_bytes(whole[: int(len(whole) * 0.6)])  # cut to 60% of its bytes
+    paid = gateway.count(GET_RANGE)
+
+    result = run(instance, resource=databento_resource_from_env())
+
+    assert not result.success
+    (moved,) = quarantined(env)
+    text = failure_text(result)
+    assert "failed verification" in text and str(moved) in text
+    assert "nothing was decoded" in text
+    assert moved.read_bytes() == whole[: int(len(whole) * 0.6)]
+    assert not cached.exists() and sha(raw_file(env)) == raw_before
+    assert gateway.count(GET_RANGE) == paid  # nothing bought behind the user's back
+
+
+def test_a_tampered_cached_file_of_the_right_size_is_caught_by_its_hash(gateway, env, instance):
+    assert run(instance, resource=databento_resource_from_env()).success
+    cached = cache_file(env)
+    original = cached.read_bytes()
+    plain = bytearray(zstandard.ZstdDecompressor().decompress(original))
+    # Change one bar's volume and recompress until the file has exactly its old size: the
+    # records still decode whole and count the same, so only the SHA-256 can tell.
+    tampered = None
+    for offset in range(len(plain) - 8, len(plain) - 56 * 200, -56):
+        changed = bytearray(plain)
+        changed[offset] ^= 1
+        candidate = zstandard.ZstdCompressor(level=3).compress(bytes(changed))
+        if len(candidate) == len(original):
+            tampered = candidate
+            break
+    assert tampered is not None, "no same-size tampering found"
+    cached.write_bytes(tampered)
+    assert len(decode_month([cached], "ES", JAN).bars) == manifest_of(cached)["records_downloaded"]
+
+    result = run(instance, resource=databento_resource_from_env())
+
+    assert not result.success
+    assert "SHA-256" in failure_text(result)
+    (moved,) = quarantined(env)
+    assert moved.read_bytes() == tampered and not cached.exists()
+
+
+def test_an_entry_of_an_earlier_version_gets_a_manifest_after_one_verified_read(
+    gateway, env, instance
+):
+    assert run(instance, resource=databento_resource_from_env()).success
+    cached = cache_file(env)
+    note = cached.with_name(cached.name + ".json")
+    # What the earlier version wrote next to a download: a sidecar without size or hash.
+    old = manifest_of(cached)
+    legacy = {k: old[k] for k in ("cost_usd", "record_count", "request_start", "request_end")}
+    note.write_text(json.dumps(legacy), encoding="utf-8")
+    paid = gateway.count()
+
+    again = run(instance, resource=databento_resource_from_env())
+
+    assert again.success and gateway.count() == paid
+    manifest = manifest_of(cached)
+    assert manifest["sha256"] == sha(cached)
+    assert manifest["dbn_file_bytes"] == cached.stat().st_size
+    assert manifest["records_downloaded"] == raw_metadata(again)["records_decoded"]
+    assert manifest["cost_usd"] == legacy["cost_usd"] and "adopted_at" in manifest
+    note.unlink()  # no sidecar at all: verified by a full decode, then given a manifest
+    assert run(instance, resource=databento_resource_from_env()).success
+    assert manifest_of(cached)["sha256"] == sha(cached) and gateway.count() == paid
+
+
+# --------------------------------------------------------------------------- force and refusals
+
+
+def test_a_forced_download_of_bad_data_keeps_the_old_file_and_quarantines_the_new(
+    gateway, env, instance
+):
+    assert run(instance, resource=databento_resource_from_env()).success
+    cached = cache_file(env)
+    before, manifest_before, raw_before = sha(cached), manifest_of(cached), sha(raw_file(env))
+    serve_bad_data(gateway)
+
+    forced = run(instance, resource=databento_resource_from_env(), tags={FORCE_TAG: "true"})
+
+    assert not forced.success and gateway.count(GET_RANGE) == 2
+    assert sha(cached) == before and manifest_of(cached) == manifest_before
+    assert sha(raw_file(env)) == raw_before
+    (moved,) = quarantined(env)
+    text = failure_text(forced)
+    assert "High/low consistent" in text and str(moved) in text and "kept unchanged" in text
+    bad = decode_month([moved], "ES", JAN).bars
+    assert (bad["high"] < bad["low"]).any()
+    assert not list(env.rglob("*.part"))
+    # The good month is still there: a plain run uses it without paying.
+    assert run(instance, resource=databento_resource_from_env()).success
+    assert gateway.count(GET_RANGE) == 2
+
+
+def test_a_refused_download_is_quarantined_and_not_bought_again_without_force(
+    gateway, env, instance
+):
+    serve_bad_data(gateway)
+    first = run(instance, resource=databento_resource_from_env())
+    assert not first.success and gateway.count(GET_RANGE) == 1
+    (moved,) = quarantined(env)
+    assert not cache_file(env).exists() and not raw_file(env).exists()
+    assert str(moved) in failure_text(first) and "dbento/force=true" in failure_text(first)
+
+    again = run(instance, resource=databento_resource_from_env())
+
+    assert not again.success
+    assert gateway.count(GET_RANGE) == 1 and gateway.count("metadata.get_cost") == 1
+    text = failure_text(again)
+    assert "was refused" in text and "ohlc_consistent" in text and str(moved) in text
+    assert "dbento/force=true" in text and "force: true" in text
+
+    serve_good_data(gateway)
+    forced = run(instance, resource=databento_resource_from_env(), tags={FORCE_TAG: "true"})
+    assert forced.success, failure_text(forced)
+    assert gateway.count(GET_RANGE) == 2 and cache_file(env).is_file()
+    assert run(instance, resource=databento_resource_from_env()).success  # refusal cleared
+    assert gateway.count(GET_RANGE) == 2
+
+
+def test_a_refused_vendor_1m_download_is_remembered_and_the_check_is_a_warning(
+    gateway, env, instance, monkeypatch
+):
+    assert run(instance, resource=databento_resource_from_env()).success  # 1s month cached
+    monkeypatch.setenv("DBENTO_VENDOR_CHECK", "true")
+    serve_bad_data(gateway)  # only the 1m month is bought from here on
+
+    first = run(instance, resource=databento_resource_from_env(), assets=[RAW, BARS_1MIN])
+
+    assert first.success, failure_text(first)  # a vendor problem never fails the data
+    assert gateway.schemas(GET_RANGE) == ["ohlcv-1s", "ohlcv-1m"]
+    assert "ohlc_consistent" in raw_metadata(first)["vendor_1m_error"]
+    assert not vendor_file(env).exists() and len(quarantined(env)) == 1
+    record, found = vendor_check(instance, first)
+    assert record.status == FAILED and found["severity"] == "WARN" and found["skipped"] is True
+
+    again = run(instance, resource=databento_resource_from_env(), assets=[RAW, BARS_1MIN])
+
+    assert again.success and gateway.schemas(GET_RANGE) == ["ohlcv-1s", "ohlcv-1m"]
+    record, found = vendor_check(instance, again)
+    assert record.status == FAILED and found["severity"] == "WARN"
+    assert "was refused" in found["skipped_because"]
+    assert "dbento/force=true" in found["skipped_because"]
+
+
+# --------------------------------------------------------------------------- one download at a time
+
+
+def test_two_threads_on_one_partition_make_one_request(gateway, tmp_path):
+    gateway.gate(GET_RANGE, parties=2, timeout=1.5)  # lets two requests overlap, if made
+    results: list[object] = []
+
+    def fetch() -> None:
+        logs: list[str] = []
+        fetched = source_for(gateway, tmp_path).fetch(FetchRequest(CATALOG_ES, JAN), logs.append)
+        results.append((fetched.metadata["dbn_cache"], sha(fetched.payloads[0])))
+
+    threads = [threading.Thread(target=fetch) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert gateway.count(GET_RANGE) == 1
+    assert sorted(kind for kind, _ in results) == ["hit", "miss"]
+    assert len({digest for _, digest in results}) == 1
+
+
+RACER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from dbento_assets.core.catalog import load_catalog
+    from dbento_assets.core.databento_api import DatabentoSource, RetryPolicy
+    from dbento_assets.core.months import Month
+    from dbento_assets.core.source import FetchRequest
+
+    gateway, root, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    source = DatabentoSource(
+        "{key}", root, gateway=gateway, retry=RetryPolicy(max_attempts=1)
+    )
+    print("ready", flush=True)
+    while not go.exists():
+        time.sleep(0.01)
+    fetched = source.fetch(
+        FetchRequest(load_catalog().instrument("ES"), Month(2024, 1)), lambda line: None
+    )
+    print(fetched.metadata["dbn_cache"], flush=True)
+    """
+).format(key=TEST_KEY)
+
+
+def test_two_processes_on_one_partition_make_one_request(gateway, tmp_path):
+    gateway.gate(GET_RANGE, parties=2, timeout=1.5)
+    go = tmp_path / "go"
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, gateway.url, str(tmp_path / "data"), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    for racer in racers:
+        assert racer.stdout.readline().strip() == "ready"
+    go.touch()  # both start at once
+    outcomes = []
+    for racer in racers:
+        out, err = racer.communicate(timeout=60)
+        assert racer.returncode == 0, err
+        outcomes.append(out.strip())
+    assert sorted(outcomes) == ["hit", "miss"]
+    assert gateway.count(GET_RANGE) == 1
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from dbento_assets.core.dbn_cache import DbnCache
+    from dbento_assets.core.months import Month
+
+    cache = DbnCache(Path(sys.argv[1]))
+    entry = cache.entry("ES", Month(2024, 1), "ohlcv-1s")
+    with cache.lock(entry, print):
+        cache.new_part(entry).write_bytes(b"half a download")
+        print("locked", flush=True)
+        time.sleep(120)
+    """
+)
+
+
+def test_a_sigkilled_lock_holder_blocks_nobody_and_its_part_file_is_cleaned(gateway, tmp_path):
+    root = tmp_path / "data"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(root)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        (stale,) = (root / "dbn" / "ES").glob("*.part")
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=10)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    done: list[object] = []
+    logs: list[str] = []
+    thread = threading.Thread(
+        target=lambda: done.append(
+            source_for(gateway, root).fetch(FetchRequest(CATALOG_ES, JAN), logs.append)
+        )
+    )
+    thread.start()
+    thread.join(timeout=30)
+    assert done, "the fetch is still waiting for the killed process's lock"
+    assert gateway.count(GET_RANGE) == 1
+    assert not stale.exists() and not list(root.rglob("*.part"))
+    assert any(str(stale) in line for line in logs)
+
+
+# --------------------------------------------------------------------------- local disk errors
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A real 64 KiB tmpfs (needs root and mount rights; skipped elsewhere)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_pays_once_and_says_how_much_is_needed(
+    gateway, env, instance, small_disk, monkeypatch
+):
+    monkeypatch.setenv("DBENTO_CACHE_DIR", str(small_disk))
+
+    result = run(instance, resource=databento_resource_from_env())
+
+    assert not result.success
+    assert gateway.count(GET_RANGE) == 1  # not retried as a network fault
+    text = failure_text(result)
+    assert "No space left" in text and str(small_disk / "dbn" / "ES") in text
+    assert "MB" in text and "billable size" in text and "materialize again later" not in text
+    assert not list(small_disk.rglob("*.part"))
+
+
+def test_a_read_only_cache_fails_before_any_paid_call(gateway, tmp_path, small_disk):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    with pytest.raises(SourceError, match="read-only") as info:
+        source_for(gateway, small_disk).fetch(FetchRequest(CATALOG_ES, JAN), lambda _l: None)
+    assert str(small_disk) in str(info.value)
+    assert gateway.count() == 0
+
+
+def test_manifest_names_what_was_bought(gateway, tmp_path):
+    fetched = source_for(gateway, tmp_path).fetch(FetchRequest(CATALOG_ES, JAN), lambda _l: None)
+    (path,) = fetched.payloads
+    manifest = manifest_of(path)
+    assert manifest["sha256"] == sha(path) and manifest["dbn_file_bytes"] == path.stat().st_size
+    assert (manifest["dataset"], manifest["request_symbol"], manifest["stype_in"]) == (
+        "GLBX.MDP3",
+        "ES.v.0",
+        "continuous",
+    )
+    assert manifest["schema"] == "ohlcv-1s" and manifest["gateway"] == gateway.url
+    assert manifest["records_downloaded"] == manifest["record_count"] > 0
+    assert manifest["cost_usd"] > 0 and manifest["downloaded_at"]
+    assert manifest["request_start"] == JAN.start.isoformat()
+    assert manifest["request_end"] == JAN.end.isoformat()
+    assert DbnCache(tmp_path).entry("ES", JAN, "ohlcv-1s").path == path
+    assert np.isclose(
+        manifest["cost_usd"],
+        manifest["billable_size_bytes"] / 2**30 * gateway.price_per_gb,
+    )
