@@ -553,6 +553,7 @@ class DatabentoSource:
             log(f"downloading {entry} to {part.name} (attempt {attempts})")
             keep = False
             try:
+                local: OSError | None = None
                 try:
                     store = self._client_().timeseries.get_range(
                         **self._query(inst, window, schema), path=part
@@ -560,9 +561,15 @@ class DatabentoSource:
                     del store  # the client's DBNStore keeps the file open
                 except Exception as exc:
                     local = local_os_error(exc)
-                    if local is not None:
-                        raise LocalIOError(local_io_message(local, part, billable)) from None
-                    raise
+                    if local is None:
+                        raise
+                    local.__traceback__ = local.__context__ = None  # free the client's frames
+                if local is not None:
+                    # Out of the except block, the client's file is closed: removing it now
+                    # frees its space before the message measures what is free.
+                    part.unlink(missing_ok=True)
+                    local.filename = None  # name the entry, not its temporary file
+                    raise LocalIOError(local_io_message(local, entry.path, billable))
                 try:
                     check = check_dbn_file(part, window.start.value, window.end.value, schema)
                 except TruncatedDbn as exc:

@@ -166,7 +166,7 @@ def local_io_message(error: OSError, path: Path, needed_bytes: int | None = None
         return (
             f"No space left on the device holding {where} ({error.strerror}).{need}{has}. "
             "Free some space, or point DBENTO_CACHE_DIR at a larger disk, then materialize "
-            "again. Not retried; nothing was cached."
+            "again. Not retried (every retry would be billed again); nothing was cached."
         )
     kind = "is read-only" if error.errno == errno.EROFS else "is not writable (permission denied)"
     return (
