@@ -57,6 +57,7 @@ from dbento_assets.checks import (
     refusal,
     selected_results,
     vendor_failure_in_run,
+    vendor_requested,
     vendor_result,
     windows_metadata,
 )
@@ -240,11 +241,16 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
                 vendor = vendor_failure_in_run(
                     context.instance, partition, context.run_id
                 ) or load_vendor_1m(databento, instrument, month, context.log.info)
-                results.append(
-                    vendor_result(
-                        bars, vendor, raw_coverage(context.instance, partition, month), month
-                    )
+                compared = vendor_result(
+                    bars,
+                    vendor,
+                    raw_coverage(context.instance, partition, month),
+                    month,
+                    requested=vendor_requested(databento),
+                    log=context.log.info,
                 )
+                if compared is not None:  # None: nothing to compare, left unevaluated
+                    results.append(compared)
             failed = [r for r in results if r.blocking]
             if name not in built:
                 yield from selected_results(context, key, results, CHECKED_ON_DISK)

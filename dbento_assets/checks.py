@@ -21,10 +21,12 @@ the resource's ``vendor_check`` on (``DBENTO_VENDOR_CHECK=true``), Databento's o
 by ``raw_1s_bars`` in the download pool (:func:`prefetch_vendor_1m`) and cached next to the
 1-second file. Only minutes both the 1s data and the 1m data fully cover are compared
 (:func:`~dbento_assets.core.coverage.dbn_coverage` reads the DBN headers; a request cut short
-by its ``limit`` covers up to its last record); with nothing to compare, or when the 1-minute
-bars could not be had, the check is a failed WARN (yellow in the UI, never blocking) whose
-description says why, and its metadata says ``skipped``: never a green pass that compared
-nothing.
+by its ``limit`` covers up to its last record). With nothing to compare it is never a green
+pass: when the user asked for the comparison (``DBENTO_VENDOR_CHECK=true``) and the 1-minute
+bars could not be had, it is a failed WARN (yellow in the UI, never blocking: Dagster blocks
+only on a failed ERROR) whose description says why; when nobody asked (demo data, the
+setting off, a DBN folder without ohlcv-1m files) no result is yielded, so Dagster shows the
+check as skipped, and the step's log says why.
 """
 
 from __future__ import annotations
@@ -429,23 +431,51 @@ def load_vendor_1m(
     return "the demo source is synthetic, there are no Databento bars to compare with"
 
 
+def vendor_requested(databento: DatabentoResource) -> bool:
+    """Whether the user asked for the vendor comparison (``DBENTO_VENDOR_CHECK=true`` with the
+    API source): then a comparison that could not happen is a warning, not a silence."""
+    return databento.vendor_check and (databento.source or "").strip().lower() == "databento"
+
+
 def vendor_result(
-    bars_1min: pd.DataFrame, vendor: VendorMonth | str, raw_covered: Sequence[Window], month: Month
-) -> v.RuleResult:
-    """The vendor cross-check on the minutes both the 1s data and the 1m data fully cover."""
+    bars_1min: pd.DataFrame,
+    vendor: VendorMonth | str,
+    raw_covered: Sequence[Window],
+    month: Month,
+    *,
+    requested: bool,
+    log: Logger,
+) -> v.RuleResult | None:
+    """The vendor cross-check on the minutes both the 1s data and the 1m data fully cover.
+
+    With nothing to compare it is never a green pass. If the user asked for the comparison
+    (``requested``) it is a non-blocking WARN saying why (a failed or refused 1m download);
+    otherwise (demo data, ``DBENTO_VENDOR_CHECK`` off, a DBN folder without ohlcv-1m files)
+    None: the step yields no result, so Dagster shows the check as skipped (not executed), and
+    the reason goes to the step's log.
+    """
     if isinstance(vendor, str):
-        return v.vendor_skipped(vendor)
-    common = intersect_windows(raw_covered, vendor.covered)
-    minutes = whole_minutes(common)
-    if len(minutes) == 0:
-        return v.vendor_skipped(
-            f"the 1-second bars and Databento's 1-minute bars ({vendor.origin}) share no "
-            "whole minute"
-        )
-    whole_month = common == [(month.start_ns, month.end_ns)]
-    result = v.check_vendor(
-        bars_1min, vendor.bars, covered_minutes=None if whole_month else minutes, month=month
-    )
-    result.extra["vendor_source"] = vendor.origin
-    result.extra["compared_windows"] = windows_metadata(common)
+        result = v.vendor_skipped(vendor)
+    else:
+        common = intersect_windows(raw_covered, vendor.covered)
+        minutes = whole_minutes(common)
+        if len(minutes) == 0:
+            result = v.vendor_skipped(
+                f"the 1-second bars and Databento's 1-minute bars ({vendor.origin}) share no "
+                "whole minute"
+            )
+        else:
+            whole_month = common == [(month.start_ns, month.end_ns)]
+            result = v.check_vendor(
+                bars_1min,
+                vendor.bars,
+                covered_minutes=None if whole_month else minutes,
+                month=month,
+            )
+            result.extra["vendor_source"] = vendor.origin
+            result.extra["compared_windows"] = windows_metadata(common)
+            return result
+    if not requested:
+        log(f"{v.RULE_VENDOR} not evaluated: {result.extra['skipped_because']}")
+        return None
     return result

@@ -14,7 +14,9 @@ that of ``DBENTO_CACHE_DIR`` when set, which an object-store data root needs),
 ``DBENTO_DBN_DIR``, ``DBENTO_MAX_COST_USD`` (default 5.00 US dollars per symbol-month
 partition: a month of ohlcv-1s bars for one front-month future or ETF normally costs well
 below that, so hitting it means something unexpected, like a parent symbol pulling every
-contract), ``DBENTO_TIMEOUT_SECONDS``, ``DBENTO_RETRY_ATTEMPTS``,
+contract), ``DBENTO_TIMEOUT_SECONDS``, ``DBENTO_RETRY_ATTEMPTS`` (attempts per API call for
+429, 5xx, dropped connections and cut streams, run by ``tenacity``; a local disk error such as
+no space is never retried, as every retry of a download is billed again),
 ``DBENTO_RETRY_BACKOFF_SECONDS`` (the first wait after a failed call; it doubles each time)
 and ``DBENTO_VENDOR_CHECK`` (true/1/yes or false/0/no, default false: also buy Databento's
 own ohlcv-1m of each partition, under the same ceiling and cached the same way, to compare

@@ -244,6 +244,11 @@ class DbnCache:
             problem = self._mismatch(entry, manifest)
         else:
             manifest, problem = self._adopt_legacy(entry, manifest or {})
+            if not problem:
+                log(
+                    f"{entry.path} had no manifest (an earlier version's cache): decoded in full, "
+                    "found whole, and given one"
+                )
         if problem:
             moved = self.quarantine(entry.path, entry, with_manifest=True)
             raise CacheEntryBroken(
