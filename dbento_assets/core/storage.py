@@ -358,12 +358,7 @@ class BarStore:
                         f"{path} is not a readable {self.fmt} bar file "
                         f"({type(exc).__name__}: {_first_line(exc)})"
                     ) from exc
-            if self.fmt == "csv":
-                text = self._sidecar_pairs(path)
-        try:
-            identity = FileIdentity.from_metadata(text)
-        except ValueError as exc:
-            raise UnfitFile(f"{path} carries a broken identity: {exc}") from exc
+            note = self._sidecar_pairs(path) if self.fmt == "csv" else text
         try:
             frame = from_arrow(table)
         except (KeyError, pa.ArrowException) as exc:
@@ -371,10 +366,20 @@ class BarStore:
                 f"{path} holds the columns {', '.join(table.column_names)} "
                 f"({_first_line(exc)}), not the bar columns {', '.join(COLUMNS)}"
             ) from exc
+        if note is None:
+            raise UnfitFile(
+                f"{path} was replaced after it was written (it no longer matches its "
+                f"identity note {_sidecar(path).name}) and holds {describe_bars(frame)}"
+            )
+        try:
+            identity = FileIdentity.from_metadata(note)
+        except ValueError as exc:
+            raise UnfitFile(f"{path} carries a broken identity: {exc}") from exc
         return frame, identity
 
-    def _sidecar_pairs(self, path: UPath) -> dict[str, str]:
-        """The identity of a CSV file from its sidecar ({} when it has none)."""
+    def _sidecar_pairs(self, path: UPath) -> dict[str, str] | None:
+        """The identity of a CSV file from its sidecar ({} when it has none, None when the
+        sidecar was written for another file)."""
         sidecar = _sidecar(path)
         if not sidecar.exists():
             return {}
@@ -384,10 +389,7 @@ class BarStore:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise UnfitFile(f"{sidecar} is not a readable identity note ({exc})") from exc
         if path.stat().st_size != size or _sha256(path) != digest:
-            raise UnfitFile(
-                f"{path} was replaced after it was written: it no longer matches its "
-                f"identity note {sidecar.name}"
-            )
+            return None
         return {str(k): str(v) for k, v in note.items()}
 
 
@@ -458,13 +460,25 @@ def identity_problem(
             return found.describe()
     if frame.empty:
         return None
-    symbols = sorted(str(x) for x in pd.unique(frame["symbol"]))
-    ts = frame["ts_event"]
-    first, last = ts.min(), ts.max()
-    if symbols == [expected.symbol] and first >= expected.month.start and last < expected.month.end:
+    symbols = pd.unique(frame["symbol"])
+    first, last = frame["ts_event"].min(), frame["ts_event"].max()
+    if (
+        len(symbols) == 1
+        and symbols[0] == expected.symbol
+        and expected.month.start <= first
+        and last < expected.month.end
+    ):
         return None
-    note = "" if found is not None else " and no identity"
-    return f"{', '.join(symbols)} bars from {first.isoformat()} to {last.isoformat()}{note}"
+    return describe_bars(frame) + ("" if found is not None else " and no identity")
+
+
+def describe_bars(frame: pd.DataFrame) -> str:
+    """What a bar frame holds, from its bars: ``NQ bars from <first> to <last>``."""
+    if frame.empty:
+        return "no bars"
+    symbols = ", ".join(sorted(str(x) for x in pd.unique(frame["symbol"])))
+    first, last = frame["ts_event"].min(), frame["ts_event"].max()
+    return f"{symbols} bars from {first.isoformat()} to {last.isoformat()}"
 
 
 def write_atomic(path: UPath, write: Callable[[BinaryIO], object]) -> None:
