@@ -237,8 +237,7 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
             if name in built:
                 bars = aggregated.pop(tf)
             else:  # only checks selected: check the file this asset has on disk
-                io_manager = context.resources.io_manager
-                bars = io_manager.store.read(io_manager.path_for(key, partition))
+                bars = _bars_on_disk(context, key, partition, instrument)
             results = run_aggregated_rules(bars, raw, month, tf, instrument)
             if (
                 tf.seconds == 60
@@ -278,6 +277,28 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
             )
 
     return _bars
+
+
+def _bars_on_disk(
+    context: AssetExecutionContext, key: AssetKey, partition: str, instrument: Instrument
+) -> pd.DataFrame:
+    """The file of ``key`` for ``partition``, refused in one sentence when it is not that
+    asset's (another symbol, month, origin or timeframe)."""
+    io_manager = context.resources.io_manager
+    path = io_manager.path_for(key, partition)
+    bars, found = io_manager.store.read_with_identity(path)
+    expected = io_manager.identity_for(key, partition, instrument.dataset)
+    holds = identity_problem(expected, found, bars)
+    if holds is not None:
+        raise Failure(
+            description=(
+                f"The {key.to_user_string()} file {path} holds {holds}, not the "
+                f"{expected.describe()} that {partition} needs, so it was not checked; "
+                f"materialize {key.to_user_string()} for {partition} to rebuild it."
+            ),
+            allow_retries=False,
+        )
+    return bars
 
 
 def _refuse_unfit_raw(

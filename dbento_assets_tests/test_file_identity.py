@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from dagster import DagsterInstance, materialize
+from dagster import AssetSelection, DagsterInstance, materialize
 
 from dbento_assets.assets import build_assets
 from dbento_assets.core.catalog import load_catalog
@@ -217,3 +217,29 @@ def test_files_of_older_code_are_judged_by_their_bars(es_root):
     store.write(nq, store.raw_path("ES", JAN))
     result = run(es_root, "2024-01-01|ES", selection=BARS)
     assert_refused(result, es_root, before, "holds NQ bars from 2024-01-", "and no identity")
+
+
+def test_checking_a_foreign_bars_file_on_disk_is_refused(es_root):
+    # Only the checks of bars_15s selected: they run on the file on disk, which must be
+    # ES's 15s bars of January, not NQ's copied over it.
+    store = BarStore.at(es_root)
+    tf = parse_timeframe("15s")
+    es_15s = Path(store.aggregated_path("ES", JAN, tf).path)
+    shutil.copyfile(store.aggregated_path("NQ", JAN, tf).path, es_15s)
+    digest = sha256(es_15s)
+    result = materialize(
+        build_assets(load_catalog()),
+        selection=AssetSelection.checks_for_assets("bars_15s"),
+        # a run of checks alone, as the UI launches it (no partitions definition to infer)
+        tags={"dagster/partition": "2024-01-01|ES"},
+        resources={
+            "databento": DatabentoResource(source="demo", data_dir=str(es_root)),
+            "io_manager": BarFileIOManager(data_dir=str(es_root), source="demo"),
+        },
+        instance=DagsterInstance.ephemeral(),
+        raise_on_error=False,
+    )
+    assert not result.success
+    text = failure_text(result)
+    assert f"The bars_15s file {es_15s} holds NQ 15s bars of 2024-01" in text, text
+    assert sha256(es_15s) == digest

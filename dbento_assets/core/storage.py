@@ -228,15 +228,7 @@ class BarStore:
 
     def check_origin(self, origin: str, source_name: str) -> None:
         """Refuse if this root holds data of the other origin; write nothing."""
-        found = self.origin()
-        if found is not None and found != origin:
-            raise StorageError(
-                f"The data folder {self.root} holds {_origin_words(found)}, and "
-                f"DBENTO_SOURCE={source_name} would add {_origin_words(origin)}. A data "
-                "folder holds one kind only, so that synthetic bars can never be mistaken "
-                "for market data. Set DBENTO_DATA_DIR to another folder (for example "
-                f"./data-{source_name}) and run again."
-            )
+        _refuse_other_origin(self.root, self.origin(), origin, source_name)
 
     def claim(self, origin: str, source_name: str) -> None:
         """Record that this root holds ``origin`` data, or refuse if it holds the other kind.
@@ -244,8 +236,9 @@ class BarStore:
         Called once a bar file has been written (see :meth:`write_claimed`), so that a run
         which wrote nothing never marks a folder.
         """
-        self.check_origin(origin, source_name)
-        if self.origin() is None:
+        found = self.origin()
+        _refuse_other_origin(self.root, found, origin, source_name)
+        if found is None:
             write_atomic(self.root / ORIGIN_MARKER, lambda f: f.write(f"{origin}\n".encode()))
 
     # -- settings ---------------------------------------------------------------------------
@@ -418,6 +411,17 @@ def check_local_folder(folder: str | os.PathLike[str], what: str, fix: str) -> N
         raise StorageError(
             f"{what} is not writable ({existing}: {exc.strerror or exc}): {fix}."
         ) from exc
+
+
+def _refuse_other_origin(root: UPath, found: str | None, origin: str, source_name: str) -> None:
+    if found is not None and found != origin:
+        raise StorageError(
+            f"The data folder {root} holds {_origin_words(found)}, and "
+            f"DBENTO_SOURCE={source_name} would add {_origin_words(origin)}. A data "
+            "folder holds one kind only, so that synthetic bars can never be mistaken "
+            "for market data. Set DBENTO_DATA_DIR to another folder (for example "
+            f"./data-{source_name}) and run again."
+        )
 
 
 def _sidecar(path: UPath) -> UPath:
