@@ -217,6 +217,10 @@ def test_files_of_older_code_are_judged_by_their_bars(es_root):
     store.write(nq, store.raw_path("ES", JAN))
     result = run(es_root, "2024-01-01|ES", selection=BARS)
     assert_refused(result, es_root, before, "holds NQ bars from 2024-01-", "and no identity")
+    feb = store.read(store.raw_path("ES", FEB))
+    store.write(feb, store.raw_path("ES", JAN))  # another month, told by its bars
+    result = run(es_root, "2024-01-01|ES", selection=BARS)
+    assert_refused(result, es_root, before, "holds ES bars from 2024-02-", "and no identity")
 
 
 def test_checking_a_foreign_bars_file_on_disk_is_refused(es_root):

@@ -448,9 +448,10 @@ def identity_problem(
     or None when it is.
 
     A file with an identity must match it in symbol, month, origin and timeframe (and
-    dataset when both name one); its bars must then be of that symbol and inside that
-    month. A file without an identity (written before identities existed) is judged by its
-    bars alone, its origin being that of the root it lies in.
+    dataset when both name one), and its bars must be of that symbol. A file without an
+    identity (written before identities existed) is judged by its bars alone: one symbol,
+    the expected one, and bars in the month (its origin is that of the root it lies in).
+    Bars outside the month in a file of this month are for the raw rules to report.
     """
     if found is not None:
         same = (
@@ -465,12 +466,13 @@ def identity_problem(
     if frame.empty:
         return None
     symbols = pd.unique(frame["symbol"])
-    first, last = frame["ts_event"].min(), frame["ts_event"].max()
-    if (
-        len(symbols) == 1
-        and symbols[0] == expected.symbol
-        and expected.month.start <= first
-        and last < expected.month.end
+    ts = frame["ts_event"]
+    ours = len(symbols) == 1 and symbols[0] == expected.symbol
+    # Without an identity the month is told by the bars: a file none of whose bars lies in
+    # the month is another month's. A few bars outside it are left to the raw rules
+    # (inside_month), which say how many and where.
+    if ours and (
+        found is not None or ((ts >= expected.month.start) & (ts < expected.month.end)).any()
     ):
         return None
     return describe_bars(frame) + ("" if found is not None else " and no identity")
