@@ -294,8 +294,11 @@ class BarStore:
         pairs = identity.to_metadata() if identity is not None else {}
         if pairs:
             table = table.replace_schema_metadata(pairs)
-        writer = _write_parquet if self.fmt == "parquet" else _write_csv
-        write_atomic(path, lambda f: writer(table, f))
+        hashed = _Hashing()  # the CSV's size and SHA-256, taken as it is written
+        if self.fmt == "parquet":
+            write_atomic(path, lambda f: _write_parquet(table, f))
+        else:
+            write_atomic(path, lambda f: _write_csv(table, hashed.wrap(f)))
         # Hand the writer's working memory back to the operating system now rather than
         # hold it for the rest of the run (see ARROW_DEFAULT_MEMORY_POOL in dbento_assets).
         pa.default_memory_pool().release_unused()
@@ -303,7 +306,7 @@ class BarStore:
         if self.fmt == "csv":
             sidecar = _sidecar(path)
             if pairs:
-                note = {**pairs, "dbento.size_bytes": size, "dbento.sha256": _sha256(path)}
+                note = {**pairs, "dbento.size_bytes": size, "dbento.sha256": hashed.hexdigest()}
                 text = json.dumps(note, indent=2, sort_keys=True) + "\n"
                 write_atomic(sidecar, lambda f: f.write(text.encode()))
             else:
@@ -345,13 +348,16 @@ class BarStore:
                         table = pq.read_table(f)
                         text = {k.decode(): v.decode() for k, v in pairs.items()}
                     else:
-                        table = _read_csv(f)
+                        hashed = _Hashing()
+                        source = hashed.wrap(f)
+                        table = _read_csv(source)
+                        source.read()  # the hash covers the whole file
                 except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
                     raise UnfitFile(
                         f"{path} is not a readable {self.fmt} bar file "
                         f"({type(exc).__name__}: {_first_line(exc)})"
                     ) from exc
-            note = self._sidecar_pairs(path) if self.fmt == "csv" else text
+            note = self._sidecar_pairs(path, hashed) if self.fmt == "csv" else text
         try:
             frame = from_arrow(table)
         except (KeyError, pa.ArrowException) as exc:
@@ -370,7 +376,7 @@ class BarStore:
             raise UnfitFile(f"{path} carries a broken identity: {exc}") from exc
         return frame, identity
 
-    def _sidecar_pairs(self, path: UPath) -> dict[str, str] | None:
+    def _sidecar_pairs(self, path: UPath, read: _Hashing) -> dict[str, str] | None:
         """The identity of a CSV file from its sidecar ({} when it has none, None when the
         sidecar was written for another file)."""
         sidecar = _sidecar(path)
@@ -381,7 +387,7 @@ class BarStore:
             size, digest = int(note.pop("dbento.size_bytes")), str(note.pop("dbento.sha256"))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise UnfitFile(f"{sidecar} is not a readable identity note ({exc})") from exc
-        if path.stat().st_size != size or _sha256(path) != digest:
+        if read.size != size or read.hexdigest() != digest:
             return None
         return {str(k): str(v) for k, v in note.items()}
 
@@ -428,12 +434,51 @@ def _sidecar(path: UPath) -> UPath:
     return path.with_name(path.name + SIDECAR_SUFFIX)
 
 
-def _sha256(path: UPath) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+class _Hashing:
+    """The size and SHA-256 of the bytes that pass through the file objects it wraps."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._digest = hashlib.sha256()
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+    def wrap(self, f: BinaryIO) -> BinaryIO:
+        return _HashingFile(f, self)  # type: ignore[return-value]
+
+    def update(self, data: bytes | memoryview) -> None:
+        self.size += len(data)
+        self._digest.update(data)
+
+
+class _HashingFile(io.RawIOBase):
+    """``f`` for a reader or writer (pyarrow's CSV ones) that hashes what passes."""
+
+    def __init__(self, f: BinaryIO, hashing: _Hashing) -> None:
+        super().__init__()
+        self._f = f
+        self._hashing = hashing
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        n = self._f.readinto(buffer)  # type: ignore[attr-defined]
+        if n:
+            self._hashing.update(memoryview(buffer)[:n])
+        return n or 0
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        self._f.write(data)
+        self._hashing.update(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self._f.flush()
 
 
 def _first_line(exc: BaseException) -> str:
