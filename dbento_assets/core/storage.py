@@ -340,6 +340,8 @@ class BarStore:
         with _remote_errors(path, "read"):
             if not path.exists():
                 raise StorageError(f"{path} does not exist; materialize its upstream asset first")
+            text: dict[str, str] = {}
+            hashed = _Hashing()  # CSV: to compare the file with its sidecar
             with path.open("rb") as f:
                 try:
                     if self.fmt == "parquet":
@@ -348,7 +350,6 @@ class BarStore:
                         table = pq.read_table(f)
                         text = {k.decode(): v.decode() for k, v in pairs.items()}
                     else:
-                        hashed = _Hashing()
                         source = hashed.wrap(f)
                         table = _read_csv(source)
                         source.read()  # the hash covers the whole file
