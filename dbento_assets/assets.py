@@ -63,7 +63,9 @@ from dbento_assets.checks import (
 )
 from dbento_assets.core.aggregate import aggregate_many
 from dbento_assets.core.catalog import Catalog, Instrument
+from dbento_assets.core.databento_api import DatabentoSource
 from dbento_assets.core.dbn import DecodedMonth, decode_month
+from dbento_assets.core.preflight import preflight
 from dbento_assets.core.source import (
     DownloadRefused,
     FetchedMonth,
@@ -71,14 +73,14 @@ from dbento_assets.core.source import (
     fetch_accepted,
     origin_of,
 )
-from dbento_assets.core.storage import BarStore
+from dbento_assets.core.storage import RAW_TIMEFRAME, FileIdentity, identity_problem
 from dbento_assets.core.validation import (
     RULE_VENDOR,
     RuleResult,
     run_aggregated_rules,
     run_raw_rules,
 )
-from dbento_assets.io_managers import RAW_ASSET
+from dbento_assets.io_managers import IDENTITY_ATTR, RAW_ASSET, BarFileIOManager
 from dbento_assets.partitions import build_partitions, split_partition_key
 from dbento_assets.resources import DatabentoResource
 
@@ -124,7 +126,7 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
         month, symbol = split_partition_key(partition)
         instrument = catalog.instrument(symbol)
         # Refuse a data root of the other origin before anything is fetched or paid for.
-        BarStore.at(databento.data_dir).claim(origin_of(databento.source), databento.source)
+        check_settings(context, databento, catalog, partition)
         request = FetchRequest(instrument, month, force=force_requested(context, config))
         source = databento.month_source(catalog.path)
 
@@ -172,6 +174,34 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
         yield from selected_results(context, RAW_KEY, results, SAVED)
 
     return raw_1s_bars
+
+
+def check_settings(
+    context: AssetExecutionContext,
+    databento: DatabentoResource,
+    catalog: Catalog,
+    partition: str,
+) -> None:
+    """Every setting the partition needs, checked before its source is asked for anything
+    (see :func:`~dbento_assets.core.preflight.preflight`): a bad one fails the step before
+    any request, with one sentence saying what to fix."""
+    month, symbol = split_partition_key(partition)
+    io_manager = context.resources.io_manager
+    files = io_manager if isinstance(io_manager, BarFileIOManager) else None
+    # Building the source checks its own settings (name, API key, DBN folder, retries).
+    source = databento.month_source(catalog.path)
+    cache = source.cache_path(symbol, month).parent if isinstance(source, DatabentoSource) else None
+    checked = preflight(
+        data_dir=files.data_dir if files else databento.data_dir,
+        fmt=files.fmt if files else "parquet",
+        source_name=databento.source,
+        catalog=catalog,
+        symbol=symbol,
+        month=month,
+        cache_folder=cache,
+    )
+    for stale in checked.removed_temps:
+        context.log.info(f"Removed {stale}, left by a write that was killed")
 
 
 def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -> AssetsDefinition:
@@ -230,8 +260,7 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
             if name in built:
                 bars = aggregated.pop(tf)
             else:  # only checks selected: check the file this asset has on disk
-                io_manager = context.resources.io_manager
-                bars = io_manager.store.read(io_manager.path_for(key, partition))
+                bars = _bars_on_disk(context, key, partition, instrument)
             results = run_aggregated_rules(bars, raw, month, tf, instrument)
             if (
                 tf.seconds == 60
@@ -257,7 +286,7 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
             elif failed:
                 yield from selected_results(context, key, results, REFUSED)
             else:
-                yield Output(bars, output_name=name)
+                yield Output(bars, output_name=name, metadata={"dataset": instrument.dataset})
                 yield from selected_results(context, key, results, SAVED)
             if failed:
                 refused.append((name, failed))
@@ -278,17 +307,59 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
     return _bars
 
 
+def _bars_on_disk(
+    context: AssetExecutionContext, key: AssetKey, partition: str, instrument: Instrument
+) -> pd.DataFrame:
+    """The file of ``key`` for ``partition``, refused in one sentence when it is not that
+    asset's (another symbol, month, origin or timeframe)."""
+    io_manager = context.resources.io_manager
+    path = io_manager.path_for(key, partition)
+    bars, found = io_manager.store.read_with_identity(path)
+    expected = io_manager.identity_for(key, partition, instrument.dataset)
+    holds = identity_problem(expected, found, bars)
+    if holds is not None:
+        raise Failure(
+            description=(
+                f"The {key.to_user_string()} file {path} holds {holds}, not the "
+                f"{expected.describe()} that {partition} needs, so it was not checked; "
+                f"materialize {key.to_user_string()} for {partition} to rebuild it."
+            ),
+            allow_retries=False,
+        )
+    return bars
+
+
 def _refuse_unfit_raw(
     context: AssetExecutionContext, raw: pd.DataFrame, partition: str, instrument: Instrument
 ) -> None:
     """Fail the step before building anything from raw bars that are not fit for it.
 
-    Two guards. The loaded raw frame must pass the blocking raw rules (cheap, and true
-    whatever the instance remembers: it catches a raw file edited or copied in by hand). And
+    Three guards. The raw file must be this partition's: its identity (symbol, month,
+    origin, dataset; see :func:`~dbento_assets.core.storage.identity_problem`) and its bars
+    (one symbol, inside the month), else the step fails with one sentence naming the file
+    and what it holds (a file of older code, without identity, is judged by its bars). The
+    loaded raw frame must pass the blocking raw rules (cheap, and true whatever the instance
+    remembers: it catches a raw file edited or copied in by hand). And
     while the latest evaluation of a blocking raw check for this partition failed after the
     latest raw materialization, the latest download was refused and raw is not fixed yet.
     """
-    month, _ = split_partition_key(partition)
+    month, symbol = split_partition_key(partition)
+    io_manager = context.resources.io_manager
+    source = io_manager.source if isinstance(io_manager, BarFileIOManager) else None
+    if source is not None:
+        expected = FileIdentity(symbol, month, origin_of(source), RAW_TIMEFRAME, instrument.dataset)
+        found = raw.attrs.get(IDENTITY_ATTR)
+        holds = identity_problem(expected, found, raw)
+        if holds is not None:
+            path = io_manager.path_for(AssetKey(RAW_ASSET), partition)
+            raise Failure(
+                description=(
+                    f"The raw file {path} holds {holds}, not the {expected.describe()} that "
+                    f"{partition} needs, so no bars were built and no file was changed; "
+                    f"materialize raw_1s_bars for {partition} to replace it."
+                ),
+                allow_retries=False,
+            )
     from_frame = raw_gate(raw, month, instrument)
     if from_frame:
         raise refusal(

@@ -5,7 +5,11 @@
 (atomic writes, formats, the one-origin-per-root rule) lives in
 :mod:`dbento_assets.core.storage`; this module maps asset keys and partitions to paths and
 records what the UI shows for every materialization: rows, first and last bar, path, size,
-source (synthetic demo data is marked as such) and the column schema.
+source (synthetic demo data is marked as such) and the column schema. Every file is written
+with its :class:`~dbento_assets.core.storage.FileIdentity` (symbol, month, origin, timeframe,
+dataset from the output's ``dataset`` metadata); a loaded frame carries the identity of its
+file in ``frame.attrs[IDENTITY_ATTR]`` for the step to judge. The data folder's origin mark is
+written after the first file, so a run that wrote nothing never marks a folder.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import pandas as pd
 from dagster import (
     AssetKey,
     ConfigurableIOManager,
+    Failure,
     InputContext,
     MetadataValue,
     OutputContext,
@@ -26,12 +31,13 @@ from upath import UPath
 
 from dbento_assets.core.bars import COLUMNS, DTYPES
 from dbento_assets.core.source import SYNTHETIC, origin_of
-from dbento_assets.core.storage import BarStore
+from dbento_assets.core.storage import RAW_TIMEFRAME, BarStore, FileIdentity, UnfitFile
 from dbento_assets.core.timeframes import parse_timeframe
 from dbento_assets.partitions import split_partition_key
 
 RAW_ASSET = "raw_1s_bars"
 BARS_PREFIX = "bars_"
+IDENTITY_ATTR = "dbento_identity"  # frame.attrs key: the identity of the file it came from
 BAR_SCHEMA = TableSchema(
     columns=[TableColumn(name, str(DTYPES[name])) for name in COLUMNS],
 )
@@ -66,19 +72,52 @@ class BarFileIOManager(ConfigurableIOManager):
             return self.store.aggregated_path(symbol, month, timeframe)
         raise ValueError(f"BarFileIOManager does not store asset {asset_key.to_user_string()}")
 
+    def identity_for(self, asset_key: AssetKey, partition: str, dataset: str = "") -> FileIdentity:
+        """What the file of one asset partition must hold."""
+        month, symbol = split_partition_key(partition)
+        name = asset_key.path[-1]
+        timeframe = (
+            RAW_TIMEFRAME
+            if name == RAW_ASSET
+            else parse_timeframe(name.removeprefix(BARS_PREFIX)).label
+        )
+        return FileIdentity(symbol, month, origin_of(self.source), timeframe, dataset)
+
     def handle_output(self, context: OutputContext, obj: pd.DataFrame) -> None:
         store = self.store
-        store.claim(origin_of(self.source), self.source)
-        path = self.path_for(context.asset_key, context.asset_partition_key)
-        size = store.write(obj, path)
+        partition = context.asset_partition_key
+        path = self.path_for(context.asset_key, partition)
+        dataset = context.output_metadata.get("dataset")
+        identity = self.identity_for(
+            context.asset_key, partition, str(getattr(dataset, "value", dataset or ""))
+        )
+        for stale in store.remove_stale_temps([path]):
+            context.log.info(f"Removed {stale}, left by a write that was killed")
+        size = store.write_claimed(obj, path, identity, self.source)
         if context.asset_key.path[-1] == RAW_ASSET:
+            obj.attrs[IDENTITY_ATTR] = identity
             _HANDOFF.keep(path, obj)
         context.add_output_metadata(bar_file_metadata(obj, path, size, self.source))
 
     def load_input(self, context: InputContext) -> pd.DataFrame:
-        path = self.path_for(context.asset_key, context.asset_partition_key)
+        partition = context.asset_partition_key
+        path = self.path_for(context.asset_key, partition)
         handed = _HANDOFF.take(path)
-        return handed if handed is not None else self.store.read(path)
+        if handed is not None:
+            return handed
+        try:
+            frame, identity = self.store.read_with_identity(path)
+        except UnfitFile as exc:
+            name = context.asset_key.to_user_string()
+            raise Failure(
+                description=(
+                    f"The {name} file {exc}, so nothing was built from it and no file was "
+                    f"changed; materialize {name} for {partition} to write it again."
+                ),
+                allow_retries=False,
+            ) from exc
+        frame.attrs[IDENTITY_ATTR] = identity
+        return frame
 
 
 class _Handoff:

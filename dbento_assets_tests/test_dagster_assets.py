@@ -129,7 +129,9 @@ def test_demo_materialization_is_byte_identical_twice(tmp_path):
     assert run_partition(first, fmt="csv").success
     assert run_partition(second, fmt="csv").success
     a, b = files_under(first), files_under(second)
-    assert len(a) == 4 and a == b
+    # four CSV files, each with its identity sidecar (which holds no time, so it repeats too)
+    assert len(a) == 8 and a == b
+    assert sum(name.endswith(".csv.json") for name in a) == 4
     assert run_partition(first, fmt="csv").success  # and again over the existing files
     assert files_under(first) == b
 
@@ -232,18 +234,18 @@ def test_one_timeframe_can_be_rebuilt_alone(tmp_path):
 
 def test_aggregation_takes_the_raw_month_from_memory_in_the_same_process(tmp_path, monkeypatch):
     reads: list[str] = []
-    real_read = BarStore.read
+    real_read = BarStore.read_with_identity  # every file read goes through it
 
     def counting_read(self, path):
         reads.append(str(path))
         return real_read(self, path)
 
-    monkeypatch.setattr(BarStore, "read", counting_read)
+    monkeypatch.setattr(BarStore, "read_with_identity", counting_read)
     assert run_partition(tmp_path).success  # in-process: both steps in this process
     assert not [p for p in reads if "raw_1s" in p]
     store = BarStore.at(tmp_path)
-    raw = real_read(store, store.raw_path("ES", JAN))
-    bars = real_read(store, store.aggregated_path("ES", JAN, parse_timeframe("1min")))
+    raw = real_read(store, store.raw_path("ES", JAN))[0]
+    bars = real_read(store, store.aggregated_path("ES", JAN, parse_timeframe("1min")))[0]
     pd.testing.assert_frame_equal(bars, aggregate_bars(raw, parse_timeframe("1min")))
 
 

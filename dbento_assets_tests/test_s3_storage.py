@@ -250,3 +250,36 @@ def test_databento_downloads_with_bars_on_s3_and_the_cache_on_disk(gateway, tmp_
     requests_before = gateway.count()
     assert run().success
     assert gateway.count() == requests_before  # resumed from the local cache: nothing paid
+
+
+def test_a_bucket_that_refuses_writes_is_refused_before_any_request(gateway, s3, tmp_path, prefix):
+    """Issue 9 item 7: the data folder is proven writable (one probe object, stored and
+    deleted) before the paid source is asked for anything."""
+    remote_root = f"s3://{BUCKET}/{prefix}"
+    s3.refuse_uploads = True
+    result = materialize(
+        build_assets(load_catalog()),
+        selection=["raw_1s_bars"],
+        partition_key="2024-01-01|ES",
+        resources={
+            "databento": DatabentoResource(
+                source="databento",
+                api_key=TEST_KEY,
+                gateway=gateway.url,
+                data_dir=remote_root,
+                cache_dir=str(tmp_path / "cache"),
+                retry_backoff_seconds=0.0,
+            ),
+            "io_manager": BarFileIOManager(data_dir=remote_root, source="databento"),
+        },
+        instance=DagsterInstance.ephemeral(),
+        raise_on_error=False,
+    )
+    s3.refuse_uploads = False
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    message = failure.step_failure_data.error.to_string()
+    assert "could not write" in message and "AWS_ENDPOINT_URL" in message
+    assert gateway.count() == 0
+    assert objects(prefix) == {}
+    assert not (tmp_path / "cache").exists()

@@ -16,18 +16,43 @@ server, or an AWS profile); a remote failure is raised as :class:`StorageError` 
 CSV files have a header, ISO-8601 UTC timestamps and shortest round-trip prices (no float
 noise), and both formats read back to the exact dtypes of :mod:`dbento_assets.core.bars`.
 A root holds data of one origin, synthetic (demo) or vendor (Databento), recorded in a
-``.dbento_origin`` marker; mixing them is refused.
+``.dbento_origin`` marker that is written with the root's first bar file (never by a run that
+wrote nothing); mixing them is refused before anything is fetched.
+
+Every bar file knows what it is (:class:`FileIdentity`: symbol, month window, origin,
+timeframe, dataset and the version of the code that wrote it): in the Parquet footer's
+key-value metadata (``dbento.*`` keys, which pyarrow, DuckDB's ``parquet_kv_metadata`` and
+Spark show), and for CSV in a JSON sidecar ``<file>.csv.json`` written after the file and
+holding the file's size and SHA-256, so a sidecar left behind by a replaced file is detected.
+:func:`identity_problem` says in one sentence why a file is not the one a partition expects.
+Files written before identities existed carry none; they are accepted when their content
+matches (one symbol, every bar inside the month), their origin being the root's.
+
+Temporary files of a local write are locked (``flock``) while written and removed when the
+write fails; :meth:`BarStore.remove_stale_temps` removes those of a killed writer (unlocked
+and older than a minute) for the files of one partition.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import os
+import re
+import tempfile
+import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from importlib import metadata as package_metadata
 from typing import BinaryIO
+
+try:  # POSIX: a temporary file is locked by its writer while written (see write_atomic)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: stale temps are then judged by age alone
+    fcntl = None  # type: ignore[assignment]
 
 import numpy as np
 import pandas as pd
@@ -43,6 +68,14 @@ from dbento_assets.core.timeframes import Timeframe
 
 FORMATS = ("parquet", "csv")
 ORIGIN_MARKER = ".dbento_origin"
+SIDECAR_SUFFIX = ".json"  # the identity note of a CSV file: ES_2024_01.csv.json
+IDENTITY_PREFIX = "dbento."  # Parquet key-value metadata keys: dbento.symbol, ...
+RAW_TIMEFRAME = "1s"
+ORIGINS = ("synthetic", "databento")
+# A temporary file is removed by a later run only when no writer holds its lock and it is
+# older than this (a writer locks its file right after creating it, so the margin only
+# covers clocks of a shared file system that disagree a little).
+STALE_TEMP_SECONDS = 60.0
 LOCAL_PROTOCOLS = ("", "file", "local")
 # Every column is required (not nullable): a bar has no missing values, and Parquet then
 # stores no definition levels, which makes writing about a fifth faster.
@@ -65,6 +98,75 @@ ARROW_SCHEMA = pa.schema(
 
 class StorageError(RuntimeError):
     """A data root or bar file that cannot be used, with a message a user can act on."""
+
+
+def _code_version() -> str:
+    try:
+        return f"dbento_assets {package_metadata.version('dbento_assets')}"
+    except package_metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "dbento_assets (not installed)"
+
+
+CODE_VERSION = _code_version()
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What a bar file holds: one symbol's bars of one month, of one origin and timeframe."""
+
+    symbol: str
+    month: Month
+    origin: str  # "synthetic" (demo) or "databento" (real market data)
+    timeframe: str = RAW_TIMEFRAME  # "1s" for raw bars, else the aggregated label
+    dataset: str = ""  # the Databento dataset ("" when the writer did not know it)
+    version: str = CODE_VERSION  # the code that wrote the file
+
+    def to_metadata(self) -> dict[str, str]:
+        """The identity as ``dbento.*`` key-value pairs (Parquet footer, CSV sidecar)."""
+        fields = {
+            "symbol": self.symbol,
+            "month": str(self.month),
+            "window_start": self.month.start.isoformat(),
+            "window_end": self.month.end.isoformat(),
+            "origin": self.origin,
+            "timeframe": self.timeframe,
+            "dataset": self.dataset,
+            "version": self.version,
+        }
+        return {IDENTITY_PREFIX + key: value for key, value in fields.items()}
+
+    @classmethod
+    def from_metadata(cls, pairs: Mapping[str, str]) -> FileIdentity | None:
+        """The identity in ``pairs``; None when there is none (a file of older code).
+
+        Raises :class:`ValueError` when the pairs are there but do not make an identity.
+        """
+        found = {
+            key.removeprefix(IDENTITY_PREFIX): value
+            for key, value in pairs.items()
+            if key.startswith(IDENTITY_PREFIX)
+        }
+        if not found:
+            return None
+        missing = [k for k in ("symbol", "month", "origin", "timeframe") if not found.get(k)]
+        if missing:
+            raise ValueError(f"its identity lacks {', '.join(missing)}")
+        return cls(
+            symbol=found["symbol"],
+            month=Month.parse(found["month"]),
+            origin=found["origin"],
+            timeframe=found["timeframe"],
+            dataset=found.get("dataset", ""),
+            version=found.get("version", ""),
+        )
+
+    def describe(self) -> str:
+        """``ES 1s bars of 2024-01 (real Databento market data, GLBX.MDP3)``."""
+        where = f", {self.dataset}" if self.dataset else ""
+        return (
+            f"{self.symbol} {self.timeframe} bars of {self.month} "
+            f"({_origin_words(self.origin)}{where})"
+        )
 
 
 def data_root(location: str | os.PathLike[str]) -> UPath:
@@ -91,7 +193,10 @@ class BarStore:
 
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
-            raise StorageError(f"DBENTO_FORMAT={self.fmt!r} is not one of {', '.join(FORMATS)}")
+            raise StorageError(
+                f"DBENTO_FORMAT={self.fmt!r} is not a bar file format: set it to "
+                f"{' or '.join(FORMATS)}."
+            )
 
     @classmethod
     def at(cls, location: str | os.PathLike[str], fmt: str = "parquet") -> BarStore:
@@ -104,47 +209,328 @@ class BarStore:
         name = f"{symbol}_{month.tag}_{timeframe.label}.{self.fmt}"
         return self.root / "aggregated" / timeframe.label / name
 
+    def partition_paths(
+        self, symbol: str, month: Month, timeframes: Iterable[Timeframe]
+    ) -> list[UPath]:
+        """Every bar file of one partition: raw, then one per timeframe."""
+        return [
+            self.raw_path(symbol, month),
+            *(self.aggregated_path(symbol, month, tf) for tf in timeframes),
+        ]
+
     # -- origin -----------------------------------------------------------------------------
 
-    def claim(self, origin: str, source_name: str) -> None:
-        """Record that this root holds ``origin`` data, or refuse if it holds the other kind."""
+    def origin(self) -> str | None:
+        """The origin recorded for this root, or None while it holds no bar file."""
         marker = self.root / ORIGIN_MARKER
         with _remote_errors(marker, "read"):
-            found = marker.read_text().strip() if marker.exists() else None
-        if found is not None:
-            if found != origin:
-                raise StorageError(
-                    f"The data folder {self.root} holds {_origin_words(found)}, and "
-                    f"DBENTO_SOURCE={source_name} would add {_origin_words(origin)}. A data "
-                    "folder holds one kind only, so that synthetic bars can never be mistaken "
-                    "for market data. Set DBENTO_DATA_DIR to another folder (for example "
-                    f"./data-{source_name}) and run again."
-                )
+            return marker.read_text().strip() if marker.exists() else None
+
+    def check_origin(self, origin: str, source_name: str) -> None:
+        """Refuse if this root holds data of the other origin; write nothing."""
+        _refuse_other_origin(self.root, self.origin(), origin, source_name)
+
+    def claim(self, origin: str, source_name: str) -> None:
+        """Record that this root holds ``origin`` data, or refuse if it holds the other kind.
+
+        Called once a bar file has been written (see :meth:`write_claimed`), so that a run
+        which wrote nothing never marks a folder.
+        """
+        found = self.origin()
+        _refuse_other_origin(self.root, found, origin, source_name)
+        if found is None:
+            write_atomic(self.root / ORIGIN_MARKER, lambda f: f.write(f"{origin}\n".encode()))
+
+    # -- settings ---------------------------------------------------------------------------
+
+    def check_writable(self, paths: Iterable[UPath]) -> None:
+        """Prove that the files in ``paths`` can be written, creating nothing that stays.
+
+        Locally, a temporary file is created and removed in each file's folder, or in its
+        nearest existing parent when the folder does not exist yet (folders are created
+        only by real writes). On object storage one small probe object is stored and
+        deleted at the root: that needs the bucket and write access, which is what a bar
+        write needs.
+        """
+        if not is_local(self.root):
+            probe = self.root / ".dbento_write_check"
+            with _remote_errors(probe, "write"):
+                probe.fs.pipe_file(probe.path, b"")
+                probe.fs.rm_file(probe.path)
             return
-        if is_local(self.root):
-            self.root.mkdir(parents=True, exist_ok=True)
-        write_atomic(marker, lambda f: f.write(f"{origin}\n".encode()))
+        for folder in sorted({os.fspath(path.parent.path) for path in paths}):
+            check_local_folder(
+                folder,
+                f"The data folder {self.root}",
+                "set DBENTO_DATA_DIR to a folder you can write, or give this user write "
+                "access to it",
+            )
+
+    def remove_stale_temps(self, paths: Iterable[UPath]) -> list[str]:
+        """Remove temporary files that killed writes of ``paths`` left behind; return them.
+
+        Only the temporary files of these files (and their sidecars) are looked at, and
+        one is removed only when no writer holds its lock and it is older than
+        :data:`STALE_TEMP_SECONDS`, so a write in progress is never touched.
+        """
+        removed: list[str] = []
+        if not is_local(self.root):
+            return removed  # object storage has no temporary files
+        for path in paths:
+            target = os.fspath(path.path)
+            for name in (target, target + SIDECAR_SUFFIX):
+                removed += remove_stale_temps_of(name)
+        return removed
 
     # -- bar files --------------------------------------------------------------------------
 
-    def write(self, frame: pd.DataFrame, path: UPath) -> int:
-        """Write ``frame`` atomically in this store's format; return the file size in bytes."""
+    def write(self, frame: pd.DataFrame, path: UPath, identity: FileIdentity | None = None) -> int:
+        """Write ``frame`` atomically in this store's format; return the file size in bytes.
+
+        ``identity`` goes into the Parquet footer, or (CSV) into the sidecar written next to
+        the file once it is complete; a CSV written without one loses any old sidecar.
+        """
         table = to_arrow(frame)
-        writer = _write_parquet if self.fmt == "parquet" else _write_csv
-        write_atomic(path, lambda f: writer(table, f))
+        pairs = identity.to_metadata() if identity is not None else {}
+        if pairs:
+            table = table.replace_schema_metadata(pairs)
+        hashed = _Hashing()  # the CSV's size and SHA-256, taken as it is written
+        if self.fmt == "parquet":
+            write_atomic(path, lambda f: _write_parquet(table, f))
+        else:
+            write_atomic(path, lambda f: _write_csv(table, hashed.wrap(f)))
         # Hand the writer's working memory back to the operating system now rather than
         # hold it for the rest of the run (see ARROW_DEFAULT_MEMORY_POOL in dbento_assets).
         pa.default_memory_pool().release_unused()
-        return path.stat().st_size
+        size = path.stat().st_size
+        if self.fmt == "csv":
+            sidecar = _sidecar(path)
+            if pairs:
+                note = {**pairs, "dbento.size_bytes": size, "dbento.sha256": hashed.hexdigest()}
+                text = json.dumps(note, indent=2, sort_keys=True) + "\n"
+                write_atomic(sidecar, lambda f: f.write(text.encode()))
+            else:
+                with _remote_errors(sidecar, "remove"), contextlib.suppress(FileNotFoundError):
+                    sidecar.unlink()
+        return size
+
+    def write_claimed(
+        self, frame: pd.DataFrame, path: UPath, identity: FileIdentity, source_name: str
+    ) -> int:
+        """Write a bar file into a root of ``identity.origin`` and mark the root with it.
+
+        The origin is checked before the write and recorded after it: a root is marked by
+        its first bar file, never by a run that failed before writing one.
+        """
+        self.check_origin(identity.origin, source_name)
+        size = self.write(frame, path, identity)
+        self.claim(identity.origin, source_name)
+        return size
 
     def read(self, path: UPath) -> pd.DataFrame:
         """Read a bar file written by :meth:`write` (format from the store)."""
+        return self.read_with_identity(path)[0]
+
+    def read_with_identity(self, path: UPath) -> tuple[pd.DataFrame, FileIdentity | None]:
+        """A bar file and the identity it carries (None for a file of older code).
+
+        Raises :class:`StorageError` naming the file when it is missing, unreadable, not
+        bar columns, or (CSV) does not match its sidecar any more.
+        """
         with _remote_errors(path, "read"):
             if not path.exists():
                 raise StorageError(f"{path} does not exist; materialize its upstream asset first")
+            text: dict[str, str] = {}
+            hashed = _Hashing()  # CSV: to compare the file with its sidecar
             with path.open("rb") as f:
-                table = pq.read_table(f) if self.fmt == "parquet" else _read_csv(f)
-        return from_arrow(table)
+                try:
+                    if self.fmt == "parquet":
+                        pairs = pq.read_metadata(f).metadata or {}
+                        f.seek(0)
+                        table = pq.read_table(f)
+                        text = {k.decode(): v.decode() for k, v in pairs.items()}
+                    else:
+                        source = hashed.wrap(f)
+                        table = _read_csv(source)
+                        source.read()  # the hash covers the whole file
+                except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
+                    raise UnfitFile(
+                        f"{path} is not a readable {self.fmt} bar file "
+                        f"({type(exc).__name__}: {_first_line(exc)})"
+                    ) from exc
+            note = self._sidecar_pairs(path, hashed) if self.fmt == "csv" else text
+        try:
+            frame = from_arrow(table)
+        except (KeyError, pa.ArrowException) as exc:
+            raise UnfitFile(
+                f"{path} holds the columns {', '.join(table.column_names)} "
+                f"({_first_line(exc)}), not the bar columns {', '.join(COLUMNS)}"
+            ) from exc
+        if note is None:
+            raise UnfitFile(
+                f"{path} was replaced after it was written (it no longer matches its "
+                f"identity note {_sidecar(path).name}) and holds {describe_bars(frame)}"
+            )
+        try:
+            identity = FileIdentity.from_metadata(note)
+        except ValueError as exc:
+            raise UnfitFile(f"{path} carries a broken identity: {exc}") from exc
+        return frame, identity
+
+    def _sidecar_pairs(self, path: UPath, read: _Hashing) -> dict[str, str] | None:
+        """The identity of a CSV file from its sidecar ({} when it has none, None when the
+        sidecar was written for another file)."""
+        sidecar = _sidecar(path)
+        if not sidecar.exists():
+            return {}
+        try:
+            note = json.loads(sidecar.read_text())
+            size, digest = int(note.pop("dbento.size_bytes")), str(note.pop("dbento.sha256"))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UnfitFile(f"{sidecar} is not a readable identity note ({exc})") from exc
+        if read.size != size or read.hexdigest() != digest:
+            return None
+        return {str(k): str(v) for k, v in note.items()}
+
+
+class UnfitFile(StorageError):
+    """A bar file that exists but is not usable: unreadable, not bar columns, a broken
+    identity, or a CSV that no longer matches its sidecar."""
+
+
+def check_local_folder(folder: str | os.PathLike[str], what: str, fix: str) -> None:
+    """Prove that files can be created in local ``folder`` without leaving anything behind.
+
+    A temporary file is created and removed in the folder, or in its nearest existing
+    parent while the folder does not exist yet (only real writes create folders). Raises
+    :class:`StorageError` as ``"<what> is not writable (...): <fix>."``.
+    """
+    existing = os.path.abspath(os.fspath(folder))
+    while not os.path.isdir(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing or os.path.exists(existing):
+            raise StorageError(f"{what} cannot be created: {existing} is not a folder; {fix}.")
+        existing = parent
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".dbento_write_check"):
+            pass
+    except OSError as exc:
+        raise StorageError(
+            f"{what} is not writable ({existing}: {exc.strerror or exc}): {fix}."
+        ) from exc
+
+
+def _refuse_other_origin(root: UPath, found: str | None, origin: str, source_name: str) -> None:
+    if found is not None and found != origin:
+        raise StorageError(
+            f"The data folder {root} holds {_origin_words(found)}, and "
+            f"DBENTO_SOURCE={source_name} would add {_origin_words(origin)}. A data "
+            "folder holds one kind only, so that synthetic bars can never be mistaken "
+            "for market data. Set DBENTO_DATA_DIR to another folder (for example "
+            f"./data-{source_name}) and run again."
+        )
+
+
+def _sidecar(path: UPath) -> UPath:
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+class _Hashing:
+    """The size and SHA-256 of the bytes that pass through the file objects it wraps."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._digest = hashlib.sha256()
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+    def wrap(self, f: BinaryIO) -> BinaryIO:
+        return _HashingFile(f, self)  # type: ignore[return-value]
+
+    def update(self, data: bytes | memoryview) -> None:
+        self.size += len(data)
+        self._digest.update(data)
+
+
+class _HashingFile(io.RawIOBase):
+    """``f`` for a reader or writer (pyarrow's CSV ones) that hashes what passes."""
+
+    def __init__(self, f: BinaryIO, hashing: _Hashing) -> None:
+        super().__init__()
+        self._f = f
+        self._hashing = hashing
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        n = self._f.readinto(buffer)  # type: ignore[attr-defined]
+        if n:
+            self._hashing.update(memoryview(buffer)[:n])
+        return n or 0
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        self._f.write(data)
+        self._hashing.update(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def identity_problem(
+    expected: FileIdentity, found: FileIdentity | None, frame: pd.DataFrame
+) -> str | None:
+    """What a bar file holds when it is not ``expected`` (``"NQ 1s bars of 2024-01 (...)"``),
+    or None when it is.
+
+    A file with an identity must match it in symbol, month, origin and timeframe (and
+    dataset when both name one), and its bars must be of that symbol. A file without an
+    identity (written before identities existed) is judged by its bars alone: one symbol,
+    the expected one, and bars in the month (its origin is that of the root it lies in).
+    Bars outside the month in a file of this month are for the raw rules to report.
+    """
+    if found is not None:
+        same = (
+            found.symbol == expected.symbol
+            and found.month == expected.month
+            and found.origin == expected.origin
+            and found.timeframe == expected.timeframe
+            and (not found.dataset or not expected.dataset or found.dataset == expected.dataset)
+        )
+        if not same:
+            return found.describe()
+    if frame.empty:
+        return None
+    symbols = pd.unique(frame["symbol"])
+    ts = frame["ts_event"]
+    ours = len(symbols) == 1 and symbols[0] == expected.symbol
+    # Without an identity the month is told by the bars: a file none of whose bars lies in
+    # the month is another month's. A few bars outside it are left to the raw rules
+    # (inside_month), which say how many and where.
+    if ours and (
+        found is not None or ((ts >= expected.month.start) & (ts < expected.month.end)).any()
+    ):
+        return None
+    return describe_bars(frame) + ("" if found is not None else " and no identity")
+
+
+def describe_bars(frame: pd.DataFrame) -> str:
+    """What a bar frame holds, from its bars: ``NQ bars from <first> to <last>``."""
+    if frame.empty:
+        return "no bars"
+    symbols = ", ".join(sorted(str(x) for x in pd.unique(frame["symbol"])))
+    first, last = frame["ts_event"].min(), frame["ts_event"].max()
+    return f"{symbols} bars from {first.isoformat()} to {last.isoformat()}"
 
 
 def write_atomic(path: UPath, write: Callable[[BinaryIO], object]) -> None:
@@ -168,6 +554,10 @@ def write_atomic(path: UPath, write: Callable[[BinaryIO], object]) -> None:
     tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "wb") as f:
+            # Held until the file is closed (or the process dies): a later run removes only
+            # temporary files that nobody holds, see remove_stale_temps_of.
+            if fcntl is not None:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -176,6 +566,39 @@ def write_atomic(path: UPath, write: Callable[[BinaryIO], object]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def remove_stale_temps_of(target: str) -> list[str]:
+    """Remove the temporary files :func:`write_atomic` left next to local file ``target``
+    when its writer was killed; return their paths.
+
+    One is removed only when it is older than :data:`STALE_TEMP_SECONDS` and no process
+    holds its lock (a writer holds it from creating the file to renaming it, and the
+    operating system drops it when the writer dies), so a write in progress is never hit.
+    """
+    folder, name = os.path.split(target)
+    pattern = re.compile(rf"^\.{re.escape(name)}\.[0-9a-f]{{32}}\.tmp$")
+    try:
+        candidates = [entry for entry in os.scandir(folder) if pattern.match(entry.name)]
+    except FileNotFoundError:
+        return []
+    removed: list[str] = []
+    now = time.time()
+    for entry in candidates:
+        try:
+            if now - entry.stat().st_mtime < STALE_TEMP_SECONDS:
+                continue
+            with open(entry.path, "rb") as f:
+                if fcntl is not None:
+                    try:
+                        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # a live writer holds it
+                os.remove(entry.path)
+                removed.append(entry.path)
+        except FileNotFoundError:
+            continue  # its writer finished (renamed it) or another run removed it
+    return removed
 
 
 def to_arrow(frame: pd.DataFrame) -> pa.Table:
@@ -245,20 +668,25 @@ _PARQUET_ROW_GROUP = 131_072
 
 
 def _write_parquet(table: pa.Table, f: BinaryIO) -> None:
-    pq.write_table(
-        _symbol_as_dictionary(table),
+    identity = table.schema.metadata or {}  # the file's identity, see BarStore.write
+    table = _symbol_as_dictionary(table.replace_schema_metadata(None))
+    with pq.ParquetWriter(
         f,
+        table.schema,
         compression="zstd",
         compression_level=1,
         use_dictionary=["symbol"],
         column_encoding=_PARQUET_ENCODINGS,
         write_statistics=_PARQUET_STATISTICS,
-        row_group_size=_PARQUET_ROW_GROUP,
         # Plain Parquet types only (no Arrow schema in the footer), so a reader sees a
         # string symbol, not the dictionary it was written from: pandas.read_parquet gives
-        # back exactly the bar dtypes.
+        # back exactly the bar dtypes. The identity goes in as plain key-value pairs, which
+        # every Parquet reader shows and none interprets.
         store_schema=False,
-    )
+    ) as writer:
+        writer.write_table(table, row_group_size=_PARQUET_ROW_GROUP)
+        if identity:
+            writer.add_key_value_metadata(dict(identity))
 
 
 def _symbol_as_dictionary(table: pa.Table) -> pa.Table:

@@ -1,0 +1,249 @@
+"""Bar files know what they are (issue 9, item 8): identity in the Parquet footer or a CSV
+sidecar, readable by plain tools, and the bars step refusing a raw file that is not its
+partition's (another symbol, month or origin; unreadable; other columns) in one sentence,
+with every aggregate file left byte for byte as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from dagster import AssetSelection, DagsterInstance, materialize
+
+from dbento_assets.assets import build_assets
+from dbento_assets.core.catalog import load_catalog
+from dbento_assets.core.months import Month
+from dbento_assets.core.storage import CODE_VERSION, BarStore, FileIdentity
+from dbento_assets.core.timeframes import parse_timeframe
+from dbento_assets.io_managers import BarFileIOManager
+from dbento_assets.resources import DatabentoResource
+
+JAN, FEB = Month(2024, 1), Month(2024, 2)
+ACTIVITY = 0.05
+BARS = ["bars_15s", "bars_30s", "bars_1min"]
+LABELS = ["15s", "30s", "1min"]
+
+
+def run(root: Path, partition: str, fmt: str = "parquet", selection: list[str] | None = None):
+    return materialize(
+        build_assets(load_catalog()),
+        selection=selection,
+        partition_key=partition,
+        resources={
+            "databento": DatabentoResource(
+                source="demo", data_dir=str(root), demo_activity=ACTIVITY
+            ),
+            "io_manager": BarFileIOManager(data_dir=str(root), fmt=fmt, source="demo"),
+        },
+        instance=DagsterInstance.ephemeral(),
+        raise_on_error=False,
+    )
+
+
+def failure_text(result) -> str:
+    texts = []
+    for event in result.all_events:
+        if event.is_step_failure:
+            error = event.step_failure_data.error
+            while error is not None:
+                texts.append(error.message)
+                error = error.cause
+    return "\n".join(texts)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def aggregate_digests(root: Path, fmt: str = "parquet") -> dict[str, str]:
+    store = BarStore.at(root, fmt)
+    paths = [Path(store.aggregated_path("ES", JAN, parse_timeframe(x)).path) for x in LABELS]
+    return {p.name: sha256(p) for p in paths}
+
+
+def raw_file(root: Path, symbol: str = "ES", month: Month = JAN, fmt: str = "parquet") -> Path:
+    return Path(BarStore.at(root, fmt).raw_path(symbol, month).path)
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory) -> dict[str, Path]:
+    """Demo roots holding ES and NQ of January and ES of February, in both formats."""
+    roots = {}
+    for fmt in ("parquet", "csv"):
+        root = tmp_path_factory.mktemp(f"demo-{fmt}")
+        for partition in ("2024-01-01|ES", "2024-01-01|NQ", "2024-02-01|ES"):
+            assert run(root, partition, fmt).success
+        roots[fmt] = root
+    return roots
+
+
+@pytest.fixture
+def es_root(demo_runs, tmp_path) -> Path:
+    """A fresh copy of the parquet demo root (tests overwrite its ES raw file)."""
+    root = tmp_path / "data"
+    shutil.copytree(demo_runs["parquet"], root)
+    return root
+
+
+def assert_refused(result, root: Path, before: dict[str, str], *words: str, fmt="parquet"):
+    assert not result.success
+    text = failure_text(result)
+    assert f"{raw_file(root, fmt=fmt)}" in text, text
+    assert "no file was changed" in text, text
+    for word in words:
+        assert word in text, text
+    assert aggregate_digests(root, fmt) == before  # nothing overwritten
+    assert not result.get_asset_materialization_events()
+
+
+def test_identity_is_in_the_footer_and_readable_by_pyarrow_and_duckdb(demo_runs):
+    root = demo_runs["parquet"]
+    raw = raw_file(root)
+    pairs = {k.decode(): v.decode() for k, v in pq.read_metadata(raw).metadata.items()}
+    assert pairs == {
+        "dbento.symbol": "ES",
+        "dbento.month": "2024-01",
+        "dbento.window_start": "2024-01-01T00:00:00+00:00",
+        "dbento.window_end": "2024-02-01T00:00:00+00:00",
+        "dbento.origin": "synthetic",
+        "dbento.timeframe": "1s",
+        "dbento.dataset": "GLBX.MDP3",
+        "dbento.version": CODE_VERSION,
+    }
+    bars_15s = root / "aggregated" / "15s" / "ES_2024_01_15s.parquet"
+    rows = duckdb.sql(
+        f"SELECT decode(key), decode(value) FROM parquet_kv_metadata('{bars_15s}')"
+    ).fetchall()
+    found = dict(rows)
+    assert found["dbento.timeframe"] == "15s" and found["dbento.symbol"] == "ES"
+    assert found["dbento.origin"] == "synthetic" and found["dbento.month"] == "2024-01"
+    # and the data still reads as plain bars with DuckDB
+    count = duckdb.sql(f"SELECT count(*) FROM read_parquet('{raw}')").fetchall()[0][0]
+    assert count == pq.read_metadata(raw).num_rows > 0
+
+
+def test_csv_sidecar_matches_its_file(demo_runs):
+    root = demo_runs["csv"]
+    raw = raw_file(root, fmt="csv")
+    note = pd.read_json(raw.with_name(raw.name + ".json"), typ="series")
+    assert note["dbento.symbol"] == "ES" and note["dbento.origin"] == "synthetic"
+    assert note["dbento.sha256"] == sha256(raw)
+    assert int(note["dbento.size_bytes"]) == raw.stat().st_size
+    _, identity = BarStore.at(root, "csv").read_with_identity(
+        BarStore.at(root, "csv").raw_path("ES", JAN)
+    )
+    assert identity == FileIdentity("ES", JAN, "synthetic", "1s", "GLBX.MDP3")
+
+
+def test_nq_raw_file_over_es_is_refused_in_one_sentence(es_root):
+    before = aggregate_digests(es_root)
+    shutil.copyfile(raw_file(es_root, "NQ"), raw_file(es_root))
+    result = run(es_root, "2024-01-01|ES", selection=BARS)
+    assert_refused(result, es_root, before, "holds NQ 1s bars of 2024-01", "not the ES 1s bars")
+
+
+def test_another_months_raw_file_is_refused(es_root):
+    before = aggregate_digests(es_root)
+    shutil.copyfile(raw_file(es_root, "ES", FEB), raw_file(es_root))
+    result = run(es_root, "2024-01-01|ES", selection=BARS)
+    assert_refused(result, es_root, before, "holds ES 1s bars of 2024-02")
+
+
+def test_a_raw_file_of_the_other_origin_is_refused(es_root, tmp_path):
+    # The same month of ES, but written as real Databento data in another folder.
+    before = aggregate_digests(es_root)
+    store = BarStore.at(es_root)
+    frame = store.read(store.raw_path("ES", JAN))
+    real = BarStore.at(tmp_path / "real")
+    real_path = real.raw_path("ES", JAN)
+    real.write(frame, real_path, FileIdentity("ES", JAN, "databento", "1s", "GLBX.MDP3"))
+    shutil.copyfile(real_path.path, raw_file(es_root))
+    result = run(es_root, "2024-01-01|ES", selection=BARS)
+    assert_refused(result, es_root, before, "real Databento market data", "SYNTHETIC")
+
+
+def test_csv_mode_refuses_a_foreign_file_with_or_without_its_sidecar(demo_runs, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(demo_runs["csv"], root)
+    before = aggregate_digests(root, "csv")
+    es, nq = raw_file(root, fmt="csv"), raw_file(root, "NQ", fmt="csv")
+    # The file alone: the ES sidecar left behind no longer matches it.
+    shutil.copyfile(nq, es)
+    result = run(root, "2024-01-01|ES", fmt="csv", selection=BARS)
+    assert_refused(
+        result, root, before, "no longer matches its identity note", "holds NQ bars", fmt="csv"
+    )
+    # The file with its sidecar: it says what it holds.
+    shutil.copyfile(nq.with_name(nq.name + ".json"), es.with_name(es.name + ".json"))
+    result = run(root, "2024-01-01|ES", fmt="csv", selection=BARS)
+    assert_refused(result, root, before, "holds NQ 1s bars of 2024-01", fmt="csv")
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        ("garbage", "is not a readable parquet bar file"),
+        ("columns", "holds the columns ts_event, price"),
+    ],
+)
+def test_unreadable_or_other_columns_are_refused(es_root, damage, words):
+    before = aggregate_digests(es_root)
+    raw = raw_file(es_root)
+    if damage == "garbage":
+        raw.write_bytes(b"PAR1 this is not parquet at all")
+    else:
+        table = pa.table({"ts_event": pa.array([0], pa.timestamp("ns", tz="UTC")), "price": [1.0]})
+        pq.write_table(table, raw)
+    result = run(es_root, "2024-01-01|ES", selection=BARS)
+    assert_refused(result, es_root, before, words)
+
+
+def test_files_of_older_code_are_judged_by_their_bars(es_root):
+    # Written without identity (as before identities existed): ES bars of January are
+    # accepted, NQ bars are refused as what they hold.
+    store = BarStore.at(es_root)
+    es = store.read(store.raw_path("ES", JAN))
+    nq = store.read(store.raw_path("NQ", JAN))
+    store.write(es, store.raw_path("ES", JAN))
+    assert pq.read_metadata(raw_file(es_root)).metadata is None
+    assert run(es_root, "2024-01-01|ES", selection=BARS).success
+    before = aggregate_digests(es_root)
+    store.write(nq, store.raw_path("ES", JAN))
+    result = run(es_root, "2024-01-01|ES", selection=BARS)
+    assert_refused(result, es_root, before, "holds NQ bars from 2024-01-", "and no identity")
+    feb = store.read(store.raw_path("ES", FEB))
+    store.write(feb, store.raw_path("ES", JAN))  # another month, told by its bars
+    result = run(es_root, "2024-01-01|ES", selection=BARS)
+    assert_refused(result, es_root, before, "holds ES bars from 2024-02-", "and no identity")
+
+
+def test_checking_a_foreign_bars_file_on_disk_is_refused(es_root):
+    # Only the checks of bars_15s selected: they run on the file on disk, which must be
+    # ES's 15s bars of January, not NQ's copied over it.
+    store = BarStore.at(es_root)
+    tf = parse_timeframe("15s")
+    es_15s = Path(store.aggregated_path("ES", JAN, tf).path)
+    shutil.copyfile(store.aggregated_path("NQ", JAN, tf).path, es_15s)
+    digest = sha256(es_15s)
+    result = materialize(
+        build_assets(load_catalog()),
+        selection=AssetSelection.checks_for_assets("bars_15s"),
+        # a run of checks alone, as the UI launches it (no partitions definition to infer)
+        tags={"dagster/partition": "2024-01-01|ES"},
+        resources={
+            "databento": DatabentoResource(source="demo", data_dir=str(es_root)),
+            "io_manager": BarFileIOManager(data_dir=str(es_root), source="demo"),
+        },
+        instance=DagsterInstance.ephemeral(),
+        raise_on_error=False,
+    )
+    assert not result.success
+    text = failure_text(result)
+    assert f"The bars_15s file {es_15s} holds NQ 15s bars of 2024-01" in text, text
+    assert sha256(es_15s) == digest
