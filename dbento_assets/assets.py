@@ -46,7 +46,6 @@ from dbento_assets.checks import (
     SAVED,
     bars_asset_name,
     check_specs,
-    dbn_coverage,
     evaluation_of,
     load_vendor_1m,
     not_saved,
@@ -62,6 +61,7 @@ from dbento_assets.checks import (
 )
 from dbento_assets.core.aggregate import aggregate_many
 from dbento_assets.core.catalog import Catalog, Instrument
+from dbento_assets.core.coverage import require_whole_month
 from dbento_assets.core.dbn import decode_month
 from dbento_assets.core.source import FetchRequest, origin_of
 from dbento_assets.core.storage import BarStore
@@ -122,6 +122,8 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
         source = databento.month_source(catalog.path)
         fetched = source.fetch(request, context.log.info)
         decoded = decode_month(fetched.payloads, symbol, month, fetched.instrument_ids)
+        # A month that is not whole (empty, cut short, announced partial) is never stored.
+        covered = require_whole_month(fetched, decoded, instrument, month, source.name)
         bars = decoded.bars
         results = run_raw_rules(bars, month, instrument)
         failed = [r for r in results if r.blocking]
@@ -129,7 +131,6 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
             yield from selected_results(context, RAW_KEY, results, REFUSED)
             raise refusal(not_saved(RAW_ASSET, partition, failed), failed)
         rolls = sorted({int(i) for i in bars["instrument_id"].unique()}) if len(bars) else []
-        covered = dbn_coverage(fetched.payloads, month, "ohlcv-1s")
         vendor = prefetch_vendor_1m(databento, source, request, context.log.info)
         yield Output(
             bars,

@@ -166,6 +166,17 @@ def dbn_cache_path(data_root: Path | str, symbol: str, month: Month, schema: str
     return Path(data_root) / "dbn" / symbol / f"{symbol}_{month.tag}{cache_suffix(schema)}"
 
 
+def _announced(metadata: dict[str, Any]) -> dict[str, Any]:
+    """What a download (or its sidecar, on a cache hit) says the month must hold: its first
+    instant when the dataset starts mid-month, and the record count Databento announced."""
+    start = metadata.get("request_start") if metadata.get("partial_month") else None
+    count = metadata.get("record_count")
+    return {
+        "available_from_ns": None if start is None else pd.Timestamp(start).value,
+        "announced_records": int(count) if isinstance(count, int) else None,
+    }
+
+
 def sidecar_path(cache_file: Path) -> Path:
     """The JSON note written next to a cache file (what the download cost, when)."""
     return cache_file.with_name(cache_file.name + SIDECAR_SUFFIX)
@@ -238,7 +249,8 @@ class DatabentoSource:
         final = self.cache_path(inst.symbol, month, schema)
         if final.is_file() and not request.force:
             log(f"DBN cache hit for {what}: {final} (no Databento request)")
-            return FetchedMonth(payloads=[final], metadata=self._cache_hit_metadata(final))
+            hit = self._cache_hit_metadata(final)
+            return FetchedMonth(payloads=[final], metadata=hit, **_announced(hit))
         if request.force and final.is_file():
             log(f"force: re-downloading {what}; {final} is kept until then")
         availability = self._availability(
@@ -318,7 +330,7 @@ class DatabentoSource:
         if window.partial_reason:
             metadata["partial_month_reason"] = window.partial_reason
         self._write_sidecar(final, metadata)
-        return FetchedMonth(payloads=[final], metadata=metadata)
+        return FetchedMonth(payloads=[final], metadata=metadata, **_announced(metadata))
 
     def estimate(self, instrument: Instrument, month: Month, schema: str = SCHEMA) -> CostEstimate:
         """Price one partition without downloading it (free calls only; cached: no call)."""
