@@ -99,12 +99,14 @@ def _truncation_is_an_error(payload: DbnPayload) -> Iterator[None]:
             raise TruncatedDbn(f"{_describe(payload)} is truncated: {warning}") from None
 
 
-def open_store(payload: DbnPayload, schema: str = "ohlcv-1s") -> databento.DBNStore:
-    """Open one DBN payload (bytes or a file path, zstd or not) and check its schema.
+def open_store(payload: DbnPayload, schema: str | None = "ohlcv-1s") -> databento.DBNStore:
+    """Open one DBN payload (bytes or a file path, zstd or not) and check its schema
+    (``None``: any schema, to read the metadata header of any DBN file).
 
     Only the metadata header is read here; :func:`verified_chunks` reads the records.
     """
-    _rtype(schema)
+    if schema is not None:
+        _rtype(schema)
     try:
         with _truncation_is_an_error(payload):
             # BytesIO, not the bytes themselves: from_bytes(bytes) keeps repr(payload) as the
@@ -119,7 +121,7 @@ def open_store(payload: DbnPayload, schema: str = "ohlcv-1s") -> databento.DBNSt
     except Exception as exc:  # the client raises several types for unreadable input
         raise DbnError(f"cannot read DBN from {_describe(payload)}: {exc}") from exc
     found = store.schema
-    if found is not None and str(found) != schema:
+    if schema is not None and found is not None and str(found) != schema:
         raise DbnError(f"{_describe(payload)} holds schema {found}, expected {schema}")
     return store
 
