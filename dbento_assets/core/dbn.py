@@ -8,11 +8,11 @@ metadata header; the records are read by :func:`verified_chunks`, one pass that 
 payload whole: a zstd frame left open, a cut metadata header or a partial last record raise
 :class:`TruncatedDbn` naming the file (the client itself only warns, or, for a zstd stream cut
 between records, says nothing, and a month would be stored short). :func:`check_dbn_file` adds
-the window check for downloads.
-:func:`encode_ohlcv` (ohlcv-1s by default) writes DBN of an OHLCV
-schema for the demo generator, the DBN-files source's filtered files and the test gateway: the
-metadata header comes from ``databento_dbn.Metadata.encode()`` and the records from a numpy
-array laid out exactly as ``databento_dbn.OHLCVMsg`` (56 bytes each; a test proves the layout).
+the window check for downloads. :func:`encode_ohlcv` (ohlcv-1s by default) writes DBN of an
+OHLCV schema for the demo generator, the DBN-files source's filtered files and the test
+gateway: the metadata header comes from ``databento_dbn.Metadata.encode()`` and the records
+from a numpy array laid out exactly as ``databento_dbn.OHLCVMsg`` (56 bytes each; a test
+proves the layout).
 """
 
 from __future__ import annotations
@@ -256,7 +256,8 @@ def decode_month(
     given. Prices become float64 by one exact division of the int64 fixed-point value.
     Records are decoded chunk by chunk straight into the output columns, which grow in
     place, so the peak memory is about one month of bars plus one chunk, never the records
-    and the bars side by side nor the columns twice.
+    and the bars side by side nor the columns twice. A payload that is cut short raises
+    :class:`TruncatedDbn` naming it: a partial file is never decoded into a month.
     """
     # One bar per second is the most one instrument can have in the window; more
     # instruments (a roll, a DBN file of several) grow the columns beyond it.
