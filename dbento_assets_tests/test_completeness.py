@@ -18,6 +18,7 @@ from pathlib import Path
 
 import databento_dbn
 import numpy as np
+import pandas as pd
 import pytest
 import zstandard
 from dagster import DagsterInstance
@@ -39,7 +40,10 @@ from dbento_assets.core.months import Month
 from dbento_assets.core.source import FetchRequest
 from dbento_assets.core.storage import BarStore
 from dbento_assets.resources import DatabentoResource
+from dbento_assets_tests.gateway import gateway_fixture  # noqa: F401
 from dbento_assets_tests.test_checks_dagster import failure_message, run
+from dbento_assets_tests.test_databento_source import fetch as fetch_databento
+from dbento_assets_tests.test_databento_source import make_source
 
 SAMPLES = Path(__file__).parent / "fixtures" / "databento"
 SAMPLE = SAMPLES / "GLBX.MDP3" / "test_data.ohlcv-1s.dbn.zst"
@@ -321,3 +325,24 @@ def test_an_empty_dbn_month_fails_through_dagster_and_stores_nothing(tmp_path):
     assert not result.success
     assert f"ES 2024-01 ('ES.v.0', GLBX.MDP3, source dbn) {EMPTY}" in failure_message(result)
     assert not BarStore.at(root).raw_path("ES", JAN).exists()
+
+
+# --------------------------------------------------------------------------- the Databento source
+
+
+def test_a_databento_month_is_whole_from_the_datasets_start_fresh_and_from_the_cache(
+    gateway, tmp_path
+):
+    # EQUS.MINI starts on 2023-03-28 at the gateway: March is whole from there, and the
+    # sidecar of the cached file tells the gate so on a cache hit, with the announced count.
+    qqq, march = CATALOG.instrument("QQQ"), Month(2023, 3)
+    start = pd.Timestamp("2023-03-28", tz="UTC").value
+    for expected in ("miss", "hit"):
+        fetched, _ = fetch_databento(make_source(gateway, tmp_path), qqq, march)
+        assert fetched.metadata["dbn_cache"] == expected
+        assert fetched.available_from_ns == start
+        assert fetched.announced_records == fetched.metadata["record_count"] > 0
+        decoded = decode_month(fetched.payloads, "QQQ", march, fetched.instrument_ids)
+        covered = require_whole_month(fetched, decoded, qqq, march, "databento")
+        assert covered == [(start, march.end_ns)]
+    assert gateway.count("timeseries.get_range") == 1
