@@ -215,6 +215,55 @@ def test_a_folder_missing_the_last_day_of_the_month_fails(tmp_path, es_month_fil
     assert "[2024-01-31T00:00:00+00:00, 2024-02-01T00:00:00+00:00)" in str(info.value)
 
 
+def day_split_folder(tmp_path: Path, month_file: Path, skip: set[int]) -> Path:
+    """The month file split by UTC day, as the batch portal splits it, leaving out the days
+    of the month in ``skip``."""
+    records, _ = read_records(month_file)
+    folder = tmp_path / "days"
+    folder.mkdir()
+    mappings = symbology_mappings(ES, demo_contract_schedule(ES, JAN))
+    for day in range(1, 32):
+        if day in skip:
+            continue
+        start = JAN.start_ns + (day - 1) * 86_400 * NS
+        end = start + 86_400 * NS
+        ts = records["ts_event"]
+        (folder / f"glbx-mdp3-202401{day:02d}.ohlcv-1s.dbn.zst").write_bytes(
+            encode_ohlcv(
+                records[(ts >= start) & (ts < end)],
+                dataset=ES.dataset,
+                symbols=[ES.request_symbol],
+                stype_in=ES.stype_in,
+                start_ns=start,
+                end_ns=end,
+                mappings=mappings,
+            )
+        )
+    return folder
+
+
+def gate(folder: Path):
+    source = DbnFilesSource(folder)
+    fetched = source.fetch(FetchRequest(ES, JAN), lambda _m: None)
+    decoded = decode_month(fetched.payloads, "ES", JAN, fetched.instrument_ids)
+    return require_whole_month(fetched, decoded, ES, JAN, source.name), decoded
+
+
+def test_a_day_split_folder_may_lack_the_days_without_a_session(tmp_path, es_month_file):
+    # CME Globex has no session on a Saturday (UTC): a batch split by day may ship no file.
+    saturdays = {6, 13, 20, 27}
+    covered, decoded = gate(day_split_folder(tmp_path, es_month_file, saturdays))
+    assert len(covered) == 5  # the month minus its four Saturdays
+    whole = decode_month([es_month_file], "ES", JAN)
+    assert len(decoded.bars) == len(whole.bars)
+
+
+def test_a_day_split_folder_lacking_a_trading_day_fails(tmp_path, es_month_file):
+    # 2024-01-07 is a Sunday: Globex opens that evening, so its file is needed.
+    with pytest.raises(IncompleteMonth, match=r"\[2024-01-07T00:00:00\+00:00, 2024-01-08"):
+        gate(day_split_folder(tmp_path, es_month_file, {6, 7}))
+
+
 def test_a_request_cut_short_by_its_limit_is_not_a_whole_month():
     qqq = CATALOG.instrument("QQQ")
     month = Month(2023, 3)
@@ -222,8 +271,13 @@ def test_a_request_cut_short_by_its_limit_is_not_a_whole_month():
     source = DbnFilesSource(folder)
     fetched = source.fetch(FetchRequest(qqq, month), lambda _m: None)
     decoded = decode_month(fetched.payloads, "QQQ", month, fetched.instrument_ids)
-    with pytest.raises(IncompleteMonth, match="2023-03-28T11:11:22"):
+    # The sample holds the first 4 records of 2023-03-28 (limit=4): it covers 00:00 to its
+    # last record, 11:11:22, so the rest of that Tuesday and every later session is missing.
+    with pytest.raises(IncompleteMonth, match="is not whole") as info:
         require_whole_month(fetched, decoded, qqq, month, source.name)
+    assert "[2023-03-01T00:00:00+00:00, 2023-03-04T00:00:00+00:00)" in str(info.value)
+    last = pd.Timestamp("2023-03-28 11:11:22", tz="UTC").value
+    assert info.value.gaps[-1] == (last, month.end_ns)
 
 
 def test_missing_windows():

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from dbento_assets.core.catalog import Instrument
+from dbento_assets.core.catalog import Instrument, calendar_for
 from dbento_assets.core.dbn import DbnError, DbnPayload, DecodedMonth, open_store, read_records
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import FetchedMonth, SourceError
+from dbento_assets.core.validation import days_without_session
 
 Window = tuple[int, int]  # [start_ns, end_ns) in UTC nanoseconds
 MINUTE_NS = 60 * 1_000_000_000
@@ -33,6 +34,10 @@ UNDEFINED_END = 2**63 - 1  # an end at or above this is DBN's "undefined"
 
 class IncompleteMonth(SourceError):
     """A month whose data is not whole: it is never stored."""
+
+    def __init__(self, message: str, gaps: Sequence[Window] = ()) -> None:
+        super().__init__(message)
+        self.gaps = list(gaps)  # the uncovered windows, when that is what is wrong
 
 
 @dataclass
@@ -162,13 +167,20 @@ def require_whole_month(
     covered = dbn_coverage(fetched.payloads, month, "ohlcv-1s")
     start = max(month.start_ns, fetched.available_from_ns or month.start_ns)
     gaps = missing_windows((start, month.end_ns), covered)
+    calendar = calendar_for(instrument)
+    if gaps and calendar is not None:
+        # A batch split by day may ship no file for a day without trading (a weekend, a
+        # holiday): such whole days are no hole. Any other gap is.
+        closed = days_without_session(calendar, month)
+        gaps = [part for gap in gaps for part in missing_windows(gap, closed)]
     if gaps:
         shown = ", ".join(f"[{_utc(a)}, {_utc(b)})" for a, b in gaps[:3])
         more = f" and {len(gaps) - 3} more" if len(gaps) > 3 else ""
         raise IncompleteMonth(
             f"{what} is not whole: its DBN headers leave {shown}{more} of the month "
             "uncovered, so a stored month would silently miss bars; add the files (or "
-            "download) covering the whole month. Nothing was stored."
+            "download) covering the whole month. Nothing was stored.",
+            gaps,
         )
     return covered
 

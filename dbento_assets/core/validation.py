@@ -1007,6 +1007,12 @@ def _month_sessions(calendar: str, year: int, month_number: int) -> pd.DataFrame
     month = Month(year, month_number)
     first = month.start.tz_localize(None)
     last = month.end.tz_localize(None) - pd.Timedelta(days=1)
+    schedule = _sessions(calendar, first, last)
+    return schedule.set_axis(schedule.index.strftime("%Y-%m-%d"), axis=0)
+
+
+def _sessions(calendar: str, first: pd.Timestamp, last: pd.Timestamp) -> pd.DataFrame:
+    """The sessions labelled ``first`` to ``last`` (naive dates), with UTC open and close."""
     try:
         with warnings.catch_warnings():
             # exchange_calendars reads Series.values, which pandas 3.1 flags as deprecated.
@@ -1016,8 +1022,28 @@ def _month_sessions(calendar: str, year: int, month_number: int) -> pd.DataFrame
                 cal = _bounded_calendar(calendar, first, last)
     except xcals.errors.InvalidCalendarName:
         raise ValueError(f"{calendar!r} is not an exchange_calendars calendar name") from None
-    schedule = cal.schedule.loc[first:last, ["open", "close"]]
-    return schedule.set_axis(schedule.index.strftime("%Y-%m-%d"), axis=0)
+    return cal.schedule.loc[first:last, ["open", "close"]]
+
+
+def days_without_session(calendar: str, month: Month) -> list[tuple[int, int]]:
+    """The whole UTC days of ``month`` that no session of ``calendar`` touches, as windows.
+
+    A session touches every UTC day from its open to its close (a CME session labelled
+    Monday touches Sunday and Monday), so the days left are weekends and holidays where
+    nothing can trade; extended hours around a regular session are on touched days.
+    """
+    week = pd.Timedelta(days=7)  # sessions of the neighbouring months can reach into this one
+    schedule = _sessions(
+        calendar, month.start.tz_localize(None) - week, month.end.tz_localize(None) + week
+    )
+    day = 86_400 * 1_000_000_000
+    opens = schedule["open"].array.as_unit("ns").asi8 // day
+    closes = (schedule["close"].array.as_unit("ns").asi8 - 1) // day
+    spans = [np.arange(o, c + 1) for o, c in zip(opens, closes, strict=True)]
+    touched = np.unique(np.concatenate(spans)) if spans else np.empty(0, dtype=np.int64)
+    days = np.arange(month.start_ns // day, month.end_ns // day)
+    free = days[~np.isin(days, touched)]
+    return [(int(d) * day, (int(d) + 1) * day) for d in free]
 
 
 @functools.lru_cache(maxsize=8)
