@@ -7,8 +7,9 @@ month; a request cut short by its ``limit`` reaches only its last record), and
 vendor cross-check compares only minutes both the 1-second and the 1-minute data fully cover.
 :func:`require_whole_month` is the completeness gate every source's month passes before it is
 stored: at least one record, DBN headers covering the whole month (or from the dataset's first
-instant when it starts mid-month), no header announcing the symbol partial or not found, and
-as many records as the server announced.
+instant when it starts mid-month; days without a session of the venue's calendar excepted), no
+header announcing the symbol partial or not found, and as many records as the server
+announced.
 :class:`VendorMonth` is what the sources hand the cross-check: the vendor's ohlcv-1m bars of
 one instrument-month, the windows they cover and where they came from.
 """
@@ -136,8 +137,9 @@ def require_whole_month(
     source: a wrong symbol or dataset, or a vendor gap), when a DBN header lists the request
     symbol as ``partial`` or ``not_found``, when the headers leave part of the month uncovered
     (a request cut short by its ``limit`` covers only up to its last record; a month in which
-    the dataset starts needs covering from there), or when the payloads hold another number of
-    records than the server announced.
+    the dataset starts needs covering from there; whole UTC days on which the instrument's
+    exchange calendar has no session may be missing), or when the payloads hold another
+    number of records than the server announced.
     """
     what = (
         f"{instrument.symbol} {month} ({instrument.request_symbol!r}, {instrument.dataset}, "
