@@ -75,6 +75,7 @@ CHUNK_RECORDS = 65_536  # records decoded at a time (3.5 MiB), so a month is nev
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _DBN_MAGIC = b"DBN"
 _READ_CHUNK = 1 << 16  # compressed bytes per read: bounds the decompressed chunk
+_PLAIN_READ = 1 << 22  # bytes per read of uncompressed DBN (about one decoding chunk)
 _RECORD_SIZE = OHLCV_RECORD_DTYPE.itemsize
 _CHECK_CHUNK_RECORDS = 4_096  # records per chunk when a file is only checked, not decoded
 
@@ -203,7 +204,7 @@ def _decompressed(payload: DbnPayload) -> Iterator[bytes]:
         head = handle.read(4)
         handle.seek(0)
         if head != _ZSTD_MAGIC:
-            while chunk := handle.read(_READ_CHUNK * 64):
+            while chunk := handle.read(_PLAIN_READ):
                 yield chunk
             return
         decoder = zstandard.ZstdDecompressor().decompressobj()
