@@ -46,7 +46,6 @@ from dbento_assets.checks import (
     SAVED,
     bars_asset_name,
     check_specs,
-    dbn_coverage,
     evaluation_of,
     load_vendor_1m,
     not_saved,
@@ -63,6 +62,7 @@ from dbento_assets.checks import (
 )
 from dbento_assets.core.aggregate import aggregate_many
 from dbento_assets.core.catalog import Catalog, Instrument
+from dbento_assets.core.coverage import IncompleteMonth, Window, require_whole_month
 from dbento_assets.core.databento_api import DatabentoSource
 from dbento_assets.core.dbn import DecodedMonth, decode_month
 from dbento_assets.core.preflight import preflight
@@ -130,10 +130,15 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
         request = FetchRequest(instrument, month, force=force_requested(context, config))
         source = databento.month_source(catalog.path)
 
-        def accept(fetched: FetchedMonth) -> tuple[DecodedMonth, list[RuleResult]]:
+        def accept(fetched: FetchedMonth) -> tuple[DecodedMonth, list[RuleResult], list[Window]]:
             # Runs on a download before it enters the DBN cache (or on a cached file before
-            # it is used): data failing a blocking rule is refused, never cached or stored.
+            # it is used): a month that is not whole, or fails a blocking rule, is refused,
+            # never cached or stored.
             decoded = decode_month(fetched.payloads, symbol, month, fetched.instrument_ids)
+            try:
+                covered = require_whole_month(fetched, decoded, instrument, month, source.name)
+            except IncompleteMonth as exc:
+                raise DownloadRefused(str(exc), rules=["complete_month"]) from None
             results = run_raw_rules(decoded.bars, month, instrument)
             failed = [r for r in results if r.blocking]
             if failed:
@@ -142,10 +147,12 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
                     rules=[r.rule for r in failed],
                     results=results,
                 )
-            return decoded, results
+            return decoded, results, covered
 
         try:
-            fetched, (decoded, results) = fetch_accepted(source, request, context.log.info, accept)
+            fetched, (decoded, results, covered) = fetch_accepted(
+                source, request, context.log.info, accept
+            )
         except DownloadRefused as exc:
             if exc.results is None:  # refused by the file check: no rule results to show
                 raise
@@ -154,7 +161,6 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
             raise refusal(str(exc), failed) from None
         bars = decoded.bars
         rolls = sorted({int(i) for i in bars["instrument_id"].unique()}) if len(bars) else []
-        covered = dbn_coverage(fetched.payloads, month, "ohlcv-1s")
         vendor = prefetch_vendor_1m(databento, source, request, context.log.info)
         yield Output(
             bars,

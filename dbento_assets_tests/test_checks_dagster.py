@@ -52,7 +52,7 @@ from dbento_assets.checks import (
 from dbento_assets.core import validation as v
 from dbento_assets.core.aggregate import aggregate_bars
 from dbento_assets.core.catalog import Catalog, load_catalog
-from dbento_assets.core.dbn import decode_month, encode_month, read_records
+from dbento_assets.core.dbn import decode_month, encode_month, encode_ohlcv, read_records
 from dbento_assets.core.demo import DemoSource
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import FetchedMonth, FetchRequest, Logger
@@ -266,6 +266,20 @@ def second_contract_in_a_second(records: np.ndarray) -> np.ndarray:
     return np.insert(records, k + 1, twin)
 
 
+def half_second_bar(records: np.ndarray) -> np.ndarray:
+    # A bar at hh:mm:ss.5 (like 05:29:37.5): still before the next bar, so only the grid breaks.
+    k = middle(records)
+    assert records[k + 1]["ts_event"] - records[k]["ts_event"] >= 1_000_000_000
+    records[k]["ts_event"] += 500_000_000
+    return records
+
+
+def last_nanosecond_bar(records: np.ndarray) -> np.ndarray:
+    # The month's last bar moved to 23:59:59.999999999: inside the month, off the grid.
+    records[-1]["ts_event"] = JAN.end_ns - 1
+    return records
+
+
 # --------------------------------------------------------------------------- specs
 
 
@@ -352,6 +366,20 @@ RAW_CASES = {
         v.RULE_NO_ROLL_IN_BAR,
         1,
         "1 second with bars of two different contracts at once",
+    ),
+    "bar at half a second": (
+        half_second_bar,
+        (),
+        v.RULE_ALIGNED,
+        1,
+        "1 bar not starting on a 1s boundary.",
+    ),
+    "bar at the month's last nanosecond": (
+        last_nanosecond_bar,
+        (),
+        v.RULE_ALIGNED,
+        1,
+        "1 bar not starting on a 1s boundary.",
     ),
 }
 
@@ -535,12 +563,43 @@ def qqq_catalog(tmp_path: Path) -> Catalog:
     return load_catalog(path)
 
 
+def widened(path: Path, schema: str, start_ns: int, end_ns: int, before_ns: int) -> bytes:
+    """A real sample file's records before ``before_ns`` under a header spanning
+    ``[start_ns, end_ns)``, its symbology kept, as a .dbn.zst file's bytes."""
+    records, meta = read_records(path, schema)
+    return encode_ohlcv(
+        records[records["ts_event"] < before_ns],
+        dataset=str(meta.dataset),
+        symbols=[str(s) for s in meta.symbols],
+        stype_in=str(meta.stype_in),
+        start_ns=start_ns,
+        end_ns=end_ns,
+        mappings={raw: [dict(iv) for iv in intervals] for raw, intervals in meta.mappings.items()},
+        schema=schema,
+    )
+
+
 def dbn_folder(tmp_path: Path, with_1m: bool = True) -> Path:
+    """Databento's real QQQ sample as a whole month: a stored month must be whole, and the
+    sample is the first 4 records of 2023-03-28 (a request cut by its ``limit``). Its 1s
+    records are unchanged under a header spanning March; its 1m file keeps the bars and
+    the reach (to 11:11:22) the 1s sample really covers."""
     folder = tmp_path / "dbn"
     folder.mkdir()
-    shutil.copy(SAMPLES / "test_data.ohlcv-1s.dbn.zst", folder)
+    day = pd.Timestamp("2023-03-28", tz="UTC").value
+    reach = pd.Timestamp("2023-03-28 11:11:22", tz="UTC").value
+    name = "test_data.ohlcv-{}.dbn.zst"
+    one_s = widened(
+        SAMPLES / name.format("1s"),
+        "ohlcv-1s",
+        QQQ_MONTH.start_ns,
+        QQQ_MONTH.end_ns,
+        QQQ_MONTH.end_ns,
+    )
+    (folder / name.format("1s")).write_bytes(one_s)
     if with_1m:
-        shutil.copy(SAMPLES / "test_data.ohlcv-1m.dbn.zst", folder)
+        one_m = widened(SAMPLES / name.format("1m"), "ohlcv-1m", day, reach, reach)
+        (folder / name.format("1m")).write_bytes(one_m)
     return folder
 
 
@@ -678,8 +737,9 @@ def test_the_raw_gate_runs_the_blocking_raw_rules_only() -> None:
     ]
     assert names == [r for r in v.RAW_RULES if r != v.RULE_CALENDAR]
     assert [r.rule for r in raw_gate(bars, JAN, CATALOG.instrument("ES"))] == [v.RULE_TIME_ORDER]
-    with pytest.raises(ValueError, match="not raw rules: aligned_to_timeframe"):
-        v.run_raw_rules(bars, JAN, CATALOG.instrument("ES"), rules=[v.RULE_ALIGNED])
+    assert v.RULE_ALIGNED in names  # raw bars on the whole-second grid block the data
+    with pytest.raises(ValueError, match="not raw rules: reconciles_with_raw"):
+        v.run_raw_rules(bars, JAN, CATALOG.instrument("ES"), rules=[v.RULE_RECONCILED])
 
 
 def encode_bytes(records: np.ndarray) -> bytes:

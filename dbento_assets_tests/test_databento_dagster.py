@@ -51,7 +51,7 @@ from dbento_assets_tests.gateway import (
     TEST_KEY,
     gateway_fixture,  # noqa: F401
 )
-from dbento_assets_tests.test_checks_dagster import left_unevaluated
+from dbento_assets_tests.test_checks_dagster import dbn_folder, left_unevaluated
 
 RAW = AssetKey("raw_1s_bars")
 BARS_1MIN = AssetKey("bars_1min")
@@ -59,7 +59,6 @@ VENDOR_CHECK = AssetCheckKey(BARS_1MIN, RULE_VENDOR)
 PASSED = AssetCheckExecutionRecordStatus.SUCCEEDED
 FAILED = AssetCheckExecutionRecordStatus.FAILED
 JAN = Month(2024, 1)
-SAMPLES = Path(__file__).parent / "fixtures" / "databento"
 SETTINGS = (
     "DATABENTO_API_KEY",
     "DBENTO_SOURCE",
@@ -591,7 +590,8 @@ def test_downloads_share_the_databento_pool(gateway, env, home, limit):
 def test_dbn_source_run_matches_the_vendor_1min_bars(clean_env, instance, tmp_path, monkeypatch):
     data = tmp_path / "data"
     monkeypatch.setenv("DBENTO_SOURCE", "dbn")
-    monkeypatch.setenv("DBENTO_DBN_DIR", str(SAMPLES))
+    # The real QQQ sample as a whole month (a stored month must be whole; see dbn_folder).
+    monkeypatch.setenv("DBENTO_DBN_DIR", str(dbn_folder(tmp_path)))
     monkeypatch.setenv("DBENTO_DATA_DIR", str(data))
     march = Month(2023, 3)
     result = run(

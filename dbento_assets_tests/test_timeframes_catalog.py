@@ -115,6 +115,14 @@ GOOD_ES = (
             "missing tick",
         ),
         ('start_month="2024-01"\ntimeframes=["1min"\n', "not valid TOML"),
+        (
+            'start_month="2024-01"\ntimeframes=["1min"]\n' + GOOD_ES + 'calendar="ICE_EUROPE"\n',
+            "calendar 'ICE_EUROPE' is not an exchange_calendars name",
+        ),
+        (
+            'start_month="2024-01"\ntimeframes=["1min"]\n' + GOOD_ES + "calendar=3\n",
+            "calendar must be a calendar name",
+        ),
     ],
 )
 def test_bad_catalog_is_reported_with_file_and_entry(tmp_path, body, message):
@@ -129,3 +137,69 @@ def test_catalog_override_by_env(tmp_path, monkeypatch):
     monkeypatch.setenv("DBENTO_CATALOG", str(path))
     cat = load_catalog()
     assert cat.path == path and cat.symbols == ["ES"] and cat.start_month == Month(2023, 6)
+
+
+VENUES = """start_month = "2024-01"
+timeframes = ["1min"]
+[instruments.ES]
+dataset = "GLBX.MDP3"
+symbol = "ES.v.0"
+stype_in = "continuous"
+tick = 0.25
+kind = "future"
+[instruments.BRN]
+dataset = "IFEU.IMPACT"
+symbol = "BRN FMH0024!"
+stype_in = "raw_symbol"
+tick = 0.01
+kind = "future"
+[instruments.BRNL]
+dataset = "IFEU.IMPACT"
+symbol = "BRN FMH0024!"
+stype_in = "raw_symbol"
+tick = 0.01
+kind = "future"
+calendar = "XLON"
+[instruments.TFM]
+dataset = "NDEX.IMPACT"
+symbol = "TFM FMH0024!"
+stype_in = "raw_symbol"
+tick = 0.005
+kind = "future"
+[instruments.KC]
+dataset = "IFUS.IMPACT"
+symbol = "KC FMH0024!"
+stype_in = "raw_symbol"
+tick = 0.05
+kind = "future"
+[instruments.FDAX]
+dataset = "XEUR.EOBI"
+symbol = "FDAX"
+stype_in = "parent"
+tick = 0.5
+kind = "future"
+[instruments.SPYX]
+dataset = "XNAS.ITCH"
+symbol = "SPY"
+stype_in = "raw_symbol"
+tick = 0.01
+kind = "equity"
+calendar = "none"
+"""
+
+
+def test_calendar_per_venue_from_the_catalog_or_the_dataset(tmp_path):
+    from dbento_assets.core.catalog import calendar_for
+
+    catalog = load_catalog(_write(tmp_path, VENUES))
+    found = {symbol: calendar_for(catalog.instrument(symbol)) for symbol in catalog.symbols}
+    assert found == {
+        "ES": "CMES",  # CME Globex, as before
+        "BRN": None,  # ICE Futures Europe: exchange_calendars has no calendar for it
+        "BRNL": "XLON",  # ... unless the entry names one
+        "TFM": None,  # ICE Endex: none fits
+        "KC": "IEPA",  # ICE Futures US
+        "FDAX": "XEUR",  # Eurex, not CME
+        "SPYX": None,  # switched off by the entry
+    }
+    assert catalog.instrument("BRNL").calendar == "XLON"

@@ -9,6 +9,7 @@ The vendor cross-check runs on Databento's real EQUS.MINI QQQ sample files.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Callable
 from functools import cache
@@ -196,6 +197,22 @@ def _before_month(f: pd.DataFrame) -> pd.DataFrame:
     return _set(f, 0, ts_event=MARCH.start - pd.Timedelta(seconds=1))
 
 
+def _bar_at(f: pd.DataFrame, ns: int) -> pd.DataFrame:
+    """A copy of the bar before ``ns`` inserted at ``ns``, in time order."""
+    position = int(np.searchsorted(f["ts_event"].array.asi8, ns)) - 1
+    row = f.iloc[[position]].copy()
+    row["ts_event"] = pd.to_datetime([ns], unit="ns", utc=True)
+    return insert_row(f, position, row)
+
+
+def _half_second_bar(f: pd.DataFrame) -> pd.DataFrame:
+    return _bar_at(f, utc_ns("2024-03-12T05:29:37.500"))
+
+
+def _last_nanosecond_bar(f: pd.DataFrame) -> pd.DataFrame:
+    return _bar_at(f, MARCH.end_ns - 1)  # 2024-03-31 23:59:59.999999999
+
+
 def _two_contracts_one_second(f: pd.DataFrame) -> pd.DataFrame:
     other = f.iloc[[500]].copy()
     other["instrument_id"] = other["instrument_id"] + 1
@@ -271,6 +288,13 @@ RAW_CASES: dict[str, tuple[Callable[[pd.DataFrame], pd.DataFrame], str, int, str
         v.RULE_NO_ROLL_IN_BAR,
         1,
         "1 second with bars of two different contracts",
+    ),
+    "bar at 05:29:37.5": (_half_second_bar, v.RULE_ALIGNED, 1, "1 bar not starting on a 1s"),
+    "bar at 23:59:59.999999999": (
+        _last_nanosecond_bar,
+        v.RULE_ALIGNED,
+        1,
+        "1 bar not starting on a 1s boundary",
     ),
     "session without bars": (
         _session_removed,
@@ -578,9 +602,26 @@ def test_calendar_lists_every_missing_session_and_skips_sessions_after_asof() ->
     assert v.check_calendar(early, JANUARY, "XNYS", asof=asof).passed
 
 
-def test_calendar_names_follow_the_instrument_kind() -> None:
+def test_off_grid_raw_bars_are_refused_by_the_timeframe_alignment_rule() -> None:
+    frame = _last_nanosecond_bar(_half_second_bar(raw_es()))
+    result = v.check_alignment(frame, v.ONE_SECOND)
+    assert result.blocking and result.violations == 2
+    assert [str(t) for t in result.sample["ts_event"]] == [
+        "2024-03-12 05:29:37.500000+00:00",
+        "2024-03-31 23:59:59.999999999+00:00",
+    ]
+    assert list(result.sample["past_boundary"]) == [
+        pd.Timedelta(milliseconds=500),
+        pd.Timedelta(nanoseconds=999_999_999),
+    ]
+    assert v.RULE_ALIGNED in v.RAW_BLOCKING_RULES
+
+
+def test_calendar_names_follow_the_venue() -> None:
     assert v.calendar_name(ES) == "CMES"
     assert v.calendar_name(QQQ) == "XNYS"
+    eurex = dataclasses.replace(ES, symbol="FDAX", dataset="XEUR.EOBI")
+    assert v.calendar_name(eurex) == "XEUR"  # a future, but not on CME
     with pytest.raises(ValueError, match="not an exchange_calendars calendar"):
         v.check_calendar(raw_es(), MARCH, "NOPE")
 
@@ -685,3 +726,23 @@ def test_sample_markdown_is_a_small_table_with_a_count_of_what_is_not_shown() ->
     assert len([x for x in lines if x.startswith("| ")]) == 1 + v.SAMPLE_ROWS
     assert lines[-1] == "(first 10 of 50)"
     assert v.frame_markdown(pd.DataFrame({"a|b": ["x|y"]})) == "| a\\|b |\n|---|\n| x\\|y |"
+
+
+@pytest.mark.parametrize("dataset", ["IFEU.IMPACT", "NDEX.IMPACT"])
+def test_calendar_is_skipped_and_says_why_when_no_calendar_fits_the_venue(dataset: str) -> None:
+    venue = dataclasses.replace(ES, symbol="BRN", dataset=dataset)
+    results = by_rule(v.run_raw_rules(raw_es(), MARCH, venue))
+    calendar = results[v.RULE_CALENDAR]
+    # Not a silent pass: a (non-blocking) warning that names the reason.
+    assert not calendar.passed and not calendar.blocking and calendar.severity == v.WARN
+    assert calendar.extra["skipped"] is True and calendar.violations == 0
+    assert f"no exchange calendar fits dataset {dataset}" in calendar.description
+    assert "calendar =" in calendar.description and "[instruments.BRN]" in calendar.description
+    assert failing(list(results.values())) == {v.RULE_CALENDAR}
+
+
+def test_a_calendar_named_in_the_catalog_is_the_one_checked() -> None:
+    london = dataclasses.replace(ES, symbol="BRN", dataset="IFEU.IMPACT", calendar="XLON")
+    result = by_rule(v.run_raw_rules(every_ten_minutes(MARCH), MARCH, london))[v.RULE_CALENDAR]
+    assert result.passed and result.extra["calendar"] == "XLON"
+    assert "XLON trading sessions of 2024-03" in result.description

@@ -5,6 +5,11 @@ file named by ``DBENTO_CATALOG``). It maps a user symbol such as ``ES`` to its D
 dataset, request symbol and ``stype_in``, and holds the list of bar timeframes and the first
 month of the partitions. Loading validates everything up front so that a typo is reported
 with the file name and the offending entry rather than as a failed download later.
+
+Each instrument may name its trading calendar (``calendar``, an ``exchange_calendars`` name
+such as ``CMES`` or ``XNYS``, or ``none``); without one, :func:`calendar_for` picks the
+dataset's default from :data:`DATASET_CALENDARS`. A venue with no fitting calendar (ICE
+Futures Europe, ICE Endex) gets none, and the calendar check says it was skipped and why.
 """
 
 from __future__ import annotations
@@ -23,6 +28,59 @@ DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "catalog.toml"
 STYPES = ("continuous", "raw_symbol", "parent", "instrument_id")
 KINDS = ("future", "equity")
 _SYMBOL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+NO_CALENDAR = "none"  # `calendar = "none"` in the catalog: no trading-calendar check
+_US_EQUITIES = "XNYS"  # US equity and equity-option venues follow the NYSE's days and hours
+# Default calendar by Databento dataset (names as in databento's Dataset list), only where
+# exchange_calendars models the venue. None for IFEU.IMPACT and IFLL.IMPACT (ICE Futures
+# Europe: London hours and UK holidays, while exchange_calendars' "ICE" is ICE US),
+# NDEX.IMPACT (ICE Endex), XOSE.ITCH (Osaka derivatives), OCEA.MEMOIR (overnight ATS) and
+# the index feeds: their months get no calendar check, and the check says so.
+DATASET_CALENDARS: dict[str, str] = {
+    "GLBX.MDP3": "CMES",  # CME Globex
+    "IFUS.IMPACT": "IEPA",  # ICE Futures US
+    "XCBF.PITCH": "XCBF",  # Cboe Futures Exchange
+    "XEUR.EOBI": "XEUR",  # Eurex
+    "XEEE.EOBI": "XEEE",  # European Energy Exchange
+    "XTKS.FLEX": "XTKS",  # Tokyo Stock Exchange
+    **dict.fromkeys(
+        (
+            "ARCX.PILLAR",
+            "BATS.PITCH",
+            "BATY.PITCH",
+            "DBEQ.BASIC",
+            "EDGA.PITCH",
+            "EDGX.PITCH",
+            "EPRL.DOM",
+            "EQUS.ALL",
+            "EQUS.MINI",
+            "EQUS.PLUS",
+            "EQUS.SIP",
+            "EQUS.SUMMARY",
+            "FINN.NLS",
+            "FINY.TRADES",
+            "IEXG.TOPS",
+            "MEMX.MEMOIR",
+            "OPRA.PILLAR",
+            "XASE.PILLAR",
+            "XBOS.ITCH",
+            "XCHI.PILLAR",
+            "XCIS.BBO",
+            "XCIS.PILLAR",
+            "XCIS.TRADES",
+            "XCIS.TRADESBBO",
+            "XNAS.BASIC",
+            "XNAS.ITCH",
+            "XNAS.NLS",
+            "XNAS.QBBO",
+            "XNYS.BBO",
+            "XNYS.PILLAR",
+            "XNYS.TRADES",
+            "XNYS.TRADESBBO",
+            "XPSX.ITCH",
+        ),
+        _US_EQUITIES,
+    ),
+}
 
 
 class CatalogError(ValueError):
@@ -39,6 +97,7 @@ class Instrument:
     stype_in: str
     tick: float
     kind: str
+    calendar: str | None = None  # as written in the catalog; None: the dataset's default
 
 
 @dataclass(frozen=True)
@@ -62,6 +121,22 @@ class Catalog:
                 f"symbol {symbol!r} is not in the catalog {self.path}; known symbols: "
                 f"{', '.join(self.instruments)}"
             ) from None
+
+
+def calendar_for(instrument: Instrument) -> str | None:
+    """The exchange calendar of an instrument: its own, else its dataset's, else None."""
+    name = instrument.calendar or DATASET_CALENDARS.get(instrument.dataset)
+    return None if name is None or name.lower() == NO_CALENDAR else name
+
+
+def no_calendar_reason(instrument: Instrument) -> str:
+    """Why :func:`calendar_for` gives no calendar, in words for the check's description."""
+    if instrument.calendar and instrument.calendar.lower() == NO_CALENDAR:
+        return f'the catalog entry of {instrument.symbol} says calendar = "none"'
+    return (
+        f"no exchange calendar fits dataset {instrument.dataset}; set calendar = "
+        f'"<exchange_calendars name>" in [instruments.{instrument.symbol}] to check sessions'
+    )
 
 
 def catalog_path() -> Path:
@@ -117,6 +192,9 @@ def _instrument(symbol: str, spec: Any, file: Path) -> Instrument:
     tick = spec["tick"]
     if not isinstance(tick, int | float) or not tick > 0:
         raise CatalogError(f"{where}: tick must be a positive number, got {tick!r}")
+    calendar = spec.get("calendar")
+    if calendar is not None:
+        _check_calendar(calendar, where)
     return Instrument(
         symbol=symbol,
         dataset=str(spec["dataset"]),
@@ -124,4 +202,21 @@ def _instrument(symbol: str, spec: Any, file: Path) -> Instrument:
         stype_in=str(spec["stype_in"]),
         tick=float(tick),
         kind=str(spec["kind"]),
+        calendar=None if calendar is None else str(calendar),
     )
+
+
+def _check_calendar(calendar: Any, where: str) -> None:
+    """Refuse a ``calendar`` that exchange_calendars does not know (its names or aliases)."""
+    import exchange_calendars  # here: loading the calendars library only when it is needed
+
+    if not isinstance(calendar, str) or not calendar.strip():
+        raise CatalogError(f"{where}: calendar must be a calendar name, got {calendar!r}")
+    if calendar.lower() == NO_CALENDAR:
+        return
+    known = exchange_calendars.get_calendar_names(include_aliases=True)
+    if calendar not in known:
+        raise CatalogError(
+            f"{where}: calendar {calendar!r} is not an exchange_calendars name; use one of "
+            f'{", ".join(sorted(known))}, or "none" to skip the calendar check'
+        )

@@ -5,6 +5,11 @@ DBN payloads cover from their metadata headers (a request's start and end, clipp
 month; a request cut short by its ``limit`` reaches only its last record), and
 :func:`merge_windows`, :func:`intersect_windows` and :func:`whole_minutes` combine them, so the
 vendor cross-check compares only minutes both the 1-second and the 1-minute data fully cover.
+:func:`require_whole_month` is the completeness gate every source's month passes before it is
+stored: at least one record, DBN headers covering the whole month (or from the dataset's first
+instant when it starts mid-month; days without a session of the venue's calendar excepted), no
+header announcing the symbol partial or not found, and as many records as the server
+announced.
 :class:`VendorMonth` is what the sources hand the cross-check: the vendor's ohlcv-1m bars of
 one instrument-month, the windows they cover and where they came from.
 """
@@ -17,12 +22,23 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from dbento_assets.core.dbn import DbnError, DbnPayload, open_store, read_records
+from dbento_assets.core.catalog import Instrument, calendar_for
+from dbento_assets.core.dbn import DbnError, DbnPayload, DecodedMonth, open_store, read_records
 from dbento_assets.core.months import Month
+from dbento_assets.core.source import FetchedMonth, SourceError
+from dbento_assets.core.validation import days_without_session
 
 Window = tuple[int, int]  # [start_ns, end_ns) in UTC nanoseconds
 MINUTE_NS = 60 * 1_000_000_000
 UNDEFINED_END = 2**63 - 1  # an end at or above this is DBN's "undefined"
+
+
+class IncompleteMonth(SourceError):
+    """A month whose data is not whole: it is never stored."""
+
+    def __init__(self, message: str, gaps: Sequence[Window] = ()) -> None:
+        super().__init__(message)
+        self.gaps = list(gaps)  # the uncovered windows, when that is what is wrong
 
 
 @dataclass
@@ -92,3 +108,88 @@ def whole_minutes(windows: Sequence[Window]) -> pd.DatetimeIndex:
     ]
     ns = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
     return pd.DatetimeIndex(pd.to_datetime(ns, unit="ns", utc=True))
+
+
+def missing_windows(required: Window, covered: Sequence[Window]) -> list[Window]:
+    """The parts of ``required`` that no covered window reaches."""
+    gaps, at = [], required[0]
+    for start, end in merge_windows(covered):
+        if start > at:
+            gaps.append((at, min(start, required[1])))
+        at = max(at, end)
+        if at >= required[1]:
+            break
+    if at < required[1]:
+        gaps.append((at, required[1]))
+    return [g for g in gaps if g[0] < g[1]]
+
+
+def require_whole_month(
+    fetched: FetchedMonth,
+    decoded: DecodedMonth,
+    instrument: Instrument,
+    month: Month,
+    source: str,
+) -> list[Window]:
+    """Refuse a month that is not whole; return the windows its DBN headers cover.
+
+    Raises :class:`IncompleteMonth` with one sentence when the month has no record (in every
+    source: a wrong symbol or dataset, or a vendor gap), when a DBN header lists the request
+    symbol as ``partial`` or ``not_found``, when the headers leave part of the month uncovered
+    (a request cut short by its ``limit`` covers only up to its last record; a month in which
+    the dataset starts needs covering from there; whole UTC days on which the instrument's
+    exchange calendar has no session may be missing), or when the payloads hold another
+    number of records than the server announced.
+    """
+    what = (
+        f"{instrument.symbol} {month} ({instrument.request_symbol!r}, {instrument.dataset}, "
+        f"source {source})"
+    )
+    if decoded.records_read == 0 or len(decoded.bars) == 0:
+        raise IncompleteMonth(
+            f"{what} holds no ohlcv-1s record in the month, and an empty month fails: check "
+            f"the [instruments.{instrument.symbol}] entry of the catalog (symbol, stype_in, "
+            "dataset) and the data; nothing was stored."
+        )
+    for payload in fetched.payloads:
+        meta = open_store(payload).metadata
+        for field_name in ("partial", "not_found"):
+            listed = {str(s) for s in getattr(meta, field_name, None) or []}
+            if instrument.request_symbol in listed:
+                raise IncompleteMonth(
+                    f"{what}: the DBN header of {_name(payload)} lists "
+                    f"{instrument.request_symbol!r} as {field_name.replace('_', ' ')}, so its "
+                    "data is not whole; nothing was stored."
+                )
+    if fetched.announced_records is not None and decoded.records_read != fetched.announced_records:
+        raise IncompleteMonth(
+            f"{what}: the data holds {decoded.records_read:,} records where "
+            f"{fetched.announced_records:,} were announced; nothing was stored."
+        )
+    covered = dbn_coverage(fetched.payloads, month, "ohlcv-1s")
+    start = max(month.start_ns, fetched.available_from_ns or month.start_ns)
+    gaps = missing_windows((start, month.end_ns), covered)
+    calendar = calendar_for(instrument)
+    if gaps and calendar is not None:
+        # A batch split by day may ship no file for a day without trading (a weekend, a
+        # holiday): such whole days are no hole. Any other gap is.
+        closed = days_without_session(calendar, month)
+        gaps = [part for gap in gaps for part in missing_windows(gap, closed)]
+    if gaps:
+        shown = ", ".join(f"[{_utc(a)}, {_utc(b)})" for a, b in gaps[:3])
+        more = f" and {len(gaps) - 3} more" if len(gaps) > 3 else ""
+        raise IncompleteMonth(
+            f"{what} is not whole: its DBN headers leave {shown}{more} of the month "
+            "uncovered, so a stored month would silently miss bars; add the files (or "
+            "download) covering the whole month. Nothing was stored.",
+            gaps,
+        )
+    return covered
+
+
+def _utc(ns: int) -> str:
+    return pd.Timestamp(ns, tz="UTC").isoformat()
+
+
+def _name(payload: DbnPayload) -> str:
+    return "a filtered DBN payload" if isinstance(payload, bytes | bytearray) else str(payload)

@@ -183,6 +183,17 @@ def dbn_cache_path(data_root: Path | str, symbol: str, month: Month, schema: str
     return DbnCache(data_root).entry(symbol, month, schema).path
 
 
+def _announced(metadata: dict[str, Any]) -> dict[str, Any]:
+    """What a download (or its sidecar, on a cache hit) says the month must hold: its first
+    instant when the dataset starts mid-month, and the record count Databento announced."""
+    start = metadata.get("request_start") if metadata.get("partial_month") else None
+    count = metadata.get("record_count")
+    return {
+        "available_from_ns": None if start is None else pd.Timestamp(start).value,
+        "announced_records": int(count) if isinstance(count, int) else None,
+    }
+
+
 def manifest_path(cache_file: Path) -> Path:
     """The manifest written next to a cache file (see :mod:`dbento_assets.core.dbn_cache`)."""
     return cache_file.with_name(cache_file.name + MANIFEST_SUFFIX)
@@ -275,9 +286,8 @@ class DatabentoSource:
         with self.cache.lock(entry, log):
             if entry.path.is_file() and not request.force:
                 manifest = self.cache.verify(entry, log)
-                fetched = FetchedMonth(
-                    payloads=[entry.path], metadata=self._cache_hit_metadata(manifest)
-                )
+                hit = self._cache_hit_metadata(manifest)
+                fetched = FetchedMonth(payloads=[entry.path], metadata=hit, **_announced(hit))
                 log(f"DBN cache hit for {entry}: {entry.path} (no Databento request)")
                 try:
                     return fetched, accept(fetched)
@@ -378,7 +388,9 @@ class DatabentoSource:
             if window.partial_reason:
                 metadata["partial_month_reason"] = window.partial_reason
             try:
-                accepted = accept(FetchedMonth(payloads=[part], metadata=metadata))
+                accepted = accept(
+                    FetchedMonth(payloads=[part], metadata=metadata, **_announced(metadata))
+                )
             except DownloadRefused as exc:
                 self._refuse(entry, part, exc, cached=False)
                 raise
@@ -391,7 +403,10 @@ class DatabentoSource:
         log(
             f"stored {entry.path} ({check.records:,} records, {metadata['dbn_file_bytes']:,} bytes)"
         )
-        return FetchedMonth(payloads=[entry.path], metadata=metadata), accepted
+        return (
+            FetchedMonth(payloads=[entry.path], metadata=metadata, **_announced(metadata)),
+            accepted,
+        )
 
     def _refuse(self, entry: CacheEntry, data: Path, exc: DownloadRefused, *, cached: bool) -> None:
         """Quarantine refused data and say where it went (on ``exc.outcome``); remember the

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import databento
 import numpy as np
 import pandas as pd
 
@@ -41,7 +40,14 @@ from dbento_assets.core.coverage import (
     intersect_windows,
     merge_windows,
 )
-from dbento_assets.core.dbn import DbnError, DbnPayload, decode_month, encode_ohlcv, read_records
+from dbento_assets.core.dbn import (
+    DbnError,
+    DbnPayload,
+    decode_month,
+    encode_ohlcv,
+    open_store,
+    read_records,
+)
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import FetchedMonth, FetchRequest, Logger, SourceError
 
@@ -252,9 +258,8 @@ class DbnFilesSource:
 
 def _read_info(path: Path) -> DbnFileInfo:
     try:
-        store = databento.DBNStore.from_file(path)
-        meta = store.metadata
-    except Exception as exc:  # the client raises several types for unreadable input
+        meta = open_store(path, schema=None).metadata  # the header only, any schema
+    except DbnError as exc:
         raise SourceError(f"cannot read the DBN file {path}: {exc}") from None
     mappings: dict[str, list[tuple[dt.date, dt.date, str]]] = {}
     for raw, intervals in (meta.mappings or {}).items():

@@ -64,6 +64,12 @@ class FetchedMonth:
     payloads: list[DbnPayload]
     instrument_ids: frozenset[int] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    # The dataset's first instant when it starts inside the month (Databento says so): the
+    # payloads then need to cover the month only from there. None: the whole month.
+    available_from_ns: int | None = None
+    # How many records the payloads hold, when the server announced it (Databento's
+    # metadata.get_record_count); None when nobody announced a count (DBN files do not).
+    announced_records: int | None = None
 
 
 class MonthSource(Protocol):

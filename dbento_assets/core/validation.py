@@ -6,10 +6,11 @@ informs), how many violations, one plain-English line for a non-technical reader
 violating rows as a small table and rule-specific facts (roll dates, missing sessions, ...)
 in ``extra`` as plain JSON-friendly values. The rules are: the schema (columns, dtypes, no
 nulls, finite prices > 0, integer volume >= 0, UTC timestamps), strictly increasing timestamps,
-OHLC consistency, bars inside the partition's month, alignment of aggregated bars to their
-timeframe, reconciliation of an aggregated frame against the raw 1s frame, no roll inside a
-bar (with the month's roll dates), trading-calendar completeness (WARN) and the cross-check
-of ``bars_1min`` against Databento's own ohlcv-1m. :func:`run_raw_rules` and
+OHLC consistency, bars inside the partition's month, alignment of every bar to its timeframe
+(raw bars: the whole second), reconciliation of an aggregated frame against the raw 1s frame,
+no roll inside a bar (with the month's roll dates), trading-calendar completeness (WARN, on
+the instrument's own exchange calendar, skipped with a WARN saying why when none fits) and the
+cross-check of ``bars_1min`` against Databento's own ohlcv-1m. :func:`run_raw_rules` and
 :func:`run_aggregated_rules` run them all. Nothing loops over rows in Python: each rule is a
 few numpy passes (plus Pandera's own column checks), so a 1.2M-row month takes well under a
 second. This module imports no Dagster; the asset checks wrap it.
@@ -31,7 +32,7 @@ from pandera.typing import Series
 
 from dbento_assets.core.aggregate import aggregate_bars
 from dbento_assets.core.bars import PRICE_COLUMNS
-from dbento_assets.core.catalog import Instrument
+from dbento_assets.core.catalog import Instrument, calendar_for, no_calendar_reason
 from dbento_assets.core.months import Month
 from dbento_assets.core.timeframes import Timeframe
 
@@ -77,6 +78,7 @@ RAW_RULES: tuple[str, ...] = (
     RULE_TIME_ORDER,
     RULE_OHLC,
     RULE_IN_MONTH,
+    RULE_ALIGNED,  # on the 1-second grid: a raw bar opens on a whole second
     RULE_NO_ROLL_IN_BAR,
     RULE_CALENDAR,
 )
@@ -93,6 +95,7 @@ AGGREGATED_RULES: tuple[str, ...] = (
 RAW_BLOCKING_RULES: tuple[str, ...] = tuple(r for r in RAW_RULES if RULE_SEVERITY[r] == ERROR)
 """The raw rules whose failure stops the data (every raw rule except calendar completeness)."""
 
+ONE_SECOND = Timeframe(1)  # the raw bars' own timeframe, for the alignment rule
 SAMPLE_ROWS = 10  # rows kept in RuleResult.sample
 LISTED = 50  # entries kept in a list inside RuleResult.extra (roll events, sessions)
 VALUE_COLUMNS: tuple[str, ...] = (*PRICE_COLUMNS, "volume")
@@ -975,9 +978,27 @@ def check_vendor(
 # --------------------------------------------------------------------------- trading calendar
 
 
-def calendar_name(instrument: Instrument) -> str:
-    """The exchange calendar an instrument trades on: CME Globex for futures, NYSE otherwise."""
-    return "CMES" if instrument.kind == "future" else "XNYS"
+def calendar_name(instrument: Instrument) -> str | None:
+    """The exchange calendar an instrument trades on (catalog entry, else its dataset's
+    default, see :func:`~dbento_assets.core.catalog.calendar_for`), or None."""
+    return calendar_for(instrument)
+
+
+def calendar_skipped(instrument: Instrument, month: Month) -> RuleResult:
+    """Calendar completeness when no calendar fits the venue: a WARN that says so and why.
+
+    Not a pass: nothing was checked, and the UI must not show it green.
+    """
+    reason = no_calendar_reason(instrument)
+    return RuleResult(
+        rule=RULE_CALENDAR,
+        passed=False,
+        severity=RULE_SEVERITY[RULE_CALENDAR],
+        violations=0,
+        description=f"Not checked: the trading sessions of {month} were not checked, because "
+        f"{reason}.",
+        extra={"skipped": True, "skipped_because": reason, "calendar": None},
+    )
 
 
 @functools.lru_cache(maxsize=32)
@@ -986,6 +1007,12 @@ def _month_sessions(calendar: str, year: int, month_number: int) -> pd.DataFrame
     month = Month(year, month_number)
     first = month.start.tz_localize(None)
     last = month.end.tz_localize(None) - pd.Timedelta(days=1)
+    schedule = _sessions(calendar, first, last)
+    return schedule.set_axis(schedule.index.strftime("%Y-%m-%d"), axis=0)
+
+
+def _sessions(calendar: str, first: pd.Timestamp, last: pd.Timestamp) -> pd.DataFrame:
+    """The sessions labelled ``first`` to ``last`` (naive dates), with UTC open and close."""
     try:
         with warnings.catch_warnings():
             # exchange_calendars reads Series.values, which pandas 3.1 flags as deprecated.
@@ -995,8 +1022,28 @@ def _month_sessions(calendar: str, year: int, month_number: int) -> pd.DataFrame
                 cal = _bounded_calendar(calendar, first, last)
     except xcals.errors.InvalidCalendarName:
         raise ValueError(f"{calendar!r} is not an exchange_calendars calendar name") from None
-    schedule = cal.schedule.loc[first:last, ["open", "close"]]
-    return schedule.set_axis(schedule.index.strftime("%Y-%m-%d"), axis=0)
+    return cal.schedule.loc[first:last, ["open", "close"]]
+
+
+def days_without_session(calendar: str, month: Month) -> list[tuple[int, int]]:
+    """The whole UTC days of ``month`` that no session of ``calendar`` touches, as windows.
+
+    A session touches every UTC day from its open to its close (a CME session labelled
+    Monday touches Sunday and Monday), so the days left are weekends and holidays where
+    nothing can trade; extended hours around a regular session are on touched days.
+    """
+    week = pd.Timedelta(days=7)  # sessions of the neighbouring months can reach into this one
+    schedule = _sessions(
+        calendar, month.start.tz_localize(None) - week, month.end.tz_localize(None) + week
+    )
+    day = 86_400 * 1_000_000_000
+    opens = schedule["open"].array.as_unit("ns").asi8 // day
+    closes = (schedule["close"].array.as_unit("ns").asi8 - 1) // day
+    spans = [np.arange(o, c + 1) for o, c in zip(opens, closes, strict=True)]
+    touched = np.unique(np.concatenate(spans)) if spans else np.empty(0, dtype=np.int64)
+    days = np.arange(month.start_ns // day, month.end_ns // day)
+    free = days[~np.isin(days, touched)]
+    return [(int(d) * day, (int(d) + 1) * day) for d in free]
 
 
 @functools.lru_cache(maxsize=8)
@@ -1081,8 +1128,13 @@ def run_raw_rules(
         RULE_TIME_ORDER: lambda: check_time_order(raw),
         RULE_OHLC: lambda: check_ohlc(raw),
         RULE_IN_MONTH: lambda: check_inside_month(raw, month),
+        RULE_ALIGNED: lambda: check_alignment(raw, ONE_SECOND),
         RULE_NO_ROLL_IN_BAR: lambda: check_rolls(raw),
-        RULE_CALENDAR: lambda: check_calendar(raw, month, calendar_name(instrument), asof=asof),
+        RULE_CALENDAR: lambda: (
+            calendar_skipped(instrument, month)
+            if (calendar := calendar_name(instrument)) is None
+            else check_calendar(raw, month, calendar, asof=asof)
+        ),
     }
     return [runners[name]() for name in RAW_RULES if name in wanted]
 
