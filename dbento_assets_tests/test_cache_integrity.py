@@ -442,3 +442,23 @@ def test_manifest_names_what_was_bought(gateway, tmp_path):
         manifest["cost_usd"],
         manifest["billable_size_bytes"] / 2**30 * gateway.price_per_gb,
     )
+
+
+def test_an_unusable_download_is_quarantined_and_remembered(gateway, tmp_path):
+    def outside_the_window(query: Query):
+        records, mappings = gateway._demo_provider(query)  # the fake's data, plus one bar more
+        extra = records[-1:].copy()
+        extra["ts_event"] = query.end_ns  # the first instant after the requested window
+        return np.concatenate([records, extra]), mappings
+
+    gateway.provider = outside_the_window
+    with pytest.raises(SourceError, match="outside the requested window") as info:
+        source_for(gateway, tmp_path).fetch(FetchRequest(CATALOG_ES, JAN), lambda _l: None)
+    (moved,) = quarantined(tmp_path)
+    assert str(moved) in str(info.value) and gateway.count(GET_RANGE) == 1  # not retried
+    assert not DbnCache(tmp_path).entry("ES", JAN, "ohlcv-1s").path.exists()
+
+    with pytest.raises(SourceError, match="was refused") as again:
+        source_for(gateway, tmp_path).fetch(FetchRequest(CATALOG_ES, JAN), lambda _l: None)
+    assert "the DBN file check" in str(again.value) and "dbento/force=true" in str(again.value)
+    assert gateway.count(GET_RANGE) == 1 and gateway.count("metadata.get_cost") == 1

@@ -59,7 +59,6 @@ from dbento_assets.core.dbn import (
 )
 from dbento_assets.core.dbn_cache import (
     FORCE_HINT,
-    MANIFEST_SUFFIX,
     CacheEntry,
     DbnCache,
     LocalIOError,
@@ -167,15 +166,6 @@ def _rtype(schema: str) -> int:
         ) from None
 
 
-def cache_suffix(schema: str = SCHEMA) -> str:
-    """``.ohlcv-1s.dbn.zst``: how a cache file of ``schema`` ends."""
-    _rtype(schema)
-    return f".{schema}.dbn.zst"
-
-
-CACHE_SUFFIX = cache_suffix(SCHEMA)
-
-
 def dbn_cache_path(data_root: Path | str, symbol: str, month: Month, schema: str = SCHEMA) -> Path:
     """The cache file of one partition and schema: ``<root>/dbn/ES/ES_2024_01.ohlcv-1s.dbn.zst``
     (``...ohlcv-1m.dbn.zst`` for the vendor's 1-minute bars)."""
@@ -192,11 +182,6 @@ def _announced(metadata: dict[str, Any]) -> dict[str, Any]:
         "available_from_ns": None if start is None else pd.Timestamp(start).value,
         "announced_records": int(count) if isinstance(count, int) else None,
     }
-
-
-def manifest_path(cache_file: Path) -> Path:
-    """The manifest written next to a cache file (see :mod:`dbento_assets.core.dbn_cache`)."""
-    return cache_file.with_name(cache_file.name + MANIFEST_SUFFIX)
 
 
 def _accept_all(fetched: FetchedMonth) -> None:
