@@ -216,7 +216,7 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
             ):
                 databento = context.resources.databento
                 vendor = vendor_failure_in_run(
-                    context.instance, partition, context.run_id
+                    context.instance, partition, context.run.run_id
                 ) or load_vendor_1m(databento, instrument, month, context.log.info)
                 results.append(
                     vendor_result(

@@ -3,7 +3,8 @@
 Subcommands: ``build`` (a range of symbol-months, one Dagster run each, with a progress bar
 and a summary), ``estimate`` (the Databento price of a range, free), ``check-key`` (one free
 call that proves the API key works), ``status`` (what is on disk and its check status,
-symbol x month), ``report`` (the validation report as Markdown) and ``ui`` (``dagster dev``).
+symbol x month), ``report`` (the validation report as Markdown), ``ui`` (``dagster dev``) and
+``dagster ...`` (any Dagster command, on the same history).
 All of them read the settings file ``dbento.env`` without overriding the shell, and use the
 project's one Dagster instance (:mod:`dbento_assets.project`), so what ``build`` does shows
 in ``ui`` and ``report``. A mistake a user can make ends as one sentence saying what to do,
@@ -295,6 +296,26 @@ def ui(streams: Streams, port: int, args: tuple[str, ...]) -> int:
         return EXIT_OK  # not reached
 
     return guarded(streams, False, action)
+
+
+@dbento.command(
+    "dagster",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_obj
+def dagster_command(streams: Streams, args: tuple[str, ...]) -> int:
+    """Any dagster command on the project's history, e.g. dagster instance concurrency get
+    databento (that one does not read .env, so it needs this)."""
+
+    def action() -> int:
+        instance_home()
+        command = [sys.executable, "-m", "dagster", *args]
+        os.execvp(command[0], command)
+        return EXIT_OK  # not reached
+
+    return guarded(streams, "--verbose" in args, action)
 
 
 def _project_defs() -> Definitions:
