@@ -211,12 +211,11 @@ def check_key(streams: Streams, verbose: bool) -> int:
     """Prove the API key works with one free price request (nothing is bought)."""
     from dbento_assets.core.catalog import load_catalog
     from dbento_assets.resources import databento_resource_from_env
-    from dbento_assets.status import last_closed_month
 
     def action() -> int:
         catalog = load_catalog()
         instrument = catalog.instrument(catalog.symbols[0])
-        month = max(catalog.start_month, last_closed_month())
+        month = catalog.start_month  # long published, so Databento can price it
         api = databento_resource_from_env().api_source()
         est = api.estimate(instrument, month)
         what = (
