@@ -95,7 +95,7 @@ class Summary:
             f"Done in {self.seconds:.1f} s: {len(self.outcomes)} partition(s), "
             f"{len(self.succeeded)} built, {len(self.skipped)} skipped (already built), "
             f"{len(self.failed)} failed; {rows:,} rows in {files} file(s){where}; "
-            f"Databento cost ${cost:,.2f}."
+            f"Databento cost ${cost:,.4f}."
         )
         if self.failed:
             names = ", ".join(o.partition for o in self.failed)
@@ -305,7 +305,7 @@ def _written(result: ExecuteInProcessResult) -> tuple[int, int, float]:
         rows += int(metadata.get("dagster/row_count") or 0)
         files += "path" in metadata
         if materialization.asset_key == AssetKey(RAW_ASSET):
-            cost += float(metadata.get("cost_usd") or 0.0)
+            cost += float(metadata.get("source_cost_usd") or 0.0)  # 0 for a cached month
     return rows, files, cost
 
 

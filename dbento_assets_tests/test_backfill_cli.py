@@ -91,7 +91,7 @@ def test_command_materializes_each_month_in_its_own_run(tmp_path):
     assert [line.split()[:2] for line in lines[:2]] == [[ES_JAN, "ok"], [ES_FEB, "ok"]]
     assert lines[2].startswith("Done in ")
     assert "2 partition(s), 2 built, 0 skipped (already built), 0 failed; " in lines[2]
-    assert "rows in 8 file(s)" in lines[2] and "Databento cost $0.00." in lines[2]
+    assert "rows in 8 file(s)" in lines[2] and "Databento cost $0.0000." in lines[2]
     store = BarStore.at(data)
     with DagsterInstance.from_config(str(home)) as instance:
         runs = all_runs(instance)

@@ -332,7 +332,8 @@ def test_05_resume_skips_the_first_build(sandbox):
         ),
         (
             "DBENTO_SOURCE=demo dbento estimate --start 2024-01",
-            "DBENTO_SOURCE=demo downloads nothing",
+            "error: the estimate prices downloads from Databento, and DBENTO_SOURCE=demo "
+            "downloads nothing and costs nothing",
         ),
     ],
 )
@@ -386,7 +387,7 @@ def test_09_build_a_range_then_resume_costs_nothing(sandbox):
     for month in ("01", "02", "03"):
         assert sandbox.data("aggregated", "1min", f"NQ_2024_{month}_1min.parquet").is_file()
     out = sandbox.run(line_matching(BUILD_MISSING)).stdout
-    assert summary_of(out)["skipped"] == "6"
+    assert (summary_of(out)["skipped"], summary_of(out)["cost"]) == ("6", "0.0000")
     assert sandbox.gateway.count(GET_RANGE) == 6
 
 
