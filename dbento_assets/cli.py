@@ -97,7 +97,7 @@ def dbento() -> None:
     """
 
 
-@dbento.command()
+@dbento.command(short_help="Build a range of symbol-months (one run each).")
 @click.option(
     "--symbol",
     "--symbols",
@@ -192,6 +192,7 @@ def build(
 @dbento.command(
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
     add_help_option=False,
+    short_help="Price months on Databento, free.",
 )
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
@@ -204,7 +205,7 @@ def estimate(streams: Streams, args: tuple[str, ...]) -> int:
     return guarded(streams, verbose, lambda: module.run(rest, streams.out, streams.err))
 
 
-@dbento.command("check-key")
+@dbento.command("check-key", short_help="Prove the API key works (free).")
 @verbose_option
 @click.pass_obj
 def check_key(streams: Streams, verbose: bool) -> int:
@@ -231,7 +232,7 @@ def check_key(streams: Streams, verbose: bool) -> int:
     return guarded(streams, verbose, action)
 
 
-@dbento.command()
+@dbento.command(short_help="Files on disk and check status, symbol x month.")
 @click.option("--symbol", "symbols", multiple=True, help="only these symbols (repeatable)")
 @verbose_option
 @click.pass_obj
@@ -251,6 +252,7 @@ def status(streams: Streams, symbols: tuple[str, ...], verbose: bool) -> int:
 @dbento.command(
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
     add_help_option=False,
+    short_help="Write the validation report (Markdown).",
 )
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
@@ -270,6 +272,7 @@ def report(streams: Streams, args: tuple[str, ...]) -> int:
 
 @dbento.command(
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    short_help="Start the Dagster UI (dagster dev); Ctrl-C stops it.",
 )
 @click.option("--port", "-p", type=int, default=DEFAULT_PORT, show_default=True)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
@@ -301,6 +304,7 @@ def ui(streams: Streams, port: int, args: tuple[str, ...]) -> int:
     "dagster",
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
     add_help_option=False,
+    short_help="Any dagster command, on the same history.",
 )
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
