@@ -50,8 +50,7 @@ def render(instance: DagsterInstance, symbols: Sequence[str] | None = None) -> s
         if any(cell != "-" for cell in row[1:]):
             rows.append(row)
     head = (
-        f"Data folder {store.root} ({resource.source} source, {fmt}); "
-        f"history in {os.environ.get('DAGSTER_HOME', '')}"
+        f"Data folder {store.root} ({fmt} files); history in {os.environ.get('DAGSTER_HOME', '')}"
     )
     if not rows:
         return (
