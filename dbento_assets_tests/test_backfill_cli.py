@@ -298,3 +298,24 @@ def test_set_up_errors_are_one_sentence_before_any_run(tmp_path, settings, words
         err = io.StringIO()
         assert run([*argv, "--verbose"], io.StringIO(), err, defs=defs, instance=instance) == 2
         assert "Traceback (most recent call last)" in err.getvalue()
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal, as a user's console does."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_range_shows_a_progress_bar_on_a_terminal_only(small_demo_defs):
+    argv = ["--symbols", "ES,NQ", "--start", "2024-01", "--select", RAW_ASSET]
+    with instance_for_test() as instance:
+        out, err = io.StringIO(), Terminal()
+        assert run(argv, out, err, defs=small_demo_defs, instance=instance) == 0
+        assert "2/2" in err.getvalue() and "partition" in err.getvalue()  # tqdm's bar
+        assert "2/2" not in out.getvalue()  # the lines and the summary stay clean
+        out, err = io.StringIO(), io.StringIO()
+        assert (
+            run([*argv, "--missing-only"], out, err, defs=small_demo_defs, instance=instance) == 0
+        )
+        assert err.getvalue() == ""  # not a terminal (a log file, a pipe): no bar
