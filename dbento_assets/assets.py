@@ -274,7 +274,7 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
             ):
                 databento = context.resources.databento
                 vendor = vendor_failure_in_run(
-                    context.instance, partition, context.run_id
+                    context.instance, partition, context.run.run_id
                 ) or load_vendor_1m(databento, instrument, month, context.log.info)
                 compared = vendor_result(
                     bars,

@@ -1,36 +1,27 @@
-"""Materialize a range of months from the command line, one run per partition.
+"""Build a range of symbol-months, one Dagster run per partition: ``dbento build``.
 
-``python -m dbento_assets.backfill --symbol ES --start 2024-01 --end 2024-06`` materializes
-every asset (or the ``--select`` ones) of each symbol-month in the range, each partition in
-its own Dagster run, one after the other, in this process. It exists because
+:func:`run_partitions` materializes every asset (or the ``--select`` ones) of each
+symbol-month in turn, each partition in its own run, in this process. It exists because
 ``dagster asset materialize --partition-range`` runs a range as a single run, which needs
 ``BackfillPolicy.single_run()`` on every asset and records asset check results without their
 partition; run by run, every check result stays attributed to its symbol-month, as in a
-backfill launched from the UI. The runs are recorded in the instance of ``DAGSTER_HOME`` (the
-one the UI shows), with the usual partition tags; without ``DAGSTER_HOME`` they go to a
-temporary instance and a warning says so. Settings come from the same environment and
-``.env`` file as the code location. Options: ``--symbol`` (repeatable, or comma-separated;
-default every catalog symbol), ``--start``/``--end`` (``YYYY-MM``, inclusive; ``--end``
-defaults to ``--start``), ``--select`` (a Dagster asset selection such as ``raw_1s_bars`` or
-``bars_1min``; default every asset), ``--force`` (the run tag ``dbento/force=true``: download
-again even months in the DBN cache, which costs money) and ``--missing-only`` (skip partitions
-where every selected asset already has a materialization, to resume an interrupted range)
-and ``--verbose`` (Dagster's own log on the console).
-It prints a line per partition as it finishes and a summary, and exits with status 0 when
-every partition succeeded, 1 when any failed and 2 for bad options.
+backfill launched from the UI. The runs go to the project's Dagster instance
+(:func:`dbento_assets.project.instance_home`, the one ``dbento ui`` and ``dagster dev`` show)
+with the usual partition tags. :func:`preflight` turns set-up mistakes (no key, a data folder
+of the other kind, a missing DBN folder) into one sentence before any run starts. The command
+line itself is :mod:`dbento_assets.cli`; ``python -m dbento_assets.backfill ARGS`` is
+``dbento build ARGS``.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from dagster import (
     AssetKey,
@@ -42,16 +33,19 @@ from dagster import (
     JobDefinition,
     MultiPartitionsDefinition,
 )
+from tqdm import tqdm
 
 from dbento_assets.assets import FORCE_TAG
 from dbento_assets.core.months import Month, month_range
+from dbento_assets.core.source import origin_of
+from dbento_assets.io_managers import RAW_ASSET
 from dbento_assets.partitions import MONTH_DIM, SYMBOL_DIM, partition_key
 
 if TYPE_CHECKING:
     from dagster._utils.error import SerializableErrorInfo
 
 RANGE_TAG = "dbento/range"
-PROG = "python -m dbento_assets.backfill"
+KEY_FORM = "YYYY-MM-01|SYMBOL, for example 2024-01-01|ES"
 
 
 class UsageError(ValueError):
@@ -60,7 +54,7 @@ class UsageError(ValueError):
 
 @dataclass(frozen=True)
 class PartitionOutcome:
-    """How one partition's run ended."""
+    """How one partition's run ended, and what it wrote."""
 
     partition: str
     success: bool
@@ -68,6 +62,9 @@ class PartitionOutcome:
     run_id: str | None
     message: str = ""
     skipped: bool = False
+    rows: int = 0
+    files: int = 0
+    cost_usd: float = 0.0
 
 
 @dataclass
@@ -75,6 +72,7 @@ class Summary:
     """Every partition's outcome, in the order they ran."""
 
     outcomes: list[PartitionOutcome] = field(default_factory=list)
+    seconds: float = 0.0
 
     @property
     def failed(self) -> list[PartitionOutcome]:
@@ -88,60 +86,26 @@ class Summary:
     def skipped(self) -> list[PartitionOutcome]:
         return [o for o in self.outcomes if o.skipped]
 
-    def text(self) -> str:
+    def text(self, data_dir: str = "") -> str:
+        rows = sum(o.rows for o in self.outcomes)
+        files = sum(o.files for o in self.outcomes)
+        cost = sum(o.cost_usd for o in self.outcomes)
+        where = f" in {data_dir}" if data_dir else ""
         head = (
-            f"{len(self.outcomes)} partition(s): {len(self.succeeded)} succeeded, "
-            f"{len(self.failed)} failed, {len(self.skipped)} skipped (already materialized)"
+            f"Done in {self.seconds:.1f} s: {len(self.outcomes)} partition(s), "
+            f"{len(self.succeeded)} built, {len(self.skipped)} skipped (already built), "
+            f"{len(self.failed)} failed; {rows:,} rows in {files} file(s){where}; "
+            f"Databento cost ${cost:,.4f}."
         )
         if self.failed:
             names = ", ".join(o.partition for o in self.failed)
             head += (
-                f". Failed: {names}. Run the same command again with --missing-only to retry "
-                "only what is missing; months already downloaded are not requested again."
+                f"\nFailed: {names}. Each failure's reason is printed under it; once it is "
+                "fixed (or later, for a month not published yet), run the same command again "
+                "with --missing-only: it builds only what is missing, and months already "
+                "downloaded are not paid for again."
             )
         return head
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description=(
-            "Materialize symbol-months one run per partition, so every asset check result "
-            "is recorded against its partition. Runs go to the instance of DAGSTER_HOME."
-        ),
-    )
-    parser.add_argument(
-        "--symbol",
-        "--symbols",
-        dest="symbols",
-        action="append",
-        help="catalog symbol; repeat it or separate with commas (default: every symbol)",
-    )
-    parser.add_argument("--start", required=True, help="first month, YYYY-MM")
-    parser.add_argument("--end", help="last month, YYYY-MM, inclusive (default: --start)")
-    parser.add_argument(
-        "--select",
-        help="assets to materialize, a Dagster asset selection such as 'raw_1s_bars' or "
-        "'bars_15s,bars_1min' (default: every asset)",
-    )
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="download again even months already in the DBN cache (tag dbento/force=true; "
-        "costs money)",
-    )
-    parser.add_argument(
-        "--missing-only",
-        action="store_true",
-        help="skip partitions where every selected asset is already materialized",
-    )
-    parser.add_argument(
-        "--verbose",
-        action="store_true",
-        help="show Dagster's own log of every run on the console (default: only the lines "
-        "of this command)",
-    )
-    return parser.parse_args(argv)
 
 
 def plan_partitions(
@@ -159,7 +123,7 @@ def plan_partitions(
     dims = {d.name: d.partitions_def for d in partitions_def.partitions_defs}
     known_symbols = list(dims[SYMBOL_DIM].get_partition_keys())
     month_keys = list(dims[MONTH_DIM].get_partition_keys())
-    wanted = _split_symbols(symbols) or known_symbols
+    wanted = split_symbols(symbols) or known_symbols
     unknown = [s for s in wanted if s not in known_symbols]
     if unknown:
         raise UsageError(
@@ -185,6 +149,34 @@ def plan_partitions(
     return [str(partition_key(m, s)) for s in wanted for m in month_range(first, last)]
 
 
+def check_partition_keys(partitions_def: MultiPartitionsDefinition, keys: Sequence[str]) -> None:
+    """Raise :class:`UsageError` for a key that is not one of the partitions."""
+    known = set(partitions_def.get_partition_keys())
+    for key in keys:
+        if key not in known:
+            raise UsageError(
+                f"{key!r} is not a partition of this code location: a partition key is "
+                f"{KEY_FORM} (a closed month from the catalog's start_month, and a catalog "
+                "symbol)"
+            )
+
+
+def preflight(defs: Definitions) -> str:
+    """Fail with one sentence when the settings cannot work for any partition; return the
+    data folder. Checks the source (key, DBN folder) and that the data folder holds data of
+    this source's kind (it records the kind in a new folder, as the first file would)."""
+    resources: dict[str, Any] = dict(defs.resources or {})
+    databento, io_manager = resources.get("databento"), resources.get("io_manager")
+    if databento is None or io_manager is None:
+        return ""
+    source = databento.month_source()
+    scan = getattr(source, "scan", None)
+    if callable(scan):  # the DBN-files source: the folder must exist and be readable
+        scan()
+    io_manager.store.claim(origin_of(databento.source), databento.source)
+    return str(io_manager.data_dir)
+
+
 def run_partitions(
     job: JobDefinition,
     instance: DagsterInstance,
@@ -196,90 +188,53 @@ def run_partitions(
     tags: dict[str, str] | None = None,
     log_level: str = "CRITICAL",
     out: TextIO | None = None,
+    progress: TextIO | None = None,
 ) -> Summary:
     """Materialize each partition in its own run, printing one line per partition.
 
     Every run is recorded in ``instance`` in full; ``log_level`` only sets what Dagster's
-    console logger prints while it runs.
+    console logger prints while it runs. A progress bar goes to ``progress`` when that is a
+    terminal.
     """
     out = out or sys.stdout
+    progress = progress or sys.stderr
     run_tags = dict(tags or {})
     if force:
         run_tags[FORCE_TAG] = "true"
     done = _materialized_everywhere(instance, asset_keys) if missing_only else set()
     summary = Summary()
-    for name in partitions:
-        if name in done:
-            outcome = PartitionOutcome(name, True, 0.0, None, "already materialized", True)
-        else:
-            outcome = _run_one(job, instance, name, asset_keys, run_tags, log_level)
-        summary.outcomes.append(outcome)
-        print(_line(outcome), file=out, flush=True)
-    print(summary.text(), file=out, flush=True)
+    started = time.monotonic()
+    with _progress_bar(len(partitions), progress) as bar:
+        for name in partitions:
+            bar.set_postfix_str(name)
+            if name in done:
+                outcome = PartitionOutcome(name, True, 0.0, None, "already built", True)
+            else:
+                outcome = _run_one(job, instance, name, asset_keys, run_tags, log_level)
+            summary.outcomes.append(outcome)
+            bar.write(_line(outcome), file=out)
+            out.flush()
+            bar.update(1)
+    summary.seconds = time.monotonic() - started
     return summary
 
 
-def run(
-    argv: Sequence[str] | None = None,
-    out: TextIO | None = None,
-    err: TextIO | None = None,
-    *,
-    defs: Definitions | None = None,
-    instance: DagsterInstance | None = None,
-) -> int:
-    """The command; returns its exit status. Tests pass ``defs`` and ``instance``."""
-    out = out or sys.stdout
-    err = err or sys.stderr
-    args = parse_args(argv)
-    try:
-        if args.force and args.missing_only:
-            raise UsageError("--force and --missing-only contradict each other; choose one")
-        if defs is None:
-            from dbento_assets.definitions import defs as loaded
-
-            defs = loaded
-        job = defs.resolve_implicit_global_asset_job_def()
-        partitions_def = job.partitions_def
-        if not isinstance(partitions_def, MultiPartitionsDefinition):
-            raise UsageError("the code location's assets are not month x symbol partitioned")
-        partitions = plan_partitions(partitions_def, args.symbols, args.start, args.end)
-        asset_keys = _selected_assets(defs, args.select)
-    except UsageError as exc:
-        print(f"error: {exc}", file=err)
-        return 2
-    symbols = ",".join(_split_symbols(args.symbols) or ["all"])
-    label = f"{symbols} {args.start}..{args.end or args.start}"
-    with _instance(instance, err) as active:
-        summary = run_partitions(
-            job,
-            active,
-            partitions,
-            asset_keys,
-            force=args.force,
-            missing_only=args.missing_only,
-            tags={RANGE_TAG: label},
-            log_level="DEBUG" if args.verbose else "CRITICAL",
-            out=out,
-        )
-    return 1 if summary.failed else 0
+@contextmanager
+def _progress_bar(total: int, stream: TextIO) -> Iterator[Any]:
+    """A tqdm bar on a terminal; elsewhere (a log file, a test) an inert one."""
+    interactive = bool(getattr(stream, "isatty", lambda: False)())
+    with tqdm(
+        total=total,
+        file=stream,
+        unit="partition",
+        disable=not interactive or total < 2,
+        dynamic_ncols=True,
+        leave=False,
+    ) as bar:
+        yield bar
 
 
-def main() -> None:
-    raise SystemExit(run())
-
-
-def _month(option: str, text: str) -> Month:
-    try:
-        return Month.parse(text)
-    except ValueError as exc:
-        raise UsageError(f"{option} {text!r}: {exc}") from None
-
-
-def _split_symbols(symbols: Sequence[str] | None) -> list[str]:
-    return [s.strip() for item in symbols or [] for s in item.split(",") if s.strip()]
-
-
-def _selected_assets(defs: Definitions, select: str | None) -> list[AssetKey]:
+def selected_assets(defs: Definitions, select: str | None) -> list[AssetKey]:
     graph = defs.resolve_asset_graph()
     if not select:
         return sorted(graph.materializable_asset_keys)
@@ -294,22 +249,15 @@ def _selected_assets(defs: Definitions, select: str | None) -> list[AssetKey]:
     return sorted(keys)
 
 
-@contextmanager
-def _instance(given: DagsterInstance | None, err: TextIO) -> Iterator[DagsterInstance]:
-    if given is not None:
-        yield given
-        return
-    if os.environ.get("DAGSTER_HOME", "").strip():
-        with DagsterInstance.get() as instance:
-            yield instance
-        return
-    print(
-        "warning: DAGSTER_HOME is not set, so these runs go to a temporary instance and will "
-        "not show in the Dagster UI; set DAGSTER_HOME to the folder `dagster dev` uses.",
-        file=err,
-    )
-    with DagsterInstance.ephemeral() as instance:
-        yield instance
+def split_symbols(symbols: Sequence[str] | None) -> list[str]:
+    return [s.strip() for item in symbols or [] for s in item.split(",") if s.strip()]
+
+
+def _month(option: str, text: str) -> Month:
+    try:
+        return Month.parse(text)
+    except ValueError as exc:
+        raise UsageError(f"{option} {text!r}: {exc}") from None
 
 
 def _materialized_everywhere(instance: DagsterInstance, asset_keys: Sequence[AssetKey]) -> set[str]:
@@ -338,9 +286,27 @@ def _run_one(
             raise_on_error=False,
         )
     seconds = time.monotonic() - start
+    rows, files, cost = _written(result)
     if result.success:
-        return PartitionOutcome(partition, True, seconds, result.run_id)
-    return PartitionOutcome(partition, False, seconds, result.run_id, _failure_text(result))
+        return PartitionOutcome(
+            partition, True, seconds, result.run_id, "", False, rows, files, cost
+        )
+    return PartitionOutcome(
+        partition, False, seconds, result.run_id, _failure_text(result), False, rows, files, cost
+    )
+
+
+def _written(result: ExecuteInProcessResult) -> tuple[int, int, float]:
+    """(rows, files, Databento cost) of the run's materializations."""
+    rows, files, cost = 0, 0, 0.0
+    for event in result.get_asset_materialization_events():
+        materialization = event.step_materialization_data.materialization
+        metadata = {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}
+        rows += int(metadata.get("dagster/row_count") or 0)
+        files += "path" in metadata
+        if materialization.asset_key == AssetKey(RAW_ASSET):
+            cost += float(metadata.get("source_cost_usd") or 0.0)  # 0 for a cached month
+    return rows, files, cost
 
 
 def _failure_text(result: ExecuteInProcessResult) -> str:
@@ -374,10 +340,32 @@ def _root_message(error: SerializableErrorInfo) -> str:
 
 def _line(outcome: PartitionOutcome) -> str:
     if outcome.skipped:
-        return f"{outcome.partition:<18} skipped  already materialized"
+        return f"{outcome.partition:<18} skipped  already built"
     status = "ok" if outcome.success else "FAILED"
     line = f"{outcome.partition:<18} {status:<7} {outcome.seconds:6.1f} s  run {outcome.run_id}"
     return f"{line}\n    {outcome.message}" if outcome.message else line
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m dbento_assets.backfill ARGS``, the same as ``dbento build ARGS``."""
+    from dbento_assets.cli import main as cli_main
+
+    cli_main(["build", *(sys.argv[1:] if argv is None else argv)])
+
+
+def run(
+    argv: Sequence[str],
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    *,
+    defs: Definitions | None = None,
+    instance: DagsterInstance | None = None,
+) -> int:
+    """``dbento build ARGV`` in this process; returns the exit status. Tests pass ``defs``
+    and ``instance``."""
+    from dbento_assets.cli import run as cli_run
+
+    return cli_run(["build", *argv], out, err, defs=defs, instance=instance)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 ``dagster dev`` (via ``[tool.dagster]`` in pyproject.toml), ``dagster dev -w workspace.yaml``
 and ``dagster asset materialize -m dbento_assets`` all load :data:`defs`. Settings come from
-environment variables (and a ``.env`` file in the working directory): ``DBENTO_SOURCE``,
+environment variables (and the settings file ``dbento.env`` of the working directory):
+``DBENTO_SOURCE``,
 ``DBENTO_DATA_DIR``, ``DBENTO_FORMAT``, ``DATABENTO_API_KEY`` and the others listed in
 ``.env.example``. It holds the assets (with their checks), the monthly schedule (stopped
 until you turn it on) and the executor chosen by ``DBENTO_EXECUTOR`` (in-process when
@@ -37,8 +38,9 @@ def build_definitions(
     executor: ExecutorDefinition | None = None,
 ) -> Definitions:
     """Definitions for a catalog (default: the catalog file in force) and resources."""
-    catalog = catalog or load_catalog()
+    # Settings first: the settings file may name the catalog (DBENTO_CATALOG).
     databento = databento or databento_resource_from_env()
+    catalog = catalog or load_catalog()
     return Definitions(
         assets=build_assets(catalog),
         schedules=build_schedules(catalog),

@@ -1,17 +1,19 @@
-"""Price a backfill before launching it: ``python -m dbento_assets.estimate``.
+"""Price a backfill before launching it: ``dbento estimate``.
 
 For every symbol and month of a selection this asks Databento's free ``metadata.get_cost`` and
 ``metadata.get_billable_size`` (after one ``metadata.get_dataset_range`` per dataset) and prints
 one line per partition, then the total. Months already in the DBN cache under
 ``DBENTO_DATA_DIR`` would not be downloaded again, so they are listed as skipped and cost
 nothing; months not (fully) available are listed with the reason. Settings come from the same
-environment variables and ``.env`` file as the Dagster code location (``DATABENTO_API_KEY``,
-``DBENTO_GATEWAY``, ``DBENTO_DATA_DIR``, ``DBENTO_MAX_COST_USD``); partitions above the
-per-partition ceiling are flagged, because a materialization would refuse them. With
-``DBENTO_VENDOR_CHECK=true`` each month also gets a line for Databento's own ohlcv-1m bars,
-which the materialization then buys for the vendor cross-check, and the total includes them.
+environment variables and settings file (``dbento.env``) as the code location
+(``DATABENTO_API_KEY``, ``DBENTO_GATEWAY``, ``DBENTO_DATA_DIR``, ``DBENTO_MAX_COST_USD``);
+partitions above the per-partition ceiling are flagged, because a materialization would refuse
+them. With ``DBENTO_VENDOR_CHECK=true`` each month also gets a line for Databento's own ohlcv-1m
+bars, which the materialization then buys for the vendor cross-check, and the total includes
+them.
 
-Example: ``python -m dbento_assets.estimate --symbols ES,NQ --start 2021-01 --end 2025-12``.
+Example: ``dbento estimate --symbols ES,NQ --start 2021-01 --end 2025-12`` (``python -m
+dbento_assets.estimate`` is the same).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from dbento_assets.resources import databento_resource_from_env
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m dbento_assets.estimate",
+        prog="dbento estimate",
         description="Estimate the Databento cost of downloading ohlcv-1s months (free calls).",
     )
     parser.add_argument(
@@ -71,9 +73,12 @@ def format_line(est: CostEstimate, schema: str = "ohlcv-1s") -> str:
     return f"{head} ${est.cost_usd:>11,.4f} {format_size(est.billable_size_bytes):>10}{tail}"
 
 
-def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+def run(
+    argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
     """Print the estimate; return the process exit status (0, or 2 on a usage/API error)."""
     out = out or sys.stdout
+    err = err or sys.stderr
     args = parse_args(argv)
     try:
         catalog = load_catalog(args.catalog)
@@ -88,6 +93,8 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         if last < first:
             raise ValueError(f"--end {last} is before --start {first}")
         resource = databento_resource_from_env()
+        if not (resource.api_key or ""):
+            raise SourceError(_no_key_advice(resource.source))
         api = resource.api_source()
         # With DBENTO_VENDOR_CHECK on, each month also buys Databento's own 1-minute bars.
         schemas = ("ohlcv-1s", "ohlcv-1m") if resource.vendor_check else ("ohlcv-1s",)
@@ -110,7 +117,7 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
                     total_size += est.billable_size_bytes or 0
                     counts["above"] += est.cost_usd > api.max_cost_usd
     except (CatalogError, SourceError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=err)
         return 2
     print(
         f"total: ${total_cost:,.4f} for {counts['download']} partition(s) to download, "
@@ -125,6 +132,21 @@ def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             file=out,
         )
     return 0
+
+
+def _no_key_advice(source: str) -> str:
+    """Why the estimate cannot run without a key, in words that fit the source in use."""
+    if source == "databento":
+        return (
+            "the estimate asks Databento for prices and needs your API key: put "
+            "DATABENTO_API_KEY=db-... in dbento.env (keys: https://databento.com/portal/keys); "
+            "to try the pipeline without an account use DBENTO_SOURCE=demo"
+        )
+    return (
+        f"the estimate prices downloads from Databento, and DBENTO_SOURCE={source} downloads "
+        "nothing and costs nothing; to price real data, put DATABENTO_API_KEY=db-... in "
+        "dbento.env"
+    )
 
 
 def main() -> None:

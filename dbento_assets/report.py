@@ -1,17 +1,15 @@
 """The validation report: the latest result of every check per partition, as a Markdown file.
 
-``python -m dbento_assets.report [--symbol ES] [--out logs/validation_report.md]`` reads the
-Dagster instance of ``DAGSTER_HOME`` (the one ``dagster dev`` uses) and, for every asset check
-of the catalog in force (``DBENTO_CATALOG`` or the packaged catalog), takes its latest
-evaluation for each partition. It writes a symbol x month matrix (``pass``, ``WARN`` when
-only warnings failed, ``FAIL`` when an ERROR check failed, with the number of failing
-checks), then the details of every failing check: its plain-English description, the
-violation count, the first violating rows and facts such as roll dates or missing sessions.
-It exits with status 1 when any ERROR check failed, so a script can stop on it, 2 when it
-cannot run (no instance, bad arguments), and 0 otherwise. Check evaluations without a
-partition (Dagster drops it in runs over a partition range) cannot be placed in the matrix;
-the report counts them.
-"""
+``dbento report [--symbol ES] [--out logs/validation_report.md]`` reads the project's Dagster
+instance (``DAGSTER_HOME``, else ``./.dagster_home``: the one ``dbento ui`` shows) and, for
+every asset check of the catalog in force (``DBENTO_CATALOG`` or the packaged catalog), takes
+its latest evaluation for each partition. It writes a symbol x month matrix (``pass``, ``WARN``
+when only warnings failed, ``FAIL`` when an ERROR check failed, with the number of failing
+checks), then the details of every failing check: its plain-English description, the violation
+count, the first violating rows and facts such as roll dates or missing sessions. It exits with
+status 1 when any ERROR check failed, so a script can stop on it, 2 when it cannot run (no
+instance, bad arguments), and 0 otherwise. Check evaluations without a partition (Dagster drops
+it in runs over a partition range) cannot be placed in the matrix; the report counts them."""
 
 from __future__ import annotations
 
@@ -23,14 +21,15 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from dagster import AssetCheckKey, AssetCheckSeverity, DagsterInstance
 
 from dbento_assets.checks import COMPLETED, all_check_keys, evaluation_of
-from dbento_assets.core.catalog import CatalogError, load_catalog
+from dbento_assets.core.catalog import Catalog, CatalogError, load_catalog
 from dbento_assets.core.validation import RULE_TITLES
 from dbento_assets.partitions import split_partition_key
+from dbento_assets.project import project_instance
 
 DEFAULT_OUT = Path("logs") / "validation_report.md"
 PAGE = 1000  # check execution records read per query
@@ -257,11 +256,19 @@ def write_report(text: str, out: Path) -> None:
     os.replace(part, out)
 
 
-def main(argv: Sequence[str] | None = None, instance: DagsterInstance | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    instance: DagsterInstance | None = None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
     """Write the report; return the exit status (1 when an ERROR check failed)."""
+    out = out or sys.stdout
+    err = err or sys.stderr
     parser = argparse.ArgumentParser(
-        prog="python -m dbento_assets.report",
-        description="Write the validation report from the Dagster instance (DAGSTER_HOME).",
+        prog="dbento report",
+        description="Write the validation report from the project's Dagster instance "
+        "(DAGSTER_HOME, else ./.dagster_home).",
     )
     parser.add_argument(
         "--symbol",
@@ -275,7 +282,7 @@ def main(argv: Sequence[str] | None = None, instance: DagsterInstance | None = N
     try:
         catalog = load_catalog()
     except CatalogError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=err)
         return EXIT_UNUSABLE
     symbols = args.symbol or catalog.symbols
     unknown = [s for s in symbols if s not in catalog.instruments]
@@ -283,33 +290,32 @@ def main(argv: Sequence[str] | None = None, instance: DagsterInstance | None = N
         print(
             f"error: {', '.join(unknown)} not in the catalog {catalog.path} "
             f"(symbols: {', '.join(catalog.symbols)})",
-            file=sys.stderr,
+            file=err,
         )
         return EXIT_UNUSABLE
     if instance is None:
-        home = os.environ.get("DAGSTER_HOME", "").strip()
-        if not home:
-            print(
-                "error: DAGSTER_HOME is not set. Set it to the folder of the Dagster instance "
-                "your runs use (the one `dagster dev` was started with).",
-                file=sys.stderr,
-            )
-            return EXIT_UNUSABLE
-        instance = DagsterInstance.get()
-        source = f"the Dagster instance in {home}"
-    else:
-        source = "the Dagster instance"
+        with project_instance() as project:
+            return _write(project, catalog, symbols, args.out, out)
+    return _write(instance, catalog, symbols, args.out, out)
+
+
+def _write(
+    instance: DagsterInstance, catalog: Catalog, symbols: Sequence[str], path: Path, out: TextIO
+) -> int:
+    home = os.environ.get("DAGSTER_HOME", "")
+    source = f"the Dagster instance in {home}" if home else "the Dagster instance"
     found = collect(instance, all_check_keys(catalog), symbols)
-    write_report(render(found, source), args.out)
+    write_report(render(found, source), path)
     cells = matrix(found)
     failed = sum(status == FAIL for status, _ in cells.values())
     warned = sum(status == WARN for status, _ in cells.values())
     print(
-        f"{args.out}: {len(cells)} partitions checked, {failed} with failed ERROR checks, "
-        f"{warned} with warnings only."
+        f"{path}: {len(cells)} partitions checked, {failed} with failed ERROR checks, "
+        f"{warned} with warnings only.",
+        file=out,
     )
     return EXIT_ERRORS if any(o.failed_error for o in found.outcomes) else EXIT_OK
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main())  # the same as ``dbento report``

@@ -4,7 +4,8 @@
 force with :meth:`DatabentoResource.month_source`: ``databento`` (the default: the historical
 API, needs ``DATABENTO_API_KEY``), ``dbn`` (a folder of DBN files, ``DBENTO_DBN_DIR``) or
 ``demo`` (synthetic data, no account). :func:`databento_resource_from_env` builds it from the
-environment and a ``.env`` file in the working directory (variables already set win). The
+environment and the settings file ``dbento.env`` (then ``.env``) of the working directory;
+a variable already set, in the shell for instance, wins (:mod:`dbento_assets.project`). The
 key is passed as ``EnvVar("DATABENTO_API_KEY")``, so Dagster resolves it at run time and never
 stores its value in run config or the event log; it is passed only when set, because an unset
 ``EnvVar`` fails at resource initialisation even for the demo source. Settings:
@@ -45,6 +46,7 @@ from dbento_assets.core.databento_api import (
 from dbento_assets.core.dbn_files import DbnFilesSource
 from dbento_assets.core.demo import DemoSource
 from dbento_assets.core.source import MonthSource, SourceError, origin_of
+from dbento_assets.project import load_settings
 
 DEFAULT_SOURCE = "databento"
 DEFAULT_DATA_DIR = "./data"
@@ -53,8 +55,8 @@ TRUE_WORDS = frozenset({"true", "1", "yes"})
 FALSE_WORDS = frozenset({"false", "0", "no"})
 NO_KEY_MESSAGE = (
     "DBENTO_SOURCE=databento needs a Databento API key and none is set. Put "
-    "DATABENTO_API_KEY=db-... in the .env file of the folder you start Dagster from (or in "
-    "the environment), then reload the code location; or try the pipeline without an account "
+    "DATABENTO_API_KEY=db-... in the dbento.env file of the project folder (or in the "
+    "environment), then reload the code location; or try the pipeline without an account "
     "with DBENTO_SOURCE=demo (synthetic data)."
 )
 
@@ -168,8 +170,12 @@ class DatabentoResource(ConfigurableResource):
 
 
 def databento_resource_from_env(env_file: Path | str | None = None) -> DatabentoResource:
-    """The resource as the environment (plus ``./.env``, without overriding) configures it."""
-    load_dotenv(Path(env_file) if env_file is not None else Path.cwd() / ".env", override=False)
+    """The resource as the environment configures it, plus the settings file (``env_file``,
+    default ``./dbento.env`` then ``./.env``), which never overrides a variable already set."""
+    if env_file is not None:
+        load_dotenv(Path(env_file), override=False)
+    else:
+        load_settings()
     settings: dict[str, Any] = {}
     source = _env("DBENTO_SOURCE")
     if source is not None:

@@ -1,4 +1,4 @@
-"""``python -m dbento_assets.backfill``: a range of months, one run per partition.
+"""``dbento build`` (alias ``python -m dbento_assets.backfill``): one run per partition.
 
 The first test runs the command as a user would (a subprocess with ``DAGSTER_HOME``, the demo
 source and a data folder in a temporary directory) and reads the instance afterwards: one run
@@ -7,7 +7,8 @@ check result attributed to its partition, and the bar files on disk. The others 
 :func:`dbento_assets.backfill.run` in this process with definitions built for the test: the
 Databento source against the fake HTTPS gateway (a failed month, resuming it with
 ``--missing-only`` without requesting the other month again, ``--force`` downloading again),
-``--select``, the temporary-instance warning and every usage error.
+``--select``, the project's own history without ``DAGSTER_HOME`` and every usage error,
+each a single line.
 """
 
 from __future__ import annotations
@@ -88,7 +89,9 @@ def test_command_materializes_each_month_in_its_own_run(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert [line.split()[:2] for line in lines[:2]] == [[ES_JAN, "ok"], [ES_FEB, "ok"]]
-    assert lines[2].startswith("2 partition(s): 2 succeeded, 0 failed")
+    assert lines[2].startswith("Done in ")
+    assert "2 partition(s), 2 built, 0 skipped (already built), 0 failed; " in lines[2]
+    assert "rows in 8 file(s)" in lines[2] and "Databento cost $0.0000." in lines[2]
     store = BarStore.at(data)
     with DagsterInstance.from_config(str(home)) as instance:
         runs = all_runs(instance)
@@ -147,7 +150,8 @@ def test_failed_month_resumes_with_missing_only_and_force_downloads_again(gatewa
             .startswith("SourceError: timeseries.get_range for ES 2024-01 failed 2 times")
         ), lines[1]
         assert lines[2].split()[:2] == [ES_FEB, "ok"]
-        assert f"1 failed, 0 skipped (already materialized). Failed: {ES_JAN}." in lines[3]
+        assert "1 built, 0 skipped (already built), 1 failed" in lines[3]
+        assert lines[4].startswith(f"Failed: {ES_JAN}.") and "--missing-only" in lines[4]
         assert get_ranges(gateway) == Counter({"2024-02": 1})
 
         out = io.StringIO()
@@ -222,13 +226,24 @@ def test_select_materializes_only_the_selected_assets(small_demo_defs):
         assert instance.get_materialized_partitions(AssetKey("bars_1min")) == set()
 
 
-def test_without_dagster_home_it_warns_and_uses_a_temporary_instance(small_demo_defs, monkeypatch):
+def test_without_dagster_home_it_uses_the_project_history(small_demo_defs, tmp_path, monkeypatch):
+    """No DAGSTER_HOME: the runs go to ./.dagster_home, which .env then names for Dagster's
+    own commands, and a second build with --missing-only finds the first one there."""
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)
     out, err = io.StringIO(), io.StringIO()
     argv = ["--symbol", "ES", "--start", "2024-01", "--select", RAW_ASSET]
     assert run(argv, out, err, defs=small_demo_defs) == 0, out.getvalue() + err.getvalue()
-    assert "DAGSTER_HOME is not set" in err.getvalue()
     assert out.getvalue().splitlines()[0].split()[:2] == [ES_JAN, "ok"]
+    home = tmp_path / ".dagster_home"
+    assert (home / "dagster.yaml").read_text().startswith("# Dagster instance settings")
+    assert f'DAGSTER_HOME="${{DAGSTER_HOME:-{home}}}"' in (tmp_path / ".env").read_text()
+    with DagsterInstance.from_config(str(home)) as instance:
+        assert [partition_of(r) for r in all_runs(instance)] == [ES_JAN]
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    out = io.StringIO()
+    assert run([*argv, "--missing-only"], out, io.StringIO(), defs=small_demo_defs) == 0
+    assert out.getvalue().splitlines()[0].split()[:2] == [ES_JAN, "skipped"]
 
 
 @pytest.mark.parametrize(
@@ -242,6 +257,9 @@ def test_without_dagster_home_it_warns_and_uses_a_temporary_instance(small_demo_
         (["--start", "2099-01"], "has not closed yet"),
         (["--start", "2024-01", "--force", "--missing-only"], "contradict each other"),
         (["--start", "2024-01", "--select", "no_such_asset"], "--select 'no_such_asset'"),
+        (["--partition", "2024-01|ES"], "'2024-01|ES' is not a partition of this code location"),
+        (["--symbol", "ES"], "give either --start YYYY-MM"),
+        (["--start", "2024-01", "--no-such-option"], "No such option '--no-such-option'"),
     ],
 )
 def test_bad_options_exit_2_with_a_clear_message(small_demo_defs, argv, words):
@@ -250,4 +268,54 @@ def test_bad_options_exit_2_with_a_clear_message(small_demo_defs, argv, words):
         assert run(argv, out, err, defs=small_demo_defs, instance=instance) == 2
         assert instance.get_runs() == []
     assert words in err.getvalue()
+    assert len(err.getvalue().strip().splitlines()) == 1, err.getvalue()  # one sentence
+    assert err.getvalue().startswith("error: ")
     assert out.getvalue() == ""
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"source": "databento"}, "needs a Databento API key and none is set"),
+        ({"source": "dbn", "dbn_dir": "/no/such/folder"}, "is not a folder"),
+        ({"source": "databento", "api_key": TEST_KEY}, "holds SYNTHETIC demo data"),
+    ],
+)
+def test_set_up_errors_are_one_sentence_before_any_run(tmp_path, settings, words):
+    """A mistake no retry can fix stops before the first run, in one line, without advising
+    --missing-only; --verbose adds the traceback."""
+    data = tmp_path / "data"
+    BarStore.at(data).claim("synthetic", "demo")  # the folder already holds demo bars
+    defs = build_definitions(databento=DatabentoResource(data_dir=str(data), **settings))
+    argv = ["--symbol", "ES", "--start", "2024-01"]
+    with instance_for_test() as instance:
+        out, err = io.StringIO(), io.StringIO()
+        assert run(argv, out, err, defs=defs, instance=instance) == 2
+        assert instance.get_runs() == []
+        assert err.getvalue().startswith("error: ") and words in err.getvalue()
+        assert len(err.getvalue().splitlines()) == 1 and "--missing-only" not in err.getvalue()
+        assert out.getvalue() == ""
+        err = io.StringIO()
+        assert run([*argv, "--verbose"], io.StringIO(), err, defs=defs, instance=instance) == 2
+        assert "Traceback (most recent call last)" in err.getvalue()
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal, as a user's console does."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_range_shows_a_progress_bar_on_a_terminal_only(small_demo_defs):
+    argv = ["--symbols", "ES,NQ", "--start", "2024-01", "--select", RAW_ASSET]
+    with instance_for_test() as instance:
+        out, err = io.StringIO(), Terminal()
+        assert run(argv, out, err, defs=small_demo_defs, instance=instance) == 0
+        assert "2/2" in err.getvalue() and "partition" in err.getvalue()  # tqdm's bar
+        assert "2/2" not in out.getvalue()  # the lines and the summary stay clean
+        out, err = io.StringIO(), io.StringIO()
+        assert (
+            run([*argv, "--missing-only"], out, err, defs=small_demo_defs, instance=instance) == 0
+        )
+        assert err.getvalue() == ""  # not a terminal (a log file, a pipe): no bar

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -178,34 +177,6 @@ def test_partitions_of_two_symbols_are_kept_apart(tmp_path):
     assert spy["ts_event"].min() >= Month(2024, 2).start
     assert spy["ts_event"].max() < Month(2024, 2).end
     assert store.aggregated_path("SPY", Month(2024, 2), parse_timeframe("1min")).exists()
-
-
-@pytest.mark.slow
-def test_readme_main_command_runs(tmp_path):
-    readme = (REPO / "README.md").read_text()
-    line = next(
-        ln.strip()
-        for ln in readme.splitlines()
-        if "dagster asset materialize -m dbento_assets" in ln
-    )
-    command = line[line.index("DBENTO_SOURCE=demo") :]
-    assert command.startswith("DBENTO_SOURCE=demo dagster asset materialize")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DBENTO_", "DAGSTER_HOME"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    done = subprocess.run(
-        ["bash", "-c", command],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    data = tmp_path / "data"
-    assert (data / "raw_1s" / "ES" / "ES_2024_01.parquet").is_file()
-    for label in ("15s", "30s", "1min"):
-        assert (data / "aggregated" / label / f"ES_2024_01_{label}.parquet").is_file()
-    shutil.rmtree(data)
 
 
 def test_one_timeframe_can_be_rebuilt_alone(tmp_path):

@@ -14,10 +14,12 @@ import itertools
 import os
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from functools import cache
 
 import databento
+import exchange_calendars as xcals
 import numpy as np
 import pandas as pd
 import pytest
@@ -32,6 +34,7 @@ from dbento_assets.core.demo import (
 )
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import FetchedMonth, FetchRequest, SourceError, origin_of
+from dbento_assets.core.validation import RULE_CALENDAR, calendar_name, run_raw_rules
 
 INSTRUMENTS = {
     "ES": Instrument("ES", "GLBX.MDP3", "ES.v.0", "continuous", 0.25, "future"),
@@ -102,6 +105,22 @@ def within(window: Month, day: int, start_hour: int, end_hour: int, tz: str) -> 
         local_instant(day, start_hour, tz) >= window.start
         and local_instant(day, end_hour, tz) <= window.end
     )
+
+
+@cache
+def calendar_days(calendar: str, tz: str) -> tuple[frozenset[int], frozenset[int]]:
+    """Local day numbers on which a session opens at its usual time, and those on which a
+    session closes at its usual time (so not a holiday, not an early close), in 2024."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pd.errors.Pandas4Warning)
+        schedule = xcals.get_calendar(calendar).schedule.loc["2023-12-01":"2025-01-31"]
+    opens = pd.DatetimeIndex(schedule["open"]).tz_convert(tz)
+    closes = pd.DatetimeIndex(schedule["close"]).tz_convert(tz)
+    usual_open = opens.hour == opens.hour.to_series().mode()[0]
+    usual_close = closes.hour == closes.hour.to_series().mode()[0]
+    day = pd.Timedelta(days=1)
+    as_days = lambda index: (index.tz_localize(None).normalize() - pd.Timestamp(0)) // day  # noqa: E731
+    return frozenset(as_days(opens[usual_open])), frozenset(as_days(closes[usual_close]))
 
 
 # --- determinism ------------------------------------------------------------------------------
@@ -207,15 +226,16 @@ def test_futures_trade_globex_hours_in_chicago_across_dst(month: str) -> None:
     opens = clock.per_day(np.where(minutes >= 17 * 60, minutes, 9_999), np.minimum)
     closes = clock.per_day(np.where(minutes < 16 * 60, minutes, -1), np.maximum)
     checked_opens = checked_closes = 0
+    open_days, close_days = calendar_days("CMES", tz)  # holidays and early closes: below
     for day, weekday_of_day in zip(*np.unique(clock.days, return_index=True), strict=True):
         wd = int(weekday[weekday_of_day])
-        if wd in (6, 0, 1, 2, 3) and within(window, day, 17, 18, tz):
+        if day in open_days and wd in (6, 0, 1, 2, 3) and within(window, day, 17, 18, tz):
             assert 17 * 60 <= opens[day] < 17 * 60 + 2, f"day {day}: no 17:00 open"
             checked_opens += 1
-        if wd in (0, 1, 2, 3, 4) and within(window, day, 15, 16, tz):
+        if day in close_days and wd in (0, 1, 2, 3, 4) and within(window, day, 15, 16, tz):
             assert closes[day] >= 15 * 60 + 58, f"day {day}: the session ends before 16:00"
             checked_closes += 1
-    assert checked_opens >= 18 and checked_closes >= 18
+    assert checked_opens >= 17 and checked_closes >= 17
     # Sundays: the weekend closure ends at 17:00 local, the DST Sunday included.
     sundays = [day for day in opens if (day + 3) % 7 == 6]
     assert len(sundays) >= 4
@@ -244,7 +264,7 @@ def test_equities_trade_four_to_twenty_new_york_on_weekdays(month: str) -> None:
     for day in first:
         if within(window, day, 4, 5, tz):
             assert first[day] < 4 * 60 + 5, f"day {day}: pre-market does not open at 04:00"
-        if within(window, day, 19, 20, tz):
+        if day in calendar_days("XNYS", tz)[1] and within(window, day, 19, 20, tz):
             assert last[day] >= 19 * 60 + 55, f"day {day}: after-hours end early"
     assert len(first) >= 20
     regular = (minutes >= 9 * 60 + 30) & (minutes < 16 * 60)
@@ -456,3 +476,32 @@ def test_fetch_marks_the_month_synthetic_and_logs_it() -> None:
     assert contracts[-1]["end_date"] == dt.date(2024, 2, 1).isoformat()
     assert answer.metadata["records"] == len(records_of(answer.payloads[0]))
     assert len(messages) == 1 and "SYNTHETIC" in messages[0] and "GC" in messages[0]
+
+
+def test_the_demo_follows_the_exchange_calendar() -> None:
+    """No trading on a holiday, none after an early close, and so calendar_complete passes."""
+    chicago = pd.DatetimeIndex(bars("ES", "2024-01")["ts_event"]).tz_convert("America/Chicago")
+    new_year = (chicago >= pd.Timestamp("2023-12-29 16:00", tz="America/Chicago")) & (
+        chicago < pd.Timestamp("2024-01-01 17:00", tz="America/Chicago")
+    )
+    assert not new_year.any(), "a bar on the CME's New Year holiday"
+    assert chicago[0] >= pd.Timestamp("2024-01-01 17:00", tz="America/Chicago")
+
+    es = pd.DatetimeIndex(bars("ES", "2024-11")["ts_event"]).tz_convert("America/Chicago")
+    thanksgiving = (es >= pd.Timestamp("2024-11-28 12:00", tz="America/Chicago")) & (
+        es < pd.Timestamp("2024-11-28 17:00", tz="America/Chicago")
+    )
+    assert not thanksgiving.any(), "a bar after the Thanksgiving early close (12:00 Chicago)"
+    assert (es.date == dt.date(2024, 11, 28)).any()  # the morning trades
+
+    spy = pd.DatetimeIndex(bars("SPY", "2024-11")["ts_event"]).tz_convert("America/New_York")
+    assert not (spy.date == dt.date(2024, 11, 28)).any(), "a bar on Thanksgiving (NYSE closed)"
+    friday = spy[spy.date == dt.date(2024, 11, 29)]
+    assert len(friday) and friday.max() < pd.Timestamp("2024-11-29 13:00", tz="America/New_York")
+
+    for symbol, month in (("ES", "2024-01"), ("ES", "2024-11"), ("SPY", "2024-11")):
+        instrument = INSTRUMENTS[symbol]
+        results = run_raw_rules(bars(symbol, month), Month.parse(month), instrument)
+        (calendar,) = [r for r in results if r.rule == RULE_CALENDAR]
+        assert calendar.passed, (symbol, month, calendar.description)
+        assert calendar.extra["calendar"] == calendar_name(instrument)

@@ -152,6 +152,28 @@ def test_the_key_comes_from_a_dotenv_file(gateway, env, monkeypatch, tmp_path):
     assert gateway.calls("metadata.get_cost")[0].auth_user == TEST_KEY
 
 
+def test_the_settings_file_never_overrides_the_shell(gateway, env, monkeypatch, tmp_path):
+    """dbento.env gives what the shell does not set; a variable set in the shell wins."""
+    (tmp_path / "dbento.env").write_text(
+        "DATABENTO_API_KEY=db-FROMTHEFILE\nDBENTO_MAX_COST_USD=0.000001\n"
+    )
+    out = io.StringIO()
+    assert run(["--symbols", "ES", "--start", "2024-01"], out) == 0
+    assert gateway.calls("metadata.get_cost")[0].auth_user == TEST_KEY  # the shell's key
+    assert "above the ceiling of $0.00 (DBENTO_MAX_COST_USD)" in out.getvalue()  # the file's
+
+
+def test_a_demo_user_without_a_key_is_not_told_to_use_the_demo(gateway, env, monkeypatch, capsys):
+    monkeypatch.delenv("DATABENTO_API_KEY")
+    monkeypatch.setenv("DBENTO_SOURCE", "demo")
+    assert run(["--symbols", "ES", "--start", "2024-01"], io.StringIO()) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the estimate prices downloads from Databento, and ")
+    assert "DBENTO_SOURCE=demo downloads nothing and costs nothing" in err
+    assert "use DBENTO_SOURCE=demo" not in err and len(err.splitlines()) == 1
+    assert gateway.count() == 0
+
+
 def test_runs_as_a_module(gateway, env, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "dbento_assets.estimate", "--symbols", "NQ", "--start", "2024-01"],

@@ -131,17 +131,19 @@ def test_fixing_the_failed_partition_clears_the_exit_code(tmp_path: Path) -> Non
     assert "| 2024-02 | pass |" in text and "No ERROR check failed." in text
 
 
-def test_bad_arguments_and_a_missing_instance_exit_2(
+def test_bad_arguments_exit_2_and_without_dagster_home_it_reads_the_project_history(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "r.md"
     with DagsterInstance.ephemeral() as instance:
         assert report.main(["--symbol", "XX", "--out", str(out)], instance) == 2
     assert "XX not in the catalog" in capsys.readouterr().err
-    monkeypatch.delenv("DAGSTER_HOME", raising=False)
-    assert report.main(["--out", str(out)]) == report.EXIT_UNUSABLE
-    assert "DAGSTER_HOME is not set" in capsys.readouterr().err
     assert not out.exists()
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert report.main(["--out", str(out)]) == report.EXIT_OK
+    assert f"the Dagster instance in {tmp_path / '.dagster_home'}" in out.read_text()
+    assert "r.md: 0 partitions checked" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -13,7 +13,10 @@ from the raw 64-bit output of a PCG64 generator seeded by SHA-256 of (symbol, mo
 turned into numbers with integer arithmetic and correctly rounded IEEE ``+ - * / sqrt`` only
 (no ``log``/``exp``, whose last bit varies between platforms, and none of numpy's distribution
 samplers, whose streams numpy does not promise to keep), so a partition gives the same bytes on
-any machine. Public holidays are not modelled: every weekday session trades.
+any machine. The exchange calendar of ``exchange_calendars`` that the ``calendar_complete`` check
+uses (:func:`dbento_assets.core.validation.calendar_name`) decides which days trade: no bar on a
+holiday, and none after an early close (futures stop at the session's close; equities, whose
+calendar has regular hours only, keep their pre-market and stop at the early close).
 None of this is market data; the source's metadata says so.
 """
 
@@ -22,17 +25,21 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import math
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
+import exchange_calendars as xcals
 import numpy as np
+import pandas as pd
 from databento.common.publishers import Publisher
 
 from dbento_assets.core.catalog import Instrument
 from dbento_assets.core.dbn import PRICE_SCALE, encode_month, ohlcv_records
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import FetchedMonth, FetchRequest, Logger, SourceError
+from dbento_assets.core.validation import calendar_name
 
 CHICAGO = ZoneInfo("America/Chicago")
 NEW_YORK = ZoneInfo("America/New_York")
@@ -161,7 +168,9 @@ def generate_month_records(
     profile_p, profile_rth = _profile_arrays(instrument.kind)
 
     # 1. Which seconds trade: every second of every trading piece, kept with probability p.
-    starts, lengths, tod0, day_index, n_days = _trading_pieces(instrument.kind, month)
+    starts, lengths, tod0, day_index, n_days = _trading_pieces(
+        instrument.kind, month, calendar_name(instrument)
+    )
     rng_days = _rng(instrument, month, "days")
     day_mult = 0.85 + 0.3 * _uniform(rng_days, n_days)  # busier and quieter days
     total = int(lengths.sum())
@@ -313,14 +322,16 @@ class DemoSource:
 
 
 def _trading_pieces(
-    kind: str, month: Month
+    kind: str, month: Month, calendar: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """Trading pieces clipped to the month: UTC start second, length, local time of day at the
-    start, index of the local date (for the day's activity), and the number of local dates."""
+    """Trading pieces clipped to the month and to the exchange's sessions: UTC start second,
+    length, local time of day at the start, index of the local date (for the day's activity),
+    and the number of local dates."""
     tz, sessions = (CHICAGO, _FUTURE_SESSIONS) if kind == "future" else (NEW_YORK, _EQUITY_SESSIONS)
     lo, hi = month.start_ns // _NS, month.end_ns // _NS
     first = dt.datetime.fromtimestamp(lo, tz).date() - dt.timedelta(days=1)
     last = dt.datetime.fromtimestamp(hi, tz).date()
+    windows = _session_windows(calendar, first, last, tz, extended=kind != "future")
     starts, lengths, tod0, day_index = [], [], [], []
     n_days = (last - first).days + 1
     for d in range(n_days):
@@ -329,12 +340,13 @@ def _trading_pieces(
         for a, b in sessions[day.weekday()]:
             s0 = _epoch_seconds(midnight + dt.timedelta(seconds=a))
             s1 = _epoch_seconds(midnight + dt.timedelta(seconds=b))
-            start, end = max(s0, lo), min(s1, hi)
-            if start < end:
-                starts.append(start)
-                lengths.append(end - start)
-                tod0.append(a + (start - s0))
-                day_index.append(d)
+            for w0, w1 in windows:
+                start, end = max(s0, lo, w0), min(s1, hi, w1)
+                if start < end:
+                    starts.append(start)
+                    lengths.append(end - start)
+                    tod0.append(a + (start - s0))
+                    day_index.append(d)
     return (
         np.array(starts, dtype=np.int64),
         np.array(lengths, dtype=np.int64),
@@ -342,6 +354,36 @@ def _trading_pieces(
         np.array(day_index, dtype=np.int64),
         n_days,
     )
+
+
+@lru_cache(maxsize=16)
+def _session_windows(
+    calendar: str, first: dt.date, last: dt.date, tz: ZoneInfo, *, extended: bool
+) -> tuple[tuple[int, int], ...]:
+    """The calendar's sessions around ``[first, last]`` as UTC seconds ``[open, close)``.
+
+    ``extended``: a session stands for its whole local date, up to its close when that is
+    early (an equity calendar lists the regular hours only, the demo also trades around them).
+    """
+    with warnings.catch_warnings():
+        # exchange_calendars reads Series.values, which pandas 3.1 flags as deprecated.
+        warnings.simplefilter("ignore", pd.errors.Pandas4Warning)
+        cal = xcals.get_calendar(
+            calendar,
+            start=pd.Timestamp(first - dt.timedelta(days=7)),
+            end=pd.Timestamp(last + dt.timedelta(days=7)),
+        )
+    schedule = cal.schedule.loc[pd.Timestamp(first) : pd.Timestamp(last + dt.timedelta(days=1))]
+    windows = []
+    for label, row in schedule.iterrows():
+        opens, closes = row["open"].to_pydatetime(), row["close"].to_pydatetime()
+        if extended:
+            midnight = dt.datetime.combine(label.date(), dt.time(), tzinfo=tz)
+            regular_close = dt.datetime.combine(label.date(), dt.time(16), tzinfo=tz)
+            opens = midnight
+            closes = closes if closes < regular_close else midnight + dt.timedelta(days=1)
+        windows.append((_epoch_seconds(opens), _epoch_seconds(closes)))
+    return tuple(windows)
 
 
 @lru_cache(maxsize=4)
