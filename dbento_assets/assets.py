@@ -56,7 +56,6 @@ from dbento_assets.checks import (
     refusal,
     selected_results,
     vendor_failure_in_run,
-    vendor_requested,
     vendor_result,
     windows_metadata,
 )
@@ -161,7 +160,7 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
             raise refusal(str(exc), failed) from None
         bars = decoded.bars
         rolls = sorted({int(i) for i in bars["instrument_id"].unique()}) if len(bars) else []
-        vendor = prefetch_vendor_1m(databento, source, request, context.log.info)
+        vendor = prefetch_vendor_1m(source, request, context.log.info)
         yield Output(
             bars,
             metadata={
@@ -272,16 +271,20 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
                 tf.seconds == 60
                 and AssetCheckKey(key, RULE_VENDOR) in context.selected_asset_check_keys
             ):
-                databento = context.resources.databento
-                vendor = vendor_failure_in_run(
-                    context.instance, partition, context.run.run_id
-                ) or load_vendor_1m(databento, instrument, month, context.log.info)
+                failure = vendor_failure_in_run(context.instance, partition, context.run.run_id)
+                vendor, requested = (
+                    (failure, True)
+                    if failure
+                    else load_vendor_1m(
+                        context.resources.databento, instrument, month, context.log.info
+                    )
+                )
                 compared = vendor_result(
                     bars,
                     vendor,
                     raw_coverage(context.instance, partition, month),
                     month,
-                    requested=vendor_requested(databento),
+                    requested=requested,
                     log=context.log.info,
                 )
                 if compared is not None:  # None: nothing to compare, left unevaluated

@@ -15,12 +15,10 @@ guarantee, whatever the instance remembers) and :func:`raw_failures_in_instance`
 blocking raw check whose latest evaluation for the partition failed after the latest raw
 materialization (a refused download: raw is fixed once ``raw_1s_bars`` materializes again with
 its checks passing). The vendor cross-check compares ``bars_1min`` with Databento's own
-ohlcv-1m of the same instrument-month (:func:`load_vendor_1m`): ohlcv-1m files in the
-``DBENTO_DBN_DIR`` folder with ``DBENTO_SOURCE=dbn``, or with ``DBENTO_SOURCE=databento`` and
-the resource's ``vendor_check`` on (``DBENTO_VENDOR_CHECK=true``), Databento's ohlcv-1m bought
-by ``raw_1s_bars`` in the download pool (:func:`prefetch_vendor_1m`) and cached next to the
-1-second file. Only minutes both the 1s data and the 1m data fully cover are compared
-(:func:`~dbento_assets.core.coverage.dbn_coverage` reads the DBN headers; a request cut short
+ohlcv-1m of the same instrument-month, which the source in force provides
+(``MonthSource.vendor_bars``: the DBN folder's ohlcv-1m files, or Databento's, bought by
+``raw_1s_bars`` in the download pool when ``DBENTO_VENDOR_CHECK=true``). Only minutes both the
+1s data and the 1m data fully cover are compared (a request cut short
 by its ``limit`` covers up to its last record). With nothing to compare it is never a green
 pass: when the user asked for the comparison (``DBENTO_VENDOR_CHECK=true``) and the 1-minute
 bars could not be had, it is a failed WARN (yellow in the UI, never blocking: Dagster blocks
@@ -32,7 +30,7 @@ check as skipped, and the step's log says why.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import pandas as pd
@@ -61,18 +59,12 @@ from dbento_assets.core.catalog import Catalog, Instrument
 from dbento_assets.core.coverage import (
     VendorMonth,
     Window,
-    dbn_coverage,
     intersect_windows,
     merge_windows,
     whole_minutes,
 )
-from dbento_assets.core.databento_api import VENDOR_SCHEMA, DatabentoSource
-from dbento_assets.core.dbn import DbnError, decode_month
-from dbento_assets.core.dbn_files import DbnFilesSource
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import (
-    DownloadRefused,
-    FetchedMonth,
     FetchRequest,
     Logger,
     MonthSource,
@@ -321,56 +313,25 @@ def raw_coverage(instance: DagsterInstance, partition: str, month: Month) -> lis
 # --------------------------------------------------------------------------- vendor 1m
 
 
-def vendor_accept(instrument: Instrument, month: Month) -> Callable[[FetchedMonth], VendorMonth]:
-    """The ``accept`` of a vendor 1m download: it must decode and its bars must be consistent
-    (high/low), or it is refused, quarantined and remembered (not bought again without force).
-    Returns what the cross-check compares with, so the file is decoded once per step."""
-
-    def accept(fetched: FetchedMonth) -> VendorMonth:
-        bars = decode_month(
-            fetched.payloads, instrument.symbol, month, fetched.instrument_ids, VENDOR_SCHEMA
-        ).bars
-        ohlc = v.check_ohlc(bars)
-        if not ohlc.passed:
-            raise DownloadRefused(
-                f"Databento's {VENDOR_SCHEMA} bars of {instrument.symbol} {month} fail the "
-                f"rule {ohlc.rule} ({ohlc.description}).",
-                rules=[ohlc.rule],
-            )
-        covered = dbn_coverage(fetched.payloads, month, VENDOR_SCHEMA)
-        return VendorMonth(bars, covered, f"Databento API ({VENDOR_SCHEMA})")
-
-    return accept
-
-
-def prefetch_vendor_1m(
-    databento: DatabentoResource, source: MonthSource, request: FetchRequest, log: Logger
-) -> dict[str, Any]:
+def prefetch_vendor_1m(source: MonthSource, request: FetchRequest, log: Logger) -> dict[str, Any]:
     """Buy Databento's ohlcv-1m of the partition in the download step, when it is wanted.
 
-    Only with the API source and the resource's ``vendor_check`` on (``DBENTO_VENDOR_CHECK``):
     ``raw_1s_bars`` runs in the ``databento`` pool, so the paid 1-minute request shares the
-    pool's limit with the 1-second one, and a forced download (``request.force``) renews both.
-    The file lands in the DBN cache next to the 1-second one, where ``bars_1min``'s check
-    finds it. A failed or refused download never fails the data: it is logged and returned
-    as ``vendor_1m_error`` (the check of this run then says why it compared nothing); a
-    refused one is remembered by the cache and not bought again without force. Returns the
-    metadata to add to the raw materialization (empty when nothing was asked).
+    pool's limit with the 1-second one, and a forced download (``request.force``) renews both;
+    ``bars_1min``'s check then finds the file in the cache. A failure never fails the data:
+    it is returned as ``vendor_1m_error`` (the check of this run then says why it compared
+    nothing). Returns the metadata to add to the raw materialization (empty when not asked).
     """
-    if not databento.vendor_check or not isinstance(source, DatabentoSource):
+    if not source.vendor_requested:
         return {}
-    try:
-        fetched, _ = source.fetch_accepted(
-            request, log, vendor_accept(request.instrument, request.month), VENDOR_SCHEMA
-        )
-    except (SourceError, DbnError, OSError) as exc:
-        log(f"Databento's 1-minute bars (for the vendor cross-check) were not downloaded: {exc}")
-        return {VENDOR_ERROR_KEY: str(exc)}
-    found = fetched.metadata
+    found = source.vendor_bars(request, log)
+    if isinstance(found, str):
+        log(f"Databento's 1-minute bars (for the vendor cross-check) were not downloaded: {found}")
+        return {VENDOR_ERROR_KEY: found}
     return {
-        f"vendor_1m_{key}": found[key]
+        f"vendor_1m_{key}": found.metadata[key]
         for key in ("dbn_cache", "dbn_file", "cost_usd", "record_count")
-        if found.get(key) is not None
+        if found.metadata.get(key) is not None
     }
 
 
@@ -389,52 +350,14 @@ def vendor_failure_in_run(instance: DagsterInstance, partition: str, run_id: str
 
 def load_vendor_1m(
     databento: DatabentoResource, instrument: Instrument, month: Month, log: Logger
-) -> VendorMonth | str:
-    """Databento's own 1m bars for the partition, or the reason there are none to compare.
-
-    Source ``dbn``: ohlcv-1m files in its folder (:meth:`DbnFilesSource.vendor_1m`). Source
-    ``databento``: only when the resource's ``vendor_check`` is on, via the API source's
-    :meth:`~dbento_assets.core.databento_api.DatabentoSource.fetch_vendor_1m`: normally a
-    cache hit, as ``raw_1s_bars`` downloaded the file (:func:`prefetch_vendor_1m`); a
-    download when raw was materialized before the setting was on; a refused download is
-    not bought again (the cache remembers it) unless raw is forced. Source ``demo``: synthetic
-    data, nothing to compare. A failed lookup or download is a reason too (the check is a
-    WARN saying it compared nothing; it neither passes nor blocks the data).
-    """
-    name = (databento.source or "").strip().lower()
+) -> tuple[VendorMonth | str, bool]:
+    """Databento's own 1m bars for the partition from the source in force (or the reason there
+    are none to compare), and whether the user asked for the comparison."""
     try:
-        if name == "dbn":
-            folder = (databento.dbn_dir or "").strip()
-            found = DbnFilesSource(folder).vendor_1m(instrument, month) if folder else None
-            if found is None:
-                return (
-                    f"no {VENDOR_SCHEMA} DBN file for {instrument.symbol} "
-                    f"({instrument.request_symbol}, {instrument.dataset}) in {month} in "
-                    f"{databento.dbn_dir}"
-                )
-            return found
-        if name == "databento":
-            if not databento.vendor_check:
-                return (
-                    "the optional download of Databento's 1-minute bars is off "
-                    "(DBENTO_VENDOR_CHECK=true turns it on)"
-                )
-            _, found = databento.api_source().fetch_accepted(
-                FetchRequest(instrument, month),
-                log,
-                vendor_accept(instrument, month),
-                VENDOR_SCHEMA,
-            )
-            return found
-    except (SourceError, DbnError, OSError) as exc:
-        return f"Databento's 1-minute bars could not be read ({exc})"
-    return "the demo source is synthetic, there are no Databento bars to compare with"
-
-
-def vendor_requested(databento: DatabentoResource) -> bool:
-    """Whether the user asked for the vendor comparison (``DBENTO_VENDOR_CHECK=true`` with the
-    API source): then a comparison that could not happen is a warning, not a silence."""
-    return databento.vendor_check and (databento.source or "").strip().lower() == "databento"
+        source = databento.month_source()
+    except SourceError as exc:
+        return f"no source to read Databento's 1-minute bars from ({exc})", False
+    return source.vendor_bars(FetchRequest(instrument, month), log), source.vendor_requested
 
 
 def vendor_result(

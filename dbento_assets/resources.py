@@ -166,6 +166,7 @@ class DatabentoResource(ConfigurableResource):
             timeout_seconds=self.timeout_seconds,
             retry=self.retry_policy(),
             catalog_file=Path(catalog_file) if catalog_file is not None else None,
+            vendor_check=self.vendor_check,
         )
 
 

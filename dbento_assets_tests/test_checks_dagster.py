@@ -38,24 +38,27 @@ from dbento_assets.checks import (
     CHECKED_ON_DISK,
     REFUSED,
     SAVED,
-    VendorMonth,
     all_check_keys,
-    dbn_coverage,
     evaluation_of,
-    intersect_windows,
     latest_evaluation,
     load_vendor_1m,
-    merge_windows,
     raw_gate,
-    whole_minutes,
 )
 from dbento_assets.core import validation as v
 from dbento_assets.core.aggregate import aggregate_bars
 from dbento_assets.core.catalog import Catalog, load_catalog
+from dbento_assets.core.coverage import (
+    VendorMonth,
+    dbn_coverage,
+    intersect_windows,
+    merge_windows,
+    whole_minutes,
+)
+from dbento_assets.core.databento_api import DatabentoSource
 from dbento_assets.core.dbn import decode_month, encode_month, encode_ohlcv, read_records
 from dbento_assets.core.demo import DemoSource
 from dbento_assets.core.months import Month
-from dbento_assets.core.source import FetchedMonth, FetchRequest, Logger
+from dbento_assets.core.source import FetchedMonth, FetchRequest, Logger, MonthSource
 from dbento_assets.core.storage import BarStore
 from dbento_assets.core.timeframes import parse_timeframe
 from dbento_assets.io_managers import BarFileIOManager
@@ -173,22 +176,38 @@ def failure_description(result: ExecuteInProcessResult) -> str:
     return "\n".join(e.step_failure_data.user_failure_data.description for e in failures)
 
 
-class CorruptingSource:
+class CorruptingSource(DemoSource):
     """The demo source with its DBN records damaged by ``corrupt`` (a month source)."""
 
-    name = "demo"
-
     def __init__(self, corrupt: Corruption, extra_ids: frozenset[int] = frozenset()) -> None:
+        super().__init__(activity=ACTIVITY)
         self.corrupt = corrupt
         self.extra_ids = extra_ids
 
     def fetch(self, request: FetchRequest, log: Logger) -> FetchedMonth:
-        fetched = DemoSource(activity=ACTIVITY).fetch(request, log)
+        fetched = super().fetch(request, log)
         (payload,) = fetched.payloads
         records, _ = read_records(payload)
         damaged = encode_month(self.corrupt(records.copy()), request.instrument, request.month)
         ids = (fetched.instrument_ids or frozenset()) | self.extra_ids
         return FetchedMonth([damaged], ids, fetched.metadata)
+
+
+class Router:
+    """A month source sending the partitions of ``plan`` through their corruption."""
+
+    name = "demo"
+    vendor_requested = False
+
+    def __init__(self, plan: dict[str, CorruptingSource], fallback: MonthSource) -> None:
+        self.plan, self.fallback = plan, fallback
+
+    def fetch(self, request: FetchRequest, log: Logger) -> FetchedMonth:
+        key = f"{request.month.key}|{request.instrument.symbol}"
+        return self.plan.get(key, self.fallback).fetch(request, log)
+
+    def vendor_bars(self, request: FetchRequest, log: Logger) -> VendorMonth | str:
+        return self.fallback.vendor_bars(request, log)
 
 
 @pytest.fixture
@@ -198,21 +217,10 @@ def corrupt_source(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
     plan: dict[str, CorruptingSource] = {}
     real = DatabentoResource.month_source
 
-    class Router:
-        name = "demo"
-
-        def __init__(self, fallback: object) -> None:
-            self.fallback = fallback
-
-        def fetch(self, request: FetchRequest, log: Logger) -> FetchedMonth:
-            key = f"{request.month.key}|{request.instrument.symbol}"
-            chosen = plan.get(key, self.fallback)
-            return chosen.fetch(request, log)
-
     monkeypatch.setattr(
         DatabentoResource,
         "month_source",
-        lambda self, catalog_file=None: Router(real(self, catalog_file)),
+        lambda self, catalog_file=None: Router(plan, real(self, catalog_file)),
     )
 
     def arrange(partition: str, corrupt: Corruption | None, extra_ids=frozenset()) -> None:
@@ -747,27 +755,33 @@ def encode_bytes(records: np.ndarray) -> bytes:
 
 
 def test_the_api_source_is_asked_for_1m_bars_only_when_the_user_turns_it_on(
-    monkeypatch: pytest.MonkeyPatch, qqq_catalog: Catalog
+    monkeypatch: pytest.MonkeyPatch, qqq_catalog: Catalog, tmp_path: Path
 ) -> None:
     qqq = qqq_catalog.instrument("QQQ")
     asked: list[FetchRequest] = []
 
-    class Api:  # stands in for DatabentoSource.fetch_accepted (a download, cached)
+    class Api(DatabentoSource):  # the real source, with fetch_accepted standing in for a download
         def fetch_accepted(
-            self, request: FetchRequest, log: Logger, accept: Callable, schema: str
+            self, request: FetchRequest, log: Logger, accept: Callable, schema: str = "ohlcv-1s"
         ) -> tuple[FetchedMonth, object]:
             assert schema == "ohlcv-1m"
             asked.append(request)
             fetched = FetchedMonth([SAMPLES / "test_data.ohlcv-1m.dbn.zst"], frozenset({13340}))
             return fetched, accept(fetched)
 
-    monkeypatch.setattr(DatabentoResource, "api_source", lambda self, c=None: Api())
+    monkeypatch.setattr(
+        DatabentoResource,
+        "api_source",
+        lambda self, c=None: Api("db-test", tmp_path, vendor_check=self.vendor_check),
+    )
     resource = DatabentoResource(source="databento", api_key="db-test")
-    off = load_vendor_1m(resource, qqq, QQQ_MONTH, lambda _m: None)
+    off, requested = load_vendor_1m(resource, qqq, QQQ_MONTH, lambda _m: None)
     assert isinstance(off, str) and "DBENTO_VENDOR_CHECK=true" in off and asked == []
+    assert not requested
 
     resource = DatabentoResource(source="databento", api_key="db-test", vendor_check=True)
-    found = load_vendor_1m(resource, qqq, QQQ_MONTH, lambda _m: None)
+    found, requested = load_vendor_1m(resource, qqq, QQQ_MONTH, lambda _m: None)
+    assert requested
     assert asked == [FetchRequest(qqq, QQQ_MONTH)]
     assert isinstance(found, VendorMonth) and len(found.bars) == 4
     assert found.covered == [

@@ -21,12 +21,12 @@ import pytest
 from dagster import DagsterInstance
 
 from dbento_assets import report
-from dbento_assets.core.source import FetchedMonth, FetchRequest, Logger
 from dbento_assets.resources import DatabentoResource
 from dbento_assets_tests.test_checks_dagster import (
     ES_FEB,
     ES_JAN,
     CorruptingSource,
+    Router,
     repeat_a_bar,
     run,
 )
@@ -40,19 +40,6 @@ def drop_a_trading_day(records: np.ndarray) -> np.ndarray:
     start = pd.Timestamp(MISSING_DAY, tz="UTC").value
     ts = records["ts_event"].astype("int64")
     return records[(ts < start) | (ts >= start + 86_400 * 1_000_000_000)]
-
-
-class Router:
-    """A month source sending the partitions of ``plan`` through their corruption."""
-
-    name = "demo"
-
-    def __init__(self, plan: dict[str, CorruptingSource], fallback: object) -> None:
-        self.plan, self.fallback = plan, fallback
-
-    def fetch(self, request: FetchRequest, log: Logger) -> FetchedMonth:
-        key = f"{request.month.key}|{request.instrument.symbol}"
-        return self.plan.get(key, self.fallback).fetch(request, log)
 
 
 @contextmanager

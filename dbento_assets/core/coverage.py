@@ -17,7 +17,8 @@ one instrument-month, the windows they cover and where they came from.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -48,6 +49,7 @@ class VendorMonth:
     bars: pd.DataFrame
     covered: list[Window]
     origin: str
+    metadata: dict[str, Any] = field(default_factory=dict)  # the download's, for the UI
 
 
 def dbn_coverage(payloads: Iterable[DbnPayload], month: Month, schema: str) -> list[Window]:

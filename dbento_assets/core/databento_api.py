@@ -39,7 +39,7 @@ import email.utils
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -50,12 +50,14 @@ import tenacity
 from databento import BentoClientError, BentoError, BentoServerError
 
 from dbento_assets.core.catalog import Instrument, catalog_path
+from dbento_assets.core.coverage import VendorMonth, dbn_coverage
 from dbento_assets.core.dbn import (
     OHLCV_RTYPES,
     DbnError,
     DbnFileCheck,
     TruncatedDbn,
     check_dbn_file,
+    decode_month,
 )
 from dbento_assets.core.dbn_cache import (
     FORCE_HINT,
@@ -73,6 +75,7 @@ from dbento_assets.core.source import (
     Logger,
     SourceError,
 )
+from dbento_assets.core.validation import check_ohlc
 
 T = TypeVar("T")
 
@@ -184,6 +187,28 @@ def _announced(metadata: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _vendor_accept(instrument: Instrument, month: Month) -> Callable[[FetchedMonth], VendorMonth]:
+    """The ``accept`` of a vendor 1m download: it must decode and its bars must be consistent
+    (high/low), or it is refused, quarantined and remembered (not bought again without force).
+    Returns what the cross-check compares with, so the file is decoded once per step."""
+
+    def accept(fetched: FetchedMonth) -> VendorMonth:
+        bars = decode_month(
+            fetched.payloads, instrument.symbol, month, fetched.instrument_ids, VENDOR_SCHEMA
+        ).bars
+        ohlc = check_ohlc(bars)
+        if not ohlc.passed:
+            raise DownloadRefused(
+                f"Databento's {VENDOR_SCHEMA} bars of {instrument.symbol} {month} fail the "
+                f"rule {ohlc.rule} ({ohlc.description}).",
+                rules=[ohlc.rule],
+            )
+        covered = dbn_coverage(fetched.payloads, month, VENDOR_SCHEMA)
+        return VendorMonth(bars, covered, f"Databento API ({VENDOR_SCHEMA})")
+
+    return accept
+
+
 def _accept_all(fetched: FetchedMonth) -> None:
     """The ``accept`` of a plain fetch: the file checks are the only gate."""
 
@@ -204,6 +229,7 @@ class DatabentoSource:
         timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
         retry: RetryPolicy | None = None,
         catalog_file: Path | None = None,
+        vendor_check: bool = False,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
     ) -> None:
@@ -223,6 +249,7 @@ class DatabentoSource:
         self.timeout_seconds = float(timeout_seconds)
         self.retry = retry or RetryPolicy()
         self.catalog_file = catalog_file
+        self.vendor_requested = vendor_check
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._client: databento.Historical | None = None
@@ -249,6 +276,24 @@ class DatabentoSource:
         and month window), cached as ``<SYM>_<YYYY>_<MM>.ohlcv-1m.dbn.zst`` and downloaded
         first when needed, with every check, ceiling and retry of :meth:`fetch`."""
         return self.fetch_accepted(request, log, _accept_all, VENDOR_SCHEMA)[0]
+
+    def vendor_bars(self, request: FetchRequest, log: Logger) -> VendorMonth | str:
+        """Databento's ohlcv-1m of the partition when the user asked for the comparison
+        (``DBENTO_VENDOR_CHECK``): cached like the 1-second month, bought at most once (a
+        refused download is remembered), renewed by a forced request. Any failure is the
+        reason there is nothing to compare; it never fails the data."""
+        if not self.vendor_requested:
+            return (
+                "the optional download of Databento's 1-minute bars is off "
+                "(DBENTO_VENDOR_CHECK=true turns it on)"
+            )
+        try:
+            fetched, found = self.fetch_accepted(
+                request, log, _vendor_accept(request.instrument, request.month), VENDOR_SCHEMA
+            )
+        except (SourceError, DbnError, OSError) as exc:
+            return f"Databento's 1-minute bars could not be read ({exc})"
+        return replace(found, metadata=fetched.metadata)
 
     def fetch_accepted(
         self,

@@ -107,6 +107,7 @@ class DbnFilesSource:
     """A folder of DBN files as a :class:`~dbento_assets.core.source.MonthSource`."""
 
     name = "dbn"
+    vendor_requested = False
 
     def __init__(self, dbn_dir: Path | str) -> None:
         self.dbn_dir = Path(dbn_dir).expanduser()
@@ -192,6 +193,17 @@ class DbnFilesSource:
             metadata["first_day_covered"] = days_in_month[0].isoformat()
             metadata["last_day_covered"] = days_in_month[-1].isoformat()
         return FetchedMonth(payloads=payloads, instrument_ids=frozenset(wanted), metadata=metadata)
+
+    def vendor_bars(self, request: FetchRequest, log: Logger) -> VendorMonth | str:
+        """The folder's ohlcv-1m of the partition (they cost nothing, so always compared)."""
+        inst, month = request.instrument, request.month
+        found = self.vendor_1m(inst, month)
+        if found is None:
+            return (
+                f"no {VENDOR_SCHEMA} DBN file for {inst.symbol} ({inst.request_symbol}, "
+                f"{inst.dataset}) in {month} in {self.dbn_dir}"
+            )
+        return found
 
     def vendor_1m(self, instrument: Instrument, month: Month) -> VendorMonth | None:
         """Databento's ohlcv-1m of the instrument-month from the folder, or None if no file.

@@ -33,7 +33,7 @@ from zoneinfo import ZoneInfo
 import exchange_calendars as xcals
 import numpy as np
 import pandas as pd
-from databento.common.publishers import Publisher
+from databento import Publisher
 
 from dbento_assets.core.catalog import Instrument
 from dbento_assets.core.dbn import PRICE_SCALE, encode_month, ohlcv_records
@@ -267,12 +267,16 @@ class DemoSource:
     """
 
     name = "demo"
+    vendor_requested = False
 
     def __init__(self, activity: float = 1.0, compress: bool = False) -> None:
         if not (isinstance(activity, int | float) and math.isfinite(activity) and activity > 0):
             raise ValueError(f"demo activity must be a positive finite number, got {activity!r}")
         self.activity = float(activity)
         self.compress = compress
+
+    def vendor_bars(self, request: FetchRequest, log: Logger) -> str:
+        return "the demo source is synthetic, there are no Databento bars to compare with"
 
     def fetch(self, request: FetchRequest, log: Logger) -> FetchedMonth:
         instrument, month = request.instrument, request.month

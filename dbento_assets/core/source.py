@@ -14,11 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from dbento_assets.core.catalog import Instrument
 from dbento_assets.core.dbn import DbnPayload
 from dbento_assets.core.months import Month
+
+if TYPE_CHECKING:  # coverage imports this module
+    from dbento_assets.core.coverage import VendorMonth
 
 SYNTHETIC = "synthetic"
 VENDOR = "databento"
@@ -77,7 +80,14 @@ class MonthSource(Protocol):
 
     name: str
 
+    # Whether the user asked for the vendor comparison: then comparing nothing is a warning.
+    vendor_requested: bool
+
     def fetch(self, request: FetchRequest, log: Logger) -> FetchedMonth: ...
+
+    def vendor_bars(self, request: FetchRequest, log: Logger) -> VendorMonth | str:
+        """Databento's own ohlcv-1m bars of the partition, or why there are none to compare."""
+        ...
 
 
 @runtime_checkable
