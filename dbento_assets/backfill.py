@@ -23,6 +23,7 @@ every partition succeeded, 1 when any failed and 2 for bad options.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -339,8 +340,32 @@ def _run_one(
         )
     seconds = time.monotonic() - start
     if result.success:
-        return PartitionOutcome(partition, True, seconds, result.run_id)
-    return PartitionOutcome(partition, False, seconds, result.run_id, _failure_text(result))
+        outcome = PartitionOutcome(partition, True, seconds, result.run_id)
+    else:
+        outcome = PartitionOutcome(partition, False, seconds, result.run_id, _failure_text(result))
+    _release_outputs(result)
+    return outcome
+
+
+def _release_outputs(result: ExecuteInProcessResult) -> None:
+    """Let go of the bar frames of a finished run, so a long range holds its memory flat.
+
+    ``execute_in_process`` keeps every output value of the run (the raw month and all its
+    bars) in a dict the result shares with the run's step contexts, and nothing public
+    empties it (dagster-io/dagster#9731). Those contexts sit in reference cycles, freed only
+    whenever the collector's oldest generation next runs, and Dagster 1.13 keeps the step
+    contexts of the first run in a process for good: its ``@record`` classes compile their
+    constructor on first use with the caller's local variables as globals, and one such
+    caller holds the step context. So the dict is emptied here (the outcome is already
+    read) and the cycles collected now; without this every run after the first carried a
+    month of frames more (benchmarks/bench_memory.py). The attribute is private: if a
+    Dagster release renames it, only the emptying is skipped, and
+    dbento_assets_tests/test_memory.py fails to say so.
+    """
+    captured = getattr(result, "_output_capture", None)
+    if isinstance(captured, dict):
+        captured.clear()
+    gc.collect()
 
 
 def _failure_text(result: ExecuteInProcessResult) -> str:
