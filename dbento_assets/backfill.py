@@ -360,7 +360,7 @@ def _release_outputs(result: ExecuteInProcessResult) -> None:
     read) and the cycles collected now; without this every run after the first carried a
     month of frames more (benchmarks/bench_memory.py). The attribute is private: if a
     Dagster release renames it, only the emptying is skipped, and
-    dbento_assets_tests/test_memory.py fails to say so.
+    test_a_backfill_empties_the_outputs_dagster_captured fails to say so.
     """
     captured = getattr(result, "_output_capture", None)
     if isinstance(captured, dict):
