@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
 from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
     AssetKey,
     AssetSelection,
     DagsterEventType,
@@ -42,6 +44,10 @@ from dagster import (
     ExecuteInProcessResult,
     JobDefinition,
     MultiPartitionsDefinition,
+    Output,
+    StaticPartitionsDefinition,
+    asset,
+    materialize,
 )
 
 from dbento_assets.assets import FORCE_TAG
@@ -208,6 +214,8 @@ def run_partitions(
     if force:
         run_tags[FORCE_TAG] = "true"
     done = _materialized_everywhere(instance, asset_keys) if missing_only else set()
+    if any(name not in done for name in partitions):
+        warm_up()
     summary = Summary()
     for name in partitions:
         if name in done:
@@ -319,6 +327,55 @@ def _materialized_everywhere(instance: DagsterInstance, asset_keys: Sequence[Ass
     return set.intersection(*sets) if sets else set()
 
 
+_WARM_UP_PARTITIONS = StaticPartitionsDefinition(["warm-up"])
+
+
+@asset(partitions_def=_WARM_UP_PARTITIONS)
+def dbento_warm_up_source() -> int:
+    return 0
+
+
+@asset(
+    partitions_def=_WARM_UP_PARTITIONS,
+    check_specs=[AssetCheckSpec("warm_up", asset="dbento_warm_up_sink")],
+)
+def dbento_warm_up_sink(dbento_warm_up_source: int) -> Iterator[Output | AssetCheckResult]:
+    yield Output(dbento_warm_up_source)
+    yield AssetCheckResult(passed=True)
+
+
+_warmed_up = False
+
+
+def warm_up() -> None:
+    """Run a throwaway two-asset job once per process, before the first real partition.
+
+    Dagster 1.13 compiles the constructor of each of its ``@record`` classes the first time
+    one is built, with the caller's local variables copied into the compiled function's
+    globals (dagster_shared/record: ``JitCheckedNew`` -> ``EvalContext.update_from_frame``),
+    and keeps that function for the life of the process. Two such first builds happen
+    inside a run, in frames that hold the step context: ``AssetCheckEvaluation`` and its
+    ``AssetCheckEvaluationTargetMaterializationData`` (an asset check result), and
+    ``StepInputData`` (an input loaded from an upstream asset). A step context holds the
+    run's captured outputs, so the first real partition of a backfill stayed in memory for
+    good, a month of frames (benchmarks/bench_memory.py). This run has an input and a check
+    result, so what Dagster keeps is its own step context, with one integer as output.
+    dbento_assets_tests/test_memory.py fails if a Dagster release pins something else.
+    """
+    global _warmed_up
+    if _warmed_up:
+        return
+    with DagsterInstance.ephemeral() as instance:
+        materialize(
+            [dbento_warm_up_source, dbento_warm_up_sink],
+            instance=instance,
+            partition_key="warm-up",
+            run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
+        )
+    _warmed_up = True
+    gc.collect()
+
+
 def _run_one(
     job: JobDefinition,
     instance: DagsterInstance,
@@ -343,29 +400,12 @@ def _run_one(
         outcome = PartitionOutcome(partition, True, seconds, result.run_id)
     else:
         outcome = PartitionOutcome(partition, False, seconds, result.run_id, _failure_text(result))
-    _release_outputs(result)
-    return outcome
-
-
-def _release_outputs(result: ExecuteInProcessResult) -> None:
-    """Let go of the bar frames of a finished run, so a long range holds its memory flat.
-
-    ``execute_in_process`` keeps every output value of the run (the raw month and all its
-    bars) in a dict the result shares with the run's step contexts, and nothing public
-    empties it (dagster-io/dagster#9731). Those contexts sit in reference cycles, freed only
-    whenever the collector's oldest generation next runs, and Dagster 1.13 keeps the step
-    contexts of the first run in a process for good: its ``@record`` classes compile their
-    constructor on first use with the caller's local variables as globals, and one such
-    caller holds the step context. So the dict is emptied here (the outcome is already
-    read) and the cycles collected now; without this every run after the first carried a
-    month of frames more (benchmarks/bench_memory.py). The attribute is private: if a
-    Dagster release renames it, only the emptying is skipped, and
-    test_a_backfill_empties_the_outputs_dagster_captured fails to say so.
-    """
-    captured = getattr(result, "_output_capture", None)
-    if isinstance(captured, dict):
-        captured.clear()
+    # The run's result holds every output value of the run (a month of frames) in
+    # reference cycles: collect them now rather than when the collector's oldest
+    # generation next happens to run.
+    del result
     gc.collect()
+    return outcome
 
 
 def _failure_text(result: ExecuteInProcessResult) -> str:
