@@ -21,6 +21,7 @@ from dagster import (
     AssetKey,
     ConfigurableIOManager,
     Failure,
+    InitResourceContext,
     InputContext,
     MetadataValue,
     OutputContext,
@@ -119,6 +120,11 @@ class BarFileIOManager(ConfigurableIOManager):
         frame.attrs[IDENTITY_ATTR] = identity
         return frame
 
+    def teardown_after_execution(self, context: InitResourceContext) -> None:
+        # A run that wrote raw_1s_bars without aggregating it must not leave its month in
+        # memory for the rest of the process (a backfill runs many partitions in one).
+        _HANDOFF.clear()
+
 
 class _Handoff:
     """The raw month just written by this process, for the next step of the same run.
@@ -127,7 +133,8 @@ class _Handoff:
     written ``raw_1s_bars``; it takes the frame from here instead of reading the file back.
     The frame is handed over only while the file on disk is exactly the one written (same
     inode, size and modification time), so a file replaced or rewritten since is read
-    afresh; only local files qualify, and only one month is kept.
+    afresh; only local files qualify, and only one month is kept: taking it empties the
+    handoff, and so does the end of the run, so no month outlives its run.
     """
 
     def __init__(self) -> None:
@@ -148,10 +155,13 @@ class _Handoff:
         self._entry = None if signature is None else (str(path), signature, frame)
 
     def take(self, path: UPath) -> pd.DataFrame | None:
-        entry = self._entry
+        entry, self._entry = self._entry, None
         if entry is None or entry[0] != str(path) or entry[1] != self._signature(path):
             return None
         return entry[2]
+
+    def clear(self) -> None:
+        self._entry = None
 
 
 _HANDOFF = _Handoff()

@@ -233,6 +233,9 @@ def test_handoff_is_refused_once_the_file_on_disk_changed(tmp_path):
     handoff = _Handoff()
     handoff.keep(path, bars)
     assert handoff.take(path) is bars
+    assert handoff.take(path) is None  # handed over once: the handoff keeps no month after
+    handoff.keep(path, bars)
     assert handoff.take(store.raw_path("NQ", JAN)) is None
+    handoff.keep(path, bars)
     store.write(bars.iloc[:-1], path)  # rewritten since: the file must be read again
     assert handoff.take(path) is None
