@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from dagster import (
     AssetCheckResult,
@@ -47,9 +47,6 @@ from dbento_assets.core.months import Month, month_range
 from dbento_assets.core.source import origin_of
 from dbento_assets.io_managers import RAW_ASSET
 from dbento_assets.partitions import MONTH_DIM, SYMBOL_DIM, partition_key
-
-if TYPE_CHECKING:
-    from dagster._utils.error import SerializableErrorInfo
 
 RANGE_TAG = "dbento/range"
 KEY_FORM = "YYYY-MM-01|SYMBOL, for example 2024-01-01|ES"
@@ -400,7 +397,7 @@ def _failure_text(result: ExecuteInProcessResult) -> str:
     return "the run failed (see the run in the Dagster UI)"
 
 
-def _root_message(error: SerializableErrorInfo) -> str:
+def _root_message(error: _ErrorInfo) -> str:
     """The innermost error, ``SourceError: ...``: the source's words, not Dagster's wrapper."""
     while error.cause is not None:
         error = error.cause
@@ -409,6 +406,14 @@ def _root_message(error: SerializableErrorInfo) -> str:
     if sep and error.cls_name and prefix.endswith(error.cls_name):
         return f"{error.cls_name}: {rest}"
     return message
+
+
+class _ErrorInfo(Protocol):
+    """What a step failure's error info offers (Dagster does not export its class)."""
+
+    message: str
+    cls_name: str | None
+    cause: _ErrorInfo | None
 
 
 def _line(outcome: PartitionOutcome) -> str:
