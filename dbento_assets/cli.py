@@ -200,8 +200,7 @@ def estimate(streams: Streams, args: tuple[str, ...]) -> int:
     """The Databento cost of a range, free: --symbols ES,NQ --start 2024-01 --end 2024-03."""
     from dbento_assets import estimate as module
 
-    verbose = "--verbose" in args
-    rest = [a for a in args if a != "--verbose"]
+    verbose, rest = _split_verbose(args)
     return guarded(streams, verbose, lambda: module.run(rest, streams.out, streams.err))
 
 
@@ -260,8 +259,7 @@ def report(streams: Streams, args: tuple[str, ...]) -> int:
     """Write the validation report (default logs/validation_report.md); --help for options."""
     from dbento_assets import report as module
 
-    verbose = "--verbose" in args
-    rest = [a for a in args if a != "--verbose"]
+    verbose, rest = _split_verbose(args)
 
     def action() -> int:
         with _instance(streams) as instance:
@@ -326,6 +324,11 @@ def _project_defs() -> Definitions:
     from dbento_assets.definitions import defs
 
     return defs
+
+
+def _split_verbose(args: Sequence[str]) -> tuple[bool, list[str]]:
+    """``--verbose`` is ours; the rest goes to a passed-through command's own parser."""
+    return "--verbose" in args, [a for a in args if a != "--verbose"]
 
 
 def _instance(streams: Streams) -> Any:
