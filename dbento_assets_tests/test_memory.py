@@ -44,9 +44,9 @@ def watching_writes() -> Iterator[list[weakref.ref[pd.DataFrame]]]:
     refs: list[weakref.ref[pd.DataFrame]] = []
     real_write = BarStore.write
 
-    def watching_write(self: BarStore, frame: pd.DataFrame, path: object) -> int:
+    def watching_write(self: BarStore, frame: pd.DataFrame, *args: object, **kwargs: object) -> int:
         refs.append(weakref.ref(frame))
-        return real_write(self, frame, path)
+        return real_write(self, frame, *args, **kwargs)
 
     BarStore.write = watching_write  # type: ignore[method-assign]
     try:
