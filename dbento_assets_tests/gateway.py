@@ -631,9 +631,7 @@ def gateway_fixture(
 ) -> Iterator[FakeGateway]:
     """A running :class:`FakeGateway`, trusted by ``requests`` and named by DBENTO_GATEWAY.
 
-    Import it as ``from dbento_assets_tests.gateway import gateway_fixture  # noqa: F401``:
-    the fixture is called ``gateway`` in tests, and the different import name keeps ruff from
-    reading the test parameter as a redefinition (F811). ``gateway`` is an alias.
+    conftest.py registers this module as a plugin, so every test module can ask for it.
     """
     gw = FakeGateway()
     ca_file = gw.start(tmp_path_factory.mktemp("fake-databento"))
@@ -645,6 +643,3 @@ def gateway_fixture(
         yield gw
     finally:
         gw.stop()
-
-
-gateway = gateway_fixture

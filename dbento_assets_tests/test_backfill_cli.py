@@ -42,7 +42,6 @@ from dbento_assets_tests.gateway import (
     GET_RANGE,
     TEST_KEY,
     FakeGateway,
-    gateway_fixture,  # noqa: F401
 )
 
 JAN, FEB = Month(2024, 1), Month(2024, 2)

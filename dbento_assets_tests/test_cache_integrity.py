@@ -39,7 +39,6 @@ from dbento_assets_tests.gateway import (
     TEST_KEY,
     FakeGateway,
     Query,
-    gateway_fixture,  # noqa: F401
 )
 from dbento_assets_tests.test_databento_dagster import (  # noqa: F401 (fixtures)
     BARS_1MIN,

@@ -40,7 +40,6 @@ from dbento_assets.core.months import Month
 from dbento_assets.core.source import FetchRequest
 from dbento_assets.core.storage import BarStore
 from dbento_assets.resources import DatabentoResource
-from dbento_assets_tests.gateway import gateway_fixture  # noqa: F401
 from dbento_assets_tests.test_checks_dagster import failure_message, run
 from dbento_assets_tests.test_databento_source import fetch as fetch_databento
 from dbento_assets_tests.test_databento_source import make_source

@@ -49,7 +49,6 @@ from dbento_assets.resources import (
 from dbento_assets_tests.gateway import (
     GET_RANGE,
     TEST_KEY,
-    gateway_fixture,  # noqa: F401
 )
 from dbento_assets_tests.test_checks_dagster import dbn_folder, left_unevaluated
 

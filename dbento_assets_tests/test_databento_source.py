@@ -43,7 +43,6 @@ from dbento_assets_tests.gateway import (
     TEST_KEY,
     FakeGateway,
     Query,
-    gateway_fixture,  # noqa: F401
 )
 
 CATALOG = load_catalog()

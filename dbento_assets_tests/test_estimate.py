@@ -28,7 +28,6 @@ from dbento_assets_tests.gateway import (
     RECORD_BYTES,
     TEST_KEY,
     FakeGateway,
-    gateway_fixture,  # noqa: F401
 )
 
 CATALOG = load_catalog()

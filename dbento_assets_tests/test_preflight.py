@@ -36,7 +36,6 @@ from dbento_assets_tests.gateway import (
     GET_RANGE,
     TEST_KEY,
     FakeGateway,
-    gateway_fixture,  # noqa: F401
 )
 
 JAN = Month(2024, 1)

@@ -29,7 +29,7 @@ import pytest
 import requests
 from dagster import DagsterInstance
 
-from dbento_assets_tests.gateway import TEST_KEY, FakeGateway, gateway_fixture  # noqa: F401
+from dbento_assets_tests.gateway import TEST_KEY, FakeGateway
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()

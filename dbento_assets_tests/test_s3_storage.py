@@ -31,7 +31,7 @@ from dbento_assets.core.storage import ORIGIN_MARKER, BarStore, StorageError  # 
 from dbento_assets.core.timeframes import parse_timeframe  # noqa: E402
 from dbento_assets.io_managers import BarFileIOManager  # noqa: E402
 from dbento_assets.resources import DatabentoResource  # noqa: E402
-from dbento_assets_tests.gateway import TEST_KEY, gateway_fixture  # noqa: E402, F401
+from dbento_assets_tests.gateway import TEST_KEY  # noqa: E402
 from dbento_assets_tests.local_s3 import LocalS3, aws_env, running_s3  # noqa: E402
 from dbento_assets_tests.local_s3 import objects as bucket_objects  # noqa: E402
 from dbento_assets_tests.test_storage import sample_bars  # noqa: E402
