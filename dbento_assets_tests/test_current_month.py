@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from dagster import AssetKey, DagsterInstance
+from dagster import AssetKey, DagsterInstance, DefaultScheduleStatus, build_schedule_context
 
 from dbento_assets.core.catalog import load_catalog
 from dbento_assets.core.databento_api import DatabentoSource
@@ -27,6 +28,7 @@ from dbento_assets.core.storage import BarStore
 from dbento_assets.definitions import build_definitions
 from dbento_assets.partitions import partition_key
 from dbento_assets.resources import DatabentoResource
+from dbento_assets.schedules import DAILY_SCHEDULE_NAME, SCHEDULE_NAME, topup_month
 from dbento_assets_tests.gateway import (
     GET_RANGE,
     RECORD_BYTES,
@@ -226,3 +228,43 @@ def test_a_month_without_data_yet_is_not_materialized(clean, tmp_path, monkeypat
     assert not result.success
     assert "has no data yet" in failure_text(result)
     assert not list((tmp_path / "d").rglob("*.parquet"))
+
+
+# --------------------------------------------------------------------------- daily top-up
+
+
+@pytest.mark.parametrize(
+    ("at", "month"),
+    [
+        (datetime(2024, 3, 18, 6, tzinfo=UTC), Month(2024, 3)),
+        (datetime(2024, 3, 3, 6, tzinfo=UTC), Month(2024, 3)),  # March 1st is served
+        (datetime(2024, 3, 2, 6, tzinfo=UTC), Month(2024, 2)),  # nothing of March yet
+        (datetime(2025, 1, 1, 6, tzinfo=UTC), Month(2024, 12)),
+    ],
+)
+def test_the_daily_topup_extends_the_month_of_the_newest_served_day(at, month):
+    assert topup_month(at) == month
+    defs = build_definitions(databento=DatabentoResource(source="demo", data_dir="./data"))
+    schedule = defs.resolve_schedule_def(DAILY_SCHEDULE_NAME)
+    assert schedule.default_status == DefaultScheduleStatus.STOPPED
+    assert schedule.cron_schedule == "0 6 * * *"
+    assert schedule.job_name == defs.resolve_schedule_def(SCHEDULE_NAME).job_name
+    result = schedule.evaluate_tick(
+        build_schedule_context(
+            scheduled_execution_time=at, repository_def=defs.get_repository_def()
+        )
+    )
+    symbols = load_catalog().symbols
+    assert [str(r.partition_key) for r in result.run_requests] == [
+        f"{month.key}|{s}" for s in symbols
+    ]
+    day = at.strftime("%Y-%m-%d")
+    assert [r.run_key for r in result.run_requests] == [f"topup|{day}|{s}" for s in symbols]
+    assert all("dbento/force" not in r.tags for r in result.run_requests)
+
+
+def test_the_partitions_include_the_current_month():
+    defs = build_definitions(databento=DatabentoResource(source="demo", data_dir="./data"))
+    months = defs.resolve_implicit_global_asset_job_def().partitions_def.get_partition_keys()
+    now = pd.Timestamp.now(tz="UTC")
+    assert f"{Month(now.year, now.month).key}|ES" in months
