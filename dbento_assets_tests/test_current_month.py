@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 from dagster import AssetKey, DagsterInstance, DefaultScheduleStatus, build_schedule_context
 
+from dbento_assets import status
 from dbento_assets.core.catalog import load_catalog
 from dbento_assets.core.databento_api import DatabentoSource
 from dbento_assets.core.months import Month
@@ -268,3 +269,29 @@ def test_the_partitions_include_the_current_month():
     months = defs.resolve_implicit_global_asset_job_def().partitions_def.get_partition_keys()
     now = pd.Timestamp.now(tz="UTC")
     assert f"{Month(now.year, now.month).key}|ES" in months
+
+
+def test_a_partial_month_is_never_shown_complete(clean, tmp_path, monkeypatch, instance):
+    data = tmp_path / "shown"
+    monkeypatch.setenv("DBENTO_DEMO_NOW", "2024-03-17")
+    result = build(instance, resource=demo(data))
+    assert result.success, failure_text(result)
+    # The asset metadata, every file's own identity and its description say partial.
+    assert raw_metadata(result)["complete"] is False
+    store = BarStore.at(str(data), "parquet")
+    for path in data.rglob("*.parquet"):
+        identity = store.identity_of(store.root / str(path.relative_to(data)))
+        assert identity is not None and not identity.complete
+        assert "up to 2024-03-17T00:00:00+00:00 (partial)" in identity.describe()
+    # The calendar check judged the month up to through: no session after it is missing.
+    (mat,) = [
+        e
+        for e in result.get_asset_check_evaluations()
+        if e.check_name == "calendar_complete" and e.asset_key == RAW
+    ]
+    assert mat.passed
+    # dbento status lists the current month's file as partial.
+    monkeypatch.setenv("DBENTO_SOURCE", "demo")
+    monkeypatch.setenv("DBENTO_DATA_DIR", str(data))
+    line = next(li for li in status.render(instance, ["ES"]).splitlines() if "2024-03" in li)
+    assert "partial to 2024-03-17" in line

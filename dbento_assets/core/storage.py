@@ -347,6 +347,22 @@ class BarStore:
         """Read a bar file written by :meth:`write` (format from the store)."""
         return self.read_with_identity(path)[0]
 
+    def identity_of(self, path: UPath) -> FileIdentity | None:
+        """The identity a bar file carries, read from its Parquet footer or CSV sidecar only
+        (no bars read, nothing verified: for listings such as ``dbento status``); None when
+        the file is missing, of older code, or unreadable."""
+        try:
+            if self.fmt == "parquet":
+                with path.open("rb") as f:
+                    raw = pq.read_metadata(f).metadata or {}
+                pairs = {k.decode(): v.decode() for k, v in raw.items()}
+            else:
+                loaded = json.loads(_sidecar(path).read_text())
+                pairs = {str(k): str(v) for k, v in loaded.items()}
+            return FileIdentity.from_metadata(pairs)
+        except (OSError, ValueError, TypeError, AttributeError, pa.ArrowException):
+            return None
+
     def read_with_identity(self, path: UPath) -> tuple[pd.DataFrame, FileIdentity | None]:
         """A bar file and the identity it carries (None for a file of older code).
 
