@@ -12,6 +12,7 @@ runs on the demo source, whose "now" is ``DBENTO_DEMO_NOW``.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import itertools
 from datetime import UTC, datetime
@@ -23,8 +24,12 @@ from dagster import AssetKey, DagsterInstance, DefaultScheduleStatus, build_sche
 
 from dbento_assets import status
 from dbento_assets.core.catalog import load_catalog
+from dbento_assets.core.coverage import IncompleteMonth, require_whole_month
 from dbento_assets.core.databento_api import DatabentoSource
+from dbento_assets.core.dbn import decode_month
+from dbento_assets.core.dbn_files import DbnFilesSource
 from dbento_assets.core.months import Month
+from dbento_assets.core.source import FetchRequest
 from dbento_assets.core.storage import BarStore
 from dbento_assets.definitions import build_definitions
 from dbento_assets.partitions import partition_key
@@ -38,6 +43,7 @@ from dbento_assets_tests.gateway import (
     gateway_fixture,  # noqa: F401
 )
 from dbento_assets_tests.test_databento_dagster import SETTINGS, failure_text
+from dbento_assets_tests.test_dbn_files import contracts_on, write_day_file
 
 MARCH = Month(2024, 3)
 DATASET = "GLBX.MDP3"
@@ -295,3 +301,38 @@ def test_a_partial_month_is_never_shown_complete(clean, tmp_path, monkeypatch, i
     monkeypatch.setenv("DBENTO_DATA_DIR", str(data))
     line = next(li for li in status.render(instance, ["ES"]).splitlines() if "2024-03" in li)
     assert "partial to 2024-03-17" in line
+
+
+# --------------------------------------------------------------------------- DBN files
+
+
+def dbn_days(folder: Path, days: list[int]) -> Path:
+    folder.mkdir()
+    for d in days:
+        day = dt.date(2024, 3, d)
+        write_day_file(folder, day, contracts_on(day))
+    return folder
+
+
+def month_from_files(folder: Path, now: str):
+    source = DbnFilesSource(folder, now=pd.Timestamp(now, tz="UTC"))
+    es = load_catalog().instrument("ES")
+    fetched = source.fetch(FetchRequest(es, MARCH), lambda _: None)
+    decoded = decode_month(fetched.payloads, "ES", MARCH, fetched.instrument_ids)
+    require_whole_month(fetched, decoded, es, MARCH, source.name)
+    return fetched, decoded
+
+
+def test_a_dbn_folder_holding_part_of_the_current_month_gives_a_partial_month(tmp_path):
+    fetched, decoded = month_from_files(
+        dbn_days(tmp_path / "a", [1, 2, 3, 4, 5]), "2024-03-06T09:00"
+    )
+    assert not fetched.complete
+    assert fetched.through_ns == pd.Timestamp("2024-03-06", tz="UTC").value
+    assert decoded.bars["ts_event"].max() < pd.Timestamp("2024-03-06", tz="UTC")
+    # A hole before "through" is still a hole.
+    with pytest.raises(IncompleteMonth, match="2024-03-04"):
+        month_from_files(dbn_days(tmp_path / "b", [1, 2, 3, 5]), "2024-03-06T09:00")
+    # Once the month has closed, the same files are an incomplete month, never stored.
+    with pytest.raises(IncompleteMonth):
+        month_from_files(tmp_path / "a", "2024-04-02")
