@@ -22,7 +22,8 @@ import pandas as pd
 import pytest
 from dagster import AssetKey, DagsterInstance, DefaultScheduleStatus, build_schedule_context
 
-from dbento_assets import status
+from dbento_assets import report, status
+from dbento_assets.checks import all_check_keys
 from dbento_assets.core.catalog import load_catalog
 from dbento_assets.core.coverage import IncompleteMonth, require_whole_month
 from dbento_assets.core.databento_api import DatabentoSource
@@ -300,6 +301,11 @@ def test_a_partial_month_is_never_shown_complete(clean, tmp_path, monkeypatch, i
     monkeypatch.setenv("DBENTO_SOURCE", "demo")
     monkeypatch.setenv("DBENTO_DATA_DIR", str(data))
     line = next(li for li in status.render(instance, ["ES"]).splitlines() if "2024-03" in li)
+    assert "partial to 2024-03-17" in line
+    # So does the validation report.
+    found = report.collect(instance, all_check_keys(load_catalog()), ["ES"])
+    text = report.render(found, "test")
+    line = next(li for li in text.splitlines() if li.startswith("| 2024-03 "))
     assert "partial to 2024-03-17" in line
 
 
