@@ -23,6 +23,7 @@ import pytest
 from dagster import AssetKey, DagsterInstance, DefaultScheduleStatus, build_schedule_context
 
 from dbento_assets import report, status
+from dbento_assets.backfill import UsageError, plan_partitions
 from dbento_assets.checks import all_check_keys
 from dbento_assets.core.catalog import load_catalog
 from dbento_assets.core.coverage import IncompleteMonth, require_whole_month
@@ -342,3 +343,15 @@ def test_a_dbn_folder_holding_part_of_the_current_month_gives_a_partial_month(tm
     # Once the month has closed, the same files are an incomplete month, never stored.
     with pytest.raises(IncompleteMonth):
         month_from_files(tmp_path / "a", "2024-04-02")
+
+
+def test_dbento_build_accepts_the_current_month():
+    defs = build_definitions(databento=DatabentoResource(source="demo", data_dir="./data"))
+    partitions = defs.resolve_implicit_global_asset_job_def().partitions_def
+    now = pd.Timestamp.now(tz="UTC")
+    current = str(Month(now.year, now.month))
+    assert plan_partitions(partitions, ["ES"], current, None) == [
+        f"{Month(now.year, now.month).key}|ES"
+    ]
+    with pytest.raises(UsageError, match="has not closed yet"):
+        plan_partitions(partitions, ["ES"], str(Month(now.year, now.month).next()), None)
