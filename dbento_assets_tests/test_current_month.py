@@ -355,3 +355,30 @@ def test_dbento_build_accepts_the_current_month():
     ]
     with pytest.raises(UsageError, match="has not closed yet"):
         plan_partitions(partitions, ["ES"], str(Month(now.year, now.month).next()), None)
+
+
+def test_a_topup_over_a_day_without_trading_is_bought_once_and_kept(gateway, api_env):
+    data = api_env("weekend")
+    es = load_catalog().instrument("ES")
+    source = DatabentoSource(TEST_KEY, data, gateway=gateway.url)
+    found = []
+    # Friday 1 March, then Saturday (no ES session: nothing to buy but the window), then Monday.
+    for end in ["2024-03-02", "2024-03-03", "2024-03-05"]:
+        gateway.set_range(DATASET, DATASET_START, end)
+        fetched, (decoded, _) = source.fetch_accepted(
+            FetchRequest(es, MARCH),
+            lambda _: None,
+            lambda f: (
+                d := decode_month(f.payloads, "ES", MARCH, f.instrument_ids),
+                require_whole_month(f, d, es, MARCH, "databento"),
+            ),
+        )
+        found.append(
+            (fetched.through_ns, len(decoded.bars), fetched.metadata["records_downloaded"])
+        )
+    ends = [pd.Timestamp(e, tz="UTC").value for e in ["2024-03-02", "2024-03-03", "2024-03-05"]]
+    assert [f[0] for f in found] == ends
+    assert found[1][2] == 0 and found[1][1] == found[0][1]  # Saturday: no record, kept
+    assert found[2][1] > found[1][1]
+    asked = windows(gateway)
+    assert asked == [(MARCH.start_ns, ends[0]), (ends[0], ends[1]), (ends[1], ends[2])]

@@ -21,14 +21,20 @@ keeps the old file unless the new one is whole and accepted. Faults, retried wit
 streams back off exponentially with jitter for a bounded number of attempts; 401 and 403 fail
 at once without showing the key; 422 fails at once naming symbol, dataset, stype and the
 catalog file; a local disk error (no space, read-only, permission) fails at once naming the
-path. Availability: a month that is not fully published yet, or lies wholly before the
-dataset's start, fails before any cost is incurred; a month in which the dataset starts is
+path. Availability: a month that has begun but not closed (the current month) is bought up
+to the dataset's available end and stored partial (``through_ns``), as a piece of the cache;
+each later run buys only ``[end of the last piece, new available end)`` (nothing when the end
+has not moved), and the month is assembled from its pieces, so no second is bought twice;
+once closed, the last tail makes it an ordinary complete month (a forced download replaces
+the pieces). A month that has not begun yet, or lies wholly before the dataset's start, fails
+before any cost is incurred; a month in which the dataset starts is
 downloaded from the dataset's start and says so in the metadata. Empty months: a month for
 which Databento reports zero records fails with a :class:`SourceError` and caches nothing (no
 ``get_range`` is made). For the catalog's instruments (front-month futures, ETFs on a
 consolidated feed) a month without a single trade means a wrong symbol, stype or dataset, or
 a vendor gap; the one legitimate reason for a month without data, the dataset not having
-started yet, is reported as such by the availability check. A download that announced
+started yet, is reported as such by the availability check (a top-up of a growing month over
+days without trading holds no record and is kept, so its window is not bought again). A download that announced
 records but delivered none is treated as truncated and retried.
 """
 
