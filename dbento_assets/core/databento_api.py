@@ -34,8 +34,8 @@ which Databento reports zero records fails with a :class:`SourceError` and cache
 consolidated feed) a month without a single trade means a wrong symbol, stype or dataset, or
 a vendor gap; the one legitimate reason for a month without data, the dataset not having
 started yet, is reported as such by the availability check (a top-up of a growing month over
-days without trading holds no record and is kept, so its window is not bought again). A download that announced
-records but delivered none is treated as truncated and retried.
+days without trading holds no record and is kept, so its window is not bought again). A
+download that announced records but delivered none is treated as truncated and retried.
 """
 
 from __future__ import annotations
