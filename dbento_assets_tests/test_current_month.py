@@ -161,6 +161,8 @@ def test_a_month_life_on_the_gateway_pays_each_second_once(gateway, api_env, ins
         assert set(identities(data).values()) == {(through == MARCH.end, through.isoformat())}
         # Only the tail was priced and paid for in this run.
         assert pd.Timestamp(meta["source_request_start"]) == pd.Timestamp(bought_until)
+        tail = (pd.Timestamp(bought_until).value, through.value)
+        assert meta["source_billable_size_bytes"] == billed_bytes(gateway, tail)
         bought_until = meta["through"]
 
     # The request log: one get_range per run, the windows follow one another exactly.
@@ -382,3 +384,19 @@ def test_a_topup_over_a_day_without_trading_is_bought_once_and_kept(gateway, api
     assert found[2][1] > found[1][1]
     asked = windows(gateway)
     assert asked == [(MARCH.start_ns, ends[0]), (ends[0], ends[1]), (ends[1], ends[2])]
+
+
+def test_force_on_a_growing_month_buys_it_again_in_one_piece(gateway, api_env):
+    data = api_env("forced")
+    es = load_catalog().instrument("ES")
+    source = DatabentoSource(TEST_KEY, data, gateway=gateway.url)
+    for end in ["2024-03-05", "2024-03-08"]:
+        gateway.set_range(DATASET, DATASET_START, end)
+        source.fetch(FetchRequest(es, MARCH), lambda _: None)
+    folder = data / "dbn" / "ES"
+    assert len(list(folder.glob("ES_2024_03.ohlcv-1s.*-*.dbn.zst"))) == 2
+    fetched = source.fetch(FetchRequest(es, MARCH, force=True), lambda _: None)
+    end = pd.Timestamp("2024-03-08", tz="UTC").value
+    assert windows(gateway)[-1] == (MARCH.start_ns, end)
+    (piece,) = folder.glob("ES_2024_03.ohlcv-1s.*-*.dbn.zst")
+    assert fetched.payloads == [piece] and fetched.through_ns == end

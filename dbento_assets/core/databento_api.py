@@ -495,7 +495,7 @@ class DatabentoSource:
             except OSError as exc:
                 raise LocalIOError(local_io_message(exc, target.path, billable)) from None
             if request.force:  # the accepted download replaces every piece it covers
-                for old in self.cache.pieces(entry):
+                for old in self.cache.pieces(entry, checked=False):
                     if old != target:
                         old.path.unlink(missing_ok=True)
                         old.manifest_path.unlink(missing_ok=True)

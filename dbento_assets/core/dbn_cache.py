@@ -224,12 +224,13 @@ class DbnCache:
     def entry(self, symbol: str, month: Month, schema: str) -> CacheEntry:
         return CacheEntry(self.folder, symbol, month, schema)
 
-    def pieces(self, entry: CacheEntry) -> list[CacheEntry]:
+    def pieces(self, entry: CacheEntry, *, checked: bool = True) -> list[CacheEntry]:
         """The pieces of a month bought while it was open, in window order.
 
         They must follow one another without gap or overlap from the first (each starts
         where the previous ended); anything else is not what this cache writes, and is
-        refused naming the files rather than assembled into a month.
+        refused naming the files rather than assembled into a month (``checked=False``: listed
+        as they are, to replace them).
         """
         found: list[CacheEntry] = []
         for path in entry.path.parent.glob(f"{entry.stem}.*-*.dbn.zst"):
@@ -240,7 +241,7 @@ class DbnCache:
                 continue
             found.append(entry.month_entry.with_piece(*window))
         found.sort(key=lambda e: e.piece or (0, 0))
-        for before, after in itertools.pairwise(found):
+        for before, after in itertools.pairwise(found if checked else []):
             if before.piece and after.piece and before.piece[1] != after.piece[0]:
                 raise SourceError(
                     f"The cached pieces {before.path} and {after.path} of {entry.month_entry} "
