@@ -64,6 +64,7 @@ from dbento_assets.core.catalog import Catalog, Instrument
 from dbento_assets.core.coverage import IncompleteMonth, Window, require_whole_month
 from dbento_assets.core.databento_api import DatabentoSource
 from dbento_assets.core.dbn import DecodedMonth, decode_month
+from dbento_assets.core.months import Month
 from dbento_assets.core.preflight import preflight
 from dbento_assets.core.source import (
     DownloadRefused,
@@ -79,7 +80,13 @@ from dbento_assets.core.validation import (
     run_aggregated_rules,
     run_raw_rules,
 )
-from dbento_assets.io_managers import IDENTITY_ATTR, RAW_ASSET, BarFileIOManager
+from dbento_assets.io_managers import (
+    COMPLETE_KEY,
+    IDENTITY_ATTR,
+    RAW_ASSET,
+    THROUGH_KEY,
+    BarFileIOManager,
+)
 from dbento_assets.partitions import build_partitions, split_partition_key
 from dbento_assets.resources import DatabentoResource
 
@@ -138,7 +145,8 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
                 covered = require_whole_month(fetched, decoded, instrument, month, source.name)
             except IncompleteMonth as exc:
                 raise DownloadRefused(str(exc), rules=["complete_month"]) from None
-            results = run_raw_rules(decoded.bars, month, instrument)
+            # A month that has not closed yet is judged complete up to what it covers.
+            results = run_raw_rules(decoded.bars, month, instrument, asof=_through(fetched))
             failed = [r for r in results if r.blocking]
             if failed:
                 raise DownloadRefused(
@@ -170,6 +178,7 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
                 "records_decoded": decoded.records_read,
                 "instrument_ids": ", ".join(map(str, rolls)) or "none",
                 "forced": request.force,
+                **partial_metadata(fetched.complete, _through(fetched) or month.end),
                 COVERAGE_KEY: windows_metadata(covered),
                 # The IO manager records the source itself (marking demo data synthetic).
                 **{f"source_{k}": _plain(v) for k, v in fetched.metadata.items() if k != "source"},
@@ -295,7 +304,11 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
             elif failed:
                 yield from selected_results(context, key, results, REFUSED)
             else:
-                yield Output(bars, output_name=name, metadata={"dataset": instrument.dataset})
+                yield Output(
+                    bars,
+                    output_name=name,
+                    metadata={"dataset": instrument.dataset, **_raw_partial(raw, month)},
+                )
                 yield from selected_results(context, key, results, SAVED)
             if failed:
                 refused.append((name, failed))
@@ -407,6 +420,25 @@ def build_assets(catalog: Catalog) -> list[AssetsDefinition]:
         build_raw_asset(catalog, partitions),
         build_bars_assets(catalog, partitions),
     ]
+
+
+def partial_metadata(complete: bool, through: pd.Timestamp) -> dict[str, object]:
+    """What a month's materialization says about its completeness: ``complete`` (False for
+    the current month, which grows) and ``through``, the end of what it covers (exclusive)."""
+    return {COMPLETE_KEY: complete, THROUGH_KEY: through.isoformat()}
+
+
+def _through(fetched: FetchedMonth) -> pd.Timestamp | None:
+    return None if fetched.through_ns is None else pd.Timestamp(fetched.through_ns, tz="UTC")
+
+
+def _raw_partial(raw: pd.DataFrame, month: Month) -> dict[str, object]:
+    """The raw month's completeness, carried to the bars built from it (a file of older code
+    without identity was a whole month)."""
+    identity = raw.attrs.get(IDENTITY_ATTR)
+    if not isinstance(identity, FileIdentity) or identity.complete:
+        return partial_metadata(True, month.end)
+    return partial_metadata(False, pd.Timestamp(identity.through_text))
 
 
 def _plain(value: object) -> object:

@@ -39,6 +39,9 @@ from dbento_assets.partitions import split_partition_key
 RAW_ASSET = "raw_1s_bars"
 BARS_PREFIX = "bars_"
 IDENTITY_ATTR = "dbento_identity"  # frame.attrs key: the identity of the file it came from
+# Output metadata of a month that may be partial (the current month): written into the file.
+COMPLETE_KEY = "complete"
+THROUGH_KEY = "through"
 BAR_SCHEMA = TableSchema(
     columns=[TableColumn(name, str(DTYPES[name])) for name in COLUMNS],
 )
@@ -73,8 +76,17 @@ class BarFileIOManager(ConfigurableIOManager):
             return self.store.aggregated_path(symbol, month, timeframe)
         raise ValueError(f"BarFileIOManager does not store asset {asset_key.to_user_string()}")
 
-    def identity_for(self, asset_key: AssetKey, partition: str, dataset: str = "") -> FileIdentity:
-        """What the file of one asset partition must hold."""
+    def identity_for(
+        self,
+        asset_key: AssetKey,
+        partition: str,
+        dataset: str = "",
+        *,
+        complete: bool = True,
+        through: str = "",
+    ) -> FileIdentity:
+        """What the file of one asset partition must hold (``complete``/``through``: a month
+        that has not closed yet, stored partial)."""
         month, symbol = split_partition_key(partition)
         name = asset_key.path[-1]
         timeframe = (
@@ -82,15 +94,27 @@ class BarFileIOManager(ConfigurableIOManager):
             if name == RAW_ASSET
             else parse_timeframe(name.removeprefix(BARS_PREFIX)).label
         )
-        return FileIdentity(symbol, month, origin_of(self.source), timeframe, dataset)
+        return FileIdentity(
+            symbol,
+            month,
+            origin_of(self.source),
+            timeframe,
+            dataset,
+            complete=complete,
+            through="" if complete else through,
+        )
 
     def handle_output(self, context: OutputContext, obj: pd.DataFrame) -> None:
         store = self.store
         partition = context.asset_partition_key
         path = self.path_for(context.asset_key, partition)
-        dataset = context.output_metadata.get("dataset")
+        meta = {k: getattr(v, "value", v) for k, v in context.output_metadata.items()}
         identity = self.identity_for(
-            context.asset_key, partition, str(getattr(dataset, "value", dataset or ""))
+            context.asset_key,
+            partition,
+            str(meta.get("dataset") or ""),
+            complete=meta.get(COMPLETE_KEY) is not False,
+            through=str(meta.get(THROUGH_KEY) or ""),
         )
         for stale in store.remove_stale_temps([path]):
             context.log.info(f"Removed {stale}, left by a write that was killed")

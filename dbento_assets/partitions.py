@@ -1,8 +1,9 @@
 """Dagster partitions: one partition per (UTC month, catalog symbol), keyed ``2024-01-01|ES``.
 
 Dagster orders the dimensions of a multi-partition key by name, so ``month`` comes before
-``symbol``. Months start at the catalog's ``start_month`` and end with the last month that
-has fully closed; symbols are the catalog's symbols, in catalog order.
+``symbol``. Months start at the catalog's ``start_month`` and end with the current month
+(``end_offset=1``), which grows until it closes and is stored partial meanwhile; symbols
+are the catalog's symbols, in catalog order.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def build_partitions(catalog: Catalog) -> MultiPartitionsDefinition:
     return MultiPartitionsDefinition(
         {
             MONTH_DIM: MonthlyPartitionsDefinition(
-                start_date=catalog.start_month.key, timezone="UTC", fmt="%Y-%m-%d"
+                start_date=catalog.start_month.key, timezone="UTC", fmt="%Y-%m-%d", end_offset=1
             ),
             SYMBOL_DIM: StaticPartitionsDefinition(catalog.symbols),
         }

@@ -25,9 +25,15 @@ from typing import Any, TextIO
 
 from dagster import AssetCheckKey, AssetCheckSeverity, DagsterInstance
 
-from dbento_assets.checks import COMPLETED, all_check_keys, evaluation_of
+from dbento_assets.checks import (
+    COMPLETED,
+    all_check_keys,
+    evaluation_of,
+    latest_raw_materialization,
+)
 from dbento_assets.core.catalog import Catalog, CatalogError, load_catalog
 from dbento_assets.core.validation import RULE_TITLES
+from dbento_assets.io_managers import COMPLETE_KEY, THROUGH_KEY
 from dbento_assets.partitions import split_partition_key
 from dbento_assets.project import project_instance
 
@@ -71,6 +77,9 @@ class Collected:
     outcomes: list[Outcome] = field(default_factory=list)
     symbols: list[str] = field(default_factory=list)
     unpartitioned: int = 0  # completed evaluations without a partition
+    # {(month, symbol): through date} of partitions whose latest raw_1s_bars is partial (the
+    # month had not closed): their cells never read as a whole month.
+    partial: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 def latest_per_partition(
@@ -132,6 +141,13 @@ def collect(
                     run_id=record.run_id,
                 )
             )
+    for partition, cell in {(o.partition, (o.month, o.symbol)) for o in found.outcomes}:
+        record = latest_raw_materialization(instance, partition)
+        materialization = record.asset_materialization if record is not None else None
+        meta = materialization.metadata if materialization is not None else {}
+        complete = getattr(meta.get(COMPLETE_KEY), "value", True)
+        if complete is False:
+            found.partial[cell] = str(getattr(meta.get(THROUGH_KEY), "value", ""))[:10]
     order = {(k.asset_key.to_user_string(), k.name): i for i, k in enumerate(check_keys)}
     found.outcomes.sort(key=lambda o: (o.symbol, o.month, order[(o.asset, o.check)]))
     return found
@@ -181,13 +197,27 @@ def render(found: Collected, source: str, now: dt.datetime | None = None) -> str
             "|---|" + "---|" * len(found.symbols),
         ]
         for month in months:
-            row = [_cell(cells.get((month, symbol))) for symbol in found.symbols]
+            row = [
+                _cell(cells.get((month, symbol)))
+                + (
+                    f", partial to {found.partial[(month, symbol)]}"
+                    if (month, symbol) in found.partial
+                    else ""
+                )
+                for symbol in found.symbols
+            ]
             lines.append(f"| {month} | " + " | ".join(row) + " |")
         lines += [
             "",
             "pass: every check passed. WARN (n): n warnings, the data was kept. FAIL (n): n "
             "failing checks, at least one an ERROR: that data was refused and not saved. "
-            "-: never checked.",
+            "-: never checked."
+            + (
+                " partial to D: the month had not closed; its data ends at D (exclusive), "
+                "it is not a whole month yet."
+                if found.partial
+                else ""
+            ),
             "",
             f"{len(cells)} partitions: {counts[PASS]} pass, {counts[WARN]} warn, "
             f"{counts[FAIL]} fail.",

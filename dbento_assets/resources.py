@@ -32,6 +32,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from dagster import ConfigurableResource, EnvVar
 from dotenv import load_dotenv
 from pydantic import Field
@@ -140,7 +141,7 @@ class DatabentoResource(ConfigurableResource):
         name = (self.source or "").strip().lower()
         origin_of(name)  # raises a SourceError listing the valid names
         if name == "demo":
-            return DemoSource(activity=self.demo_activity)
+            return DemoSource(activity=self.demo_activity, now=demo_now())
         if name == "dbn":
             if not self.dbn_dir or not self.dbn_dir.strip():
                 raise SourceError(
@@ -235,6 +236,19 @@ def _flag(variable: str, text: str) -> bool:
         f"{variable}={text!r} is neither true nor false: write true, 1 or yes to turn it on, "
         "false, 0 or no to turn it off"
     )
+
+
+def demo_now() -> pd.Timestamp | None:
+    """The demo source's "now" from ``DBENTO_DEMO_NOW`` (an ISO date or instant, UTC), to run
+    the life of a current month (day 3, day 17, closed) in tests and demos; None: the clock."""
+    text = os.environ.get("DBENTO_DEMO_NOW", "").strip()
+    if not text:
+        return None
+    try:
+        stamp = pd.Timestamp(text)
+    except ValueError:
+        raise SourceError(f"DBENTO_DEMO_NOW={text!r} is not a date such as 2024-03-17") from None
+    return stamp.tz_convert("UTC") if stamp.tzinfo else stamp.tz_localize("UTC")
 
 
 def _local_cache_root(folder: str) -> Path:

@@ -12,6 +12,12 @@ requested twice by the schedule even if a tick is evaluated again. The schedule 
 STOPPED: turn it on in the UI (Automation, ``monthly_bars_schedule``, toggle on) or with
 ``dagster schedule start monthly_bars_schedule -m dbento_assets.definitions``; the
 ``dagster-daemon`` process (started by ``dagster dev``) must be running for it to fire.
+
+:data:`DAILY_SCHEDULE_NAME` keeps the current month up to date: every day at 06:00 UTC, one run
+per catalog symbol of the month holding the newest day Databento serves (the day that ended
+:data:`HISTORICAL_DELAY` ago); each run buys only what is new since the last one and stores
+the month partial until it closes (see :mod:`dbento_assets.core.dbn_cache`). It also ships
+STOPPED; the monthly schedule still closes each month.
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ CRON = "0 6 2 * *"
 TIMEZONE = "UTC"
 HISTORICAL_DELAY = timedelta(hours=24)
 """Databento treats the last 24 hours as live data; the historical API serves what is older."""
+DAILY_SCHEDULE_NAME = "daily_topup_schedule"
+DAILY_CRON = "0 6 * * *"
+"""06:00 UTC every day: the previous day has been historical for six hours."""
 SCHEDULE_TAG = "dbento/schedule"
 MONTH_TAG = "dbento/month"
 SYMBOL_TAG = "dbento/symbol"
@@ -89,14 +98,45 @@ def monthly_run_requests(catalog: Catalog, at: datetime) -> list[RunRequest] | S
     ]
 
 
+def topup_month(at: datetime) -> Month:
+    """The month holding the newest whole day Databento's historical API serves at ``at``:
+    the current month, or on the 1st (before its first day is served) the month that just
+    ended."""
+    if at.tzinfo is None:
+        raise ValueError(f"{at!r} has no time zone; pass an aware datetime")
+    served_until = (pd.Timestamp(at).tz_convert("UTC") - HISTORICAL_DELAY).floor("D")
+    last_day = served_until - pd.Timedelta(days=1)
+    return Month(last_day.year, last_day.month)
+
+
+def daily_run_requests(catalog: Catalog, at: datetime) -> list[RunRequest] | SkipReason:
+    """One top-up run per catalog symbol of :func:`topup_month`, keyed by the day, so a tick
+    evaluated twice asks once."""
+    month = topup_month(at)
+    if month < catalog.start_month:
+        return SkipReason(
+            f"{month} is before the catalog's start_month {catalog.start_month}; nothing to do"
+        )
+    day = pd.Timestamp(at).tz_convert("UTC").strftime("%Y-%m-%d")
+    return [
+        RunRequest(
+            run_key=f"topup|{day}|{symbol}",
+            partition_key=partition_key(month, symbol),
+            tags={SCHEDULE_TAG: DAILY_SCHEDULE_NAME, MONTH_TAG: str(month), SYMBOL_TAG: symbol},
+        )
+        for symbol in catalog.symbols
+    ]
+
+
 def build_schedules(catalog: Catalog) -> list[ScheduleDefinition]:
-    """The monthly schedule of a catalog (it also brings :func:`build_monthly_job`)."""
+    """The monthly and daily schedules of a catalog (both run :func:`build_monthly_job`)."""
+    job = build_monthly_job(catalog)
 
     @schedule(
         name=SCHEDULE_NAME,
         cron_schedule=CRON,
         execution_timezone=TIMEZONE,
-        job=build_monthly_job(catalog),
+        job=job,
         default_status=DefaultScheduleStatus.STOPPED,
         description=(
             "06:00 UTC on the 2nd: one run per symbol for the month that just closed (Databento "
@@ -109,4 +149,22 @@ def build_schedules(catalog: Catalog) -> list[ScheduleDefinition]:
         at = context.scheduled_execution_time or datetime.now(UTC)
         return monthly_run_requests(catalog, at)
 
-    return [monthly_bars_schedule]
+    @schedule(
+        name=DAILY_SCHEDULE_NAME,
+        cron_schedule=DAILY_CRON,
+        execution_timezone=TIMEZONE,
+        job=job,
+        default_status=DefaultScheduleStatus.STOPPED,
+        description=(
+            "06:00 UTC daily: one run per symbol extending the current month with the days "
+            "Databento has published since the last run (only the new part is bought; the "
+            "month stays partial until it closes)."
+        ),
+    )
+    def daily_topup_schedule(
+        context: ScheduleEvaluationContext,
+    ) -> list[RunRequest] | SkipReason:
+        at = context.scheduled_execution_time or datetime.now(UTC)
+        return daily_run_requests(catalog, at)
+
+    return [monthly_bars_schedule, daily_topup_schedule]

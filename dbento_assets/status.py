@@ -4,7 +4,8 @@ For every catalog symbol (or the ones asked for) and every month from the catalo
 ``start_month`` to the last closed month that has a file or a check result, a cell says how
 many of the month's bar files exist (1-second bars plus one per timeframe) and the latest
 check status from the Dagster instance, as in the validation report (``pass``, ``WARN (n)``,
-``FAIL (n)``, ``unchecked``).
+``FAIL (n)``, ``unchecked``). The current month is listed too; a month stored partial (it had
+not closed when it was built) says ``partial to <date>`` and is never shown as complete.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def render(instance: DagsterInstance, symbols: Sequence[str] | None = None) -> s
     store = BarStore.at(resource.data_dir, fmt)
     cells = matrix(collect(instance, all_check_keys(catalog), wanted))
     per_month = 1 + len(catalog.timeframes)
-    last = last_closed_month()
+    last = current_month()
     rows: list[list[str]] = []
     for month in month_range(catalog.start_month, max(last, catalog.start_month)):
         row = [str(month)]
@@ -44,8 +45,16 @@ def render(instance: DagsterInstance, symbols: Sequence[str] | None = None) -> s
             )
             checked = cells.get((str(month), symbol))
             status = "unchecked" if checked is None else _status(*checked)
+            identity = store.identity_of(store.raw_path(symbol, month)) if files else None
+            partial = (
+                f", partial to {identity.through_text[:10]}"
+                if identity is not None and not identity.complete
+                else ""
+            )
             row.append(
-                "-" if files == 0 and checked is None else f"{files}/{per_month} files, {status}"
+                "-"
+                if files == 0 and checked is None
+                else f"{files}/{per_month} files{partial}, {status}"
             )
         if any(cell != "-" for cell in row[1:]):
             rows.append(row)
@@ -70,5 +79,10 @@ def _status(status: str, failing: int) -> str:
 
 def last_closed_month() -> Month:
     """The month before the current one (UTC)."""
+    return current_month().previous()
+
+
+def current_month() -> Month:
+    """The month in progress (UTC): it has a partition, stored partial until it closes."""
     this = dt.datetime.now(dt.UTC)
-    return Month(this.year, this.month).previous()
+    return Month(this.year, this.month)

@@ -427,13 +427,26 @@ def test_a_missing_key_says_what_to_do(tmp_path, key):
 
 
 def test_month_not_fully_available_fails_before_paying_and_writes_nothing(gateway, tmp_path):
+    # Issue 13: a month that has begun is bought so far (see test_current_month.py); one
+    # that has not begun yet is still refused before any cost.
     gateway.set_range("GLBX.MDP3", "2010-06-06", "2024-01-15")
     with pytest.raises(SourceError) as info:
-        fetch(make_source(gateway, tmp_path))
+        fetch(make_source(gateway, tmp_path), month=Month(2024, 2))
     message = str(info.value)
     assert "not fully available" in message and "2024-01-15" in message
     assert [r.endpoint for r in gateway.requests] == ["metadata.get_dataset_range"]
     assert files_under(tmp_path) == []
+
+
+def test_the_current_month_is_bought_up_to_the_available_end(gateway, tmp_path):
+    gateway.set_range("GLBX.MDP3", "2010-06-06", "2024-01-15")
+    fetched, _ = fetch(make_source(gateway, tmp_path))
+    (call,) = gateway.calls(GET_RANGE)
+    assert pd.Timestamp(call.fields["start"]) == pd.Timestamp("2024-01-01T00:00:00Z")
+    assert pd.Timestamp(call.fields["end"]) == pd.Timestamp("2024-01-15T00:00:00Z")
+    assert not fetched.complete
+    assert fetched.through_ns == pd.Timestamp("2024-01-15T00:00:00Z").value
+    assert "has not closed yet" in fetched.metadata["partial_month_reason"]
 
 
 def test_month_wholly_before_the_dataset_start_fails_clearly(gateway, tmp_path):

@@ -112,15 +112,17 @@ def test_unavailable_months_and_the_ceiling_are_called_out(gateway, env, monkeyp
     gateway.set_range("GLBX.MDP3", "2010-06-06", "2024-03-10")
     monkeypatch.setenv("DBENTO_MAX_COST_USD", "0.000001")
     out = io.StringIO()
-    assert run(["--symbols", "ES", "--start", "2024-01", "--end", "2024-03"], out) == 0
+    assert run(["--symbols", "ES", "--start", "2024-01", "--end", "2024-04"], out) == 0
     text = out.getvalue()
     rows = lines_of(text)
-    assert "not fully available" in rows[("ES", "2024-03")]
-    assert "n/a" in rows[("ES", "2024-03")]
+    # Issue 13: the month in progress is priced up to the available end; a later one is not.
+    assert "has not closed yet" in rows[("ES", "2024-03")]
+    assert "not fully available" in rows[("ES", "2024-04")]
+    assert "n/a" in rows[("ES", "2024-04")]
     assert "above the ceiling" in rows[("ES", "2024-01")]
     assert "1 not available" in text
-    assert "2 partition(s) above the ceiling of $0.00 (DBENTO_MAX_COST_USD)" in text
-    assert gateway.count("metadata.get_cost") == 2
+    assert "3 partition(s) above the ceiling of $0.00 (DBENTO_MAX_COST_USD)" in text
+    assert gateway.count("metadata.get_cost") == 3
 
 
 def test_defaults_to_every_catalog_symbol_for_one_month(gateway, env):

@@ -115,6 +115,8 @@ def test_identity_is_in_the_footer_and_readable_by_pyarrow_and_duckdb(demo_runs)
         "dbento.timeframe": "1s",
         "dbento.dataset": "GLBX.MDP3",
         "dbento.version": CODE_VERSION,
+        "dbento.complete": "true",  # a closed month (issue 13: the current month says false)
+        "dbento.through": "2024-02-01T00:00:00+00:00",
     }
     bars_15s = root / "aggregated" / "15s" / "ES_2024_01_15s.parquet"
     rows = duckdb.sql(

@@ -7,7 +7,8 @@ month; a request cut short by its ``limit`` reaches only its last record), and
 vendor cross-check compares only minutes both the 1-second and the 1-minute data fully cover.
 :func:`require_whole_month` is the completeness gate every source's month passes before it is
 stored: at least one record, DBN headers covering the whole month (or from the dataset's first
-instant when it starts mid-month; days without a session of the venue's calendar excepted), no
+instant when it starts mid-month, and up to ``through`` for the current month; days without
+a session of the venue's calendar excepted), no
 header announcing the symbol partial or not found, and as many records as the server
 announced.
 :class:`VendorMonth` is what the sources hand the cross-check: the vendor's ohlcv-1m bars of
@@ -170,7 +171,9 @@ def require_whole_month(
         )
     covered = dbn_coverage(fetched.payloads, month, "ohlcv-1s")
     start = max(month.start_ns, fetched.available_from_ns or month.start_ns)
-    gaps = missing_windows((start, month.end_ns), covered)
+    # A month that has not closed yet is judged up to what it covers so far.
+    end = month.end_ns if fetched.through_ns is None else min(fetched.through_ns, month.end_ns)
+    gaps = missing_windows((start, end), covered)
     calendar = calendar_for(instrument)
     if gaps and calendar is not None:
         # A batch split by day may ship no file for a day without trading (a weekend, a

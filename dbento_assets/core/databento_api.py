@@ -21,15 +21,21 @@ keeps the old file unless the new one is whole and accepted. Faults, retried wit
 streams back off exponentially with jitter for a bounded number of attempts; 401 and 403 fail
 at once without showing the key; 422 fails at once naming symbol, dataset, stype and the
 catalog file; a local disk error (no space, read-only, permission) fails at once naming the
-path. Availability: a month that is not fully published yet, or lies wholly before the
-dataset's start, fails before any cost is incurred; a month in which the dataset starts is
+path. Availability: a month that has begun but not closed (the current month) is bought up
+to the dataset's available end and stored partial (``through_ns``), as a piece of the cache;
+each later run buys only ``[end of the last piece, new available end)`` (nothing when the end
+has not moved), and the month is assembled from its pieces, so no second is bought twice;
+once closed, the last tail makes it an ordinary complete month (a forced download replaces
+the pieces). A month that has not begun yet, or lies wholly before the dataset's start, fails
+before any cost is incurred; a month in which the dataset starts is
 downloaded from the dataset's start and says so in the metadata. Empty months: a month for
 which Databento reports zero records fails with a :class:`SourceError` and caches nothing (no
 ``get_range`` is made). For the catalog's instruments (front-month futures, ETFs on a
 consolidated feed) a month without a single trade means a wrong symbol, stype or dataset, or
 a vendor gap; the one legitimate reason for a month without data, the dataset not having
-started yet, is reported as such by the availability check. A download that announced
-records but delivered none is treated as truncated and retried.
+started yet, is reported as such by the availability check (a top-up of a growing month over
+days without trading holds no record and is kept, so its window is not bought again). A
+download that announced records but delivered none is treated as truncated and retried.
 """
 
 from __future__ import annotations
@@ -324,13 +330,60 @@ class DatabentoSource:
                 except DownloadRefused as exc:
                     self._refuse(entry, entry.path, exc, cached=True)
                     raise
+            held = [] if request.force else self._held_pieces(entry, log)
+            if held and held[-1][0].piece is not None and held[-1][0].piece[1] >= month.end_ns:
+                # Every piece of a month that has closed since is here: no request at all.
+                log(f"DBN cache hit for {entry}: {len(held)} pieces (no Databento request)")
+                return self._assemble(held, None, None, month, accept)
             if not request.force:
                 refused = self.cache.refused_message(entry)
                 if refused:
                     raise SourceError(refused)
             if request.force and entry.path.is_file():
                 log(f"force: re-downloading {entry}; {entry.path} is kept until then")
-            return self._buy(request, entry, log, accept)
+            return self._buy(request, entry, log, accept, held)
+
+    def _held_pieces(
+        self, entry: CacheEntry, log: Logger
+    ) -> list[tuple[CacheEntry, dict[str, Any]]]:
+        """The verified pieces of a month bought while it was open, with their manifests."""
+        return [(piece, self.cache.verify(piece, log)) for piece in self.cache.pieces(entry)]
+
+    def _assemble(
+        self,
+        held: list[tuple[CacheEntry, dict[str, Any]]],
+        tail: tuple[Path, dict[str, Any]] | None,
+        through_ns: int | None,
+        month: Month,
+        accept: Callable[[FetchedMonth], T],
+    ) -> tuple[FetchedMonth, T]:
+        """A month made of the pieces already held (and a new tail not committed yet): its
+        record count is the sum of theirs, its first instant that of the first piece."""
+        manifests = [m for _, m in held] + ([tail[1]] if tail else [])
+        payloads = [p.path for p, _ in held] + ([tail[0]] if tail else [])
+        if tail is None:
+            metadata = self._cache_hit_metadata(manifests[-1])
+            end = pd.Timestamp(manifests[-1]["request_end"])
+            through_ns = None if end.value >= month.end_ns else int(end.value)
+        else:
+            metadata = dict(tail[1])
+        counts = [m.get("record_count") for m in manifests]
+        metadata.update(
+            {
+                "pieces": len(payloads),
+                "month_request_start": manifests[0]["request_start"],
+                "records_in_pieces": sum(int(m.get("records_downloaded", 0)) for m in manifests),
+            }
+        )
+        first = _announced(manifests[0])
+        fetched = FetchedMonth(
+            payloads=payloads,
+            metadata=metadata,
+            available_from_ns=first["available_from_ns"],
+            announced_records=sum(counts) if all(isinstance(c, int) for c in counts) else None,
+            through_ns=through_ns,
+        )
+        return fetched, accept(fetched)
 
     def _buy(
         self,
@@ -338,8 +391,10 @@ class DatabentoSource:
         entry: CacheEntry,
         log: Logger,
         accept: Callable[[FetchedMonth], T],
+        held: list[tuple[CacheEntry, dict[str, Any]]] | None = None,
     ) -> tuple[FetchedMonth, T]:
         inst, month, schema = request.instrument, request.month, entry.schema
+        held = held or []
         what = str(entry)
         availability = self._availability(
             inst.dataset, inst, month, schema, use_cache=False, log=log
@@ -347,6 +402,15 @@ class DatabentoSource:
         window = self._window(inst, month, availability)
         if window.partial_reason:
             log(window.partial_reason)
+        if held:
+            # Pay only for what is new: from where the last piece ended.
+            through = pd.Timestamp(held[-1][1]["request_end"])
+            if window.end <= through:
+                log(f"{what}: nothing new since {through.isoformat()} (no Databento request)")
+                return self._assemble(held, None, None, month, accept)
+            window = replace(window, start=through)
+            log(f"{what}: {len(held)} piece(s) held up to {through.isoformat()}; buying the rest")
+        grows = window.end < month.end or bool(held)  # stored as a piece of the month
         query = self._query(inst, window, schema)
         cost = self._call(
             "metadata.get_cost",
@@ -385,7 +449,7 @@ class DatabentoSource:
             f"{what}: estimated cost ${cost:,.4f}, billable size "
             f"{billable:,} bytes, {expected:,} records"
         )
-        if expected == 0:
+        if expected == 0 and not held:
             raise SourceError(
                 f"Databento has no {schema} records for {inst.symbol} (symbol "
                 f"{inst.request_symbol!r}, stype_in {inst.stype_in!r}, dataset {inst.dataset!r}) "
@@ -417,26 +481,33 @@ class DatabentoSource:
             }
             if window.partial_reason:
                 metadata["partial_month_reason"] = window.partial_reason
+            through_ns = None if window.end >= month.end else int(window.end.value)
+            target = entry.with_piece(window.start.value, window.end.value) if grows else entry
             try:
-                accepted = accept(
-                    FetchedMonth(payloads=[part], metadata=metadata, **_announced(metadata))
+                fetched, accepted = self._assemble(
+                    held, (part, metadata), through_ns, month, accept
                 )
             except DownloadRefused as exc:
                 self._refuse(entry, part, exc, cached=False)
                 raise
             try:
-                metadata = self.cache.commit(part, entry, metadata)
+                metadata = self.cache.commit(part, target, metadata)
             except OSError as exc:
-                raise LocalIOError(local_io_message(exc, entry.path, billable)) from None
+                raise LocalIOError(local_io_message(exc, target.path, billable)) from None
+            if request.force:  # the accepted download replaces every piece it covers
+                for old in self.cache.pieces(entry, checked=False):
+                    if old != target:
+                        old.path.unlink(missing_ok=True)
+                        old.manifest_path.unlink(missing_ok=True)
         finally:
             part.unlink(missing_ok=True)
         log(
-            f"stored {entry.path} ({check.records:,} records, {metadata['dbn_file_bytes']:,} bytes)"
+            f"stored {target.path} ({check.records:,} records, "
+            f"{metadata['dbn_file_bytes']:,} bytes)"
         )
-        return (
-            FetchedMonth(payloads=[entry.path], metadata=metadata, **_announced(metadata)),
-            accepted,
-        )
+        fetched.payloads[-1] = target.path
+        fetched.metadata.update(metadata)
+        return fetched, accepted
 
     def _refuse(self, entry: CacheEntry, data: Path, exc: DownloadRefused, *, cached: bool) -> None:
         """Quarantine refused data and say where it went (on ``exc.outcome``); remember the
@@ -460,6 +531,18 @@ class DatabentoSource:
         final = self.cache_path(instrument.symbol, month, schema)
         if final.is_file():  # a price, not a read: the run that uses it verifies it
             return CostEstimate(instrument.symbol, month, cached=True, note=f"cached: {final}")
+        entry = self.cache.entry(instrument.symbol, month, schema)
+        try:
+            pieces = self.cache.pieces(entry)
+        except SourceError as exc:
+            return CostEstimate(instrument.symbol, month, cached=False, note=str(exc))
+        through = (
+            pd.Timestamp(pieces[-1].piece[1], tz="UTC") if pieces and pieces[-1].piece else None
+        )
+        if through is not None and through >= month.end:
+            return CostEstimate(
+                instrument.symbol, month, cached=True, note=f"cached in {len(pieces)} pieces"
+            )
         availability = self._availability(
             instrument.dataset, instrument, month, schema, use_cache=True
         )
@@ -467,6 +550,14 @@ class DatabentoSource:
             window = self._window(instrument, month, availability)
         except SourceError as exc:
             return CostEstimate(instrument.symbol, month, cached=False, note=str(exc))
+        if through is not None:  # only the tail not bought yet is priced
+            if window.end <= through:
+                return CostEstimate(
+                    instrument.symbol, month, cached=True, note=f"cached up to {through}"
+                )
+            window = replace(
+                window, start=through, partial_reason=f"only the tail from {through.isoformat()}"
+            )
         query = self._query(instrument, window, schema)
         cost = float(
             self._call(
@@ -557,6 +648,21 @@ class DatabentoSource:
                 f"{what}: the month lies wholly before the dataset's start "
                 f"({avail.start.isoformat()}); nothing to download. Move start_month in "
                 f"{self._catalog_file()} to {avail.start.strftime('%Y-%m')} or later."
+            )
+        if month.end > avail.end and avail.schema == SCHEMA and avail.end > month.start:
+            # The current month: what Databento serves so far, stored partial.
+            return MonthWindow(
+                start=max(month.start, avail.start),
+                end=avail.end,
+                partial_reason=(
+                    f"{what}: the month has not closed yet; downloading up to "
+                    f"{avail.end.isoformat()} (Databento's available end), stored partial"
+                )
+                if avail.start <= month.start
+                else (
+                    f"{what}: the dataset starts mid-month at {avail.start.isoformat()} and the "
+                    f"month has not closed yet; downloading up to {avail.end.isoformat()}"
+                ),
             )
         if month.end > avail.end:
             raise SourceError(

@@ -409,16 +409,18 @@ def encode_month(
     *,
     mappings: dict[str, list[dict[str, object]]] | None = None,
     compress: bool = True,
+    end_ns: int | None = None,
 ) -> bytes:
     """One instrument-month of ohlcv-1s records as Databento would send it: the catalog
-    entry's dataset, request symbol and ``stype_in``, and the month window in the header."""
+    entry's dataset, request symbol and ``stype_in``, and the month window in the header
+    (up to ``end_ns`` when the month has not closed yet)."""
     return encode_ohlcv(
         records,
         dataset=instrument.dataset,
         symbols=[instrument.request_symbol],
         stype_in=instrument.stype_in,
         start_ns=month.start_ns,
-        end_ns=month.end_ns,
+        end_ns=month.end_ns if end_ns is None else end_ns,
         mappings=mappings,
         compress=compress,
     )

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -72,10 +73,20 @@ class CacheEntry:
     symbol: str
     month: Month
     schema: str
+    # A piece of a month that has not closed yet: its window [start_ns, end_ns); None: the
+    # whole month's entry.
+    piece: tuple[int, int] | None = None
+
+    @property
+    def stem(self) -> str:
+        return f"{self.symbol}_{self.month.tag}.{self.schema}"
 
     @property
     def path(self) -> Path:
-        return self.folder / self.symbol / f"{self.symbol}_{self.month.tag}.{self.schema}.dbn.zst"
+        if self.piece is None:
+            return self.folder / self.symbol / f"{self.stem}.dbn.zst"
+        start, end = (_stamp(ns) for ns in self.piece)
+        return self.folder / self.symbol / f"{self.stem}.{start}-{end}.dbn.zst"
 
     @property
     def manifest_path(self) -> Path:
@@ -83,14 +94,31 @@ class CacheEntry:
 
     @property
     def refused_path(self) -> Path:
-        return self.path.with_name(self.path.name + REFUSED_SUFFIX)
+        return self.month_entry.path.with_name(self.month_entry.path.name + REFUSED_SUFFIX)
 
     @property
-    def lock_path(self) -> Path:
-        return self.folder / LOCKS / (self.path.name + LOCK_SUFFIX)
+    def lock_path(self) -> Path:  # one lock per month, pieces included
+        return self.folder / LOCKS / (self.month_entry.path.name + LOCK_SUFFIX)
+
+    @property
+    def month_entry(self) -> CacheEntry:
+        return CacheEntry(self.folder, self.symbol, self.month, self.schema)
+
+    def with_piece(self, start_ns: int, end_ns: int) -> CacheEntry:
+        return CacheEntry(self.folder, self.symbol, self.month, self.schema, (start_ns, end_ns))
 
     def __str__(self) -> str:
-        return f"{self.symbol} {self.month} {self.schema}"
+        if self.piece is None:
+            return f"{self.symbol} {self.month} {self.schema}"
+        start, end = (pd.Timestamp(ns, tz="UTC").isoformat() for ns in self.piece)
+        return f"{self.symbol} {self.month} {self.schema} [{start}, {end})"
+
+
+_STAMP = "%Y%m%dT%H%M%SZ"
+
+
+def _stamp(ns: int) -> str:
+    return pd.Timestamp(ns, tz="UTC").strftime(_STAMP)
 
 
 def sha256_of(path: Path) -> str:
@@ -182,6 +210,11 @@ def _existing(path: Path) -> Path:
     return path
 
 
+def _parse_stamp(text: str) -> int:
+    stamp = pd.Timestamp(pd.to_datetime(text, format=_STAMP, utc=True))
+    return int(stamp.value)
+
+
 class DbnCache:
     """The DBN cache under one local folder (its ``dbn/`` subfolder)."""
 
@@ -190,6 +223,31 @@ class DbnCache:
 
     def entry(self, symbol: str, month: Month, schema: str) -> CacheEntry:
         return CacheEntry(self.folder, symbol, month, schema)
+
+    def pieces(self, entry: CacheEntry, *, checked: bool = True) -> list[CacheEntry]:
+        """The pieces of a month bought while it was open, in window order.
+
+        They must follow one another without gap or overlap from the first (each starts
+        where the previous ended); anything else is not what this cache writes, and is
+        refused naming the files rather than assembled into a month (``checked=False``: listed
+        as they are, to replace them).
+        """
+        found: list[CacheEntry] = []
+        for path in entry.path.parent.glob(f"{entry.stem}.*-*.dbn.zst"):
+            start, _, end = path.name.removeprefix(entry.stem + ".").split(".")[0].partition("-")
+            try:
+                window = (_parse_stamp(start), _parse_stamp(end))
+            except ValueError:
+                continue
+            found.append(entry.month_entry.with_piece(*window))
+        found.sort(key=lambda e: e.piece or (0, 0))
+        for before, after in itertools.pairwise(found if checked else []):
+            if before.piece and after.piece and before.piece[1] != after.piece[0]:
+                raise SourceError(
+                    f"The cached pieces {before.path} and {after.path} of {entry.month_entry} "
+                    "do not follow one another; move them aside (nothing was requested)."
+                )
+        return found
 
     # ------------------------------------------------------------------ lock and leftovers
 

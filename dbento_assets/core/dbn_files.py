@@ -17,6 +17,9 @@ every other file is handed over as a path. Decoding stays in :mod:`dbento_assets
 The folder's ohlcv-1m files, chosen the same way, are Databento's own 1-minute bars for the
 vendor cross-check (:meth:`DbnFilesSource.vendor_1m`), their coverage clipped to the dates
 the symbology maps the request symbol.
+A month that has not closed yet (its end is after "now") may be held only in part: the
+partition is then the month up to the end of what the files cover, stored partial, and
+judged whole up to there (see :func:`~dbento_assets.core.coverage.require_whole_month`).
 """
 
 from __future__ import annotations
@@ -109,8 +112,9 @@ class DbnFilesSource:
     name = "dbn"
     vendor_requested = False
 
-    def __init__(self, dbn_dir: Path | str) -> None:
+    def __init__(self, dbn_dir: Path | str, now: pd.Timestamp | None = None) -> None:
         self.dbn_dir = Path(dbn_dir).expanduser()
+        self.now = now  # None: the clock; tests move it to run a month's life
         self._scanned: dict[Path, tuple[tuple[int, int], DbnFileInfo]] = {}
 
     def __repr__(self) -> str:
@@ -192,7 +196,19 @@ class DbnFilesSource:
         if days_in_month:
             metadata["first_day_covered"] = days_in_month[0].isoformat()
             metadata["last_day_covered"] = days_in_month[-1].isoformat()
-        return FetchedMonth(payloads=payloads, instrument_ids=frozenset(wanted), metadata=metadata)
+        now = self.now if self.now is not None else pd.Timestamp.now(tz="UTC")
+        through_ns = None
+        if month.end > now:  # the month in progress: as far as the files reach
+            reach = dbn_coverage(payloads, month, SCHEMA)
+            if reach and reach[-1][1] < month.end_ns:
+                through_ns = reach[-1][1]
+                metadata["through"] = pd.Timestamp(through_ns, tz="UTC").isoformat()
+        return FetchedMonth(
+            payloads=payloads,
+            instrument_ids=frozenset(wanted),
+            metadata=metadata,
+            through_ns=through_ns,
+        )
 
     def vendor_bars(self, request: FetchRequest, log: Logger) -> VendorMonth | str:
         """The folder's ohlcv-1m of the partition (they cost nothing, so always compared)."""

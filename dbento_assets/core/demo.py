@@ -17,6 +17,9 @@ any machine. The exchange calendar of ``exchange_calendars`` that the ``calendar
 uses (:func:`dbento_assets.core.validation.calendar_name`) decides which days trade: no bar on a
 holiday, and none after an early close (futures stop at the session's close; equities, whose
 calendar has regular hours only, keep their pre-market and stop at the early close).
+The current month grows like Databento's: the demo serves data up to its "now" floored to
+the day (``DBENTO_DEMO_NOW``, an ISO date, moves it for tests and demos), so the month
+containing it is served partial, through that day.
 None of this is market data; the source's metadata says so.
 """
 
@@ -269,17 +272,33 @@ class DemoSource:
     name = "demo"
     vendor_requested = False
 
-    def __init__(self, activity: float = 1.0, compress: bool = False) -> None:
+    def __init__(
+        self, activity: float = 1.0, compress: bool = False, now: pd.Timestamp | None = None
+    ) -> None:
         if not (isinstance(activity, int | float) and math.isfinite(activity) and activity > 0):
             raise ValueError(f"demo activity must be a positive finite number, got {activity!r}")
         self.activity = float(activity)
         self.compress = compress
+        self.now = now
+
+    def available_end(self) -> pd.Timestamp:
+        """Where the demo's data ends (exclusive): "now" floored to the day, like a vendor
+        whose last day is published once it is over."""
+        now = self.now if self.now is not None else pd.Timestamp.now(tz="UTC")
+        return now.tz_convert("UTC").floor("D") if now.tzinfo else now.tz_localize("UTC").floor("D")
 
     def vendor_bars(self, request: FetchRequest, log: Logger) -> str:
         return "the demo source is synthetic, there are no Databento bars to compare with"
 
     def fetch(self, request: FetchRequest, log: Logger) -> FetchedMonth:
         instrument, month = request.instrument, request.month
+        available = self.available_end()
+        if month.start >= available:
+            raise SourceError(
+                f"demo source: {instrument.symbol} {month} has no data yet (the demo's data "
+                f"ends {available.isoformat()}, DBENTO_DEMO_NOW moves it)"
+            )
+        through_ns = int(available.value) if month.end > available else None
         try:
             records = generate_month_records(instrument, month, self.activity)
             schedule = demo_contract_schedule(instrument, month)
@@ -287,12 +306,15 @@ class DemoSource:
             raise SourceError(
                 f"demo source cannot generate {instrument.symbol} {month}: {exc}"
             ) from exc
+        if through_ns is not None:  # the month so far, as a vendor would serve it
+            records = records[records["ts_event"].astype("int64") < through_ns]
         payload = encode_month(
             records,
             instrument,
             month,
             mappings=symbology_mappings(instrument, schedule),
             compress=self.compress,
+            end_ns=through_ns,
         )
         contracts = [
             {
@@ -319,6 +341,7 @@ class DemoSource:
                 "records": len(records),
                 "contracts": contracts,
             },
+            through_ns=through_ns,
         )
 
 

@@ -73,6 +73,14 @@ class FetchedMonth:
     # How many records the payloads hold, when the server announced it (Databento's
     # metadata.get_record_count); None when nobody announced a count (DBN files do not).
     announced_records: int | None = None
+    # The end of what the payloads cover when the month has not closed yet (the current
+    # month, up to the source's available end, exclusive); None: the whole month.
+    through_ns: int | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Whether the payloads cover the month to its end (a partial month never is)."""
+        return self.through_ns is None
 
 
 class MonthSource(Protocol):

@@ -120,6 +120,15 @@ class FileIdentity:
     timeframe: str = RAW_TIMEFRAME  # "1s" for raw bars, else the aggregated label
     dataset: str = ""  # the Databento dataset ("" when the writer did not know it)
     version: str = CODE_VERSION  # the code that wrote the file
+    # A month that has not closed yet is stored partial: its bars end before ``through``
+    # (exclusive, ISO 8601 UTC). A complete month's ``through`` is "" (the month's end).
+    complete: bool = True
+    through: str = ""
+
+    @property
+    def through_text(self) -> str:
+        """The end of what the file covers (exclusive): ``through``, or the month's end."""
+        return self.through or self.month.end.isoformat()
 
     def to_metadata(self) -> dict[str, str]:
         """The identity as ``dbento.*`` key-value pairs (Parquet footer, CSV sidecar)."""
@@ -132,6 +141,8 @@ class FileIdentity:
             "timeframe": self.timeframe,
             "dataset": self.dataset,
             "version": self.version,
+            "complete": "true" if self.complete else "false",
+            "through": self.through_text,
         }
         return {IDENTITY_PREFIX + key: value for key, value in fields.items()}
 
@@ -151,6 +162,7 @@ class FileIdentity:
         missing = [k for k in ("symbol", "month", "origin", "timeframe") if not found.get(k)]
         if missing:
             raise ValueError(f"its identity lacks {', '.join(missing)}")
+        complete = found.get("complete", "true").strip().lower() != "false"
         return cls(
             symbol=found["symbol"],
             month=Month.parse(found["month"]),
@@ -158,13 +170,17 @@ class FileIdentity:
             timeframe=found["timeframe"],
             dataset=found.get("dataset", ""),
             version=found.get("version", ""),
+            # Files written before partial months existed were always whole months.
+            complete=complete,
+            through="" if complete else found.get("through", ""),
         )
 
     def describe(self) -> str:
         """``ES 1s bars of 2024-01 (real Databento market data, GLBX.MDP3)``."""
         where = f", {self.dataset}" if self.dataset else ""
+        partial = "" if self.complete else f" up to {self.through_text} (partial)"
         return (
-            f"{self.symbol} {self.timeframe} bars of {self.month} "
+            f"{self.symbol} {self.timeframe} bars of {self.month}{partial} "
             f"({_origin_words(self.origin)}{where})"
         )
 
@@ -330,6 +346,22 @@ class BarStore:
     def read(self, path: UPath) -> pd.DataFrame:
         """Read a bar file written by :meth:`write` (format from the store)."""
         return self.read_with_identity(path)[0]
+
+    def identity_of(self, path: UPath) -> FileIdentity | None:
+        """The identity a bar file carries, read from its Parquet footer or CSV sidecar only
+        (no bars read, nothing verified: for listings such as ``dbento status``); None when
+        the file is missing, of older code, or unreadable."""
+        try:
+            if self.fmt == "parquet":
+                with path.open("rb") as f:
+                    raw = pq.read_metadata(f).metadata or {}
+                pairs = {k.decode(): v.decode() for k, v in raw.items()}
+            else:
+                loaded = json.loads(_sidecar(path).read_text())
+                pairs = {str(k): str(v) for k, v in loaded.items()}
+            return FileIdentity.from_metadata(pairs)
+        except (OSError, ValueError, TypeError, AttributeError, pa.ArrowException):
+            return None
 
     def read_with_identity(self, path: UPath) -> tuple[pd.DataFrame, FileIdentity | None]:
         """A bar file and the identity it carries (None for a file of older code).

@@ -1,0 +1,402 @@
+"""Issue 13: the current month, kept up to date and paid for once.
+
+A month's whole life runs through Dagster and the real ``databento`` client against the test
+gateway, whose available end is moved forward between runs (``gateway.set_range``): three
+top-ups while the month is open, then the close. The gateway's request log proves that no
+second is bought twice (the ``get_range`` windows follow one another without overlap and
+together make the month; the bytes billed add up to the month's once), the metadata and the
+files' own identity say ``complete: false`` until the close, and the closed month's bar files
+are byte for byte those of the same month bought in one piece after it closed. The same life
+runs on the demo source, whose "now" is ``DBENTO_DEMO_NOW``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import itertools
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from dagster import AssetKey, DagsterInstance, DefaultScheduleStatus, build_schedule_context
+
+from dbento_assets import report, status
+from dbento_assets.backfill import UsageError, plan_partitions
+from dbento_assets.checks import all_check_keys
+from dbento_assets.core.catalog import load_catalog
+from dbento_assets.core.coverage import IncompleteMonth, require_whole_month
+from dbento_assets.core.databento_api import DatabentoSource
+from dbento_assets.core.dbn import decode_month
+from dbento_assets.core.dbn_files import DbnFilesSource
+from dbento_assets.core.months import Month
+from dbento_assets.core.source import FetchRequest
+from dbento_assets.core.storage import BarStore
+from dbento_assets.definitions import build_definitions
+from dbento_assets.partitions import partition_key
+from dbento_assets.resources import DatabentoResource
+from dbento_assets.schedules import DAILY_SCHEDULE_NAME, SCHEDULE_NAME, topup_month
+from dbento_assets_tests.gateway import (
+    GET_RANGE,
+    RECORD_BYTES,
+    TEST_KEY,
+    Query,
+    gateway_fixture,  # noqa: F401
+)
+from dbento_assets_tests.test_databento_dagster import SETTINGS, failure_text
+from dbento_assets_tests.test_dbn_files import contracts_on, write_day_file
+
+MARCH = Month(2024, 3)
+DATASET = "GLBX.MDP3"
+DATASET_START = "2010-06-06"
+# Three top-ups while March is open (day 3, day 12, day 18), then the close.
+LIFE = ["2024-03-04", "2024-03-12", "2024-03-18", "2024-04-02"]
+RAW = AssetKey("raw_1s_bars")
+
+
+@pytest.fixture
+def clean(tmp_path, monkeypatch) -> None:
+    """No DBENTO_* / DATABENTO_* settings from outside, and a working folder without .env."""
+    for name in (*SETTINGS, "DBENTO_DEMO_NOW"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+
+
+@pytest.fixture(scope="module")
+def instance(tmp_path_factory) -> DagsterInstance:
+    with DagsterInstance.local_temp(str(tmp_path_factory.mktemp("dagster_home"))) as inst:
+        yield inst
+
+
+def all_assets() -> list[AssetKey]:
+    return [RAW, *(AssetKey(f"bars_{tf.label}") for tf in load_catalog().timeframes)]
+
+
+def build(
+    instance: DagsterInstance,
+    month: Month = MARCH,
+    symbol: str = "ES",
+    resource: DatabentoResource | None = None,
+):
+    job = build_definitions(databento=resource).resolve_implicit_global_asset_job_def()
+    return job.execute_in_process(
+        instance=instance,
+        partition_key=partition_key(month, symbol),
+        asset_selection=all_assets(),
+        raise_on_error=False,
+    )
+
+
+def raw_metadata(result) -> dict[str, object]:
+    (mat,) = [
+        e.event_specific_data.materialization
+        for e in result.get_asset_materialization_events()
+        if e.event_specific_data.materialization.asset_key == RAW
+    ]
+    return {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
+
+
+def bar_files(data: Path) -> dict[str, str]:
+    """SHA-256 of every bar file (raw and aggregated) under a data root."""
+    return {
+        str(p.relative_to(data)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(data.rglob("*.parquet"))
+    }
+
+
+def identities(data: Path) -> dict[str, tuple[bool, str]]:
+    store = BarStore.at(str(data), "parquet")
+    out = {}
+    for path in sorted(data.rglob("*.parquet")):
+        _, identity = store.read_with_identity(store.root / str(path.relative_to(data)))
+        assert identity is not None
+        out[path.name] = (identity.complete, identity.through_text)
+    return out
+
+
+def windows(gateway) -> list[tuple[int, int]]:
+    return [
+        (int(pd.Timestamp(c.fields["start"]).value), int(pd.Timestamp(c.fields["end"]).value))
+        for c in gateway.calls(GET_RANGE)
+    ]
+
+
+def billed_bytes(gateway, window: tuple[int, int]) -> int:
+    """What the gateway bills for a window of ES (its billable size: records x 56 bytes)."""
+    inst = load_catalog().instrument("ES")
+    query = Query(DATASET, (inst.request_symbol,), "ohlcv-1s", inst.stype_in, *window)
+    return len(gateway.records_for(query)[0]) * RECORD_BYTES
+
+
+@pytest.fixture
+def api_env(gateway, clean, tmp_path, monkeypatch):
+    monkeypatch.setenv("DATABENTO_API_KEY", TEST_KEY)
+    monkeypatch.setenv("DBENTO_GATEWAY", gateway.url)
+    monkeypatch.setenv("DBENTO_RETRY_ATTEMPTS", "2")
+    monkeypatch.setenv("DBENTO_RETRY_BACKOFF_SECONDS", "0")
+
+    def data_root(name: str) -> Path:
+        data = tmp_path / name
+        monkeypatch.setenv("DBENTO_DATA_DIR", str(data))
+        return data
+
+    return data_root
+
+
+def test_a_month_life_on_the_gateway_pays_each_second_once(gateway, api_env, instance):
+    data = api_env("growing")
+    bought_until = MARCH.start.isoformat()
+    for day in LIFE:
+        gateway.set_range(DATASET, DATASET_START, day)
+        result = build(instance)
+        assert result.success, failure_text(result)
+        meta = raw_metadata(result)
+        through = min(pd.Timestamp(day, tz="UTC"), MARCH.end)
+        assert meta["complete"] is (through == MARCH.end)
+        assert pd.Timestamp(meta["through"]) == through
+        # Every file of the month says the same about itself.
+        assert set(identities(data).values()) == {(through == MARCH.end, through.isoformat())}
+        # Only the tail was priced and paid for in this run.
+        assert pd.Timestamp(meta["source_request_start"]) == pd.Timestamp(bought_until)
+        tail = (pd.Timestamp(bought_until).value, through.value)
+        assert meta["source_billable_size_bytes"] == billed_bytes(gateway, tail)
+        bought_until = meta["through"]
+
+    # The request log: one get_range per run, the windows follow one another exactly.
+    asked = windows(gateway)
+    assert len(asked) == len(LIFE)
+    assert asked[0][0] == MARCH.start_ns and asked[-1][1] == MARCH.end_ns
+    for before, after in itertools.pairwise(asked):
+        assert before[1] == after[0]  # no gap, no second bought twice
+    billed = sum(billed_bytes(gateway, w) for w in asked)
+    whole = billed_bytes(gateway, (MARCH.start_ns, MARCH.end_ns))
+    assert billed == whole > 0
+
+    # A closed month held in pieces is a cache hit: no request at all.
+    before = gateway.count()
+    again = build(instance)
+    assert again.success and gateway.count() == before
+    assert raw_metadata(again)["complete"] is True
+
+    # The same month bought in one piece after it closed: the same bar files, byte for byte.
+    grown = bar_files(data)
+    one_piece = api_env("one_piece")
+    result = build(instance)
+    assert result.success, failure_text(result)
+    assert windows(gateway)[-1] == (MARCH.start_ns, MARCH.end_ns)
+    assert bar_files(one_piece) == grown
+    assert len(grown) == len(all_assets())
+
+
+def test_no_new_data_means_no_purchase_and_the_estimate_prices_only_the_tail(
+    gateway, api_env, instance
+):
+    data = api_env("estimate")
+    gateway.set_range(DATASET, DATASET_START, "2024-03-10")
+    assert build(instance).success
+    paid = gateway.count(GET_RANGE)
+    again = build(instance)  # the available end has not moved: nothing new to buy
+    assert again.success and gateway.count(GET_RANGE) == paid
+    assert raw_metadata(again)["complete"] is False
+
+    gateway.set_range(DATASET, DATASET_START, "2024-03-20")
+    source = DatabentoSource(TEST_KEY, data, gateway=gateway.url)
+    estimate = source.estimate(load_catalog().instrument("ES"), MARCH)
+    tail = (pd.Timestamp("2024-03-10", tz="UTC").value, pd.Timestamp("2024-03-20", tz="UTC").value)
+    assert not estimate.cached
+    assert estimate.billable_size_bytes == billed_bytes(gateway, tail)
+    assert gateway.count(GET_RANGE) == paid  # estimating buys nothing
+
+
+def demo(data: Path) -> DatabentoResource:
+    return DatabentoResource(source="demo", data_dir=str(data), demo_activity=0.02)
+
+
+def test_a_month_life_on_the_demo_source(clean, tmp_path, monkeypatch, instance):
+    data = tmp_path / "demo"
+    for day in ["2024-03-03T12:00", "2024-03-17", "2024-04-03"]:
+        monkeypatch.setenv("DBENTO_DEMO_NOW", day)
+        result = build(instance, resource=demo(data))
+        assert result.success, failure_text(result)
+        through = min(pd.Timestamp(day, tz="UTC").floor("D"), MARCH.end)
+        meta = raw_metadata(result)
+        assert (meta["complete"], pd.Timestamp(meta["through"])) == (through == MARCH.end, through)
+        assert set(identities(data).values()) == {(through == MARCH.end, through.isoformat())}
+        raw = pd.read_parquet(data / "raw_1s" / "ES" / "ES_2024_03.parquet")
+        assert raw["ts_event"].max() < through
+    grown = bar_files(data)
+    fresh = tmp_path / "demo_closed"
+    assert build(instance, resource=demo(fresh)).success
+    assert bar_files(fresh) == grown
+
+
+def test_a_month_without_data_yet_is_not_materialized(clean, tmp_path, monkeypatch, instance):
+    monkeypatch.setenv("DBENTO_DEMO_NOW", "2024-03-01T08:00")
+    result = build(instance, resource=demo(tmp_path / "d"))
+    assert not result.success
+    assert "has no data yet" in failure_text(result)
+    assert not list((tmp_path / "d").rglob("*.parquet"))
+
+
+# --------------------------------------------------------------------------- daily top-up
+
+
+@pytest.mark.parametrize(
+    ("at", "month"),
+    [
+        (datetime(2024, 3, 18, 6, tzinfo=UTC), Month(2024, 3)),
+        (datetime(2024, 3, 3, 6, tzinfo=UTC), Month(2024, 3)),  # March 1st is served
+        (datetime(2024, 3, 2, 6, tzinfo=UTC), Month(2024, 2)),  # nothing of March yet
+        (datetime(2025, 1, 1, 6, tzinfo=UTC), Month(2024, 12)),
+    ],
+)
+def test_the_daily_topup_extends_the_month_of_the_newest_served_day(at, month):
+    assert topup_month(at) == month
+    defs = build_definitions(databento=DatabentoResource(source="demo", data_dir="./data"))
+    schedule = defs.resolve_schedule_def(DAILY_SCHEDULE_NAME)
+    assert schedule.default_status == DefaultScheduleStatus.STOPPED
+    assert schedule.cron_schedule == "0 6 * * *"
+    assert schedule.job_name == defs.resolve_schedule_def(SCHEDULE_NAME).job_name
+    result = schedule.evaluate_tick(
+        build_schedule_context(
+            scheduled_execution_time=at, repository_def=defs.get_repository_def()
+        )
+    )
+    symbols = load_catalog().symbols
+    assert [str(r.partition_key) for r in result.run_requests] == [
+        f"{month.key}|{s}" for s in symbols
+    ]
+    day = at.strftime("%Y-%m-%d")
+    assert [r.run_key for r in result.run_requests] == [f"topup|{day}|{s}" for s in symbols]
+    assert all("dbento/force" not in r.tags for r in result.run_requests)
+
+
+def test_the_partitions_include_the_current_month():
+    defs = build_definitions(databento=DatabentoResource(source="demo", data_dir="./data"))
+    months = defs.resolve_implicit_global_asset_job_def().partitions_def.get_partition_keys()
+    now = pd.Timestamp.now(tz="UTC")
+    assert f"{Month(now.year, now.month).key}|ES" in months
+
+
+def test_a_partial_month_is_never_shown_complete(clean, tmp_path, monkeypatch, instance):
+    data = tmp_path / "shown"
+    monkeypatch.setenv("DBENTO_DEMO_NOW", "2024-03-17")
+    result = build(instance, resource=demo(data))
+    assert result.success, failure_text(result)
+    # The asset metadata, every file's own identity and its description say partial.
+    assert raw_metadata(result)["complete"] is False
+    store = BarStore.at(str(data), "parquet")
+    for path in data.rglob("*.parquet"):
+        identity = store.identity_of(store.root / str(path.relative_to(data)))
+        assert identity is not None and not identity.complete
+        assert "up to 2024-03-17T00:00:00+00:00 (partial)" in identity.describe()
+    # The calendar check judged the month up to through: no session after it is missing.
+    (mat,) = [
+        e
+        for e in result.get_asset_check_evaluations()
+        if e.check_name == "calendar_complete" and e.asset_key == RAW
+    ]
+    assert mat.passed
+    # dbento status lists the current month's file as partial.
+    monkeypatch.setenv("DBENTO_SOURCE", "demo")
+    monkeypatch.setenv("DBENTO_DATA_DIR", str(data))
+    line = next(li for li in status.render(instance, ["ES"]).splitlines() if "2024-03" in li)
+    assert "partial to 2024-03-17" in line
+    # So does the validation report.
+    found = report.collect(instance, all_check_keys(load_catalog()), ["ES"])
+    text = report.render(found, "test")
+    line = next(li for li in text.splitlines() if li.startswith("| 2024-03 "))
+    assert "partial to 2024-03-17" in line
+
+
+# --------------------------------------------------------------------------- DBN files
+
+
+def dbn_days(folder: Path, days: list[int]) -> Path:
+    folder.mkdir()
+    for d in days:
+        day = dt.date(2024, 3, d)
+        write_day_file(folder, day, contracts_on(day))
+    return folder
+
+
+def month_from_files(folder: Path, now: str):
+    source = DbnFilesSource(folder, now=pd.Timestamp(now, tz="UTC"))
+    es = load_catalog().instrument("ES")
+    fetched = source.fetch(FetchRequest(es, MARCH), lambda _: None)
+    decoded = decode_month(fetched.payloads, "ES", MARCH, fetched.instrument_ids)
+    require_whole_month(fetched, decoded, es, MARCH, source.name)
+    return fetched, decoded
+
+
+def test_a_dbn_folder_holding_part_of_the_current_month_gives_a_partial_month(tmp_path):
+    fetched, decoded = month_from_files(
+        dbn_days(tmp_path / "a", [1, 2, 3, 4, 5]), "2024-03-06T09:00"
+    )
+    assert not fetched.complete
+    assert fetched.through_ns == pd.Timestamp("2024-03-06", tz="UTC").value
+    assert decoded.bars["ts_event"].max() < pd.Timestamp("2024-03-06", tz="UTC")
+    # A hole before "through" is still a hole.
+    with pytest.raises(IncompleteMonth, match="2024-03-04"):
+        month_from_files(dbn_days(tmp_path / "b", [1, 2, 3, 5]), "2024-03-06T09:00")
+    # Once the month has closed, the same files are an incomplete month, never stored.
+    with pytest.raises(IncompleteMonth):
+        month_from_files(tmp_path / "a", "2024-04-02")
+
+
+def test_dbento_build_accepts_the_current_month():
+    defs = build_definitions(databento=DatabentoResource(source="demo", data_dir="./data"))
+    partitions = defs.resolve_implicit_global_asset_job_def().partitions_def
+    now = pd.Timestamp.now(tz="UTC")
+    current = str(Month(now.year, now.month))
+    assert plan_partitions(partitions, ["ES"], current, None) == [
+        f"{Month(now.year, now.month).key}|ES"
+    ]
+    with pytest.raises(UsageError, match="has not closed yet"):
+        plan_partitions(partitions, ["ES"], str(Month(now.year, now.month).next()), None)
+
+
+def test_a_topup_over_a_day_without_trading_is_bought_once_and_kept(gateway, api_env):
+    data = api_env("weekend")
+    es = load_catalog().instrument("ES")
+    source = DatabentoSource(TEST_KEY, data, gateway=gateway.url)
+    found = []
+    # Friday 1 March, then Saturday (no ES session: nothing to buy but the window), then Monday.
+    for end in ["2024-03-02", "2024-03-03", "2024-03-05"]:
+        gateway.set_range(DATASET, DATASET_START, end)
+        fetched, (decoded, _) = source.fetch_accepted(
+            FetchRequest(es, MARCH),
+            lambda _: None,
+            lambda f: (
+                d := decode_month(f.payloads, "ES", MARCH, f.instrument_ids),
+                require_whole_month(f, d, es, MARCH, "databento"),
+            ),
+        )
+        found.append(
+            (fetched.through_ns, len(decoded.bars), fetched.metadata["records_downloaded"])
+        )
+    ends = [pd.Timestamp(e, tz="UTC").value for e in ["2024-03-02", "2024-03-03", "2024-03-05"]]
+    assert [f[0] for f in found] == ends
+    assert found[1][2] == 0 and found[1][1] == found[0][1]  # Saturday: no record, kept
+    assert found[2][1] > found[1][1]
+    asked = windows(gateway)
+    assert asked == [(MARCH.start_ns, ends[0]), (ends[0], ends[1]), (ends[1], ends[2])]
+
+
+def test_force_on_a_growing_month_buys_it_again_in_one_piece(gateway, api_env):
+    data = api_env("forced")
+    es = load_catalog().instrument("ES")
+    source = DatabentoSource(TEST_KEY, data, gateway=gateway.url)
+    for end in ["2024-03-05", "2024-03-08"]:
+        gateway.set_range(DATASET, DATASET_START, end)
+        source.fetch(FetchRequest(es, MARCH), lambda _: None)
+    folder = data / "dbn" / "ES"
+    assert len(list(folder.glob("ES_2024_03.ohlcv-1s.*-*.dbn.zst"))) == 2
+    fetched = source.fetch(FetchRequest(es, MARCH, force=True), lambda _: None)
+    end = pd.Timestamp("2024-03-08", tz="UTC").value
+    assert windows(gateway)[-1] == (MARCH.start_ns, end)
+    (piece,) = folder.glob("ES_2024_03.ohlcv-1s.*-*.dbn.zst")
+    assert fetched.payloads == [piece] and fetched.through_ns == end
