@@ -42,7 +42,6 @@ from dbento_assets_tests.gateway import (
     RECORD_BYTES,
     TEST_KEY,
     Query,
-    gateway_fixture,  # noqa: F401
 )
 from dbento_assets_tests.test_databento_dagster import SETTINGS, failure_text
 from dbento_assets_tests.test_dbn_files import contracts_on, write_day_file
