@@ -22,6 +22,7 @@ STOPPED; the monthly schedule still closes each month.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -132,39 +133,39 @@ def build_schedules(catalog: Catalog) -> list[ScheduleDefinition]:
     """The monthly and daily schedules of a catalog (both run :func:`build_monthly_job`)."""
     job = build_monthly_job(catalog)
 
-    @schedule(
-        name=SCHEDULE_NAME,
-        cron_schedule=CRON,
-        execution_timezone=TIMEZONE,
-        job=job,
-        default_status=DefaultScheduleStatus.STOPPED,
-        description=(
-            "06:00 UTC on the 2nd: one run per symbol for the month that just closed (Databento "
-            "serves a day through its historical API once it is 24 hours old)."
-        ),
-    )
-    def monthly_bars_schedule(
-        context: ScheduleEvaluationContext,
-    ) -> list[RunRequest] | SkipReason:
-        at = context.scheduled_execution_time or datetime.now(UTC)
-        return monthly_run_requests(catalog, at)
+    def stopped_schedule(
+        name: str,
+        cron: str,
+        description: str,
+        requests: Callable[[Catalog, datetime], list[RunRequest] | SkipReason],
+    ) -> ScheduleDefinition:
+        @schedule(
+            name=name,
+            cron_schedule=cron,
+            execution_timezone=TIMEZONE,
+            job=job,
+            default_status=DefaultScheduleStatus.STOPPED,
+            description=description,
+        )
+        def tick(context: ScheduleEvaluationContext) -> list[RunRequest] | SkipReason:
+            return requests(catalog, context.scheduled_execution_time or datetime.now(UTC))
 
-    @schedule(
-        name=DAILY_SCHEDULE_NAME,
-        cron_schedule=DAILY_CRON,
-        execution_timezone=TIMEZONE,
-        job=job,
-        default_status=DefaultScheduleStatus.STOPPED,
-        description=(
+        return tick
+
+    return [
+        stopped_schedule(
+            SCHEDULE_NAME,
+            CRON,
+            "06:00 UTC on the 2nd: one run per symbol for the month that just closed (Databento "
+            "serves a day through its historical API once it is 24 hours old).",
+            monthly_run_requests,
+        ),
+        stopped_schedule(
+            DAILY_SCHEDULE_NAME,
+            DAILY_CRON,
             "06:00 UTC daily: one run per symbol extending the current month with the days "
             "Databento has published since the last run (only the new part is bought; the "
-            "month stays partial until it closes)."
+            "month stays partial until it closes).",
+            daily_run_requests,
         ),
-    )
-    def daily_topup_schedule(
-        context: ScheduleEvaluationContext,
-    ) -> list[RunRequest] | SkipReason:
-        at = context.scheduled_execution_time or datetime.now(UTC)
-        return daily_run_requests(catalog, at)
-
-    return [monthly_bars_schedule, daily_topup_schedule]
+    ]

@@ -37,21 +37,11 @@ from dbento_assets_tests.gateway import (
     TEST_KEY,
     FakeGateway,
 )
+from dbento_assets_tests.test_file_identity import failure_text
 
 JAN = Month(2024, 1)
 PARTITION = "2024-01-01|ES"
 ACTIVITY = 0.05
-
-
-def failure_text(result) -> str:
-    texts = []
-    for event in result.all_events:
-        if event.is_step_failure:
-            error = event.step_failure_data.error
-            while error is not None:
-                texts.append(error.message)
-                error = error.cause
-    return "\n".join(texts)
 
 
 def paid_source(gateway: FakeGateway, data: Path, **settings: object) -> DatabentoResource:

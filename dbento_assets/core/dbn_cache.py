@@ -37,10 +37,12 @@ from typing import Any
 
 import pandas as pd
 from filelock import FileLock, Timeout
+from upath import UPath
 
 from dbento_assets.core.dbn import DbnError, check_dbn_file
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import DownloadRefused, SourceError
+from dbento_assets.core.storage import fsync_dir, write_atomic
 
 MANIFEST_SUFFIX = ".json"  # the name of the sidecar earlier versions wrote, now a manifest
 REFUSED_SUFFIX = ".refused.json"
@@ -134,29 +136,10 @@ def fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (a no-op where directories cannot be opened)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader sees the old or the new file, never a part:
-    a hidden temporary next to it, fsync, rename over, fsync of the folder."""
-    part = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}{PART_SUFFIX}")
-    try:
-        with part.open("w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(part, path)
-        fsync_dir(path.parent)
-    finally:
-        part.unlink(missing_ok=True)
+    """Write ``text`` to ``path`` so that a reader sees the old or the new file, never a part
+    (the bar files' atomic write, which also makes the rename durable)."""
+    write_atomic(UPath(path), lambda handle: handle.write(text.encode("utf-8")))
 
 
 def local_os_error(exc: BaseException) -> OSError | None:
