@@ -48,11 +48,6 @@ from dagster import (
     PartitionsDefinition,
     PreviewWarning,
 )
-from dagster._core.event_api import PartitionKeyFilter
-from dagster._core.storage.asset_check_execution_record import (
-    AssetCheckExecutionRecord,
-    AssetCheckExecutionRecordStatus,
-)
 
 from dbento_assets.core import validation as v
 from dbento_assets.core.catalog import Catalog, Instrument
@@ -80,9 +75,9 @@ VENDOR_ERROR_KEY = "vendor_1m_error"  # raw_1s_bars metadata: the 1m download fa
 SAVED = "saved"
 REFUSED = "refused: not saved, the file on disk (if any) is unchanged"
 CHECKED_ON_DISK = "checked the file on disk"
-COMPLETED = frozenset(
-    {AssetCheckExecutionRecordStatus.SUCCEEDED, AssetCheckExecutionRecordStatus.FAILED}
-)
+COMPLETED = frozenset({"SUCCEEDED", "FAILED"})  # a check record's status once it has run
+FAILED = "FAILED"
+HISTORY_PAGE = 500
 
 
 # --------------------------------------------------------------------------- check specs
@@ -233,19 +228,30 @@ def latest_raw_materialization(instance: DagsterInstance, partition: str) -> Any
     return records[0] if records else None
 
 
-def latest_evaluation(
-    instance: DagsterInstance, key: AssetCheckKey, partition: str
-) -> AssetCheckExecutionRecord | None:
+def completed_evaluations(instance: DagsterInstance, key: AssetCheckKey) -> Iterator[Any]:
+    """Every completed (passed or failed) execution record of a check, newest first.
+
+    Dagster 1.13 has no public name for the record's status or a partition filter, so the
+    instance's check history is read page by page and filtered here.
+    """
+    cursor = None
+    while True:
+        page = instance.event_log_storage.get_asset_check_execution_history(
+            key, limit=HISTORY_PAGE, cursor=cursor
+        )
+        yield from (record for record in page if record.status.value in COMPLETED)
+        if len(page) < HISTORY_PAGE:
+            return
+        cursor = page[-1].id
+
+
+def latest_evaluation(instance: DagsterInstance, key: AssetCheckKey, partition: str) -> Any:
     """The newest completed (passed or failed) evaluation of a check for one partition."""
-    history = instance.event_log_storage.get_asset_check_execution_history(
-        key, limit=1, status=set(COMPLETED), partition_filter=PartitionKeyFilter(key=partition)
-    )
-    return history[0] if history else None
+    found = (r for r in completed_evaluations(instance, key) if r.partition == partition)
+    return next(found, None)
 
 
-def raw_failures_in_instance(
-    instance: DagsterInstance, partition: str
-) -> list[AssetCheckExecutionRecord]:
+def raw_failures_in_instance(instance: DagsterInstance, partition: str) -> list[Any]:
     """Blocking raw checks whose latest evaluation for ``partition`` failed after the latest
     raw materialization (a refused download not yet followed by a good one)."""
     materialized = latest_raw_materialization(instance, partition)
@@ -255,7 +261,7 @@ def raw_failures_in_instance(
         record = latest_evaluation(instance, AssetCheckKey(RAW_KEY, name), partition)
         if (
             record is not None
-            and record.status == AssetCheckExecutionRecordStatus.FAILED
+            and record.status.value == FAILED
             and record.event is not None
             and (since is None or record.event.timestamp > since)
         ):
@@ -263,7 +269,7 @@ def raw_failures_in_instance(
     return failed
 
 
-def evaluation_of(record: AssetCheckExecutionRecord) -> Any:
+def evaluation_of(record: Any) -> Any:
     """The AssetCheckEvaluation stored in a completed execution record."""
     event = record.event.dagster_event if record.event is not None else None
     return event.event_specific_data if event is not None else None

@@ -26,8 +26,8 @@ from typing import Any, TextIO
 from dagster import AssetCheckKey, AssetCheckSeverity, DagsterInstance
 
 from dbento_assets.checks import (
-    COMPLETED,
     all_check_keys,
+    completed_evaluations,
     evaluation_of,
     latest_raw_materialization,
 )
@@ -38,7 +38,6 @@ from dbento_assets.partitions import split_partition_key
 from dbento_assets.project import project_instance
 
 DEFAULT_OUT = Path("logs") / "validation_report.md"
-PAGE = 1000  # check execution records read per query
 PASS, WARN, FAIL = "pass", "WARN", "FAIL"
 EXIT_OK, EXIT_ERRORS, EXIT_UNUSABLE = 0, 1, 2
 _SHOWN_ELSEWHERE = {"violations", "severity", "first_violations"}
@@ -89,19 +88,12 @@ def latest_per_partition(
     records had no partition."""
     latest: dict[str, Any] = {}
     unpartitioned = 0
-    cursor = None
-    while True:
-        page = instance.event_log_storage.get_asset_check_execution_history(
-            key, limit=PAGE, cursor=cursor, status=set(COMPLETED)
-        )
-        for record in page:  # newest first
-            if record.partition is None:
-                unpartitioned += 1
-            else:
-                latest.setdefault(record.partition, record)
-        if len(page) < PAGE:
-            return latest, unpartitioned
-        cursor = page[-1].id
+    for record in completed_evaluations(instance, key):  # newest first
+        if record.partition is None:
+            unpartitioned += 1
+        else:
+            latest.setdefault(record.partition, record)
+    return latest, unpartitioned
 
 
 def collect(

@@ -30,6 +30,8 @@ from dagster import (
 
 # Private, as in the product's checks.py: the partition filter of the check history.
 from dagster._core.event_api import PartitionKeyFilter
+
+# A check record's status has no public name in Dagster 1.13; the tests compare with it.
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 import dbento_assets.core.aggregate as aggregate_module

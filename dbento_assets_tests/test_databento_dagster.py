@@ -26,6 +26,8 @@ import pandas as pd
 import pytest
 from dagster import AssetCheckKey, AssetKey, DagsterInstance, EnvVar
 from dagster._core.errors import DagsterInvalidConfigError
+
+# A check record's status has no public name in Dagster 1.13; the tests compare with it.
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from dbento_assets.assets import DOWNLOAD_POOL, FORCE_TAG
