@@ -85,15 +85,23 @@ def last_available_month(at: datetime) -> Month:
 def monthly_run_requests(catalog: Catalog, at: datetime) -> list[RunRequest] | SkipReason:
     """One run request per catalog symbol for :func:`last_available_month` of ``at``."""
     month = last_available_month(at)
+    return _run_requests(catalog, month, SCHEDULE_NAME, month.key)
+
+
+def _run_requests(
+    catalog: Catalog, month: Month, schedule_name: str, key: str
+) -> list[RunRequest] | SkipReason:
+    """One run per catalog symbol for ``month``, keyed ``<key>|<SYMBOL>`` (a tick evaluated
+    twice asks once)."""
     if month < catalog.start_month:
         return SkipReason(
             f"{month} is before the catalog's start_month {catalog.start_month}; nothing to do"
         )
     return [
         RunRequest(
-            run_key=f"{month.key}|{symbol}",
+            run_key=f"{key}|{symbol}",
             partition_key=partition_key(month, symbol),
-            tags={SCHEDULE_TAG: SCHEDULE_NAME, MONTH_TAG: str(month), SYMBOL_TAG: symbol},
+            tags={SCHEDULE_TAG: schedule_name, MONTH_TAG: str(month), SYMBOL_TAG: symbol},
         )
         for symbol in catalog.symbols
     ]
@@ -111,22 +119,10 @@ def topup_month(at: datetime) -> Month:
 
 
 def daily_run_requests(catalog: Catalog, at: datetime) -> list[RunRequest] | SkipReason:
-    """One top-up run per catalog symbol of :func:`topup_month`, keyed by the day, so a tick
-    evaluated twice asks once."""
-    month = topup_month(at)
-    if month < catalog.start_month:
-        return SkipReason(
-            f"{month} is before the catalog's start_month {catalog.start_month}; nothing to do"
-        )
+    """One top-up run per catalog symbol of :func:`topup_month`, keyed by the day."""
+    month = topup_month(at)  # refuses a naive ``at``
     day = pd.Timestamp(at).tz_convert("UTC").strftime("%Y-%m-%d")
-    return [
-        RunRequest(
-            run_key=f"topup|{day}|{symbol}",
-            partition_key=partition_key(month, symbol),
-            tags={SCHEDULE_TAG: DAILY_SCHEDULE_NAME, MONTH_TAG: str(month), SYMBOL_TAG: symbol},
-        )
-        for symbol in catalog.symbols
-    ]
+    return _run_requests(catalog, month, DAILY_SCHEDULE_NAME, f"topup|{day}")
 
 
 def build_schedules(catalog: Catalog) -> list[ScheduleDefinition]:
