@@ -70,6 +70,7 @@ from dbento_assets.core.source import (
     DownloadRefused,
     FetchedMonth,
     FetchRequest,
+    MonthSource,
     fetch_accepted,
     origin_of,
 )
@@ -131,10 +132,9 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
         partition = str(context.partition_key)
         month, symbol = split_partition_key(partition)
         instrument = catalog.instrument(symbol)
-        # Refuse a data root of the other origin before anything is fetched or paid for.
-        check_settings(context, databento, catalog, partition)
+        # Every setting is checked (the data root's origin included) before anything is paid.
+        source = check_settings(context, databento, catalog, partition)
         request = FetchRequest(instrument, month, force=force_requested(context, config))
-        source = databento.month_source(catalog.path)
 
         def accept(fetched: FetchedMonth) -> tuple[DecodedMonth, list[RuleResult], list[Window]]:
             # Runs on a download before it enters the DBN cache (or on a cached file before
@@ -195,10 +195,10 @@ def check_settings(
     databento: DatabentoResource,
     catalog: Catalog,
     partition: str,
-) -> None:
+) -> MonthSource:
     """Every setting the partition needs, checked before its source is asked for anything
     (see :func:`~dbento_assets.core.preflight.preflight`): a bad one fails the step before
-    any request, with one sentence saying what to fix."""
+    any request, with one sentence saying what to fix. Returns the source, built once."""
     month, symbol = split_partition_key(partition)
     io_manager = context.resources.io_manager
     files = io_manager if isinstance(io_manager, BarFileIOManager) else None
@@ -216,6 +216,7 @@ def check_settings(
     )
     for stale in checked.removed_temps:
         context.log.info(f"Removed {stale}, left by a write that was killed")
+    return source
 
 
 def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -> AssetsDefinition:
