@@ -431,20 +431,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     cli_main(["build", *(sys.argv[1:] if argv is None else argv)])
 
 
-def run(
-    argv: Sequence[str],
-    out: TextIO | None = None,
-    err: TextIO | None = None,
-    *,
-    defs: Definitions | None = None,
-    instance: DagsterInstance | None = None,
-) -> int:
-    """``dbento build ARGV`` in this process; returns the exit status. Tests pass ``defs``
-    and ``instance``."""
-    from dbento_assets.cli import run as cli_run
-
-    return cli_run(["build", *argv], out, err, defs=defs, instance=instance)
-
-
 if __name__ == "__main__":
     main()

@@ -4,7 +4,7 @@ The first test runs the command as a user would (a subprocess with ``DAGSTER_HOM
 source and a data folder in a temporary directory) and reads the instance afterwards: one run
 per partition with its partition tags, every asset materialized per partition, every asset
 check result attributed to its partition, and the bar files on disk. The others call
-:func:`dbento_assets.backfill.run` in this process with definitions built for the test: the
+:func:`run` (``dbento build``) in this process with definitions built for the test: the
 Databento source against the fake HTTPS gateway (a failed month, resuming it with
 ``--missing-only`` without requesting the other month again, ``--force`` downloading again),
 ``--select``, the project's own history without ``DAGSTER_HOME`` and every usage error,
@@ -24,7 +24,8 @@ import pytest
 from dagster import AssetKey, DagsterInstance, RunsFilter, instance_for_test
 
 from dbento_assets.assets import FORCE_TAG
-from dbento_assets.backfill import RANGE_TAG, run
+from dbento_assets.backfill import RANGE_TAG
+from dbento_assets.cli import run as dbento
 from dbento_assets.core.months import Month
 from dbento_assets.core.storage import BarStore
 from dbento_assets.core.timeframes import parse_timeframe
@@ -46,6 +47,11 @@ from dbento_assets_tests.gateway import (
 
 JAN, FEB = Month(2024, 1), Month(2024, 2)
 ES_JAN, ES_FEB = str(partition_key(JAN, "ES")), str(partition_key(FEB, "ES"))
+
+
+def run(argv: list[str], *args: object, **kwargs: object) -> int:
+    """``dbento build ARGV`` in this process (tests pass ``defs`` and ``instance``)."""
+    return dbento(["build", *argv], *args, **kwargs)
 
 
 def all_runs(instance: DagsterInstance) -> list:

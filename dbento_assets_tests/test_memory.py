@@ -27,12 +27,12 @@ import pytest
 from dagster import AssetSelection, DagsterInstance, instance_for_test, materialize
 
 from dbento_assets import io_managers
-from dbento_assets.backfill import run
 from dbento_assets.core.months import Month
 from dbento_assets.core.storage import BarStore
 from dbento_assets.definitions import build_definitions
 from dbento_assets.io_managers import RAW_ASSET, BarFileIOManager
 from dbento_assets.resources import DatabentoResource
+from dbento_assets_tests.test_backfill_cli import run
 
 ROOT = Path(__file__).resolve().parents[1]
 ACTIVITY = 0.02  # light synthetic months: the test is about references, not sizes
