@@ -38,6 +38,7 @@ from dbento_assets_tests.gateway import (
     FakeGateway,
 )
 from dbento_assets_tests.test_file_identity import failure_text
+from dbento_assets_tests.test_storage import kill_mid_write
 
 JAN = Month(2024, 1)
 PARTITION = "2024-01-01|ES"
@@ -207,19 +208,7 @@ def test_the_origin_mark_comes_with_the_first_file(gateway, tmp_path):
 def killed_write(store: BarStore, symbol: str) -> Path:
     """A real process killed in the middle of writing ``symbol``'s raw file; its temporary
     file, made an hour old (the kill happened earlier), is returned."""
-    script = (
-        "import os, numpy as np\n"
-        "import dbento_assets.core.storage as s\n"
-        "from dbento_assets.core.bars import make_bars\n"
-        "def die(table, f):\n"
-        "    f.write(b'x' * 1000); f.flush(); os._exit(9)\n"
-        "s._write_parquet = die\n"
-        f"st = s.BarStore.at({str(store.root.path)!r}, 'parquet')\n"
-        "n = 10\n"
-        "st.write(make_bars(np.arange(n), 'ES', np.ones(n), *[np.ones(n)] * 4, np.ones(n)),"
-        f" st.raw_path({symbol!r}, s.Month(2024, 1)))\n"
-    )
-    assert subprocess.run([sys.executable, "-c", script], check=False).returncode == 9
+    kill_mid_write(store, symbol)
     raw = Path(store.raw_path(symbol, JAN).path)
     (temp,) = raw.parent.glob(f".{raw.name}.*.tmp")
     old = time.time() - 3600

@@ -120,12 +120,8 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, fmt, monkeypat
     assert sorted(p.name for p in Path(path.path).parent.iterdir()) == [Path(path.path).name]
 
 
-def test_killed_writer_never_leaves_a_half_file(tmp_path):
-    """A process killed in the middle of a write leaves the previous file complete."""
-    store = BarStore.at(tmp_path, "parquet")
-    path = store.raw_path("ES", JAN)
-    store.write(sample_bars(), path)
-    before = Path(path.path).read_bytes()
+def kill_mid_write(store: BarStore, symbol: str) -> None:
+    """A real process killed in the middle of writing ``symbol``'s January raw file."""
     script = (
         "import os, numpy as np\n"
         "import dbento_assets.core.storage as s\n"
@@ -133,13 +129,21 @@ def test_killed_writer_never_leaves_a_half_file(tmp_path):
         "def die(table, f):\n"
         "    f.write(b'x' * 1000); f.flush(); os._exit(9)\n"
         "s._write_parquet = die\n"
-        f"st = s.BarStore.at({str(tmp_path)!r}, 'parquet')\n"
+        f"st = s.BarStore.at({str(store.root.path)!r}, 'parquet')\n"
         "n = 10\n"
         "st.write(make_bars(np.arange(n), 'ES', np.ones(n), *[np.ones(n)] * 4, np.ones(n)),"
-        f" st.raw_path('ES', s.Month(2024, 1)))\n"
+        f" st.raw_path({symbol!r}, s.Month(2024, 1)))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], check=False)
-    assert result.returncode == 9
+    assert subprocess.run([sys.executable, "-c", script], check=False).returncode == 9
+
+
+def test_killed_writer_never_leaves_a_half_file(tmp_path):
+    """A process killed in the middle of a write leaves the previous file complete."""
+    store = BarStore.at(tmp_path, "parquet")
+    path = store.raw_path("ES", JAN)
+    store.write(sample_bars(), path)
+    before = Path(path.path).read_bytes()
+    kill_mid_write(store, "ES")
     assert Path(path.path).read_bytes() == before
     assert pq.read_table(path.path).num_rows == 3
 
