@@ -215,6 +215,28 @@ def test_the_cli_writes_to_s3_with_nothing_but_environment_variables(s3, prefix,
     assert len(bars) > 1000 and set(bars["symbol"]) == {"SPY"}
 
 
+def paid_run(gateway, remote_root: str, cache: Path, selection: list[str]):
+    """ES January 2024 from the test gateway, bars in the bucket, DBN cache on disk."""
+    return materialize(
+        build_assets(load_catalog()),
+        selection=selection,
+        partition_key="2024-01-01|ES",
+        resources={
+            "databento": DatabentoResource(
+                source="databento",
+                api_key=TEST_KEY,
+                gateway=gateway.url,
+                data_dir=remote_root,
+                cache_dir=str(cache),
+                retry_backoff_seconds=0.0,
+            ),
+            "io_manager": BarFileIOManager(data_dir=remote_root, source="databento"),
+        },
+        instance=DagsterInstance.ephemeral(),
+        raise_on_error=False,
+    )
+
+
 def test_databento_downloads_with_bars_on_s3_and_the_cache_on_disk(gateway, tmp_path, prefix):
     """The paid source: DBN cache in a local DBENTO_CACHE_DIR, bar files in the bucket; a
     second run finds the month in the cache and makes no request."""
@@ -222,23 +244,7 @@ def test_databento_downloads_with_bars_on_s3_and_the_cache_on_disk(gateway, tmp_
     cache = tmp_path / "cache"
 
     def run():
-        return materialize(
-            build_assets(load_catalog()),
-            selection=["raw_1s_bars", "bars_1min"],
-            partition_key="2024-01-01|ES",
-            resources={
-                "databento": DatabentoResource(
-                    source="databento",
-                    api_key=TEST_KEY,
-                    gateway=gateway.url,
-                    data_dir=remote_root,
-                    cache_dir=str(cache),
-                    retry_backoff_seconds=0.0,
-                ),
-                "io_manager": BarFileIOManager(data_dir=remote_root, source="databento"),
-            },
-            instance=DagsterInstance.ephemeral(),
-        )
+        return paid_run(gateway, remote_root, cache, ["raw_1s_bars", "bars_1min"])
 
     assert run().success
     assert (cache / "dbn" / "ES" / "ES_2024_01.ohlcv-1s.dbn.zst").is_file()
@@ -257,24 +263,7 @@ def test_a_bucket_that_refuses_writes_is_refused_before_any_request(gateway, s3,
     deleted) before the paid source is asked for anything."""
     remote_root = f"s3://{BUCKET}/{prefix}"
     s3.refuse_uploads = True
-    result = materialize(
-        build_assets(load_catalog()),
-        selection=["raw_1s_bars"],
-        partition_key="2024-01-01|ES",
-        resources={
-            "databento": DatabentoResource(
-                source="databento",
-                api_key=TEST_KEY,
-                gateway=gateway.url,
-                data_dir=remote_root,
-                cache_dir=str(tmp_path / "cache"),
-                retry_backoff_seconds=0.0,
-            ),
-            "io_manager": BarFileIOManager(data_dir=remote_root, source="databento"),
-        },
-        instance=DagsterInstance.ephemeral(),
-        raise_on_error=False,
-    )
+    result = paid_run(gateway, remote_root, tmp_path / "cache", ["raw_1s_bars"])
     s3.refuse_uploads = False
     assert not result.success
     failure = next(e for e in result.all_events if e.is_step_failure)
