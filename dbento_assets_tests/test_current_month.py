@@ -24,10 +24,10 @@ from dagster import AssetKey, DagsterInstance, DefaultScheduleStatus, build_sche
 
 from dbento_assets import report, status
 from dbento_assets.backfill import UsageError, plan_partitions
-from dbento_assets.checks import all_check_keys
+from dbento_assets.checks import all_check_keys, evaluation_of, latest_evaluation
 from dbento_assets.core.catalog import load_catalog
-from dbento_assets.core.coverage import IncompleteMonth, require_whole_month
-from dbento_assets.core.databento_api import DatabentoSource
+from dbento_assets.core.coverage import IncompleteMonth, VendorMonth, require_whole_month
+from dbento_assets.core.databento_api import VENDOR_SCHEMA, DatabentoSource
 from dbento_assets.core.dbn import decode_month
 from dbento_assets.core.dbn_files import DbnFilesSource
 from dbento_assets.core.months import Month
@@ -43,7 +43,13 @@ from dbento_assets_tests.gateway import (
     TEST_KEY,
     Query,
 )
-from dbento_assets_tests.test_databento_dagster import SETTINGS, failure_text
+from dbento_assets_tests.test_databento_dagster import (
+    FAILED,
+    PASSED,
+    SETTINGS,
+    VENDOR_CHECK,
+    failure_text,
+)
 from dbento_assets_tests.test_dbn_files import contracts_on, write_day_file
 
 MARCH = Month(2024, 3)
@@ -52,6 +58,7 @@ DATASET_START = "2010-06-06"
 # Three top-ups while March is open (day 3, day 12, day 18), then the close.
 LIFE = ["2024-03-04", "2024-03-12", "2024-03-18", "2024-04-02"]
 RAW = AssetKey("raw_1s_bars")
+MINUTE_NS = 60 * 10**9
 
 
 @pytest.fixture
@@ -116,18 +123,29 @@ def identities(data: Path) -> dict[str, tuple[bool, str]]:
     return out
 
 
-def windows(gateway) -> list[tuple[int, int]]:
+def windows(gateway, schema: str = "ohlcv-1s") -> list[tuple[int, int]]:
+    """The ``get_range`` windows of one schema the gateway served, in order."""
     return [
         (int(pd.Timestamp(c.fields["start"]).value), int(pd.Timestamp(c.fields["end"]).value))
         for c in gateway.calls(GET_RANGE)
+        if c.fields.get("schema") == schema
     ]
 
 
-def billed_bytes(gateway, window: tuple[int, int]) -> int:
+def billed_bytes(gateway, window: tuple[int, int], schema: str = "ohlcv-1s") -> int:
     """What the gateway bills for a window of ES (its billable size: records x 56 bytes)."""
     inst = load_catalog().instrument("ES")
-    query = Query(DATASET, (inst.request_symbol,), "ohlcv-1s", inst.stype_in, *window)
+    query = Query(DATASET, (inst.request_symbol,), schema, inst.stype_in, *window)
     return len(gateway.records_for(query)[0]) * RECORD_BYTES
+
+
+def follow_one_another(asked: list[tuple[int, int]]) -> bool:
+    """The windows start at the month's start, end at its end, without gap or overlap."""
+    return (
+        asked[0][0] == MARCH.start_ns
+        and asked[-1][1] == MARCH.end_ns
+        and all(before[1] == after[0] for before, after in itertools.pairwise(asked))
+    )
 
 
 @pytest.fixture
@@ -167,9 +185,7 @@ def test_a_month_life_on_the_gateway_pays_each_second_once(gateway, api_env, ins
     # The request log: one get_range per run, the windows follow one another exactly.
     asked = windows(gateway)
     assert len(asked) == len(LIFE)
-    assert asked[0][0] == MARCH.start_ns and asked[-1][1] == MARCH.end_ns
-    for before, after in itertools.pairwise(asked):
-        assert before[1] == after[0]  # no gap, no second bought twice
+    assert follow_one_another(asked)  # no gap, no second bought twice
     billed = sum(billed_bytes(gateway, w) for w in asked)
     whole = billed_bytes(gateway, (MARCH.start_ns, MARCH.end_ns))
     assert billed == whole > 0
@@ -208,6 +224,91 @@ def test_no_new_data_means_no_purchase_and_the_estimate_prices_only_the_tail(
     assert not estimate.cached
     assert estimate.billable_size_bytes == billed_bytes(gateway, tail)
     assert gateway.count(GET_RANGE) == paid  # estimating buys nothing
+
+
+# --------------------------------------------------------------------------- vendor 1m
+
+
+def vendor_evaluation(instance: DagsterInstance, result) -> tuple[object, dict[str, object]]:
+    """The vendor cross-check of bars_1min for March, as this run stored it."""
+    record = latest_evaluation(instance, VENDOR_CHECK, partition_key(MARCH, "ES"))
+    assert record is not None and record.run_id == result.run_id
+    return record, {k: getattr(m, "value", m) for k, m in evaluation_of(record).metadata.items()}
+
+
+def test_the_vendor_1m_grows_with_the_month_and_is_compared_on_what_both_cover(
+    gateway, api_env, instance, monkeypatch
+):
+    data = api_env("vendor_life")
+    monkeypatch.setenv("DBENTO_VENDOR_CHECK", "true")
+    life = ["2024-03-04", "2024-03-18", "2024-04-02"]  # day 3, day 17, closed
+    for day in life:
+        gateway.set_range(DATASET, DATASET_START, day)
+        result = build(instance)
+        assert result.success, failure_text(result)
+        through = min(pd.Timestamp(day, tz="UTC"), MARCH.end)
+        # Evaluated on the partial month too, on the minutes both the 1s and the 1m cover.
+        record, found = vendor_evaluation(instance, result)
+        assert record.status == PASSED and "skipped" not in found
+        ours = pd.read_parquet(data / "aggregated" / "1min" / "ES_2024_03_1min.parquet")
+        assert found["compared"] == found["vendor_bars"] == len(ours) > 0
+        assert found["differing"] == found["violations"] == 0
+        minutes = (through.value - MARCH.start_ns) // MINUTE_NS
+        assert found.get("covered_minutes") == (None if through == MARCH.end else minutes)
+        assert raw_metadata(result)["vendor_1m_dbn_cache"] == "miss"  # only the new tail
+
+    # Each run asked for the 1m tail only: the windows follow one another, the bytes billed
+    # add up to the month's once, and the closed month's 1m is whole in the cache.
+    asked = windows(gateway, VENDOR_SCHEMA)
+    assert len(asked) == len(life) and follow_one_another(asked)
+    assert asked == windows(gateway)  # the same tails as the 1-second month
+    billed = sum(billed_bytes(gateway, w, VENDOR_SCHEMA) for w in asked)
+    assert billed == billed_bytes(gateway, (MARCH.start_ns, MARCH.end_ns), VENDOR_SCHEMA) > 0
+    before = gateway.count(GET_RANGE)
+    again = build(instance)
+    assert again.success and gateway.count(GET_RANGE) == before
+    assert raw_metadata(again)["vendor_1m_dbn_cache"] == "hit"
+    assert vendor_evaluation(instance, again)[0].status == PASSED
+
+
+def test_a_vendor_1m_mismatch_in_the_partial_month_fails_the_check(
+    gateway, api_env, instance, monkeypatch
+):
+    data = api_env("vendor_mismatch")
+    monkeypatch.setenv("DBENTO_VENDOR_CHECK", "true")
+    gateway.set_range(DATASET, DATASET_START, "2024-03-04")
+    assert build(instance).success
+    bars_1min = data / "aggregated" / "1min" / "ES_2024_03_1min.parquet"
+    kept = hashlib.sha256(bars_1min.read_bytes()).hexdigest()
+    gateway.corrupt_vendor_bar(3)  # the 4th 1m bar of the next tail disagrees
+    gateway.set_range(DATASET, DATASET_START, "2024-03-18")
+
+    result = build(instance)
+
+    assert not result.success
+    assert "bars_1min for 2024-03-01|ES was NOT saved" in failure_text(result)
+    record, found = vendor_evaluation(instance, result)
+    assert record.status == FAILED and found["violations"] == found["differing"] == 1
+    assert (
+        found["covered_minutes"]
+        == (pd.Timestamp("2024-03-18", tz="UTC").value - MARCH.start_ns) // MINUTE_NS
+    )
+    assert hashlib.sha256(bars_1min.read_bytes()).hexdigest() == kept
+
+
+def test_a_dbn_folder_holding_part_of_the_current_months_1m_gives_a_partial_vendor_month(
+    tmp_path,
+):
+    folder = dbn_days(tmp_path / "m", [1, 2, 3, 4, 5])
+    for d in [1, 2, 3, 4, 5]:
+        day = dt.date(2024, 3, d)
+        write_day_file(folder, day, contracts_on(day), schema=VENDOR_SCHEMA)
+    source = DbnFilesSource(folder, now=pd.Timestamp("2024-03-06T09:00", tz="UTC"))
+    found = source.vendor_bars(FetchRequest(load_catalog().instrument("ES"), MARCH), print)
+    assert isinstance(found, VendorMonth)
+    through = pd.Timestamp("2024-03-06", tz="UTC")
+    assert found.covered == [(MARCH.start_ns, through.value)]
+    assert len(found.bars) and found.bars["ts_event"].max() < through
 
 
 def demo(data: Path) -> DatabentoResource:

@@ -26,9 +26,12 @@ to the dataset's available end and stored partial (``through_ns``), as a piece o
 each later run buys only ``[end of the last piece, new available end)`` (nothing when the end
 has not moved), and the month is assembled from its pieces, so no second is bought twice;
 once closed, the last tail makes it an ordinary complete month (a forced download replaces
-the pieces). A month that has not begun yet, or lies wholly before the dataset's start, fails
-before any cost is incurred; a month in which the dataset starts is
-downloaded from the dataset's start and says so in the metadata. Empty months: a month for
+the pieces). The vendor's ohlcv-1m of the current month grows the same way, in pieces of its
+own, so the cross-check compares the minutes both cover; a piece ends on a whole bar of its
+schema (a second, a minute), so no bar is cut between two pieces. A month that has not
+begun yet, or lies wholly before the dataset's start, fails before any cost is incurred; a
+month in which the dataset starts is downloaded from the dataset's start and says so in the
+metadata. Empty months: a month for
 which Databento reports zero records fails with a :class:`SourceError` and caches nothing (no
 ``get_range`` is made). For the catalog's instruments (front-month futures, ETFs on a
 consolidated feed) a month without a single trade means a wrong symbol, stype or dataset, or
@@ -91,6 +94,7 @@ DEFAULT_TIMEOUT_SECONDS = 100.0
 SCHEMA = "ohlcv-1s"  # the pipeline's bars
 VENDOR_SCHEMA = "ohlcv-1m"  # Databento's own 1-minute bars, for the vendor cross-check
 RETRYABLE_STATUS = frozenset({408, 500, 502, 503, 504})
+BAR_INTERVAL = {SCHEMA: "s", VENDOR_SCHEMA: "min"}  # pandas aliases of each schema's bar
 
 
 @dataclass(frozen=True)
@@ -286,8 +290,9 @@ class DatabentoSource:
     def vendor_bars(self, request: FetchRequest, log: Logger) -> VendorMonth | str:
         """Databento's ohlcv-1m of the partition when the user asked for the comparison
         (``DBENTO_VENDOR_CHECK``): cached like the 1-second month, bought at most once (a
-        refused download is remembered), renewed by a forced request. Any failure is the
-        reason there is nothing to compare; it never fails the data."""
+        refused download is remembered), renewed by a forced request; in a month not closed
+        yet, up to the available end, growing by pieces (its ``covered`` says how far). Any
+        failure is the reason there is nothing to compare; it never fails the data."""
         if not self.vendor_requested:
             return (
                 "the optional download of Databento's 1-minute bars is off "
@@ -649,19 +654,23 @@ class DatabentoSource:
                 f"({avail.start.isoformat()}); nothing to download. Move start_month in "
                 f"{self._catalog_file()} to {avail.start.strftime('%Y-%m')} or later."
             )
-        if month.end > avail.end and avail.schema == SCHEMA and avail.end > month.start:
-            # The current month: what Databento serves so far, stored partial.
+        # A piece ends on a whole bar of its schema: a bar stamped before the end but still
+        # open at it would be missing from this piece and from the next one.
+        end = avail.end.floor(BAR_INTERVAL[avail.schema])
+        if month.end > avail.end and end > max(month.start, avail.start):
+            # The current month (1-second bars and the vendor's 1-minute bars alike): what
+            # Databento serves so far, stored partial, a piece of the month.
             return MonthWindow(
                 start=max(month.start, avail.start),
-                end=avail.end,
+                end=end,
                 partial_reason=(
                     f"{what}: the month has not closed yet; downloading up to "
-                    f"{avail.end.isoformat()} (Databento's available end), stored partial"
+                    f"{end.isoformat()} (Databento's available end), stored partial"
                 )
                 if avail.start <= month.start
                 else (
                     f"{what}: the dataset starts mid-month at {avail.start.isoformat()} and the "
-                    f"month has not closed yet; downloading up to {avail.end.isoformat()}"
+                    f"month has not closed yet; downloading up to {end.isoformat()}"
                 ),
             )
         if month.end > avail.end:
