@@ -15,14 +15,17 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import itertools
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from dagster import AssetKey, DagsterInstance, DefaultScheduleStatus, build_schedule_context
 
 from dbento_assets import report, status
+from dbento_assets.assets import FORCE_TAG
 from dbento_assets.backfill import UsageError, plan_partitions
 from dbento_assets.checks import all_check_keys, evaluation_of, latest_evaluation
 from dbento_assets.core.catalog import load_catalog
@@ -31,7 +34,7 @@ from dbento_assets.core.databento_api import VENDOR_SCHEMA, DatabentoSource
 from dbento_assets.core.dbn import decode_month
 from dbento_assets.core.dbn_files import DbnFilesSource
 from dbento_assets.core.months import Month
-from dbento_assets.core.source import FetchRequest
+from dbento_assets.core.source import FetchRequest, SourceError
 from dbento_assets.core.storage import BarStore
 from dbento_assets.definitions import build_definitions
 from dbento_assets.partitions import partition_key
@@ -42,6 +45,12 @@ from dbento_assets_tests.gateway import (
     RECORD_BYTES,
     TEST_KEY,
     Query,
+)
+from dbento_assets_tests.test_cache_integrity import (
+    quarantined,
+    serve_bad_data,
+    serve_good_data,
+    sha,
 )
 from dbento_assets_tests.test_databento_dagster import (
     FAILED,
@@ -86,12 +95,14 @@ def build(
     month: Month = MARCH,
     symbol: str = "ES",
     resource: DatabentoResource | None = None,
+    tags: dict[str, str] | None = None,
 ):
     job = build_definitions(databento=resource).resolve_implicit_global_asset_job_def()
     return job.execute_in_process(
         instance=instance,
         partition_key=partition_key(month, symbol),
         asset_selection=all_assets(),
+        tags=tags,
         raise_on_error=False,
     )
 
@@ -224,6 +235,94 @@ def test_no_new_data_means_no_purchase_and_the_estimate_prices_only_the_tail(
     assert not estimate.cached
     assert estimate.billable_size_bytes == billed_bytes(gateway, tail)
     assert gateway.count(GET_RANGE) == paid  # estimating buys nothing
+
+
+def note_path(data: Path) -> Path:
+    return data / "dbn" / "ES" / "ES_2024_03.ohlcv-1s.dbn.zst.refused.json"
+
+
+def cached_pieces(data: Path) -> dict[str, str]:
+    """SHA-256 of every cached file of ES March 2024 ohlcv-1s (pieces and manifests)."""
+    folder = data / "dbn" / "ES"
+    return {p.name: sha(p) for p in sorted(folder.glob("ES_2024_03.ohlcv-1s.*-*.dbn.zst*"))}
+
+
+def test_a_refused_tail_is_quarantined_alone_and_the_pieces_bought_before_it_are_kept(
+    gateway, api_env, instance
+):
+    data = api_env("refused_tail")
+    gateway.set_range(DATASET, DATASET_START, "2024-03-04")
+    assert build(instance).success
+    pieces, stored = cached_pieces(data), bar_files(data)
+    assert len(pieces) == 2 and len(stored) == len(all_assets())  # one piece, its manifest
+    day3, day17 = (pd.Timestamp(d, tz="UTC") for d in ["2024-03-04", "2024-03-18"])
+    tail = (day3.value, day17.value)
+    serve_bad_data(gateway)  # the next tail's first minute has its high below its low
+    gateway.set_range(DATASET, DATASET_START, "2024-03-18")
+
+    refused = build(instance)
+
+    # Only the tail is quarantined, named by its window; what was bought and stored stays.
+    assert not refused.success
+    (moved,) = quarantined(data)
+    assert moved.name.startswith("ES_2024_03.ohlcv-1s.20240304T000000Z-20240318T000000Z.")
+    window = f"[{day3.isoformat()}, {day17.isoformat()})"
+    text = failure_text(refused)
+    assert f"The download of ES 2024-03 ohlcv-1s {window} was refused, moved to {moved}" in text
+    assert "the 1 piece(s) bought before it are kept" in text and "dbento/force=true" in text
+    assert cached_pieces(data) == pieces and bar_files(data) == stored
+    note = json.loads(note_path(data).read_text(encoding="utf-8"))
+    assert note["piece"] == list(tail)
+
+    # Not bought again without force: the run fails at once, naming the refused piece.
+    paid = gateway.count(GET_RANGE)
+    again = build(instance)
+    assert not again.success and gateway.count(GET_RANGE) == paid
+    assert f"ES 2024-03 ohlcv-1s {window} was refused" in failure_text(again)
+    assert cached_pieces(data) == pieces and bar_files(data) == stored
+
+    # Forced: only the refused tail is bought again; the piece before it is kept as it was.
+    serve_good_data(gateway)
+    forced = build(instance, tags={FORCE_TAG: "true"})
+    assert forced.success, failure_text(forced)
+    assert windows(gateway) == [(MARCH.start_ns, day3.value), tail, tail]
+    assert pieces.items() <= cached_pieces(data).items()
+    meta = raw_metadata(forced)
+    assert (meta["complete"], pd.Timestamp(meta["through"])) == (False, day17)
+    assert not note_path(data).exists()
+
+
+def test_a_tail_failing_the_file_check_is_quarantined_as_that_piece(gateway, api_env):
+    data = api_env("unusable_tail")
+    es = load_catalog().instrument("ES")
+    source = DatabentoSource(TEST_KEY, data, gateway=gateway.url)
+    gateway.set_range(DATASET, DATASET_START, "2024-03-04")
+    source.fetch(FetchRequest(es, MARCH), lambda _: None)
+    pieces = cached_pieces(data)
+
+    def outside_the_window(query: Query):
+        records, mappings = gateway._demo_provider(query)  # the fake's data, plus one bar more
+        extra = records[-1:].copy()
+        extra["ts_event"] = query.end_ns  # the first instant after the requested window
+        return np.concatenate([records, extra]), mappings
+
+    gateway.provider = outside_the_window
+    gateway.set_range(DATASET, DATASET_START, "2024-03-18")
+    with pytest.raises(SourceError, match="outside the requested window") as refused:
+        source.fetch(FetchRequest(es, MARCH), lambda _: None)
+    (moved,) = quarantined(data)
+    assert moved.name.startswith("ES_2024_03.ohlcv-1s.20240304T000000Z-20240318T000000Z.")
+    assert "the 1 piece(s) bought before it are kept" in str(refused.value)
+    assert cached_pieces(data) == pieces
+    with pytest.raises(SourceError, match="was refused"):
+        source.fetch(FetchRequest(es, MARCH), lambda _: None)
+    assert gateway.count(GET_RANGE) == 2
+
+    serve_good_data(gateway)
+    fetched = source.fetch(FetchRequest(es, MARCH, force=True), lambda _: None)
+    tail = (pd.Timestamp("2024-03-04", tz="UTC").value, pd.Timestamp("2024-03-18", tz="UTC").value)
+    assert windows(gateway)[-1] == tail and len(fetched.payloads) == 2
+    assert pieces.items() <= cached_pieces(data).items()
 
 
 # --------------------------------------------------------------------------- vendor 1m

@@ -26,7 +26,8 @@ to the dataset's available end and stored partial (``through_ns``), as a piece o
 each later run buys only ``[end of the last piece, new available end)`` (nothing when the end
 has not moved), and the month is assembled from its pieces, so no second is bought twice;
 once closed, the last tail makes it an ordinary complete month (a forced download replaces
-the pieces). The vendor's ohlcv-1m of the current month grows the same way, in pieces of its
+the pieces; after a refused tail, only the tail: the pieces before it stay as they were).
+The vendor's ohlcv-1m of the current month grows the same way, in pieces of its
 own, so the cross-check compares the minutes both cover; a piece ends on a whole bar of its
 schema (a second, a minute), so no bar is cut between two pieces. A month that has not
 begun yet, or lies wholly before the dataset's start, fails before any cost is incurred; a
@@ -320,7 +321,9 @@ class DatabentoSource:
         :class:`~dbento_assets.core.dbn_cache.DownloadRefused` to refuse it. A refused
         download is quarantined and remembered (a later run without force fails at once,
         without paying), and a forced download that is refused leaves the cached file as it
-        was. All of it runs under the entry's lock, so one download per entry at a time.
+        was. A refused tail of a growing month is quarantined and remembered as that piece:
+        the pieces bought before it stay, and a forced run buys only the tail again. All of
+        it runs under the entry's lock, so one download per entry at a time.
         """
         inst, month = request.instrument, request.month
         entry = self.cache.entry(inst.symbol, month, schema)
@@ -335,7 +338,12 @@ class DatabentoSource:
                 except DownloadRefused as exc:
                     self._refuse(entry, entry.path, exc, cached=True)
                     raise
-            held = [] if request.force else self._held_pieces(entry, log)
+            # A forced run buys the month again in one piece, except after a refused piece
+            # of a growing month: then the verified pieces before it are kept, and only the
+            # refused tail is bought again.
+            refused_piece = self.cache.refused_piece(entry)
+            keep = not request.force or (refused_piece is not None and not entry.path.is_file())
+            held = self._held_pieces(entry, log) if keep else []
             if held and held[-1][0].piece is not None and held[-1][0].piece[1] >= month.end_ns:
                 # Every piece of a month that has closed since is here: no request at all.
                 log(f"DBN cache hit for {entry}: {len(held)} pieces (no Databento request)")
@@ -346,6 +354,11 @@ class DatabentoSource:
                     raise SourceError(refused)
             if request.force and entry.path.is_file():
                 log(f"force: re-downloading {entry}; {entry.path} is kept until then")
+            elif request.force and held:
+                log(
+                    f"force: buying the refused tail of {entry} again; the {len(held)} piece(s) "
+                    "bought before it are kept"
+                )
             return self._buy(request, entry, log, accept, held)
 
     def _held_pieces(
@@ -461,7 +474,10 @@ class DatabentoSource:
                 f"in {month}. An empty month is not stored as complete: check the "
                 f"[instruments.{inst.symbol}] entry in {self._catalog_file()}."
             )
-        part, check, attempts = self._download(inst, month, window, entry, expected, billable, log)
+        target = entry.with_piece(window.start.value, window.end.value) if grows else entry
+        part, check, attempts = self._download(
+            inst, month, window, entry, target, expected, billable, log
+        )
         try:
             metadata: dict[str, Any] = {
                 "source": self.name,
@@ -487,21 +503,21 @@ class DatabentoSource:
             if window.partial_reason:
                 metadata["partial_month_reason"] = window.partial_reason
             through_ns = None if window.end >= month.end else int(window.end.value)
-            target = entry.with_piece(window.start.value, window.end.value) if grows else entry
             try:
                 fetched, accepted = self._assemble(
                     held, (part, metadata), through_ns, month, accept
                 )
             except DownloadRefused as exc:
-                self._refuse(entry, part, exc, cached=False)
+                self._refuse(entry, part, exc, cached=False, piece=target, held=len(held))
                 raise
             try:
                 metadata = self.cache.commit(part, target, metadata)
             except OSError as exc:
                 raise LocalIOError(local_io_message(exc, target.path, billable)) from None
             if request.force:  # the accepted download replaces every piece it covers
+                kept = {piece for piece, _ in held} | {target}
                 for old in self.cache.pieces(entry, checked=False):
-                    if old != target:
+                    if old not in kept:
                         old.path.unlink(missing_ok=True)
                         old.manifest_path.unlink(missing_ok=True)
         finally:
@@ -514,21 +530,39 @@ class DatabentoSource:
         fetched.metadata.update(metadata)
         return fetched, accepted
 
-    def _refuse(self, entry: CacheEntry, data: Path, exc: DownloadRefused, *, cached: bool) -> None:
+    def _refuse(
+        self,
+        entry: CacheEntry,
+        data: Path,
+        exc: DownloadRefused,
+        *,
+        cached: bool,
+        piece: CacheEntry | None = None,
+        held: int = 0,
+    ) -> None:
         """Quarantine refused data and say where it went (on ``exc.outcome``); remember the
-        refusal unless a good cached file stays in place (a refused forced download)."""
-        moved = self.cache.quarantine(data, entry, with_manifest=cached)
+        refusal unless a good cached file stays in place (a refused forced download). A
+        refused ``piece`` of a growing month is quarantined and remembered as that piece
+        (its window): the ``held`` pieces bought before it stay as they were."""
+        named = piece if piece is not None and piece.piece is not None else entry
+        moved = self.cache.quarantine(data, named, with_manifest=cached)
         if not cached and entry.path.is_file():
             exc.outcome = (
                 f"The new download was quarantined at {moved}; the cached file {entry.path} "
                 "was kept unchanged."
             )
             return
-        self.cache.remember_refused(entry, exc, moved)
+        self.cache.remember_refused(named, exc, moved)
         what = "cached file" if cached else "download"
+        kept = (
+            f"; the {held} piece(s) bought before it are kept, and the month stored so far "
+            "is unchanged"
+            if held
+            else ""
+        )
         exc.outcome = (
-            f"The {what} of {entry} was refused, moved to {moved} and not cached; later runs "
-            f"fail at once without paying again, and {FORCE_HINT}."
+            f"The {what} of {named} was refused, moved to {moved} and not cached{kept}; later "
+            f"runs fail at once without paying again, and {FORCE_HINT}."
         )
 
     def estimate(self, instrument: Instrument, month: Month, schema: str = SCHEMA) -> CostEstimate:
@@ -697,12 +731,14 @@ class DatabentoSource:
         month: Month,
         window: MonthWindow,
         entry: CacheEntry,
+        target: CacheEntry,
         expected: int,
         billable: int,
         log: Logger,
     ) -> tuple[Path, DbnFileCheck, int]:
         """Pay for ``get_range`` into a temporary file of ``entry`` and prove the file whole;
-        the caller owns the returned file. Only network faults and cut streams are retried."""
+        the caller owns the returned file (to become ``target``: the month, or one piece of
+        it). Only network faults and cut streams are retried."""
         attempts = 0
         schema = entry.schema
 
@@ -740,7 +776,8 @@ class DatabentoSource:
                         f"({exc}).",
                         rules=["the DBN file check"],
                     )
-                    self._refuse(entry, part, refusal, cached=False)
+                    held = len(self.cache.pieces(entry, checked=False)) if target.piece else 0
+                    self._refuse(entry, part, refusal, cached=False, piece=target, held=held)
                     raise refusal from None
                 if check.records < expected:
                     raise _Transient(

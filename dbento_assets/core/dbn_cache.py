@@ -6,7 +6,9 @@ Layout, under ``<cache root>/dbn/``:
 - ``ES/ES_2024_01.ohlcv-1s.dbn.zst``: an entry; ``...dbn.zst.json`` next to it: its manifest
   (what was asked for, record count, byte size, SHA-256, cost, when and from which gateway);
 - ``ES/ES_2024_01.ohlcv-1s.dbn.zst.refused.json``: a download the checks refused (there is no
-  entry then); the next run without force fails at once instead of buying it again;
+  entry then; for a growing month, the refused piece and its window, the pieces bought before
+  it staying as they were); the next run without force fails at once instead of buying it
+  again;
 - ``quarantine/ES/<entry name>.<UTC stamp>``: entries that failed verification and downloads
   that were refused, kept (never deleted) for a person to look at;
 - ``.locks/ES_2024_01.ohlcv-1s.dbn.zst.lock``: one lock per entry, held from the cache lookup
@@ -376,18 +378,25 @@ class DbnCache:
     # ------------------------------------------------------------------ refusals
 
     def remember_refused(self, entry: CacheEntry, refusal: DownloadRefused, moved: Path) -> None:
-        atomic_write_text(
-            entry.refused_path,
-            json.dumps(
-                {
-                    "refused_at": pd.Timestamp.now(tz="UTC").isoformat(),
-                    "rules": refusal.rules,
-                    "reason": refusal.args[0],
-                    "quarantined": str(moved),
-                },
-                indent=2,
-            ),
-        )
+        """Remember a refused download of ``entry`` (a month, or one piece of a growing month:
+        its window is kept, so that only that piece is bought again when forced)."""
+        note: dict[str, Any] = {
+            "refused_at": pd.Timestamp.now(tz="UTC").isoformat(),
+            "entry": str(entry),
+            "rules": refusal.rules,
+            "reason": refusal.args[0],
+            "quarantined": str(moved),
+        }
+        if entry.piece is not None:
+            note["piece"] = list(entry.piece)
+        atomic_write_text(entry.refused_path, json.dumps(note, indent=2))
+
+    def refused_piece(self, entry: CacheEntry) -> tuple[int, int] | None:
+        """The window of the refused piece of ``entry``'s month, when a piece was refused."""
+        piece = (self._read_json(entry.refused_path) or {}).get("piece")
+        if isinstance(piece, list) and len(piece) == 2 and all(isinstance(n, int) for n in piece):
+            return piece[0], piece[1]
+        return None
 
     def refused_message(self, entry: CacheEntry) -> str | None:
         """Why this entry must not be bought again without force, or None."""
@@ -396,9 +405,10 @@ class DbnCache:
             return None
         rules = ", ".join(note.get("rules") or []) or "its checks"
         return (
-            f"The download of {entry} was refused on {note.get('refused_at', '?')} by "
-            f"{rules}, and is quarantined at {note.get('quarantined', '?')}; nothing was "
-            f"requested this time, and {FORCE_HINT}."
+            f"The download of {note.get('entry') or entry} was refused on "
+            f"{note.get('refused_at', '?')} by {rules}, and is quarantined at "
+            f"{note.get('quarantined', '?')}; nothing was requested this time, and "
+            f"{FORCE_HINT}."
         )
 
     def _read_json(self, path: Path) -> dict[str, Any] | None:
