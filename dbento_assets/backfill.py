@@ -1,16 +1,9 @@
-"""Build a range of symbol-months, one Dagster run per partition: ``dbento build``.
+"""``dbento build``: a range of symbol-months, one Dagster run per partition, in this process.
 
-:func:`run_partitions` materializes every asset (or the ``--select`` ones) of each
-symbol-month in turn, each partition in its own run, in this process. It exists because
-``dagster asset materialize --partition-range`` runs a range as a single run, which needs
-``BackfillPolicy.single_run()`` on every asset and records asset check results without their
-partition; run by run, every check result stays attributed to its symbol-month, as in a
-backfill launched from the UI. The runs go to the project's Dagster instance
-(:func:`dbento_assets.project.instance_home`, the one ``dbento ui`` and ``dagster dev`` show)
-with the usual partition tags. :func:`preflight` turns set-up mistakes (no key, a data folder
-of the other kind, a missing DBN folder) into one sentence before any run starts. The command
-line itself is :mod:`dbento_assets.cli`; ``python -m dbento_assets.backfill ARGS`` is
-``dbento build ARGS``.
+One run per partition keeps every check result attributed to its symbol-month (a ranged run,
+as ``dagster asset materialize --partition-range`` makes, drops it). The runs go to the
+project's instance (:mod:`dbento_assets.project`) with the usual partition tags; the command
+line itself is :mod:`dbento_assets.cli`.
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
 """``dbento``: the project's one command line, for people who do not live in Dagster.
 
-Subcommands: ``build`` (a range of symbol-months, one Dagster run each, with a progress bar
-and a summary), ``estimate`` (the Databento price of a range, free), ``check-key`` (one free
-call that proves the API key works), ``status`` (what is on disk and its check status,
-symbol x month), ``report`` (the validation report as Markdown), ``ui`` (``dagster dev``) and
-``dagster ...`` (any Dagster command, on the same history).
-All of them read the settings file ``dbento.env`` without overriding the shell, and use the
-project's one Dagster instance (:mod:`dbento_assets.project`), so what ``build`` does shows
-in ``ui`` and ``report``. A mistake a user can make ends as one sentence saying what to do,
-exit status 2; ``--verbose`` adds the traceback.
+``build``, ``estimate``, ``check-key``, ``status``, ``report``, ``ui`` and ``dagster ...``, all
+on the settings file ``dbento.env`` and the project's one Dagster instance
+(:mod:`dbento_assets.project`). A user's mistake ends as one sentence, exit status 2;
+``--verbose`` adds the traceback.
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
-"""Price a backfill before launching it: ``dbento estimate``.
+"""``dbento estimate``: price a range of symbol-months before buying it.
 
-For every symbol and month of a selection this asks Databento's free ``metadata.get_cost`` and
-``metadata.get_billable_size`` (after one ``metadata.get_dataset_range`` per dataset) and prints
-one line per partition, then the total. Months already in the DBN cache under
-``DBENTO_DATA_DIR`` would not be downloaded again, so they are listed as skipped and cost
-nothing; months not (fully) available are listed with the reason. Settings come from the same
-environment variables and settings file (``dbento.env``) as the code location
-(``DATABENTO_API_KEY``, ``DBENTO_GATEWAY``, ``DBENTO_DATA_DIR``, ``DBENTO_MAX_COST_USD``);
-partitions above the per-partition ceiling are flagged, because a materialization would refuse
-them. With ``DBENTO_VENDOR_CHECK=true`` each month also gets a line for Databento's own ohlcv-1m
-bars, which the materialization then buys for the vendor cross-check, and the total includes
-them.
-
-Example: ``dbento estimate --symbols ES,NQ --start 2021-01 --end 2025-12`` (``python -m
-dbento_assets.estimate`` is the same).
+Asks Databento's free ``metadata.get_cost`` / ``get_billable_size`` per partition and prints
+one line each and the total; months already cached cost nothing, a growing month costs only
+its missing tail, and partitions above ``DBENTO_MAX_COST_USD`` are flagged. With
+``DBENTO_VENDOR_CHECK`` on, the ohlcv-1m of each month is priced too.
 """
 
 from __future__ import annotations

@@ -1,17 +1,9 @@
 """The project folder's settings file and its one Dagster history, shared by every command.
 
-Settings: ``dbento.env`` in the folder a command starts in (copied from ``.env.example``) is
-read by this project's code only, never over a variable already set, so a variable typed in
-the shell always wins. It is not called ``.env`` because Dagster's own commands load
-``.env`` over the shell's variables.
-
-History: every command of this project keeps its runs, check results and schedule state in
-one Dagster instance, ``DAGSTER_HOME`` when it is set, else ``.dagster_home/`` in the project
-folder, created with the settings of ``deploy/dagster.yaml``. So that Dagster's own commands
-(``dagster dev``, ``dagster asset materialize``, ``dagster schedule ...``,
-``dagster instance ...``) use the same instance, :func:`instance_home` writes into ``.env``
-(the file those commands load) one line, ``DAGSTER_HOME="${DAGSTER_HOME:-<folder>}"``: the
-shell's ``DAGSTER_HOME`` still wins, and only an unset one falls back to the project's.
+Settings live in ``dbento.env`` (not ``.env``, which Dagster's commands load over the shell's
+variables) and never override a variable already set. The history is ``DAGSTER_HOME`` or
+``.dagster_home/`` in the project folder; :func:`instance_home` records it in ``.env`` so
+Dagster's own commands use the same instance.
 """
 
 from __future__ import annotations

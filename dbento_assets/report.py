@@ -1,15 +1,9 @@
-"""The validation report: the latest result of every check per partition, as a Markdown file.
+"""``dbento report``: the latest result of every check per partition, as a Markdown file.
 
-``dbento report [--symbol ES] [--out logs/validation_report.md]`` reads the project's Dagster
-instance (``DAGSTER_HOME``, else ``./.dagster_home``: the one ``dbento ui`` shows) and, for
-every asset check of the catalog in force (``DBENTO_CATALOG`` or the packaged catalog), takes
-its latest evaluation for each partition. It writes a symbol x month matrix (``pass``, ``WARN``
-when only warnings failed, ``FAIL`` when an ERROR check failed, with the number of failing
-checks), then the details of every failing check: its plain-English description, the violation
-count, the first violating rows and facts such as roll dates or missing sessions. It exits with
-status 1 when any ERROR check failed, so a script can stop on it, 2 when it cannot run (no
-instance, bad arguments), and 0 otherwise. Check evaluations without a partition (Dagster drops
-it in runs over a partition range) cannot be placed in the matrix; the report counts them."""
+A symbol x month matrix (``pass`` / ``WARN`` / ``FAIL``) then the details of each failing check,
+read from the project's Dagster instance. Exit status 1 when an ERROR check failed, 2 when the
+report cannot run, 0 otherwise.
+"""
 
 from __future__ import annotations
 

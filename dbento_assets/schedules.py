@@ -1,23 +1,9 @@
-"""The monthly schedule: on the 2nd of each month at 06:00 UTC, fetch the month that just closed.
+"""The monthly and daily schedules, both shipped STOPPED.
 
-Databento's historical API serves a day only once it is out of the live window: the docs say
-data from the last 24 hours counts as live data, so the last second of a month (23:59:59 UTC
-on its last day) becomes historical at 23:59:59 UTC on the 1st of the next month. The tick
-at 06:00 UTC on the 2nd is 30 hours after the month's end, which leaves six hours for
-Databento's end-of-day processing (its dataset condition for a day reads ``pending`` until
-then). :func:`build_schedules` returns :data:`SCHEDULE_NAME`, which starts one run of
-:data:`JOB_NAME` per catalog symbol, each materializing every asset (and its checks) of the
-partition ``<month>|<SYMBOL>``. Each run request carries a run key, so a month is never
-requested twice by the schedule even if a tick is evaluated again. The schedule ships
-STOPPED: turn it on in the UI (Automation, ``monthly_bars_schedule``, toggle on) or with
-``dagster schedule start monthly_bars_schedule -m dbento_assets.definitions``; the
-``dagster-daemon`` process (started by ``dagster dev``) must be running for it to fire.
-
-:data:`DAILY_SCHEDULE_NAME` keeps the current month up to date: every day at 06:00 UTC, one run
-per catalog symbol of the month holding the newest day Databento serves (the day that ended
-:data:`HISTORICAL_DELAY` ago); each run buys only what is new since the last one and stores
-the month partial until it closes (see :mod:`dbento_assets.core.dbn_cache`). It also ships
-STOPPED; the monthly schedule still closes each month.
+``monthly_bars_schedule`` closes the month that just ended (one run per catalog symbol, each
+with a run key so a re-evaluated tick never asks twice); ``daily_topup_schedule`` extends the
+current month with the newest historical day. Turn them on in the UI (Automation) or with
+``dagster schedule start``; the daemon (started by ``dagster dev``) fires them.
 """
 
 from __future__ import annotations
@@ -45,8 +31,9 @@ from dbento_assets.partitions import partition_key
 
 JOB_NAME = "monthly_bars_job"
 SCHEDULE_NAME = "monthly_bars_schedule"
+# 06:00 UTC on the 2nd: the month's last second became historical at 23:59:59 on the 1st, and
+# six more hours let Databento's end-of-day processing finish (a day reads "pending" until then).
 CRON = "0 6 2 * *"
-"""06:00 UTC on the 2nd of every month."""
 TIMEZONE = "UTC"
 HISTORICAL_DELAY = timedelta(hours=24)
 """Databento treats the last 24 hours as live data; the historical API serves what is older."""

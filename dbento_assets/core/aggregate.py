@@ -1,13 +1,8 @@
 """The aggregation kernel: 1-second bars to wider bars, exact and vectorized.
 
-Bins are aligned to the Unix epoch (so at midnight UTC for every timeframe, since timeframes
-divide a day), closed on the left and labelled with the bin's open, like Databento's own bars.
-Each output bar belongs to one ``instrument_id``, so a bar never mixes two futures contracts
-around a roll. Open is the first 1s open, high the max, low the min, close the last close,
-volume the sum; an empty bin produces no bar. The work is a handful of numpy passes over the
-columns (a stable sort only when the input needs one, then ``reduceat`` per group), with no
-Python loop over rows. :func:`aggregate_many` builds several timeframes, each from the
-widest finer one already built, with the same result.
+Bins are aligned to the Unix epoch, closed on the left and labelled at their open, like
+Databento's own bars; a bar never mixes two ``instrument_id`` (a futures roll) and an empty
+bin gives no bar. :func:`aggregate_many` builds each timeframe from the widest finer one.
 """
 
 from __future__ import annotations

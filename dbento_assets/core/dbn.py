@@ -1,18 +1,10 @@
-"""DBN in and out: the one decoding path every source's ohlcv-1s records take.
+"""DBN in and out: the one decoding path every source's ohlcv records take.
 
-Real downloads, local DBN files and the demo generator all hand over DBN (Databento Binary
-Encoding, optionally zstd-compressed). :func:`decode_month` turns one or more DBN payloads
-into the sorted bar frame of :mod:`dbento_assets.core.bars`, keeping only the records of the
-partition's month window (and, when asked, of given instrument ids). The client reads the
-metadata header; the records are read by :func:`verified_chunks`, one pass that also proves the
-payload whole: a zstd frame left open, a cut metadata header or a partial last record raise
-:class:`TruncatedDbn` naming the file (the client itself only warns, or, for a zstd stream cut
-between records, says nothing, and a month would be stored short). :func:`check_dbn_file` adds
-the window check for downloads. :func:`encode_ohlcv` (ohlcv-1s by default) writes DBN of an
-OHLCV schema for the demo generator, the DBN-files source's filtered files and the test
-gateway: the metadata header comes from ``databento_dbn.Metadata.encode()`` and the records
-from a numpy array laid out exactly as ``databento_dbn.OHLCVMsg`` (56 bytes each; a test
-proves the layout).
+:func:`decode_month` turns DBN payloads into the sorted bar frame of
+:mod:`dbento_assets.core.bars`, keeping the month window. :func:`verified_chunks` reads the
+records in one pass that also proves the payload whole (:class:`TruncatedDbn`), as the client
+itself only warns. :func:`encode_ohlcv` writes DBN for the demo source, filtered files and the
+test gateway.
 """
 
 from __future__ import annotations

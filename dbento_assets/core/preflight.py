@@ -1,13 +1,8 @@
 """Settings checked before a partition asks its source for anything, so before any payment.
 
-A bad setting used to surface after the download was bought (``DBENTO_FORMAT=xlsx`` failed
-when the bar file was written, a read-only data folder likewise). :func:`preflight` checks,
-in one place and at no cost: the bar file format, the catalog file (it must still load and
-still describe the partition's symbol as the code location knows it), the origin of the
-data folder (demo and real data are never mixed), that the data folder and the DBN cache
-folder can be written (a probe file is created and removed; nothing else is created), and
-then removes the temporary files that killed writes left for this partition's files. Each
-failure is one sentence saying what to fix.
+:func:`preflight` checks the file format, the catalog, the data folder's origin (demo and real
+data never mix) and that the data and cache folders can be written, then removes temporaries
+that killed writes left for this partition. Each failure is one sentence saying what to fix.
 """
 
 from __future__ import annotations
