@@ -292,6 +292,25 @@ def test_a_refused_tail_is_quarantined_alone_and_the_pieces_bought_before_it_are
     assert not note_path(data).exists()
 
 
+def test_forcing_a_refused_tail_never_buys_the_1m_pieces_again(
+    gateway, api_env, instance, monkeypatch
+):
+    api_env("refused_tail_vendor")
+    monkeypatch.setenv("DBENTO_VENDOR_CHECK", "true")
+    gateway.set_range(DATASET, DATASET_START, "2024-03-04")
+    assert build(instance).success
+    serve_bad_data(gateway)
+    gateway.set_range(DATASET, DATASET_START, "2024-03-18")
+    assert not build(instance).success
+    serve_good_data(gateway)
+    forced = build(instance, tags={FORCE_TAG: "true"})
+    assert forced.success, failure_text(forced)
+    day3, day17 = (pd.Timestamp(d, tz="UTC").value for d in ["2024-03-04", "2024-03-18"])
+    # The force retried the refused 1s tail; the 1m bought on day 3 was not bought again.
+    assert windows(gateway, VENDOR_SCHEMA) == [(MARCH.start_ns, day3), (day3, day17)]
+    assert vendor_evaluation(instance, forced)[0].status == PASSED
+
+
 def test_a_tail_failing_the_file_check_is_quarantined_as_that_piece(gateway, api_env):
     data = api_env("unusable_tail")
     es = load_catalog().instrument("ES")
