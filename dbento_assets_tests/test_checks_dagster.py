@@ -41,8 +41,8 @@ from dbento_assets.checks import (
     REFUSED,
     SAVED,
     all_check_keys,
+    completed_evaluations,
     evaluation_of,
-    latest_evaluation,
     load_vendor_1m,
     raw_gate,
 )
@@ -126,6 +126,12 @@ def files_under(root: Path) -> dict[str, bytes]:
         for p in sorted(root.rglob("*"))
         if p.is_file() and not p.name.startswith(".")
     }
+
+
+def latest_evaluation(instance: DagsterInstance, key: AssetCheckKey, partition: str):
+    """The newest completed (passed or failed) evaluation of a check for one partition."""
+    found = (r for r in completed_evaluations(instance, key) if r.partition == partition)
+    return next(found, None)
 
 
 def latest(
