@@ -17,6 +17,12 @@ the files already on disk stay as they were. The aggregation step also refuses r
 fail the blocking raw rules, or whose latest download was refused, until ``raw_1s_bars`` is
 fixed. When only the checks of a ``bars_<tf>`` are selected (not the asset), they run on its
 file on disk.
+
+The steps hand each other data through the data root, never through the event log: the raw
+file's identity carries the windows its DBN covered, and hidden notes beside it say that the
+month's latest download was refused (cleared when a good raw file is written) or that this
+run's raw step could not get Databento's 1-minute bars (see
+:meth:`~dbento_assets.core.storage.BarStore.write_note`).
 """
 
 from collections.abc import Iterator
@@ -40,24 +46,17 @@ from dagster import (
 
 from dbento_assets.checks import (
     CHECKED_ON_DISK,
-    COVERAGE_KEY,
-    RAW_KEY,
     REFUSED,
     SAVED,
-    bars_asset_name,
+    VENDOR_ERROR_KEY,
     check_specs,
-    evaluation_of,
     load_vendor_1m,
     not_saved,
     prefetch_vendor_1m,
-    raw_coverage,
-    raw_failures_in_instance,
     raw_gate,
     refusal,
     selected_results,
-    vendor_failure_in_run,
     vendor_result,
-    windows_metadata,
 )
 from dbento_assets.core.aggregate import aggregate_many
 from dbento_assets.core.catalog import Catalog, Instrument
@@ -74,7 +73,15 @@ from dbento_assets.core.source import (
     fetch_accepted,
     origin_of,
 )
-from dbento_assets.core.storage import RAW_TIMEFRAME, FileIdentity, identity_problem
+from dbento_assets.core.storage import (
+    RAW_TIMEFRAME,
+    REFUSED_NOTE,
+    VENDOR_NOTE,
+    BarStore,
+    FileIdentity,
+    identity_problem,
+    windows_json,
+)
 from dbento_assets.core.validation import (
     RULE_VENDOR,
     RuleResult,
@@ -83,12 +90,13 @@ from dbento_assets.core.validation import (
 )
 from dbento_assets.io_managers import (
     COMPLETE_KEY,
+    COVERAGE_KEY,
     IDENTITY_ATTR,
-    RAW_ASSET,
     THROUGH_KEY,
     BarFileIOManager,
 )
-from dbento_assets.partitions import build_partitions, split_partition_key
+from dbento_assets.names import RAW_ASSET, RAW_KEY, bars_asset_name
+from dbento_assets.partitions import Partition, build_partitions
 from dbento_assets.resources import DatabentoResource
 
 FORCE_TAG = "dbento/force"
@@ -129,11 +137,12 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
     def raw_1s_bars(
         context: AssetExecutionContext, config: RawBarsConfig, databento: DatabentoResource
     ) -> Iterator[Output | AssetCheckResult]:
-        partition = str(context.partition_key)
-        month, symbol = split_partition_key(partition)
+        partition = Partition.from_key(context.partition_key)
+        month, symbol = partition.month, partition.symbol
         instrument = catalog.instrument(symbol)
         # Every setting is checked (the data root's origin included) before anything is paid.
         source = check_settings(context, databento, catalog, partition)
+        store = bar_store(context, databento)
         request = FetchRequest(instrument, month, force=force_requested(context, config))
 
         def accept(fetched: FetchedMonth) -> tuple[DecodedMonth, list[RuleResult], list[Window]]:
@@ -150,7 +159,7 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
             failed = [r for r in results if r.blocking]
             if failed:
                 raise DownloadRefused(
-                    not_saved(RAW_ASSET, partition, failed),
+                    not_saved(RAW_ASSET, str(partition), failed),
                     rules=[r.rule for r in failed],
                     results=results,
                 )
@@ -165,10 +174,28 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
                 raise
             yield from selected_results(context, RAW_KEY, exc.results, REFUSED)
             failed = [r for r in exc.results if r.blocking]
+            # Beside the raw file, so the bars step refuses to build on it until raw is fixed.
+            store.write_note(
+                symbol,
+                month,
+                REFUSED_NOTE,
+                {
+                    "run_id": context.run.run_id,
+                    "refused_at": pd.Timestamp.now(tz="UTC").isoformat(),
+                    "checks": [{"name": r.rule, "description": r.description} for r in failed],
+                },
+            )
             raise refusal(str(exc), failed) from None
         bars = decoded.bars
         rolls = sorted({int(i) for i in bars["instrument_id"].unique()}) if len(bars) else []
         vendor = prefetch_vendor_1m(source, request, context.log.info)
+        if VENDOR_ERROR_KEY in vendor:
+            # For the bars step of this run, which then does not pay for a second round of
+            # retries (a later run's bars step tries again).
+            note = {"run_id": context.run.run_id, "error": vendor[VENDOR_ERROR_KEY]}
+            store.write_note(symbol, month, VENDOR_NOTE, note)
+        else:
+            store.clear_note(symbol, month, VENDOR_NOTE)
         yield Output(
             bars,
             metadata={
@@ -179,7 +206,7 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
                 "instrument_ids": ", ".join(map(str, rolls)) or "none",
                 "forced": request.force,
                 **partial_metadata(fetched.complete, _through(fetched) or month.end),
-                COVERAGE_KEY: windows_metadata(covered),
+                COVERAGE_KEY: windows_json(covered),
                 # The IO manager records the source itself (marking demo data synthetic).
                 **{f"source_{k}": _plain(v) for k, v in fetched.metadata.items() if k != "source"},
                 **vendor,
@@ -194,12 +221,12 @@ def check_settings(
     context: AssetExecutionContext,
     databento: DatabentoResource,
     catalog: Catalog,
-    partition: str,
+    partition: Partition,
 ) -> MonthSource:
     """Every setting the partition needs, checked before its source is asked for anything
     (see :func:`~dbento_assets.core.preflight.preflight`): a bad one fails the step before
     any request, with one sentence saying what to fix. Returns the source, built once."""
-    month, symbol = split_partition_key(partition)
+    month, symbol = partition.month, partition.symbol
     io_manager = context.resources.io_manager
     files = io_manager if isinstance(io_manager, BarFileIOManager) else None
     # Building the source checks its own settings (name, API key, DBN folder, retries).
@@ -217,6 +244,14 @@ def check_settings(
     for stale in checked.removed_temps:
         context.log.info(f"Removed {stale}, left by a write that was killed")
     return source
+
+
+def bar_store(context: AssetExecutionContext, databento: DatabentoResource) -> BarStore:
+    """The data root the step's files (and the notes beside them) live in."""
+    io_manager = context.resources.io_manager
+    if isinstance(io_manager, BarFileIOManager):
+        return io_manager.store
+    return BarStore.at(databento.data_dir)
 
 
 def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -> AssetsDefinition:
@@ -260,10 +295,11 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
     def _bars(
         context: AssetExecutionContext, raw: pd.DataFrame
     ) -> Iterator[Output | AssetCheckResult]:
-        partition = str(context.partition_key)
-        month, symbol = split_partition_key(partition)
-        instrument = catalog.instrument(symbol)
-        _refuse_unfit_raw(context, raw, partition, instrument)
+        partition = Partition.from_key(context.partition_key)
+        month = partition.month
+        instrument = catalog.instrument(partition.symbol)
+        store = bar_store(context, context.resources.databento)
+        _refuse_unfit_raw(context, raw, partition, instrument, store)
         built = {key.path[-1] for key in context.selected_asset_keys}
         checked = {key.asset_key.path[-1] for key in context.selected_asset_check_keys}
         refused: list[tuple[str, list[RuleResult]]] = []
@@ -281,7 +317,7 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
                 tf.seconds == 60
                 and AssetCheckKey(key, RULE_VENDOR) in context.selected_asset_check_keys
             ):
-                failure = vendor_failure_in_run(context.instance, partition, context.run.run_id)
+                failure = _vendor_failure_in_run(store, partition, context.run.run_id)
                 vendor, requested = (
                     (failure, True)
                     if failure
@@ -292,7 +328,7 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
                 compared = vendor_result(
                     bars,
                     vendor,
-                    raw_coverage(context.instance, partition, month),
+                    _raw_coverage(raw, month),
                     month,
                     requested=requested,
                     log=context.log.info,
@@ -315,7 +351,7 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
                 refused.append((name, failed))
         if refused:
             heads = [
-                not_saved(name, partition, failed)
+                not_saved(name, str(partition), failed)
                 if name in built
                 else f"The {name} file of {partition} on disk fails {len(failed)} blocking "
                 f"check(s); materialize {name} for {partition} to rebuild it from raw_1s_bars."
@@ -331,7 +367,7 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
 
 
 def _bars_on_disk(
-    context: AssetExecutionContext, key: AssetKey, partition: str, instrument: Instrument
+    context: AssetExecutionContext, key: AssetKey, partition: Partition, instrument: Instrument
 ) -> pd.DataFrame:
     """The file of ``key`` for ``partition``, refused in one sentence when it is not that
     asset's (another symbol, month, origin or timeframe)."""
@@ -353,7 +389,11 @@ def _bars_on_disk(
 
 
 def _refuse_unfit_raw(
-    context: AssetExecutionContext, raw: pd.DataFrame, partition: str, instrument: Instrument
+    context: AssetExecutionContext,
+    raw: pd.DataFrame,
+    partition: Partition,
+    instrument: Instrument,
+    store: BarStore,
 ) -> None:
     """Fail the step before building anything from raw bars that are not fit for it.
 
@@ -361,12 +401,12 @@ def _refuse_unfit_raw(
     origin, dataset; see :func:`~dbento_assets.core.storage.identity_problem`) and its bars
     (one symbol, inside the month), else the step fails with one sentence naming the file
     and what it holds (a file of older code, without identity, is judged by its bars). The
-    loaded raw frame must pass the blocking raw rules (cheap, and true whatever the instance
-    remembers: it catches a raw file edited or copied in by hand). And
-    while the latest evaluation of a blocking raw check for this partition failed after the
-    latest raw materialization, the latest download was refused and raw is not fixed yet.
+    loaded raw frame must pass the blocking raw rules (cheap, and true whatever the notes
+    say: it catches a raw file edited or copied in by hand). And while the month's refusal
+    note lies beside the raw file, its latest download was refused and raw is not fixed yet
+    (writing a good raw file clears the note).
     """
-    month, symbol = split_partition_key(partition)
+    month, symbol = partition.month, partition.symbol
     io_manager = context.resources.io_manager
     source = io_manager.source if isinstance(io_manager, BarFileIOManager) else None
     if source is not None:
@@ -374,7 +414,7 @@ def _refuse_unfit_raw(
         found = raw.attrs.get(IDENTITY_ATTR)
         holds = identity_problem(expected, found, raw)
         if holds is not None:
-            path = io_manager.path_for(AssetKey(RAW_ASSET), partition)
+            path = io_manager.path_for(RAW_KEY, partition)
             raise Failure(
                 description=(
                     f"The raw file {path} holds {holds}, not the {expected.describe()} that "
@@ -391,13 +431,14 @@ def _refuse_unfit_raw(
             "run tag dbento/force=true if the download itself is bad).",
             from_frame,
         )
-    refused = raw_failures_in_instance(context.instance, partition)
-    if refused:
-        lines = []
-        for record in refused:
-            evaluation = evaluation_of(record)
-            text = getattr(evaluation, "description", None) or "failed"
-            lines.append(f"- {record.key.name} (run {record.run_id}): {text}")
+    note = store.read_note(symbol, month, REFUSED_NOTE)
+    if note is not None:
+        refused = [c for c in note.get("checks", []) if isinstance(c, dict)]
+        run_id = note.get("run_id", "?")
+        lines = [
+            f"- {c.get('name', '?')} (run {run_id}): {c.get('description') or 'failed'}"
+            for c in refused
+        ]
         raise Failure(
             description="\n".join(
                 [
@@ -409,7 +450,7 @@ def _refuse_unfit_raw(
                     "the bars can be built.",
                 ]
             ),
-            metadata={"failed_raw_checks": ", ".join(r.key.name for r in refused)},
+            metadata={"failed_raw_checks": ", ".join(str(c.get("name")) for c in refused)},
             allow_retries=False,
         )
 
@@ -431,6 +472,25 @@ def partial_metadata(complete: bool, through: pd.Timestamp) -> dict[str, object]
 
 def _through(fetched: FetchedMonth) -> pd.Timestamp | None:
     return None if fetched.through_ns is None else pd.Timestamp(fetched.through_ns, tz="UTC")
+
+
+def _raw_coverage(raw: pd.DataFrame, month: Month) -> list[Window]:
+    """The windows the raw month's DBN data covered, from its file's identity (a file of
+    older code without them covered the whole month)."""
+    identity = raw.attrs.get(IDENTITY_ATTR)
+    if not isinstance(identity, FileIdentity):
+        return [(month.start_ns, month.end_ns)]
+    return identity.coverage
+
+
+def _vendor_failure_in_run(store: BarStore, partition: Partition, run_id: str) -> str | None:
+    """Why the cross-check has no vendor bars, when ``raw_1s_bars`` of this very run failed
+    to download them (so the aggregation step does not pay for a second round of retries)."""
+    note = store.read_note(partition.symbol, partition.month, VENDOR_NOTE)
+    if note is None or note.get("run_id") != run_id or not note.get("error"):
+        return None
+    why = note["error"]
+    return f"downloading Databento's 1-minute bars failed in raw_1s_bars of this run ({why})"
 
 
 def _raw_partial(raw: pd.DataFrame, month: Month) -> dict[str, object]:

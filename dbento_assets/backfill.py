@@ -38,7 +38,7 @@ from tqdm import tqdm
 from dbento_assets.assets import FORCE_TAG
 from dbento_assets.core.months import Month, month_range
 from dbento_assets.core.source import origin_of
-from dbento_assets.io_managers import RAW_ASSET
+from dbento_assets.names import RAW_KEY
 from dbento_assets.partitions import MONTH_DIM, SYMBOL_DIM, partition_key
 
 RANGE_TAG = "dbento/range"
@@ -367,7 +367,7 @@ def _written(result: ExecuteInProcessResult) -> tuple[int, int, float]:
         metadata = {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}
         rows += int(metadata.get("dagster/row_count") or 0)
         files += "path" in metadata
-        if materialization.asset_key == AssetKey(RAW_ASSET):
+        if materialization.asset_key == RAW_KEY:
             cost += float(metadata.get("source_cost_usd") or 0.0)  # 0 for a cached month
     return rows, files, cost
 

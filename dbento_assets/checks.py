@@ -11,11 +11,8 @@ step with :func:`refusal` without yielding the output, so the bad frame is never
 the files on disk stay as they were. Each result carries the violation count, the first
 violating rows as a Markdown table and a one-line description (:func:`check_result`). Before
 building bars, :func:`raw_gate` re-runs the blocking raw rules on the raw frame loaded (the
-guarantee, whatever the instance remembers) and :func:`raw_failures_in_instance` finds a
-blocking raw check whose latest evaluation for the partition failed after the latest raw
-materialization (a refused download: raw is fixed once ``raw_1s_bars`` materializes again with
-its checks passing). The vendor cross-check compares ``bars_1min`` with Databento's own
-ohlcv-1m of the same instrument-month, which the source in force provides
+guarantee, whatever the history remembers). The vendor cross-check compares ``bars_1min``
+with Databento's own ohlcv-1m of the same instrument-month, which the source in force provides
 (``MonthSource.vendor_bars``: the DBN folder's ohlcv-1m files, or Databento's, bought by
 ``raw_1s_bars`` in the download pool when ``DBENTO_VENDOR_CHECK=true``). Only minutes both the
 1s data and the 1m data fully cover are compared (a request cut short
@@ -55,7 +52,6 @@ from dbento_assets.core.coverage import (
     VendorMonth,
     Window,
     intersect_windows,
-    merge_windows,
     whole_minutes,
 )
 from dbento_assets.core.months import Month
@@ -65,27 +61,20 @@ from dbento_assets.core.source import (
     MonthSource,
     SourceError,
 )
+from dbento_assets.core.storage import windows_json
 from dbento_assets.core.timeframes import Timeframe
-from dbento_assets.io_managers import BARS_PREFIX, RAW_ASSET
+from dbento_assets.names import RAW_KEY, bars_asset_name
 from dbento_assets.resources import DatabentoResource
 
-RAW_KEY = AssetKey(RAW_ASSET)
-COVERAGE_KEY = "covered"  # raw_1s_bars metadata: the windows its DBN data covers
 VENDOR_ERROR_KEY = "vendor_1m_error"  # raw_1s_bars metadata: the 1m download failed
 SAVED = "saved"
 REFUSED = "refused: not saved, the file on disk (if any) is unchanged"
 CHECKED_ON_DISK = "checked the file on disk"
 COMPLETED = frozenset({"SUCCEEDED", "FAILED"})  # a check record's status once it has run
-FAILED = "FAILED"
 HISTORY_PAGE = 500
 
 
 # --------------------------------------------------------------------------- check specs
-
-
-def bars_asset_name(timeframe: Timeframe) -> str:
-    """``bars_15s``, ``bars_1min``, ...: the asset of a timeframe."""
-    return f"{BARS_PREFIX}{timeframe.label}"
 
 
 def check_names(timeframe: Timeframe | None = None) -> tuple[str, ...]:
@@ -220,6 +209,9 @@ def raw_gate(raw: pd.DataFrame, month: Month, instrument: Instrument) -> list[v.
     return [r for r in results if r.blocking]
 
 
+# --------------------------------------------------------------------------- history (the report)
+
+
 def latest_raw_materialization(instance: DagsterInstance, partition: str) -> Any:
     """The newest materialization record of ``raw_1s_bars`` for one partition, or None."""
     records = instance.fetch_materializations(
@@ -245,75 +237,10 @@ def completed_evaluations(instance: DagsterInstance, key: AssetCheckKey) -> Iter
         cursor = page[-1].id
 
 
-def latest_evaluation(instance: DagsterInstance, key: AssetCheckKey, partition: str) -> Any:
-    """The newest completed (passed or failed) evaluation of a check for one partition."""
-    found = (r for r in completed_evaluations(instance, key) if r.partition == partition)
-    return next(found, None)
-
-
-def raw_failures_in_instance(instance: DagsterInstance, partition: str) -> list[Any]:
-    """Blocking raw checks whose latest evaluation for ``partition`` failed after the latest
-    raw materialization (a refused download not yet followed by a good one)."""
-    materialized = latest_raw_materialization(instance, partition)
-    since = materialized.timestamp if materialized is not None else None
-    failed = []
-    for name in v.RAW_BLOCKING_RULES:
-        record = latest_evaluation(instance, AssetCheckKey(RAW_KEY, name), partition)
-        if (
-            record is not None
-            and record.status.value == FAILED
-            and record.event is not None
-            and (since is None or record.event.timestamp > since)
-        ):
-            failed.append(record)
-    return failed
-
-
 def evaluation_of(record: Any) -> Any:
     """The AssetCheckEvaluation stored in a completed execution record."""
     event = record.event.dagster_event if record.event is not None else None
     return event.event_specific_data if event is not None else None
-
-
-# --------------------------------------------------------------------------- coverage
-
-
-def windows_metadata(windows: Sequence[Window]) -> list[dict[str, str]]:
-    """Windows as JSON-friendly ``{"start": iso, "end": iso}`` items (UTC)."""
-    return [
-        {
-            "start": pd.Timestamp(s, tz="UTC").isoformat(),
-            "end": pd.Timestamp(e, tz="UTC").isoformat(),
-        }
-        for s, e in windows
-    ]
-
-
-def windows_from_metadata(value: Any) -> list[Window] | None:
-    """Windows recorded by :func:`windows_metadata` (None if the value is not such a list)."""
-    data = getattr(value, "data", value)
-    if not isinstance(data, list):
-        return None
-    try:
-        return merge_windows(
-            (pd.Timestamp(item["start"]).value, pd.Timestamp(item["end"]).value) for item in data
-        )
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def raw_coverage(instance: DagsterInstance, partition: str, month: Month) -> list[Window]:
-    """What the latest ``raw_1s_bars`` of the partition covers, from its metadata.
-
-    A materialization without that metadata (made before it was recorded) counts as covering
-    the whole month.
-    """
-    whole = [(month.start_ns, month.end_ns)]
-    record = latest_raw_materialization(instance, partition)
-    if record is None or record.asset_materialization is None:
-        return whole
-    found = windows_from_metadata(record.asset_materialization.metadata.get(COVERAGE_KEY))
-    return whole if found is None else found
 
 
 # --------------------------------------------------------------------------- vendor 1m
@@ -339,19 +266,6 @@ def prefetch_vendor_1m(source: MonthSource, request: FetchRequest, log: Logger) 
         for key in ("dbn_cache", "dbn_file", "cost_usd", "record_count")
         if found.metadata.get(key) is not None
     }
-
-
-def vendor_failure_in_run(instance: DagsterInstance, partition: str, run_id: str) -> str | None:
-    """Why the cross-check has no vendor bars, when ``raw_1s_bars`` of this very run failed
-    to download them (so the aggregation step does not pay for a second round of retries)."""
-    record = latest_raw_materialization(instance, partition)
-    if record is None or record.run_id != run_id or record.asset_materialization is None:
-        return None
-    value = record.asset_materialization.metadata.get(VENDOR_ERROR_KEY)
-    text = getattr(value, "value", value)
-    if not text:
-        return None
-    return f"downloading Databento's 1-minute bars failed in raw_1s_bars of this run ({text})"
 
 
 def load_vendor_1m(
@@ -402,7 +316,7 @@ def vendor_result(
                 month=month,
             )
             result.extra["vendor_source"] = vendor.origin
-            result.extra["compared_windows"] = windows_metadata(common)
+            result.extra["compared_windows"] = windows_json(common)
             return result
     if not requested:
         log(f"{v.RULE_VENDOR} not evaluated: {result.extra['skipped_because']}")

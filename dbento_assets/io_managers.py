@@ -8,8 +8,11 @@ records what the UI shows for every materialization: rows, first and last bar, p
 source (synthetic demo data is marked as such) and the column schema. Every file is written
 with its :class:`~dbento_assets.core.storage.FileIdentity` (symbol, month, origin, timeframe,
 dataset from the output's ``dataset`` metadata); a loaded frame carries the identity of its
-file in ``frame.attrs[IDENTITY_ATTR]`` for the step to judge. The data folder's origin mark is
-written after the first file, so a run that wrote nothing never marks a folder.
+file in ``frame.attrs[IDENTITY_ATTR]`` for the step to judge; a raw file's identity also
+carries the windows its DBN data covered (output metadata ``covered``). Writing a raw file
+clears the month's refusal note (see :meth:`~dbento_assets.core.storage.BarStore.write_note`):
+the month is fixed. The data folder's origin mark is written after the first file, so a run
+that wrote nothing never marks a folder.
 """
 
 from __future__ import annotations
@@ -32,16 +35,23 @@ from upath import UPath
 
 from dbento_assets.core.bars import COLUMNS, DTYPES
 from dbento_assets.core.source import SYNTHETIC, origin_of
-from dbento_assets.core.storage import RAW_TIMEFRAME, BarStore, FileIdentity, UnfitFile
-from dbento_assets.core.timeframes import parse_timeframe
-from dbento_assets.partitions import split_partition_key
+from dbento_assets.core.storage import (
+    RAW_TIMEFRAME,
+    REFUSED_NOTE,
+    BarStore,
+    FileIdentity,
+    UnfitFile,
+    Window,
+    windows_from_json,
+)
+from dbento_assets.names import timeframe_of
+from dbento_assets.partitions import Partition
 
-RAW_ASSET = "raw_1s_bars"
-BARS_PREFIX = "bars_"
 IDENTITY_ATTR = "dbento_identity"  # frame.attrs key: the identity of the file it came from
 # Output metadata of a month that may be partial (the current month): written into the file.
 COMPLETE_KEY = "complete"
 THROUGH_KEY = "through"
+COVERAGE_KEY = "covered"  # raw_1s_bars output metadata: the windows its DBN data covers
 BAR_SCHEMA = TableSchema(
     columns=[TableColumn(name, str(DTYPES[name])) for name in COLUMNS],
 )
@@ -65,48 +75,40 @@ class BarFileIOManager(ConfigurableIOManager):
     def store(self) -> BarStore:
         return BarStore.at(self.data_dir, self.fmt)
 
-    def path_for(self, asset_key: AssetKey, partition: str) -> UPath:
+    def path_for(self, asset_key: AssetKey, partition: Partition) -> UPath:
         """The file of one asset partition."""
-        month, symbol = split_partition_key(partition)
-        name = asset_key.path[-1]
-        if name == RAW_ASSET:
-            return self.store.raw_path(symbol, month)
-        if name.startswith(BARS_PREFIX):
-            timeframe = parse_timeframe(name.removeprefix(BARS_PREFIX))
-            return self.store.aggregated_path(symbol, month, timeframe)
-        raise ValueError(f"BarFileIOManager does not store asset {asset_key.to_user_string()}")
+        timeframe = timeframe_of(asset_key.path[-1])
+        if timeframe is None:
+            return self.store.raw_path(partition.symbol, partition.month)
+        return self.store.aggregated_path(partition.symbol, partition.month, timeframe)
 
     def identity_for(
         self,
         asset_key: AssetKey,
-        partition: str,
+        partition: Partition,
         dataset: str = "",
         *,
         complete: bool = True,
         through: str = "",
+        covered: tuple[Window, ...] = (),
     ) -> FileIdentity:
         """What the file of one asset partition must hold (``complete``/``through``: a month
-        that has not closed yet, stored partial)."""
-        month, symbol = split_partition_key(partition)
-        name = asset_key.path[-1]
-        timeframe = (
-            RAW_TIMEFRAME
-            if name == RAW_ASSET
-            else parse_timeframe(name.removeprefix(BARS_PREFIX)).label
-        )
+        that has not closed yet, stored partial; ``covered``: the windows its DBN covered)."""
+        timeframe = timeframe_of(asset_key.path[-1])
         return FileIdentity(
-            symbol,
-            month,
+            partition.symbol,
+            partition.month,
             origin_of(self.source),
-            timeframe,
+            RAW_TIMEFRAME if timeframe is None else timeframe.label,
             dataset,
             complete=complete,
             through="" if complete else through,
+            covered=covered,
         )
 
     def handle_output(self, context: OutputContext, obj: pd.DataFrame) -> None:
         store = self.store
-        partition = context.asset_partition_key
+        partition = Partition.from_key(context.asset_partition_key)
         path = self.path_for(context.asset_key, partition)
         meta = {k: getattr(v, "value", v) for k, v in context.output_metadata.items()}
         identity = self.identity_for(
@@ -115,17 +117,20 @@ class BarFileIOManager(ConfigurableIOManager):
             str(meta.get("dataset") or ""),
             complete=meta.get(COMPLETE_KEY) is not False,
             through=str(meta.get(THROUGH_KEY) or ""),
+            covered=windows_from_json(meta.get(COVERAGE_KEY) or []),
         )
         for stale in store.remove_stale_temps([path]):
             context.log.info(f"Removed {stale}, left by a write that was killed")
         size = store.write_claimed(obj, path, identity, self.source)
-        if context.asset_key.path[-1] == RAW_ASSET:
+        if timeframe_of(context.asset_key.path[-1]) is None:
+            # A good raw month is stored: an earlier refused download no longer holds it back.
+            store.clear_note(partition.symbol, partition.month, REFUSED_NOTE)
             obj.attrs[IDENTITY_ATTR] = identity
             _HANDOFF.keep(path, obj)
         context.add_output_metadata(bar_file_metadata(obj, path, size, self.source))
 
     def load_input(self, context: InputContext) -> pd.DataFrame:
-        partition = context.asset_partition_key
+        partition = Partition.from_key(context.asset_partition_key)
         path = self.path_for(context.asset_key, partition)
         handed = _HANDOFF.take(path)
         if handed is not None:

@@ -8,6 +8,8 @@ are the catalog's symbols, in catalog order.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from dagster import (
     MonthlyPartitionsDefinition,
     MultiPartitionKey,
@@ -34,17 +36,33 @@ def build_partitions(catalog: Catalog) -> MultiPartitionsDefinition:
     )
 
 
+@dataclass(frozen=True)
+class Partition:
+    """One symbol-month, parsed once from its key and handed to whatever needs it."""
+
+    month: Month
+    symbol: str
+
+    @classmethod
+    def from_key(cls, key: str | MultiPartitionKey) -> Partition:
+        """``2024-01-01|ES`` (or a MultiPartitionKey) to ``Partition(Month(2024, 1), "ES")``."""
+        if isinstance(key, MultiPartitionKey):
+            dims = key.keys_by_dimension
+            return cls(Month.parse(dims[MONTH_DIM]), dims[SYMBOL_DIM])
+        month_text, sep, symbol = str(key).partition("|")
+        if not sep or not symbol:
+            raise ValueError(f"partition key {key!r} is not '<YYYY-MM-01>|<SYMBOL>'")
+        return cls(Month.parse(month_text), symbol)
+
+    @property
+    def key(self) -> MultiPartitionKey:
+        """The Dagster key; ``str()`` of it is ``2024-01-01|ES``."""
+        return MultiPartitionKey({MONTH_DIM: self.month.key, SYMBOL_DIM: self.symbol})
+
+    def __str__(self) -> str:
+        return str(self.key)
+
+
 def partition_key(month: Month, symbol: str) -> MultiPartitionKey:
     """The partition key of one symbol-month."""
-    return MultiPartitionKey({MONTH_DIM: month.key, SYMBOL_DIM: symbol})
-
-
-def split_partition_key(key: str) -> tuple[Month, str]:
-    """``2024-01-01|ES`` (or a MultiPartitionKey) to ``(Month(2024, 1), "ES")``."""
-    if isinstance(key, MultiPartitionKey):
-        dims = key.keys_by_dimension
-        return Month.parse(dims[MONTH_DIM]), dims[SYMBOL_DIM]
-    month_text, sep, symbol = str(key).partition("|")
-    if not sep or not symbol:
-        raise ValueError(f"partition key {key!r} is not '<YYYY-MM-01>|<SYMBOL>'")
-    return Month.parse(month_text), symbol
+    return Partition(month, symbol).key

@@ -28,7 +28,7 @@ from dbento_assets.checks import (
 from dbento_assets.core.catalog import Catalog, CatalogError, load_catalog
 from dbento_assets.core.validation import RULE_TITLES
 from dbento_assets.io_managers import COMPLETE_KEY, THROUGH_KEY
-from dbento_assets.partitions import split_partition_key
+from dbento_assets.partitions import Partition
 from dbento_assets.project import project_instance
 
 DEFAULT_OUT = Path("logs") / "validation_report.md"
@@ -103,10 +103,11 @@ def collect(
         found.unpartitioned += unpartitioned
         for partition, record in latest.items():
             try:
-                month, symbol = split_partition_key(partition)
+                parsed = Partition.from_key(partition)
             except ValueError:
                 continue  # not one of this project's partition keys
             evaluation = evaluation_of(record)
+            month, symbol = parsed.month, parsed.symbol
             if symbol not in wanted or evaluation is None:
                 continue
             metadata = {name: _plain(value) for name, value in evaluation.metadata.items()}

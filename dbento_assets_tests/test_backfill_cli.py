@@ -30,8 +30,8 @@ from dbento_assets.core.months import Month
 from dbento_assets.core.storage import BarStore
 from dbento_assets.core.timeframes import parse_timeframe
 from dbento_assets.definitions import build_definitions
-from dbento_assets.io_managers import RAW_ASSET
-from dbento_assets.partitions import partition_key, split_partition_key
+from dbento_assets.names import RAW_ASSET
+from dbento_assets.partitions import Partition, partition_key
 from dbento_assets.resources import DatabentoResource
 from dbento_assets_tests.deployment import (
     check_evaluations,
@@ -106,7 +106,8 @@ def test_command_materializes_each_month_in_its_own_run(tmp_path):
         assets = ["bars_15s", "bars_1min", "bars_30s", RAW_ASSET]
         assert_attributed(instance, runs, assets)
         for mat in materializations(instance, [r.run_id for r in runs]):
-            month, symbol = split_partition_key(mat.partition)
+            parsed = Partition.from_key(mat.partition)
+            month, symbol = parsed.month, parsed.symbol
             name = mat.asset.removeprefix("bars_")
             path = (
                 store.raw_path(symbol, month)

@@ -30,8 +30,8 @@ from dbento_assets.core.months import Month
 from dbento_assets.core.storage import BarStore
 from dbento_assets.core.timeframes import parse_timeframe
 from dbento_assets.core.validation import RULE_VENDOR
-from dbento_assets.io_managers import BARS_PREFIX, RAW_ASSET
-from dbento_assets.partitions import partition_key, split_partition_key
+from dbento_assets.names import BARS_PREFIX, RAW_ASSET
+from dbento_assets.partitions import Partition, partition_key
 from dbento_assets_tests.deployment import (
     BackfillResult,
     Deployment,
@@ -197,7 +197,8 @@ def assert_partitions_recorded(
         assert mat.run_id == run_of[mat.partition], f"{mat.asset} {mat.partition} in wrong run"
 
     for name in expected:
-        month, symbol = split_partition_key(name)
+        parsed = Partition.from_key(name)
+        month, symbol = parsed.month, parsed.symbol
         raw_path = store.raw_path(symbol, month)
         raw = store.read(raw_path)
         raw_mat = next(m for m in mats if m.asset == RAW_ASSET and m.partition == name)
@@ -257,7 +258,8 @@ def test_databento_backfill_requests_each_month_once(
     assert get_range_counts(downloaded.requests, catalog) == Counter(dict.fromkeys(names, 1))
     assert all(r.auth_user == TEST_KEY for r in downloaded.requests)
     for name in names:
-        month, symbol = split_partition_key(name)
+        parsed = Partition.from_key(name)
+        month, symbol = parsed.month, parsed.symbol
         assert dbn_cache_path(data_dir(databento_deployment), symbol, month).is_file()
     assert_partitions_recorded(databento_deployment, result.backfill_id, names, catalog)
 
@@ -286,7 +288,8 @@ def test_failed_partition_resumes_without_downloading_again(
     for counts in first.asset_counts.values():
         assert counts["materialized"] == len(succeeded), first.asset_counts
         assert counts["failed"] == 1, first.asset_counts
-    failed_month, failed_symbol = split_partition_key(failed)
+    parsed = Partition.from_key(failed)
+    failed_month, failed_symbol = parsed.month, parsed.symbol
     assert not store.raw_path(failed_symbol, failed_month).exists()
     assert not dbn_cache_path(root, failed_symbol, failed_month).exists()
     with databento_deployment.instance() as instance:

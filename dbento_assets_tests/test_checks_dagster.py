@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +42,8 @@ from dbento_assets.checks import (
     REFUSED,
     SAVED,
     all_check_keys,
+    completed_evaluations,
     evaluation_of,
-    latest_evaluation,
     load_vendor_1m,
     raw_gate,
 )
@@ -61,7 +62,7 @@ from dbento_assets.core.dbn import decode_month, encode_month, encode_ohlcv, rea
 from dbento_assets.core.demo import DemoSource
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import FetchedMonth, FetchRequest, Logger, MonthSource
-from dbento_assets.core.storage import BarStore
+from dbento_assets.core.storage import REFUSED_NOTE, BarStore
 from dbento_assets.core.timeframes import parse_timeframe
 from dbento_assets.io_managers import BarFileIOManager
 from dbento_assets.resources import DatabentoResource
@@ -126,6 +127,12 @@ def files_under(root: Path) -> dict[str, bytes]:
         for p in sorted(root.rglob("*"))
         if p.is_file() and not p.name.startswith(".")
     }
+
+
+def latest_evaluation(instance: DagsterInstance, key: AssetCheckKey, partition: str):
+    """The newest completed (passed or failed) evaluation of a check for one partition."""
+    found = (r for r in completed_evaluations(instance, key) if r.partition == partition)
+    return next(found, None)
 
 
 def latest(
@@ -461,6 +468,28 @@ def test_bars_alone_refuse_until_raw_is_fixed(
     assert failed_names(latest(instance, ES_JAN)) == set()
 
 
+def test_a_refused_download_holds_the_bars_back_through_a_note_beside_the_raw_file(
+    es_root: Path, corrupt_source: Callable[..., None]
+) -> None:
+    # Every run on its own instance: what the bars step knows travels with the data root.
+    note = Path(BarStore.at(es_root).note_path("ES", JAN, REFUSED_NOTE).path)
+    corrupt_source(ES_JAN, repeat_a_bar)
+    assert not run(es_root, DagsterInstance.ephemeral()).success
+    assert note.is_file() and note.name.startswith(".")
+
+    refused = run(es_root, DagsterInstance.ephemeral(), selection=bars_only())
+    assert not refused.success
+    assert f"The latest download of raw_1s_bars for {ES_JAN} was refused" in (
+        failure_description(refused)
+    )
+
+    corrupt_source(ES_JAN, None)
+    raw_only = AssetSelection.assets("raw_1s_bars")
+    assert run(es_root, DagsterInstance.ephemeral(), selection=raw_only).success
+    assert not note.exists()  # a good raw file clears it
+    assert run(es_root, DagsterInstance.ephemeral(), selection=bars_only()).success
+
+
 def test_bars_refuse_a_raw_file_replaced_by_hand_with_a_bar_outside_the_month(
     es_root: Path,
 ) -> None:
@@ -643,6 +672,45 @@ def test_bars_1min_equal_databentos_own_1m_bars_on_the_real_qqq_sample(
     assert failed_names(records) == {("raw_1s_bars", v.RULE_CALENDAR)}
     store = BarStore.at(root)
     assert len(store.read(store.aggregated_path("QQQ", QQQ_MONTH, MINUTE))) == 3
+
+
+def test_the_vendor_comparison_keeps_to_what_the_raw_files_identity_covers(
+    tmp_path: Path, qqq_catalog: Catalog
+) -> None:
+    root, folder = tmp_path / "data", dbn_folder(tmp_path)
+    assert run(
+        root,
+        DagsterInstance.ephemeral(),
+        QQQ_PARTITION,
+        catalog=qqq_catalog,
+        source="dbn",
+        dbn_dir=folder,
+    ).success
+    # The raw file rewritten as if its DBN had covered 2023-03-28 up to 11:10:30 only.
+    store = BarStore.at(root)
+    path = store.raw_path("QQQ", QQQ_MONTH)
+    raw, identity = store.read_with_identity(path)
+    end = pd.Timestamp("2023-03-28 11:10:30", tz="UTC").value
+    covered = ((pd.Timestamp("2023-03-28", tz="UTC").value, end),)
+    store.write(raw, path, replace(identity, covered=covered))
+
+    instance = DagsterInstance.ephemeral()  # no raw materialization in its history
+    result = run(
+        root,
+        instance,
+        QQQ_PARTITION,
+        catalog=qqq_catalog,
+        selection=AssetSelection.assets("bars_1min"),
+        source="dbn",
+        dbn_dir=folder,
+    )
+
+    assert result.success, failure_message(result) if not result.success else ""
+    found = meta(latest(instance, QQQ_PARTITION, qqq_catalog)[("bars_1min", v.RULE_VENDOR)])
+    assert found["compared_windows"] == [
+        {"start": "2023-03-28T00:00:00+00:00", "end": "2023-03-28T11:10:30+00:00"}
+    ]
+    assert found["covered_minutes"] == 11 * 60 + 10  # 00:00 to 11:09
 
 
 def changed_1m_file(folder: Path) -> None:

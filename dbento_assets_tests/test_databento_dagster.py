@@ -31,7 +31,7 @@ from dagster._core.errors import DagsterInvalidConfigError
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from dbento_assets.assets import DOWNLOAD_POOL, FORCE_TAG
-from dbento_assets.checks import evaluation_of, latest_evaluation
+from dbento_assets.checks import evaluation_of
 from dbento_assets.core.aggregate import aggregate_bars
 from dbento_assets.core.catalog import Catalog, load_catalog
 from dbento_assets.core.databento_api import DEFAULT_GATEWAY, DEFAULT_MAX_COST_USD
@@ -52,7 +52,7 @@ from dbento_assets_tests.gateway import (
     GET_RANGE,
     TEST_KEY,
 )
-from dbento_assets_tests.test_checks_dagster import dbn_folder, left_unevaluated
+from dbento_assets_tests.test_checks_dagster import dbn_folder, latest_evaluation, left_unevaluated
 
 RAW = AssetKey("raw_1s_bars")
 BARS_1MIN = AssetKey("bars_1min")

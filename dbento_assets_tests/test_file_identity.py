@@ -249,3 +249,25 @@ def test_checking_a_foreign_bars_file_on_disk_is_refused(es_root):
     text = failure_text(result)
     assert f"The bars_15s file {es_15s} holds NQ 15s bars of 2024-01" in text, text
     assert sha256(es_15s) == digest
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_covered_windows_travel_in_the_identity_and_a_whole_month_writes_none(
+    demo_runs, fmt, tmp_path
+):
+    store = BarStore.at(demo_runs[fmt], fmt)
+    frame, whole = store.read_with_identity(store.raw_path("ES", JAN))
+    assert whole.covered == () and whole.coverage == [(JAN.start_ns, JAN.end_ns)]
+    assert "dbento.covered" not in whole.to_metadata()
+    assert FileIdentity("ES", JAN, "synthetic", covered=[(JAN.start_ns, JAN.end_ns)]) == (
+        FileIdentity("ES", JAN, "synthetic")
+    )
+    mid = pd.Timestamp("2024-01-10", tz="UTC").value
+    elsewhere = BarStore.at(tmp_path, fmt)
+    path = elsewhere.raw_path("ES", JAN)
+    elsewhere.write(frame, path, FileIdentity("ES", JAN, "synthetic", covered=[(mid, JAN.end_ns)]))
+    _, found = elsewhere.read_with_identity(path)
+    assert found.coverage == [(mid, JAN.end_ns)]
+    assert found.to_metadata()["dbento.covered"] == (
+        '[{"start": "2024-01-10T00:00:00+00:00", "end": "2024-02-01T00:00:00+00:00"}]'
+    )

@@ -30,7 +30,8 @@ from dbento_assets import io_managers
 from dbento_assets.core.months import Month
 from dbento_assets.core.storage import BarStore
 from dbento_assets.definitions import build_definitions
-from dbento_assets.io_managers import RAW_ASSET, BarFileIOManager
+from dbento_assets.io_managers import BarFileIOManager
+from dbento_assets.names import RAW_ASSET
 from dbento_assets.resources import DatabentoResource
 from dbento_assets_tests.test_backfill_cli import run
 

@@ -24,6 +24,7 @@ from dbento_assets.core.catalog import Catalog, load_catalog
 from dbento_assets.core.months import Month
 from dbento_assets.core.storage import (
     ORIGIN_MARKER,
+    REFUSED_NOTE,
     STALE_TEMP_SECONDS,
     BarStore,
     remove_stale_temps_of,
@@ -230,6 +231,18 @@ def test_a_killed_writes_temp_is_removed_by_the_next_run_of_its_partition_only(t
     assert not es_temp.exists() and not bars_temp.exists()
     assert nq_temp.exists()  # another partition's: untouched
     assert (data / "raw_1s" / "ES" / "ES_2024_01.parquet").is_file()
+
+
+def test_a_killed_writes_temp_of_a_note_beside_the_raw_file_is_removed(tmp_path):
+    data = tmp_path / "data"
+    note = Path(BarStore.at(data).note_path("ES", JAN, REFUSED_NOTE).path)
+    note.parent.mkdir(parents=True)
+    temp = note.parent / f".{note.name}.{'0' * 32}.tmp"
+    temp.write_bytes(b'{"run_id": ')
+    os.utime(temp, (time.time() - 3600,) * 2)
+    demo = DatabentoResource(source="demo", data_dir=str(data), demo_activity=ACTIVITY)
+    assert run(demo).success
+    assert not temp.exists() and not note.exists()
 
 
 def test_a_temp_held_by_a_live_writer_is_kept_however_old(tmp_path):

@@ -15,7 +15,7 @@ from upath import UPath
 from dbento_assets.core.catalog import Catalog, CatalogError, load_catalog
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import origin_of
-from dbento_assets.core.storage import BarStore, check_local_folder
+from dbento_assets.core.storage import NOTES, BarStore, check_local_folder
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ def preflight(
             "set DBENTO_CACHE_DIR (or DBENTO_DATA_DIR) to a local folder you can write, or "
             "give this user write access to it",
         )
-    return Preflight(store, store.remove_stale_temps(paths))
+    notes = [store.note_path(symbol, month, kind) for kind in NOTES]
+    return Preflight(store, store.remove_stale_temps([*paths, *notes]))
 
 
 def check_catalog(catalog: Catalog, symbol: str) -> None:

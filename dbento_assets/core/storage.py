@@ -27,6 +27,11 @@ holding the file's size and SHA-256, so a sidecar left behind by a replaced file
 :func:`identity_problem` says in one sentence why a file is not the one a partition expects.
 Files written before identities existed carry none; they are accepted when their content
 matches (one symbol, every bar inside the month), their origin being the root's.
+A raw file's identity also names the windows its DBN data covered when that is not the whole
+month (``dbento.covered``), so the vendor cross-check compares only covered minutes. Beside a
+raw file, hidden JSON notes (:meth:`BarStore.write_note`) tell the steps building on it that
+the month's latest download was refused, or that a run's raw step could not get Databento's
+1-minute bars.
 
 Temporary files of a local write are locked (``flock``) while written and removed when the
 write fails; :meth:`BarStore.remove_stale_temps` removes those of a killed writer (unlocked
@@ -44,10 +49,10 @@ import re
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata as package_metadata
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 try:  # POSIX: a temporary file is locked by its writer while written (see write_atomic)
     import fcntl
@@ -72,6 +77,12 @@ SIDECAR_SUFFIX = ".json"  # the identity note of a CSV file: ES_2024_01.csv.json
 IDENTITY_PREFIX = "dbento."  # Parquet key-value metadata keys: dbento.symbol, ...
 RAW_TIMEFRAME = "1s"
 ORIGINS = ("synthetic", "databento")
+# Notes kept beside a month's raw file (hidden, ``raw_1s/ES/.ES_2024_01.refused.json``), for
+# the steps that build on it: they travel with the data root, whatever runs the steps.
+REFUSED_NOTE = "refused"  # the month's latest download was refused by its checks
+VENDOR_NOTE = "vendor_1m"  # a run's raw step could not get Databento's 1-minute bars
+NOTES = (REFUSED_NOTE, VENDOR_NOTE)
+Window = tuple[int, int]  # [start_ns, end_ns) in UTC nanoseconds, as in core.coverage
 # A temporary file is removed by a later run only when no writer holds its lock and it is
 # older than this (a writer locks its file right after creating it, so the margin only
 # covers clocks of a shared file system that disagree a little).
@@ -124,6 +135,20 @@ class FileIdentity:
     # (exclusive, ISO 8601 UTC). A complete month's ``through`` is "" (the month's end).
     complete: bool = True
     through: str = ""
+    # The windows of the month the source's DBN data covers (a dataset starting mid-month, a
+    # request cut short); () when it covers the whole month, as files of older code did.
+    covered: tuple[Window, ...] = ()
+
+    def __post_init__(self) -> None:
+        windows = tuple((int(s), int(e)) for s, e in self.covered)
+        if windows == ((self.month.start_ns, self.month.end_ns),):
+            windows = ()
+        object.__setattr__(self, "covered", windows)  # frozen: set once, normalized
+
+    @property
+    def coverage(self) -> list[Window]:
+        """What the file's bars were decoded from covers (the whole month by default)."""
+        return list(self.covered) or [(self.month.start_ns, self.month.end_ns)]
 
     @property
     def through_text(self) -> str:
@@ -144,6 +169,8 @@ class FileIdentity:
             "complete": "true" if self.complete else "false",
             "through": self.through_text,
         }
+        if self.covered:
+            fields["covered"] = json.dumps(windows_json(self.covered))
         return {IDENTITY_PREFIX + key: value for key, value in fields.items()}
 
     @classmethod
@@ -173,6 +200,7 @@ class FileIdentity:
             # Files written before partial months existed were always whole months.
             complete=complete,
             through="" if complete else found.get("through", ""),
+            covered=windows_from_json(json.loads(found["covered"])) if "covered" in found else (),
         )
 
     def describe(self) -> str:
@@ -183,6 +211,28 @@ class FileIdentity:
             f"{self.symbol} {self.timeframe} bars of {self.month}{partial} "
             f"({_origin_words(self.origin)}{where})"
         )
+
+
+def windows_json(windows: Iterable[Window]) -> list[dict[str, str]]:
+    """Windows as JSON-friendly ``{"start": iso, "end": iso}`` items (UTC)."""
+    return [
+        {
+            "start": pd.Timestamp(s, tz="UTC").isoformat(),
+            "end": pd.Timestamp(e, tz="UTC").isoformat(),
+        }
+        for s, e in windows
+    ]
+
+
+def windows_from_json(items: Sequence[Mapping[str, str]]) -> tuple[Window, ...]:
+    """Windows written by :func:`windows_json` (a ValueError when they are not such)."""
+    try:
+        return tuple(
+            (int(pd.Timestamp(item["start"]).value), int(pd.Timestamp(item["end"]).value))
+            for item in items
+        )
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"its covered windows are not readable ({exc})") from None
 
 
 def data_root(location: str | os.PathLike[str]) -> UPath:
@@ -224,6 +274,36 @@ class BarStore:
     def aggregated_path(self, symbol: str, month: Month, timeframe: Timeframe) -> UPath:
         name = f"{symbol}_{month.tag}_{timeframe.label}.{self.fmt}"
         return self.root / "aggregated" / timeframe.label / name
+
+    def note_path(self, symbol: str, month: Month, kind: str) -> UPath:
+        """The hidden note ``kind`` (one of :data:`NOTES`) beside a month's raw file; one for
+        both formats, so changing the format does not lose it."""
+        return self.root / "raw_1s" / symbol / f".{symbol}_{month.tag}.{kind}.json"
+
+    def write_note(self, symbol: str, month: Month, kind: str, note: Mapping[str, Any]) -> None:
+        """Write a note atomically (readers see the old note or the new one)."""
+        path = self.note_path(symbol, month, kind)
+        text = json.dumps(dict(note), indent=2, sort_keys=True) + "\n"
+        with _remote_errors(path, "write"):
+            write_atomic(path, lambda f: f.write(text.encode()))
+
+    def read_note(self, symbol: str, month: Month, kind: str) -> dict[str, Any] | None:
+        """A note written by :meth:`write_note`; None when there is none (or it is unreadable:
+        a note is advice, and a broken one must not stop anything)."""
+        path = self.note_path(symbol, month, kind)
+        with _remote_errors(path, "read"):
+            if not path.exists():
+                return None
+            try:
+                note = json.loads(path.read_text())
+            except (OSError, ValueError):
+                return None
+        return note if isinstance(note, dict) else None
+
+    def clear_note(self, symbol: str, month: Month, kind: str) -> None:
+        path = self.note_path(symbol, month, kind)
+        with _remote_errors(path, "remove"), contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
     def partition_paths(
         self, symbol: str, month: Month, timeframes: Iterable[Timeframe]
