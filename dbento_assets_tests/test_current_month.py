@@ -27,7 +27,7 @@ from dagster import AssetKey, DagsterInstance, DefaultScheduleStatus, build_sche
 from dbento_assets import report, status
 from dbento_assets.assets import FORCE_TAG
 from dbento_assets.backfill import UsageError, plan_partitions
-from dbento_assets.checks import all_check_keys, evaluation_of, latest_evaluation
+from dbento_assets.checks import all_check_keys, evaluation_of
 from dbento_assets.core.catalog import load_catalog
 from dbento_assets.core.coverage import IncompleteMonth, VendorMonth, require_whole_month
 from dbento_assets.core.databento_api import VENDOR_SCHEMA, DatabentoSource
@@ -58,6 +58,7 @@ from dbento_assets_tests.test_databento_dagster import (
     SETTINGS,
     VENDOR_CHECK,
     failure_text,
+    latest_evaluation,
 )
 from dbento_assets_tests.test_dbn_files import contracts_on, write_day_file
 
