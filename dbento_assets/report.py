@@ -32,7 +32,7 @@ from dbento_assets.checks import (
     latest_raw_materialization,
 )
 from dbento_assets.core.catalog import Catalog, CatalogError, load_catalog
-from dbento_assets.core.validation import RULE_TITLES
+from dbento_assets.core.rules import RULE_TITLES
 from dbento_assets.io_managers import COMPLETE_KEY, THROUGH_KEY
 from dbento_assets.partitions import split_partition_key
 from dbento_assets.project import project_instance
