@@ -115,7 +115,7 @@ def collect(
             evaluation = evaluation_of(record)
             if symbol not in wanted or evaluation is None:
                 continue
-            metadata = {name: _plain(value) for name, value in evaluation.metadata.items()}
+            metadata = {name: _unwrap(value) for name, value in evaluation.metadata.items()}
             found.outcomes.append(
                 Outcome(
                     partition=partition,
@@ -259,7 +259,7 @@ def _details(outcomes: Sequence[Outcome]) -> list[str]:
     return lines
 
 
-def _plain(value: Any) -> Any:
+def _unwrap(value: Any) -> Any:
     """A metadata value as plain Python (text, number, bool, Markdown text or JSON data)."""
     return getattr(value, "value", value)
 
