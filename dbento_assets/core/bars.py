@@ -99,15 +99,19 @@ def sort_bars(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.take(np.lexsort((iid, ts))).reset_index(drop=True)
 
 
+def steps_in_order(ts: np.ndarray, iid: np.ndarray, *, strict: bool) -> np.ndarray:
+    """For each row but the first: whether it follows the row before in (``ts``, ``iid``)
+    order; with ``strict`` a row equal to the one before is out of order."""
+    ids_later = iid[1:] > iid[:-1] if strict else iid[1:] >= iid[:-1]
+    return (ts[1:] > ts[:-1]) | ((ts[1:] == ts[:-1]) & ids_later)
+
+
 def in_order(ts: np.ndarray, iid: np.ndarray | None = None, *, strict: bool = False) -> bool:
-    """Whether rows are in (``ts``, ``iid``) order, ``ts`` alone without ``iid``: non-decreasing,
-    or strictly increasing (no two equal rows) with ``strict``."""
-    later = ts[1:] > ts[:-1]
-    # Strictly increasing times (the usual month) cost one boolean temporary; only otherwise
-    # are ties looked at.
-    if later.all():
+    """Whether all rows are in (``ts``, ``iid``) order (``ts`` alone without ``iid``), see
+    :func:`steps_in_order`."""
+    # Strictly increasing times (the usual month) cost one boolean temporary.
+    if bool(np.all(ts[1:] > ts[:-1])):
         return True
     if iid is None:
         return not strict and bool(np.all(ts[1:] >= ts[:-1]))
-    ids_later = iid[1:] > iid[:-1] if strict else iid[1:] >= iid[:-1]
-    return bool(np.all(later | ((ts[1:] == ts[:-1]) & ids_later)))
+    return bool(steps_in_order(ts, iid, strict=strict).all())

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 
-from dbento_assets.core.bars import PRICE_COLUMNS
+from dbento_assets.core.bars import PRICE_COLUMNS, steps_in_order
 from dbento_assets.core.months import Month
 from dbento_assets.core.rendering import SAMPLE_ROWS, few, plural, sample_rows, utc_text
 from dbento_assets.core.rules import (
@@ -101,8 +101,7 @@ def check_time_order(frame: pd.DataFrame) -> RuleResult:
     keep = np.flatnonzero(ts != NAT_NS) if (ts == NAT_NS).any() else None
     if keep is not None:
         ts, iid = ts[keep], iid[keep]
-    same = ts[1:] == ts[:-1]
-    bad = ~((ts[1:] > ts[:-1]) | (same & (iid[1:] > iid[:-1])))
+    bad = ~steps_in_order(ts, iid, strict=True)
     positions = np.flatnonzero(bad) + 1
     if len(positions) == 0:
         return make_result(
@@ -115,7 +114,7 @@ def check_time_order(frame: pd.DataFrame) -> RuleResult:
     duplicates = int(
         np.sum((ts[order][1:] == ts[order][:-1]) & (iid[order][1:] == iid[order][:-1]))
     )
-    backwards = int(np.sum(bad & ~(same & (iid[1:] == iid[:-1]))))
+    backwards = int(np.sum(bad & ~((ts[1:] == ts[:-1]) & (iid[1:] == iid[:-1]))))
     rows = positions if keep is None else keep[positions]
     previous = positions - 1 if keep is None else keep[positions - 1]
     sample = sample_rows(frame, rows)
