@@ -159,22 +159,26 @@ def rule(name: str) -> Callable[[Callable[_P, RuleResult]], Callable[_P, RuleRes
     return wrap
 
 
-def ts_column(frame: pd.DataFrame, name: str = "ts_event") -> np.ndarray:
-    """A timezone-aware timestamp column as int64 UTC nanoseconds (NaT -> :data:`NAT_NS`)."""
+def _column(frame: pd.DataFrame, name: str, kinds: str, what: str) -> pd.Series:
+    """Column ``name`` if it exists and its dtype kind is one of ``kinds``, else Unusable."""
     if name not in frame.columns:
         raise Unusable(f"column {name} is missing")
     column = frame[name]
+    if column.dtype.kind not in kinds:
+        raise Unusable(f"column {name} is {column.dtype}, not {what}")
+    return column
+
+
+def ts_column(frame: pd.DataFrame, name: str = "ts_event") -> np.ndarray:
+    """A timezone-aware timestamp column as int64 UTC nanoseconds (NaT -> :data:`NAT_NS`)."""
+    column = _column(frame, name, "M", "a timezone-aware timestamp")
     if not isinstance(column.dtype, pd.DatetimeTZDtype):
         raise Unusable(f"column {name} is {column.dtype}, not a timezone-aware timestamp")
     return column.array.as_unit("ns").asi8
 
 
 def int_column(frame: pd.DataFrame, name: str) -> np.ndarray:
-    if name not in frame.columns:
-        raise Unusable(f"column {name} is missing")
-    column = frame[name]
-    if column.dtype.kind not in "iu":
-        raise Unusable(f"column {name} is {column.dtype}, not integers")
+    column = _column(frame, name, "iu", "integers")
     try:
         return column.to_numpy()
     except (ValueError, TypeError):  # a nullable integer column holding NA
@@ -182,9 +186,5 @@ def int_column(frame: pd.DataFrame, name: str) -> np.ndarray:
 
 
 def float_column(frame: pd.DataFrame, name: str) -> np.ndarray:
-    if name not in frame.columns:
-        raise Unusable(f"column {name} is missing")
-    column = frame[name]
-    if column.dtype.kind not in "fiu":
-        raise Unusable(f"column {name} is {column.dtype}, not numbers")
+    column = _column(frame, name, "fiu", "numbers")
     return column.to_numpy(dtype="float64", na_value=np.nan)
