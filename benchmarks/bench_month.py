@@ -99,11 +99,11 @@ def single_process(dbn: Path, out: Path, fmt: str) -> None:
 
 def checks(dbn: Path, out: Path, fmt: str) -> float:
     """All validation rules for the month (raw + each timeframe); times only the rules."""
-    from dbento_assets.core import validation
     from dbento_assets.core.aggregate import aggregate_bars
     from dbento_assets.core.catalog import load_catalog
     from dbento_assets.core.dbn import decode_month
     from dbento_assets.core.months import Month
+    from dbento_assets.core.run_rules import run_aggregated_rules, run_raw_rules
     from dbento_assets.core.timeframes import parse_timeframe
 
     month = Month(2024, 1)
@@ -111,9 +111,9 @@ def checks(dbn: Path, out: Path, fmt: str) -> float:
     raw = decode_month([dbn], SYMBOL, month).bars
     aggs = {label: aggregate_bars(raw, parse_timeframe(label)) for label in TIMEFRAMES}
     start = time.perf_counter()
-    validation.run_raw_rules(raw, month, instrument)
+    run_raw_rules(raw, month, instrument)
     for label, agg in aggs.items():
-        validation.run_aggregated_rules(agg, raw, month, parse_timeframe(label), instrument)
+        run_aggregated_rules(agg, raw, month, parse_timeframe(label), instrument)
     return time.perf_counter() - start
 
 
@@ -150,7 +150,7 @@ def child(kind: str, dbn: Path, out: Path, fmt: str) -> None:
         import dbento_assets.core.dbn
         import dbento_assets.core.storage
     if kind == "checks":
-        import dbento_assets.core.validation  # noqa: F401
+        import dbento_assets.core.run_rules  # noqa: F401
 
     start = time.perf_counter()
     if kind == "raw":

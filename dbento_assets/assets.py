@@ -65,6 +65,8 @@ from dbento_assets.core.databento_api import DatabentoSource
 from dbento_assets.core.dbn import DecodedMonth, decode_month
 from dbento_assets.core.months import Month
 from dbento_assets.core.preflight import preflight
+from dbento_assets.core.rules import RULE_VENDOR, RuleResult
+from dbento_assets.core.run_rules import run_aggregated_rules, run_raw_rules
 from dbento_assets.core.source import (
     DownloadRefused,
     FetchedMonth,
@@ -81,12 +83,6 @@ from dbento_assets.core.storage import (
     FileIdentity,
     identity_problem,
     windows_json,
-)
-from dbento_assets.core.validation import (
-    RULE_VENDOR,
-    RuleResult,
-    run_aggregated_rules,
-    run_raw_rules,
 )
 from dbento_assets.io_managers import (
     COMPLETE_KEY,

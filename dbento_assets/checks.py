@@ -1,6 +1,6 @@
 """The validation rules as Dagster asset checks, evaluated inside the assets that make the data.
 
-Every rule of :mod:`dbento_assets.core.validation` is its own asset check, an
+Every rule of :mod:`dbento_assets.core.rules` is its own asset check, an
 ``AssetCheckSpec`` declared on ``raw_1s_bars`` or on a ``bars_<tf>`` and partitioned like its
 asset, so the UI shows its status per symbol-month; ERROR rules are ``blocking``, the
 calendar-completeness rule is a non-blocking WARN. The checks run *inside* the asset, on the
@@ -46,8 +46,9 @@ from dagster import (
     PreviewWarning,
 )
 
-from dbento_assets.core import validation as v
+from dbento_assets.core import rules as v
 from dbento_assets.core.catalog import Catalog, Instrument
+from dbento_assets.core.comparison import check_vendor, vendor_skipped
 from dbento_assets.core.coverage import (
     VendorMonth,
     Window,
@@ -55,6 +56,7 @@ from dbento_assets.core.coverage import (
     whole_minutes,
 )
 from dbento_assets.core.months import Month
+from dbento_assets.core.run_rules import run_raw_rules
 from dbento_assets.core.source import (
     FetchRequest,
     Logger,
@@ -205,7 +207,7 @@ def _metadata_value(value: Any) -> Any:
 
 def raw_gate(raw: pd.DataFrame, month: Month, instrument: Instrument) -> list[v.RuleResult]:
     """The blocking raw rules that the raw frame fails (empty when it is fit to aggregate)."""
-    results = v.run_raw_rules(raw, month, instrument, rules=v.RAW_BLOCKING_RULES)
+    results = run_raw_rules(raw, month, instrument, rules=v.RAW_BLOCKING_RULES)
     return [r for r in results if r.blocking]
 
 
@@ -298,18 +300,18 @@ def vendor_result(
     the reason goes to the step's log.
     """
     if isinstance(vendor, str):
-        result = v.vendor_skipped(vendor)
+        result = vendor_skipped(vendor)
     else:
         common = intersect_windows(raw_covered, vendor.covered)
         minutes = whole_minutes(common)
         if len(minutes) == 0:
-            result = v.vendor_skipped(
+            result = vendor_skipped(
                 f"the 1-second bars and Databento's 1-minute bars ({vendor.origin}) share no "
                 "whole minute"
             )
         else:
             whole_month = common == [(month.start_ns, month.end_ns)]
-            result = v.check_vendor(
+            result = check_vendor(
                 bars_1min,
                 vendor.bars,
                 covered_minutes=None if whole_month else minutes,

@@ -26,7 +26,7 @@ from dbento_assets.checks import (
     latest_raw_materialization,
 )
 from dbento_assets.core.catalog import Catalog, CatalogError, load_catalog
-from dbento_assets.core.validation import RULE_TITLES
+from dbento_assets.core.rules import RULE_TITLES
 from dbento_assets.io_managers import COMPLETE_KEY, THROUGH_KEY
 from dbento_assets.partitions import Partition
 from dbento_assets.project import project_instance
@@ -110,7 +110,7 @@ def collect(
             month, symbol = parsed.month, parsed.symbol
             if symbol not in wanted or evaluation is None:
                 continue
-            metadata = {name: _plain(value) for name, value in evaluation.metadata.items()}
+            metadata = {name: _unwrap(value) for name, value in evaluation.metadata.items()}
             found.outcomes.append(
                 Outcome(
                     partition=partition,
@@ -254,7 +254,7 @@ def _details(outcomes: Sequence[Outcome]) -> list[str]:
     return lines
 
 
-def _plain(value: Any) -> Any:
+def _unwrap(value: Any) -> Any:
     """A metadata value as plain Python (text, number, bool, Markdown text or JSON data)."""
     return getattr(value, "value", value)
 

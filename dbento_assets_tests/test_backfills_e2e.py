@@ -27,9 +27,9 @@ from dbento_assets.core.aggregate import aggregate_bars
 from dbento_assets.core.catalog import Catalog, load_catalog
 from dbento_assets.core.databento_api import dbn_cache_path
 from dbento_assets.core.months import Month
+from dbento_assets.core.rules import RULE_VENDOR
 from dbento_assets.core.storage import BarStore
 from dbento_assets.core.timeframes import parse_timeframe
-from dbento_assets.core.validation import RULE_VENDOR
 from dbento_assets.names import BARS_PREFIX, RAW_ASSET
 from dbento_assets.partitions import Partition, partition_key
 from dbento_assets_tests.deployment import (

@@ -42,12 +42,13 @@ from dbento_assets.checks import (
     REFUSED,
     SAVED,
     all_check_keys,
+    check_names,
     completed_evaluations,
     evaluation_of,
     load_vendor_1m,
     raw_gate,
 )
-from dbento_assets.core import validation as v
+from dbento_assets.core import rules as v
 from dbento_assets.core.aggregate import aggregate_bars
 from dbento_assets.core.catalog import Catalog, load_catalog
 from dbento_assets.core.coverage import (
@@ -61,6 +62,7 @@ from dbento_assets.core.databento_api import DatabentoSource
 from dbento_assets.core.dbn import decode_month, encode_month, encode_ohlcv, read_records
 from dbento_assets.core.demo import DemoSource
 from dbento_assets.core.months import Month
+from dbento_assets.core.run_rules import run_raw_rules
 from dbento_assets.core.source import FetchedMonth, FetchRequest, Logger, MonthSource
 from dbento_assets.core.storage import REFUSED_NOTE, BarStore
 from dbento_assets.core.timeframes import parse_timeframe
@@ -315,6 +317,11 @@ def test_every_rule_is_a_partitioned_check_and_only_errors_block() -> None:
         assert spec.blocking == (v.RULE_SEVERITY[name] == v.ERROR), name
         assert spec.partitions_def == raw.partitions_def
     assert not specs[("raw_1s_bars", v.RULE_CALENDAR)].blocking
+
+
+def test_vendor_cross_check_runs_for_1min_bars_only() -> None:
+    assert v.RULE_VENDOR not in check_names(parse_timeframe("30s"))
+    assert check_names(parse_timeframe("1min")) == (*v.AGGREGATED_RULES, v.RULE_VENDOR)
 
 
 # --------------------------------------------------------------------------- valid data
@@ -811,13 +818,13 @@ def test_the_raw_gate_runs_the_blocking_raw_rules_only() -> None:
     bars = decode_month([encode_bytes(repeat_a_bar(records))], "ES", JAN).bars
     names = [
         r.rule
-        for r in v.run_raw_rules(bars, JAN, CATALOG.instrument("ES"), rules=v.RAW_BLOCKING_RULES)
+        for r in run_raw_rules(bars, JAN, CATALOG.instrument("ES"), rules=v.RAW_BLOCKING_RULES)
     ]
     assert names == [r for r in v.RAW_RULES if r != v.RULE_CALENDAR]
     assert [r.rule for r in raw_gate(bars, JAN, CATALOG.instrument("ES"))] == [v.RULE_TIME_ORDER]
     assert v.RULE_ALIGNED in names  # raw bars on the whole-second grid block the data
     with pytest.raises(ValueError, match="not raw rules: reconciles_with_raw"):
-        v.run_raw_rules(bars, JAN, CATALOG.instrument("ES"), rules=[v.RULE_RECONCILED])
+        run_raw_rules(bars, JAN, CATALOG.instrument("ES"), rules=[v.RULE_RECONCILED])
 
 
 def encode_bytes(records: np.ndarray) -> bytes:

@@ -39,9 +39,9 @@ from dbento_assets.core.dbn import OHLCV_RECORD_DTYPE
 from dbento_assets.core.dbn_files import DbnFilesSource
 from dbento_assets.core.demo import DemoSource
 from dbento_assets.core.months import Month
+from dbento_assets.core.rules import RULE_VENDOR
 from dbento_assets.core.source import SourceError
 from dbento_assets.core.timeframes import parse_timeframe
-from dbento_assets.core.validation import RULE_VENDOR
 from dbento_assets.definitions import build_definitions
 from dbento_assets.partitions import partition_key
 from dbento_assets.resources import (

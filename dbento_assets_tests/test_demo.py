@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 from databento.common.symbology import InstrumentMap
 
-from dbento_assets.core.catalog import Instrument
+from dbento_assets.core.catalog import Instrument, calendar_for
 from dbento_assets.core.dbn import OHLCV_RECORD_DTYPE, PRICE_SCALE, decode_month
 from dbento_assets.core.demo import (
     DemoSource,
@@ -33,8 +33,9 @@ from dbento_assets.core.demo import (
     generate_month_records,
 )
 from dbento_assets.core.months import Month
+from dbento_assets.core.rules import RULE_CALENDAR
+from dbento_assets.core.run_rules import run_raw_rules
 from dbento_assets.core.source import FetchedMonth, FetchRequest, SourceError, origin_of
-from dbento_assets.core.validation import RULE_CALENDAR, calendar_name, run_raw_rules
 
 INSTRUMENTS = {
     "ES": Instrument("ES", "GLBX.MDP3", "ES.v.0", "continuous", 0.25, "future"),
@@ -504,4 +505,4 @@ def test_the_demo_follows_the_exchange_calendar() -> None:
         results = run_raw_rules(bars(symbol, month), Month.parse(month), instrument)
         (calendar,) = [r for r in results if r.rule == RULE_CALENDAR]
         assert calendar.passed, (symbol, month, calendar.description)
-        assert calendar.extra["calendar"] == calendar_name(instrument)
+        assert calendar.extra["calendar"] == calendar_for(instrument)

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from dbento_assets.core.bars import empty_bars, make_bars, sort_bars, ts_nanos
+from dbento_assets.core.bars import empty_bars, in_order, make_bars, sort_bars, ts_nanos
 from dbento_assets.core.timeframes import Timeframe
 
 
@@ -101,8 +101,7 @@ def aggregate_many(
 def _time_order_per_instrument(ts: np.ndarray, iid: np.ndarray) -> np.ndarray | None:
     """A permutation that groups rows by instrument, in time order within each; None if the
     rows are already like that (one instrument, or instruments that never interleave)."""
-    time_sorted = bool(np.all(ts[1:] >= ts[:-1]))
-    if time_sorted:
+    if in_order(ts):
         changes = np.flatnonzero(iid[1:] != iid[:-1])
         # Contiguous runs of instruments (e.g. one roll) need no reordering as long as
         # no instrument comes back after another took over.

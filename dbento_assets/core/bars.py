@@ -94,11 +94,24 @@ def sort_bars(frame: pd.DataFrame) -> pd.DataFrame:
     """Sort by ``ts_event`` then ``instrument_id`` with a fresh RangeIndex (no copy when the
     frame is already in that order, which decoded DBN almost always is)."""
     ts, iid = ts_nanos(frame), frame["instrument_id"].to_numpy()
-    # Strictly increasing times (one instrument) are checked with one boolean temporary;
-    # only otherwise is the time step of every row worked out.
-    if np.all(ts[1:] > ts[:-1]):
-        return frame.reset_index(drop=True)
-    step = np.diff(ts)
-    if np.all((step > 0) | ((step == 0) & (iid[1:] > iid[:-1]))):
+    if in_order(ts, iid, strict=True):
         return frame.reset_index(drop=True)
     return frame.take(np.lexsort((iid, ts))).reset_index(drop=True)
+
+
+def steps_in_order(ts: np.ndarray, iid: np.ndarray, *, strict: bool) -> np.ndarray:
+    """For each row but the first: whether it follows the row before in (``ts``, ``iid``)
+    order; with ``strict`` a row equal to the one before is out of order."""
+    ids_later = iid[1:] > iid[:-1] if strict else iid[1:] >= iid[:-1]
+    return (ts[1:] > ts[:-1]) | ((ts[1:] == ts[:-1]) & ids_later)
+
+
+def in_order(ts: np.ndarray, iid: np.ndarray | None = None, *, strict: bool = False) -> bool:
+    """Whether all rows are in (``ts``, ``iid``) order (``ts`` alone without ``iid``), see
+    :func:`steps_in_order`."""
+    # Strictly increasing times (the usual month) cost one boolean temporary.
+    if bool(np.all(ts[1:] > ts[:-1])):
+        return True
+    if iid is None:
+        return not strict and bool(np.all(ts[1:] >= ts[:-1]))
+    return bool(steps_in_order(ts, iid, strict=strict).all())

@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dbento_assets.core.calendars import days_without_session
 from dbento_assets.core.catalog import Instrument, calendar_for
 from dbento_assets.core.dbn import DbnError, DbnPayload, DecodedMonth, open_store, read_records
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import FetchedMonth, SourceError
-from dbento_assets.core.validation import days_without_session
 
 Window = tuple[int, int]  # [start_ns, end_ns) in UTC nanoseconds
 MINUTE_NS = 60 * 1_000_000_000

@@ -77,6 +77,7 @@ from dbento_assets.core.dbn_cache import (
     local_io_message,
     local_os_error,
 )
+from dbento_assets.core.frame_rules import check_ohlc
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import (
     DownloadRefused,
@@ -85,7 +86,6 @@ from dbento_assets.core.source import (
     Logger,
     SourceError,
 )
-from dbento_assets.core.validation import check_ohlc
 
 T = TypeVar("T")
 

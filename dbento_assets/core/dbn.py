@@ -426,7 +426,9 @@ def _rtype(schema: str) -> int:
 
 
 @dataclass(frozen=True)
-class _Interval:
+class _MappingInterval:
+    """One interval of a symbol mapping, as databento_dbn reads it."""
+
     start_date: object
     end_date: object
     symbol: str
@@ -435,13 +437,15 @@ class _Interval:
 @dataclass(frozen=True)
 class _Mapping:
     raw_symbol: str
-    intervals: list[_Interval]
+    intervals: list[_MappingInterval]
 
 
 def _mapping_objects(mappings: dict[str, list[dict[str, object]]]) -> list[_Mapping]:
     # databento_dbn reads mappings through attribute access (its SymbolMapping protocol).
     return [
-        _Mapping(raw, [_Interval(i["start_date"], i["end_date"], str(i["symbol"])) for i in ivs])
+        _Mapping(
+            raw, [_MappingInterval(i["start_date"], i["end_date"], str(i["symbol"])) for i in ivs]
+        )
         for raw, ivs in mappings.items()
     ]
 

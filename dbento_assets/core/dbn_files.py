@@ -88,7 +88,7 @@ class DbnFileInfo:
 
 
 @dataclass(frozen=True)
-class _Interval:
+class _InstrumentSpan:
     """``[start_ns, end_ns)`` during which ``instrument_id`` is the partition's symbol."""
 
     instrument_id: int
@@ -102,7 +102,7 @@ class _Chosen:
     the file map in the month."""
 
     info: DbnFileInfo
-    ours: list[_Interval]
+    ours: list[_InstrumentSpan]
     others: set[int]
 
 
@@ -309,7 +309,7 @@ def _read_info(path: Path) -> DbnFileInfo:
     )
 
 
-def _intervals(mapped: list[tuple[dt.date, dt.date, str]], month: Month) -> list[_Interval]:
+def _intervals(mapped: list[tuple[dt.date, dt.date, str]], month: Month) -> list[_InstrumentSpan]:
     """Mapping intervals clipped to the month, with numeric instrument ids."""
     out = []
     for start, end, symbol in mapped:
@@ -326,7 +326,7 @@ def _intervals(mapped: list[tuple[dt.date, dt.date, str]], month: Month) -> list
                 f"a DBN file maps to {symbol!r}, not an instrument id; request the data with "
                 "stype_out=instrument_id"
             ) from None
-        out.append(_Interval(iid, lo, hi))
+        out.append(_InstrumentSpan(iid, lo, hi))
     return out
 
 
@@ -343,7 +343,7 @@ def _payload(choice: _Chosen, wanted: set[int], inst: Instrument, schema: str) -
 
 
 def _filtered_payload(
-    info: DbnFileInfo, ours: list[_Interval], inst: Instrument, schema: str
+    info: DbnFileInfo, ours: list[_InstrumentSpan], inst: Instrument, schema: str
 ) -> bytes:
     """The file's records of ``ours`` (id and date interval) as DBN of ``schema``.
 
@@ -376,14 +376,14 @@ def _filtered_payload(
     )
 
 
-def _merge(intervals: Iterable[_Interval]) -> list[_Interval]:
+def _merge(intervals: Iterable[_InstrumentSpan]) -> list[_InstrumentSpan]:
     """Join touching or overlapping intervals of the same instrument (day-split files)."""
-    merged: list[_Interval] = []
+    merged: list[_InstrumentSpan] = []
     for iv in sorted(intervals, key=lambda i: (i.start_ns, i.instrument_id)):
         same = [k for k, m in enumerate(merged) if m.instrument_id == iv.instrument_id]
         if same and merged[same[-1]].end_ns >= iv.start_ns:
             last = merged[same[-1]]
-            merged[same[-1]] = _Interval(
+            merged[same[-1]] = _InstrumentSpan(
                 iv.instrument_id, last.start_ns, max(last.end_ns, iv.end_ns)
             )
         else:

@@ -14,7 +14,7 @@ turned into numbers with integer arithmetic and correctly rounded IEEE ``+ - * /
 (no ``log``/``exp``, whose last bit varies between platforms, and none of numpy's distribution
 samplers, whose streams numpy does not promise to keep), so a partition gives the same bytes on
 any machine. The exchange calendar of ``exchange_calendars`` that the ``calendar_complete`` check
-uses (:func:`dbento_assets.core.validation.calendar_name`) decides which days trade: no bar on a
+uses (:func:`dbento_assets.core.catalog.calendar_for`) decides which days trade: no bar on a
 holiday, and none after an early close (futures stop at the session's close; equities, whose
 calendar has regular hours only, keep their pre-market and stop at the early close).
 The current month grows like Databento's: the demo serves data up to its "now" floored to
@@ -38,11 +38,10 @@ import numpy as np
 import pandas as pd
 from databento import Publisher
 
-from dbento_assets.core.catalog import Instrument
+from dbento_assets.core.catalog import Instrument, calendar_for
 from dbento_assets.core.dbn import PRICE_SCALE, encode_month, ohlcv_records
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import FetchedMonth, FetchRequest, Logger, SourceError
-from dbento_assets.core.validation import calendar_name
 
 CHICAGO = ZoneInfo("America/Chicago")
 NEW_YORK = ZoneInfo("America/New_York")
@@ -172,7 +171,7 @@ def generate_month_records(
 
     # 1. Which seconds trade: every second of every trading piece, kept with probability p.
     starts, lengths, tod0, day_index, n_days = _trading_pieces(
-        instrument.kind, month, calendar_name(instrument)
+        instrument.kind, month, calendar_for(instrument)
     )
     rng_days = _rng(instrument, month, "days")
     day_mult = 0.85 + 0.3 * _uniform(rng_days, n_days)  # busier and quieter days

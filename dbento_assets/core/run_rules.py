@@ -1,0 +1,97 @@
+"""Run the validation rules on a month: :func:`run_raw_rules` and :func:`run_aggregated_rules`.
+
+Results come in the order of :data:`~.rules.RAW_RULES` and :data:`~.rules.AGGREGATED_RULES`.
+The vendor cross-check (:func:`~.comparison.check_vendor`) is not run here: it needs
+Databento's 1-minute bars, which the asset step fetches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import pandas as pd
+
+from dbento_assets.core.calendars import calendar_skipped, check_calendar
+from dbento_assets.core.catalog import Instrument, calendar_for
+from dbento_assets.core.comparison import check_reconciliation
+from dbento_assets.core.frame_rules import (
+    check_alignment,
+    check_inside_month,
+    check_ohlc,
+    check_schema,
+    check_time_order,
+)
+from dbento_assets.core.months import Month
+from dbento_assets.core.rolls import check_rolls, check_rolls_aggregated
+from dbento_assets.core.rules import (
+    RAW_RULES,
+    RULE_ALIGNED,
+    RULE_CALENDAR,
+    RULE_IN_MONTH,
+    RULE_NO_ROLL_IN_BAR,
+    RULE_OHLC,
+    RULE_SCHEMA,
+    RULE_TIME_ORDER,
+    RuleResult,
+)
+from dbento_assets.core.timeframes import Timeframe
+
+ONE_SECOND = Timeframe(1)  # the raw bars' own timeframe, for the alignment rule
+
+
+def run_raw_rules(
+    raw: pd.DataFrame,
+    month: Month,
+    instrument: Instrument,
+    *,
+    asof: pd.Timestamp | None = None,
+    rules: Iterable[str] = RAW_RULES,
+) -> list[RuleResult]:
+    """The rules for a raw 1s partition (all of :data:`RAW_RULES` unless ``rules`` says which).
+
+    ``rules=RAW_BLOCKING_RULES`` runs only those whose failure stops the data (what the
+    aggregation step re-checks); ``asof`` skips calendar sessions not over yet.
+    """
+    wanted = set(rules)
+    unknown = wanted - set(RAW_RULES)
+    if unknown:
+        raise ValueError(f"not raw rules: {', '.join(sorted(unknown))}")
+    runners: dict[str, Callable[[], RuleResult]] = {
+        RULE_SCHEMA: lambda: check_schema(raw),
+        RULE_TIME_ORDER: lambda: check_time_order(raw),
+        RULE_OHLC: lambda: check_ohlc(raw),
+        RULE_IN_MONTH: lambda: check_inside_month(raw, month),
+        RULE_ALIGNED: lambda: check_alignment(raw, ONE_SECOND),
+        RULE_NO_ROLL_IN_BAR: lambda: check_rolls(raw),
+        RULE_CALENDAR: lambda: (
+            calendar_skipped(instrument, month)
+            if (calendar := calendar_for(instrument)) is None
+            else check_calendar(raw, month, calendar, asof=asof)
+        ),
+    }
+    return [runners[name]() for name in RAW_RULES if name in wanted]
+
+
+def run_aggregated_rules(
+    agg: pd.DataFrame,
+    raw: pd.DataFrame,
+    month: Month,
+    timeframe: Timeframe,
+    instrument: Instrument,
+) -> list[RuleResult]:
+    """All rules for an aggregated partition, in :data:`AGGREGATED_RULES` order.
+
+    Calendar completeness is a raw-only rule: reconciliation proves the aggregated frame
+    covers the same sessions. ``instrument`` is accepted for symmetry with
+    :func:`run_raw_rules`.
+    """
+    del instrument  # the aggregated rules do not depend on the calendar
+    return [
+        check_schema(agg, aggregated=True),
+        check_time_order(agg),
+        check_ohlc(agg),
+        check_inside_month(agg, month),
+        check_alignment(agg, timeframe),
+        check_reconciliation(agg, raw, timeframe),
+        check_rolls_aggregated(agg, raw, timeframe),
+    ]
