@@ -1,28 +1,11 @@
 """The asset graph: ``raw_1s_bars`` per symbol-month, then one ``bars_<tf>`` per timeframe.
 
-``raw_1s_bars`` asks the configured source (demo, Databento API or local DBN files, see
-:mod:`dbento_assets.resources`) for the partition's ohlcv-1s DBN and decodes it through the
-one decoding path in :mod:`dbento_assets.core.dbn`. There is one ``bars_<tf>`` asset per
-catalog timeframe (adding ``5min`` to the catalog adds ``bars_5min``); one step builds all
-of them from a single read of the raw month (:func:`build_bars_assets`). Downloads run in
-the Dagster pool ``databento`` so a backfill never opens more concurrent API requests than
-the pool allows; with ``DBENTO_VENDOR_CHECK=true`` the same step also buys Databento's own
-ohlcv-1m of the partition for the vendor cross-check of ``bars_1min``. Force a re-download
-(of both) with the run tag ``dbento/force=true`` or the run config ``force: true``. Every
-asset validates its frame before it is written (see :mod:`dbento_assets.checks`): the
-validation rules are asset checks declared on the assets and evaluated in the same step, on
-the frame in memory. A failed ERROR rule records the check results against the partition
-and fails the step without yielding the output, so the IO manager never writes bad bars and
-the files already on disk stay as they were. The aggregation step also refuses raw bars that
-fail the blocking raw rules, or whose latest download was refused, until ``raw_1s_bars`` is
-fixed. When only the checks of a ``bars_<tf>`` are selected (not the asset), they run on its
-file on disk.
-
-The steps hand each other data through the data root, never through the event log: the raw
-file's identity carries the windows its DBN covered, and hidden notes beside it say that the
-month's latest download was refused (cleared when a good raw file is written) or that this
-run's raw step could not get Databento's 1-minute bars (see
-:meth:`~dbento_assets.core.storage.BarStore.write_note`).
+``raw_1s_bars`` buys or reads the month through the source in force (in the ``databento``
+pool) and keeps it only when whole and passing its blocking rules; one step builds every
+``bars_<tf>`` from one read of the raw month and validates each frame before it is written.
+Force a re-download with the run tag ``dbento/force=true`` or the run config ``force: true``.
+The steps hand each other data through the data root (the raw file's identity, notes beside
+it), never through the event log.
 """
 
 from collections.abc import Iterator

@@ -1,27 +1,10 @@
-"""The validation rules as Dagster asset checks, evaluated inside the assets that make the data.
+"""The validation rules as Dagster asset checks, evaluated inside the steps that make the data.
 
-Every rule of :mod:`dbento_assets.core.rules` is its own asset check, an
-``AssetCheckSpec`` declared on ``raw_1s_bars`` or on a ``bars_<tf>`` and partitioned like its
-asset, so the UI shows its status per symbol-month; ERROR rules are ``blocking``, the
-calendar-completeness rule is a non-blocking WARN. The checks run *inside* the asset, on the
-frame in memory and before it reaches the IO manager (a blocking check only stops downstream
-steps, while the asset's own file would already be written): when an ERROR rule fails the
-asset yields every check result, so they are stored against the partition, then fails the
-step with :func:`refusal` without yielding the output, so the bad frame is never written and
-the files on disk stay as they were. Each result carries the violation count, the first
-violating rows as a Markdown table and a one-line description (:func:`check_result`). Before
-building bars, :func:`raw_gate` re-runs the blocking raw rules on the raw frame loaded (the
-guarantee, whatever the history remembers). The vendor cross-check compares ``bars_1min``
-with Databento's own ohlcv-1m of the same instrument-month, which the source in force provides
-(``MonthSource.vendor_bars``: the DBN folder's ohlcv-1m files, or Databento's, bought by
-``raw_1s_bars`` in the download pool when ``DBENTO_VENDOR_CHECK=true``). Only minutes both the
-1s data and the 1m data fully cover are compared (a request cut short
-by its ``limit`` covers up to its last record). With nothing to compare it is never a green
-pass: when the user asked for the comparison (``DBENTO_VENDOR_CHECK=true``) and the 1-minute
-bars could not be had, it is a failed WARN (yellow in the UI, never blocking: Dagster blocks
-only on a failed ERROR) whose description says why; when nobody asked (demo data, the
-setting off, a DBN folder without ohlcv-1m files) no result is yielded, so Dagster shows the
-check as skipped, and the step's log says why.
+Each rule of :mod:`dbento_assets.core.rules` is an ``AssetCheckSpec`` partitioned like its
+asset (ERROR rules blocking, calendar completeness a WARN). A step yields every result, and
+when an ERROR rule fails it fails with :func:`refusal` without yielding the frame, so a bad
+frame is never written. The vendor cross-check is never a green pass when nothing was compared:
+a failed WARN when the user asked for it, left unevaluated (and logged) otherwise.
 """
 
 from __future__ import annotations

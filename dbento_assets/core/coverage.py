@@ -1,18 +1,9 @@
-"""Which parts of a month DBN data covers, and Databento's own 1-minute bars with their reach.
+"""Which parts of a month DBN data covers, and the completeness gate every month passes.
 
 A window is ``[start_ns, end_ns)`` in UTC nanoseconds. :func:`dbn_coverage` reads the windows
-DBN payloads cover from their metadata headers (a request's start and end, clipped to the
-month; a request cut short by its ``limit`` reaches only its last record), and
-:func:`merge_windows`, :func:`intersect_windows` and :func:`whole_minutes` combine them, so the
-vendor cross-check compares only minutes both the 1-second and the 1-minute data fully cover.
-:func:`require_whole_month` is the completeness gate every source's month passes before it is
-stored: at least one record, DBN headers covering the whole month (or from the dataset's first
-instant when it starts mid-month, and up to ``through`` for the current month; days without
-a session of the venue's calendar excepted), no
-header announcing the symbol partial or not found, and as many records as the server
-announced.
-:class:`VendorMonth` is what the sources hand the cross-check: the vendor's ohlcv-1m bars of
-one instrument-month, the windows they cover and where they came from.
+from DBN headers; :func:`require_whole_month` refuses a month its data does not cover (up to
+``through`` for a month in progress; days without a session excepted). :class:`VendorMonth`
+is Databento's own 1-minute bars of a month with the windows they cover.
 """
 
 from __future__ import annotations

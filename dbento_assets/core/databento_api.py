@@ -1,45 +1,11 @@
-"""Real downloads from Databento's historical API, one month of ohlcv-1s bars at a time.
+"""Downloads from Databento's historical API, one symbol-month and schema at a time.
 
-:class:`DatabentoSource` answers a :class:`~dbento_assets.core.source.FetchRequest` with a
-DBN file in the local cache ``<data_root>/dbn/<SYMBOL>/<SYMBOL>_<YYYY>_<MM>.ohlcv-1s.dbn.zst``
-(:func:`dbn_cache_path`; the cache itself, its manifests, quarantine, refusals and locks are
-:mod:`dbento_assets.core.dbn_cache`). :meth:`DatabentoSource.fetch_vendor_1m` does the same,
-by the same code, for Databento's own ohlcv-1m bars of the partition (the vendor
-cross-check, ``<SYMBOL>_<YYYY>_<MM>.ohlcv-1m.dbn.zst``): every step below is parametrized by
-the schema. Under the entry's lock, a cached month is verified against its manifest and used
-without a single request; a month whose last download was refused fails at once unless
-forced. Otherwise the source asks, in order and all free of charge: the dataset's range for
-the schema (``metadata.get_dataset_range``), the cost (``metadata.get_cost``, refused above
-the per-partition ceiling), the billable size and the record count; only then it pays for
-``timeseries.get_range``, streamed by the client to a temporary file next to the cache entry.
-The temporary file is checked (every zstd frame closed, no partial record, only records of
-the schema inside the requested window, no fewer records than announced), then handed to the
-caller's ``accept`` (:meth:`DatabentoSource.fetch_accepted`: the raw asset decodes it and runs
-the blocking rules), and only then committed over the cache entry, so a forced re-download
-keeps the old file unless the new one is whole and accepted. Faults, retried with
-``tenacity``: 429 waits for ``Retry-After``; 5xx, connection errors, broken or truncated
-streams back off exponentially with jitter for a bounded number of attempts; 401 and 403 fail
-at once without showing the key; 422 fails at once naming symbol, dataset, stype and the
-catalog file; a local disk error (no space, read-only, permission) fails at once naming the
-path. Availability: a month that has begun but not closed (the current month) is bought up
-to the dataset's available end and stored partial (``through_ns``), as a piece of the cache;
-each later run buys only ``[end of the last piece, new available end)`` (nothing when the end
-has not moved), and the month is assembled from its pieces, so no second is bought twice;
-once closed, the last tail makes it an ordinary complete month (a forced download replaces
-the pieces; after a refused tail, only the tail: the pieces before it stay as they were).
-The vendor's ohlcv-1m of the current month grows the same way, in pieces of its
-own, so the cross-check compares the minutes both cover; a piece ends on a whole bar of its
-schema (a second, a minute), so no bar is cut between two pieces. A month that has not
-begun yet, or lies wholly before the dataset's start, fails before any cost is incurred; a
-month in which the dataset starts is downloaded from the dataset's start and says so in the
-metadata. Empty months: a month for
-which Databento reports zero records fails with a :class:`SourceError` and caches nothing (no
-``get_range`` is made). For the catalog's instruments (front-month futures, ETFs on a
-consolidated feed) a month without a single trade means a wrong symbol, stype or dataset, or
-a vendor gap; the one legitimate reason for a month without data, the dataset not having
-started yet, is reported as such by the availability check (a top-up of a growing month over
-days without trading holds no record and is kept, so its window is not bought again). A
-download that announced records but delivered none is treated as truncated and retried.
+:class:`DatabentoSource` answers a request from the verified cache (:mod:`.dbn_cache`) without
+a request, or asks the free metadata endpoints (range, cost under the ceiling, size, count)
+before paying for ``timeseries.get_range``, streamed to a temporary file that is checked and
+accepted by the caller before it becomes the cache entry. A month in progress is bought in
+pieces, each run buying only ``[through, new available end)``. Faults are retried with
+``tenacity``, except those a retry would only pay for again (auth, 422, local disk errors).
 """
 
 from __future__ import annotations

@@ -1,26 +1,10 @@
 """The local cache of paid Databento downloads: one DBN file per symbol, month and schema.
 
-Everything that keeps "a month is paid for once" and "nothing paid for is lost" lives here.
-Layout, under ``<cache root>/dbn/``:
-
-- ``ES/ES_2024_01.ohlcv-1s.dbn.zst``: an entry; ``...dbn.zst.json`` next to it: its manifest
-  (what was asked for, record count, byte size, SHA-256, cost, when and from which gateway);
-- ``ES/ES_2024_01.ohlcv-1s.dbn.zst.refused.json``: a download the checks refused (there is no
-  entry then; for a growing month, the refused piece and its window, the pieces bought before
-  it staying as they were); the next run without force fails at once instead of buying it
-  again;
-- ``quarantine/ES/<entry name>.<UTC stamp>``: entries that failed verification and downloads
-  that were refused, kept (never deleted) for a person to look at;
-- ``.locks/ES_2024_01.ohlcv-1s.dbn.zst.lock``: one lock per entry, held from the cache lookup
-  to the commit, so one download per entry at a time, across threads and processes. It is an
-  OS file lock (``filelock``), which the kernel drops when its holder dies, even by SIGKILL.
-
-Every read verifies the entry against its manifest (size and SHA-256; the manifest was written
-from a file read whole, and the month's own decode then checks the record count against the
-one Databento announced). An entry written before
-manifests existed is verified once by a full decode and then given one. A temporary download
-(``<entry>.<pid>.<uuid>.part``) becomes the entry only by :meth:`DbnCache.commit`, after it was
-checked and accepted; stale ones of a killed process are removed when the lock is next taken.
+Under ``<cache root>/dbn/``: entries with their manifests (size, SHA-256, counts, cost,
+gateway), refusal notes (``<entry>.refused.json``: not bought again without force),
+``quarantine/`` (refused or broken files, never deleted) and ``.locks/`` (one ``filelock`` per
+entry, dropped by the kernel when its holder dies). Every read verifies an entry against its
+manifest; a download becomes an entry only by :meth:`DbnCache.commit`.
 """
 
 from __future__ import annotations

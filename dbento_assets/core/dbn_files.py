@@ -1,25 +1,10 @@
-"""Local DBN files as a source: data bought through Databento's batch portal, no API calls.
+"""Local DBN files as a source (``DBENTO_SOURCE=dbn``): data bought in Databento's portal.
 
-:class:`DbnFilesSource` (``DBENTO_SOURCE=dbn``, folder ``DBENTO_DBN_DIR``) scans a folder,
-recursively, for ``.dbn`` and ``.dbn.zst`` files, split by day or month and holding one or
-several symbols each, and reads only their metadata headers to choose the files of a
-partition: same dataset, schema ohlcv-1s, a time range overlapping the month, and a symbology
-mapping for the catalog's request symbol (``QQQ`` with stype raw_symbol, ``ES.v.0`` with stype
-continuous, ...) on at least one of the month's dates. The instrument ids of the partition come
-from those mappings (``raw_symbol -> instrument_id`` per date interval), so a continuous
-future picks up every contract it rolled through in the month. When a file also maps another
-symbol to one of those ids (``ES.v.0`` and ``ES.v.1`` in one file, where next month's contract
-is ``ES.v.1`` before the roll and ``ES.v.0`` after it), an id filter alone would mix contracts,
-so that file's records are filtered by id *and* date interval and handed over re-encoded as
-DBN, with the original file's start and end (a request cut short by its ``limit``: up to its
-last record) in the new header, so its coverage is what the original covered, never more;
-every other file is handed over as a path. Decoding stays in :mod:`dbento_assets.core.dbn`.
-The folder's ohlcv-1m files, chosen the same way, are Databento's own 1-minute bars for the
-vendor cross-check (:meth:`DbnFilesSource.vendor_1m`), their coverage clipped to the dates
-the symbology maps the request symbol.
-A month that has not closed yet (its end is after "now") may be held only in part: the
-partition is then the month up to the end of what the files cover, stored partial, and
-judged whole up to there (see :func:`~dbento_assets.core.coverage.require_whole_month`).
+:class:`DbnFilesSource` scans a folder for ``.dbn``/``.dbn.zst`` files, reads only their
+headers to pick a partition's files (dataset, schema, time range, a symbology mapping for the
+request symbol) and its instrument ids; a file mapping another symbol to one of those ids is
+filtered by id and date before decoding. Its ohlcv-1m files serve the vendor cross-check; a
+month in progress may be held in part and is then stored partial.
 """
 
 from __future__ import annotations

@@ -1,26 +1,10 @@
 """The demo source: deterministic, realistic SYNTHETIC ohlcv-1s months written as real DBN.
 
-``DBENTO_SOURCE=demo`` lets the whole pipeline run with no Databento account. For one
-(instrument, month) :func:`generate_month_records` draws 1-second bars the way the vendor would
-deliver them: only inside trading hours (CME Globex Sunday 17:00 to Friday 16:00 Chicago with
-the daily 16:00-17:00 halt for futures; 04:00-20:00 New York on weekdays for equities, both
-DST-aware through ``zoneinfo``), dense in regular hours and sparse outside, no bar for a second
-without a trade, prices as a random walk in whole ticks (int64 fixed point, no float noise) and
-volume-rolled futures whose ``instrument_id`` changes at the roll, with a small calendar-spread
-jump. :class:`DemoSource` encodes those records as a DBN stream with Databento-style metadata
-and symbology, so the demo takes exactly the decoding path real data takes. Every draw comes
-from the raw 64-bit output of a PCG64 generator seeded by SHA-256 of (symbol, month), and is
-turned into numbers with integer arithmetic and correctly rounded IEEE ``+ - * / sqrt`` only
-(no ``log``/``exp``, whose last bit varies between platforms, and none of numpy's distribution
-samplers, whose streams numpy does not promise to keep), so a partition gives the same bytes on
-any machine. The exchange calendar of ``exchange_calendars`` that the ``calendar_complete`` check
-uses (:func:`dbento_assets.core.catalog.calendar_for`) decides which days trade: no bar on a
-holiday, and none after an early close (futures stop at the session's close; equities, whose
-calendar has regular hours only, keep their pre-market and stop at the early close).
-The current month grows like Databento's: the demo serves data up to its "now" floored to
-the day (``DBENTO_DEMO_NOW``, an ISO date, moves it for tests and demos), so the month
-containing it is served partial, through that day.
-None of this is market data; the source's metadata says so.
+Bars only in the venue's trading hours and sessions (``exchange_calendars``), none for a second
+without a trade, prices in whole ticks, futures that roll. Every draw comes from a PCG64
+stream seeded by SHA-256 of (symbol, month) and turned into numbers with integer arithmetic
+and correctly rounded IEEE operations only, so a partition gives the same bytes on any
+machine. ``DBENTO_DEMO_NOW`` moves the demo's "now" to run a month's life. Not market data.
 """
 
 from __future__ import annotations

@@ -1,41 +1,11 @@
-"""Bar files on disk (or object storage): paths, atomic writes, Parquet/CSV, one origin per root.
+"""Bar files on disk or object storage: paths, atomic writes, Parquet/CSV, one origin per root.
 
-Layout under the data root (``DBENTO_DATA_DIR``, a local folder or an fsspec URL):
-``raw_1s/ES/ES_2024_01.parquet`` for the 1-second bars and
-``aggregated/15s/ES_2024_01_15s.parquet`` per timeframe (``.csv`` in CSV mode), plus
-``dbn/ES/ES_2024_01.ohlcv-1s.dbn.zst`` for the downloaded DBN cache. Every local write goes
-to a hidden temporary file in the same folder and is renamed over the target only when
-complete, so a crash never leaves a half file and never destroys the previous good one. On
-object storage (``s3://bucket/prefix``, also ``gs://``, ``az://``) a file is serialized in
-memory first and then stored with one upload: S3 makes an object visible only when its PUT
-(or multipart upload) completes, so readers see the previous object or the complete new one.
-There are no folders to create there, and a missing bucket is an error, never created. The
-endpoint and credentials come from the usual settings of the storage library (for S3:
-``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL`` for an S3-compatible
-server, or an AWS profile); a remote failure is raised as :class:`StorageError` naming them.
-CSV files have a header, ISO-8601 UTC timestamps and shortest round-trip prices (no float
-noise), and both formats read back to the exact dtypes of :mod:`dbento_assets.core.bars`.
-A root holds data of one origin, synthetic (demo) or vendor (Databento), recorded in a
-``.dbento_origin`` marker that is written with the root's first bar file (never by a run that
-wrote nothing); mixing them is refused before anything is fetched.
-
-Every bar file knows what it is (:class:`FileIdentity`: symbol, month window, origin,
-timeframe, dataset and the version of the code that wrote it): in the Parquet footer's
-key-value metadata (``dbento.*`` keys, which pyarrow, DuckDB's ``parquet_kv_metadata`` and
-Spark show), and for CSV in a JSON sidecar ``<file>.csv.json`` written after the file and
-holding the file's size and SHA-256, so a sidecar left behind by a replaced file is detected.
+A local write goes to a locked hidden temporary and is renamed over the target when complete;
+an object-store write is one upload. Every bar file carries its :class:`FileIdentity` (Parquet
+footer ``dbento.*`` keys, or a CSV sidecar with the file's size and SHA-256), and
 :func:`identity_problem` says in one sentence why a file is not the one a partition expects.
-Files written before identities existed carry none; they are accepted when their content
-matches (one symbol, every bar inside the month), their origin being the root's.
-A raw file's identity also names the windows its DBN data covered when that is not the whole
-month (``dbento.covered``), so the vendor cross-check compares only covered minutes. Beside a
-raw file, hidden JSON notes (:meth:`BarStore.write_note`) tell the steps building on it that
-the month's latest download was refused, or that a run's raw step could not get Databento's
-1-minute bars.
-
-Temporary files of a local write are locked (``flock``) while written and removed when the
-write fails; :meth:`BarStore.remove_stale_temps` removes those of a killed writer (unlocked
-and older than a minute) for the files of one partition.
+A root holds one origin (``.dbento_origin``: demo or Databento), and hidden notes beside a raw
+file (:meth:`BarStore.write_note`) tell the bars step about a refused download.
 """
 
 from __future__ import annotations
