@@ -12,8 +12,8 @@ file in ``frame.attrs[IDENTITY_ATTR]`` for the step to judge. The data folder's 
 written after the first file, so a run that wrote nothing never marks a folder.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: Dagster reads the IO manager's
+# ``ResourceDependency`` annotation when the class is created, and a string would hide it.
 import os
 
 import pandas as pd
@@ -25,16 +25,27 @@ from dagster import (
     InputContext,
     MetadataValue,
     OutputContext,
+    ResourceDependency,
     TableColumn,
     TableSchema,
 )
+from pydantic import Field
 from upath import UPath
 
 from dbento_assets.core.bars import COLUMNS, DTYPES
+from dbento_assets.core.settings import read
 from dbento_assets.core.source import SYNTHETIC, origin_of
-from dbento_assets.core.storage import RAW_TIMEFRAME, BarStore, FileIdentity, UnfitFile
+from dbento_assets.core.storage import (
+    RAW_TIMEFRAME,
+    BarStore,
+    FileIdentity,
+    StorageError,
+    UnfitFile,
+    share_system_allocator,
+)
 from dbento_assets.core.timeframes import parse_timeframe
 from dbento_assets.partitions import split_partition_key
+from dbento_assets.resources import DatabentoResource
 
 RAW_ASSET = "raw_1s_bars"
 BARS_PREFIX = "bars_"
@@ -55,15 +66,26 @@ def source_label(source: str) -> str:
 
 
 class BarFileIOManager(ConfigurableIOManager):
-    """Stores bar frames as files under ``data_dir`` (a folder or fsspec URL)."""
+    """Stores bar frames as files under the data root of the ``databento`` resource, marked
+    with its source."""
 
-    data_dir: str = "./data"
-    fmt: str = "parquet"
-    source: str = "databento"
+    databento: ResourceDependency[DatabentoResource]
+    format: str = Field(default="parquet", description="Bar file format: parquet or csv.")
+
+    @property
+    def data_dir(self) -> str:
+        return self.databento.data_dir
+
+    @property
+    def source(self) -> str:
+        return self.databento.source
 
     @property
     def store(self) -> BarStore:
-        return BarStore.at(self.data_dir, self.fmt)
+        return BarStore.at(self.data_dir, self.format)
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        share_system_allocator()
 
     def path_for(self, asset_key: AssetKey, partition: str) -> UPath:
         """The file of one asset partition."""
@@ -148,6 +170,11 @@ class BarFileIOManager(ConfigurableIOManager):
         # A run that wrote raw_1s_bars without aggregating it must not leave its month in
         # memory for the rest of the process (a backfill runs many partitions in one).
         _HANDOFF.clear()
+
+
+def io_manager_from_env(databento: DatabentoResource) -> BarFileIOManager:
+    """The IO manager as the environment configures it, storing under ``databento``'s root."""
+    return read(BarFileIOManager, error=StorageError, databento=databento)
 
 
 class _Handoff:

@@ -1,9 +1,7 @@
 """The project folder's settings file and its one Dagster history, shared by every command.
 
 Settings: ``dbento.env`` in the folder a command starts in (copied from ``.env.example``) is
-read by this project's code only, never over a variable already set, so a variable typed in
-the shell always wins. It is not called ``.env`` because Dagster's own commands load
-``.env`` over the shell's variables.
+read by this project's code only, when settings are read (:mod:`dbento_assets.core.settings`).
 
 History: every command of this project keeps its runs, check results and schedule state in
 one Dagster instance, ``DAGSTER_HOME`` when it is set, else ``.dagster_home/`` in the project
@@ -24,13 +22,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dotenv import dotenv_values, load_dotenv
+from dotenv import dotenv_values
+
+from dbento_assets.core.settings import DAGSTER_ENV_FILE, load_settings
 
 if TYPE_CHECKING:
     from dagster import DagsterInstance
 
-SETTINGS_FILE = "dbento.env"
-DAGSTER_ENV_FILE = ".env"
 HOME_FOLDER = ".dagster_home"
 HOME_VARIABLE = "DAGSTER_HOME"
 # The instance settings the project ships (run queue, pool limits, retries); in a source
@@ -41,16 +39,6 @@ FALLBACK_YAML = "telemetry:\n  enabled: false\n"
 
 class ProjectError(ValueError):
     """A setting that stops every command; its message says what to do."""
-
-
-def load_settings(folder: Path | None = None) -> None:
-    """Read ``dbento.env`` (then ``.env``) of ``folder`` (default: the current folder)
-    without overriding a variable that is already set."""
-    folder = folder or Path.cwd()
-    for name in (SETTINGS_FILE, DAGSTER_ENV_FILE):
-        path = folder / name
-        if path.is_file():
-            load_dotenv(path, override=False)
 
 
 def instance_home(folder: Path | None = None) -> Path:
