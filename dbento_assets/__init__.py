@@ -9,16 +9,7 @@ bar logic in :mod:`dbento_assets.core` never imports Dagster.
 
 from __future__ import annotations
 
-import os
 from typing import Any
-
-# Arrow's default allocator (mimalloc) keeps its own reserve of pages beside glibc's, which
-# holds the numpy and pandas memory the bars live in. The bar pipeline's Arrow buffers are
-# short-lived (converting and encoding files), so sharing glibc's allocator lowers a
-# month's peak memory by about 20 MB with no measurable cost in time. Arrow reads this
-# variable once, when pyarrow is first imported, so it is set here, before any module of
-# this package imports pandas or pyarrow. A value already in the environment wins.
-os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 __all__ = ["defs"]
 

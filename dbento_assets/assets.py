@@ -213,7 +213,7 @@ def check_settings(
     cache = source.cache_path(symbol, month).parent if isinstance(source, DatabentoSource) else None
     checked = preflight(
         data_dir=files.data_dir if files else databento.data_dir,
-        fmt=files.fmt if files else "parquet",
+        fmt=files.format if files else "parquet",
         source_name=databento.source,
         catalog=catalog,
         symbol=symbol,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
-from dbento_assets.project import ProjectError, instance_home, load_settings, project_instance
+from dbento_assets.project import ProjectError, instance_home, project_instance
 
 if TYPE_CHECKING:
     from dagster import DagsterInstance, Definitions
@@ -59,6 +59,9 @@ def one_line(exc: BaseException) -> str:
 
 def guarded(streams: Streams, verbose: bool, action: Callable[[], int], hint: str = "") -> int:
     """Run ``action``; a user's mistake becomes one line on stderr and exit status 2."""
+    from dbento_assets.core.storage import share_system_allocator
+
+    share_system_allocator()  # before the command's first Arrow buffer
     try:
         return action()
     except _expected_errors() as exc:
@@ -315,7 +318,6 @@ def dagster_command(streams: Streams, args: tuple[str, ...]) -> int:
 
 
 def _project_defs() -> Definitions:
-    load_settings()
     from dbento_assets.definitions import defs
 
     return defs

@@ -19,15 +19,15 @@ the Dagster Helm chart, or from run config.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 from dagster import ExecutorDefinition, in_process_executor, multiprocess_executor
+from pydantic import BaseModel, Field, field_validator
 
-EXECUTOR_VARIABLE = "DBENTO_EXECUTOR"
+from dbento_assets.core.settings import read, variable
+
+EXECUTOR_VARIABLE = variable("executor")
 EXECUTORS = ("multiprocess", "in_process", "celery", "k8s")
-CELERY_BROKER_VARIABLE = "DBENTO_CELERY_BROKER"
-CELERY_BACKEND_VARIABLE = "DBENTO_CELERY_BACKEND"
 DEPLOY_EXTRA_HINT = "install it with: pip install 'dbento_assets[deploy]'"
 
 
@@ -35,38 +35,55 @@ class ExecutorChoiceError(ValueError):
     """``DBENTO_EXECUTOR`` names no executor, or one whose package is not installed."""
 
 
-def executor_from_env(environ: Mapping[str, str] | None = None) -> ExecutorDefinition:
-    """The executor ``DBENTO_EXECUTOR`` asks for; ``in_process`` when unset."""
-    env = os.environ if environ is None else environ
-    name = env.get(EXECUTOR_VARIABLE, "").strip().lower().replace("-", "_") or "in_process"
-    if name == "multiprocess":
-        return multiprocess_executor
-    if name == "in_process":
-        return in_process_executor
-    if name == "celery":
-        return _celery_executor(env)
-    if name == "k8s":
-        return _k8s_executor()
-    raise ExecutorChoiceError(
-        f"{EXECUTOR_VARIABLE}={env.get(EXECUTOR_VARIABLE)!r} is not one of "
-        f"{', '.join(EXECUTORS)} (or leave it unset for in_process)"
+class ExecutorSettings(BaseModel):
+    """The executor settings, each read from ``DBENTO_<FIELD>``."""
+
+    executor: str = Field(default="in_process", description=f"One of {', '.join(EXECUTORS)}.")
+    celery_broker: str | None = Field(
+        default=None, description="Celery broker URL (default: RabbitMQ on localhost)."
+    )
+    celery_backend: str | None = Field(
+        default=None, description="Celery result backend URL (default rpc://)."
     )
 
+    @field_validator("executor", mode="before")
+    @classmethod
+    def _known_executor(cls, value: object) -> str:
+        name = str(value).strip().lower().replace("-", "_")
+        if name not in EXECUTORS:
+            raise ValueError(
+                f"is not one of {', '.join(EXECUTORS)} (or leave it unset for in_process)"
+            )
+        return name
 
-def _celery_executor(env: Mapping[str, str]) -> ExecutorDefinition:
+
+def executor_from_env(environ: Mapping[str, str] | None = None) -> ExecutorDefinition:
+    """The executor ``DBENTO_EXECUTOR`` asks for; ``in_process`` when unset."""
+    settings = read(ExecutorSettings, environ, ExecutorChoiceError)
+    if settings.executor == "multiprocess":
+        return multiprocess_executor
+    if settings.executor == "celery":
+        return _celery_executor(settings)
+    if settings.executor == "k8s":
+        return _k8s_executor()
+    return in_process_executor
+
+
+def _celery_executor(settings: ExecutorSettings) -> ExecutorDefinition:
     try:
         from dagster_celery import celery_executor
     except ImportError:
         raise ExecutorChoiceError(
             f"{EXECUTOR_VARIABLE}=celery needs the dagster-celery package; {DEPLOY_EXTRA_HINT}"
         ) from None
-    config: dict[str, object] = {}
-    broker = env.get(CELERY_BROKER_VARIABLE, "").strip()
-    backend = env.get(CELERY_BACKEND_VARIABLE, "").strip()
-    if broker:
-        config["broker"] = broker
-    if backend:
-        config["backend"] = backend
+    config = {
+        name: value
+        for name, value in (
+            ("broker", settings.celery_broker),
+            ("backend", settings.celery_backend),
+        )
+        if value
+    }
     return celery_executor.configured(config, name="celery") if config else celery_executor
 
 

@@ -15,8 +15,8 @@ the month is fixed. The data folder's origin mark is written after the first fil
 that wrote nothing never marks a folder.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: Dagster reads the IO manager's
+# ``ResourceDependency`` annotation when the class is created, and a string would hide it.
 import os
 
 import pandas as pd
@@ -28,24 +28,30 @@ from dagster import (
     InputContext,
     MetadataValue,
     OutputContext,
+    ResourceDependency,
     TableColumn,
     TableSchema,
 )
+from pydantic import Field
 from upath import UPath
 
 from dbento_assets.core.bars import COLUMNS, DTYPES
+from dbento_assets.core.settings import read
 from dbento_assets.core.source import SYNTHETIC, origin_of
 from dbento_assets.core.storage import (
     RAW_TIMEFRAME,
     REFUSED_NOTE,
     BarStore,
     FileIdentity,
+    StorageError,
     UnfitFile,
     Window,
+    share_system_allocator,
     windows_from_json,
 )
 from dbento_assets.names import timeframe_of
 from dbento_assets.partitions import Partition
+from dbento_assets.resources import DatabentoResource
 
 IDENTITY_ATTR = "dbento_identity"  # frame.attrs key: the identity of the file it came from
 # Output metadata of a month that may be partial (the current month): written into the file.
@@ -65,15 +71,26 @@ def source_label(source: str) -> str:
 
 
 class BarFileIOManager(ConfigurableIOManager):
-    """Stores bar frames as files under ``data_dir`` (a folder or fsspec URL)."""
+    """Stores bar frames as files under the data root of the ``databento`` resource, marked
+    with its source."""
 
-    data_dir: str = "./data"
-    fmt: str = "parquet"
-    source: str = "databento"
+    databento: ResourceDependency[DatabentoResource]
+    format: str = Field(default="parquet", description="Bar file format: parquet or csv.")
+
+    @property
+    def data_dir(self) -> str:
+        return self.databento.data_dir
+
+    @property
+    def source(self) -> str:
+        return self.databento.source
 
     @property
     def store(self) -> BarStore:
-        return BarStore.at(self.data_dir, self.fmt)
+        return BarStore.at(self.data_dir, self.format)
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        share_system_allocator()
 
     def path_for(self, asset_key: AssetKey, partition: Partition) -> UPath:
         """The file of one asset partition."""
@@ -153,6 +170,11 @@ class BarFileIOManager(ConfigurableIOManager):
         # A run that wrote raw_1s_bars without aggregating it must not leave its month in
         # memory for the rest of the process (a backfill runs many partitions in one).
         _HANDOFF.clear()
+
+
+def io_manager_from_env(databento: DatabentoResource) -> BarFileIOManager:
+    """The IO manager as the environment configures it, storing under ``databento``'s root."""
+    return read(BarFileIOManager, error=StorageError, databento=databento)
 
 
 class _Handoff:

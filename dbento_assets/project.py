@@ -1,9 +1,10 @@
 """The project folder's settings file and its one Dagster history, shared by every command.
 
 Settings live in ``dbento.env`` (not ``.env``, which Dagster's commands load over the shell's
-variables) and never override a variable already set. The history is ``DAGSTER_HOME`` or
-``.dagster_home/`` in the project folder; :func:`instance_home` records it in ``.env`` so
-Dagster's own commands use the same instance.
+variables), read when settings are read (:mod:`dbento_assets.core.settings`), never over a
+variable already set. The history is ``DAGSTER_HOME`` or ``.dagster_home/`` in the project
+folder; :func:`instance_home` records it in ``.env`` so Dagster's own commands use the same
+instance.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dotenv import dotenv_values, load_dotenv
+from dotenv import dotenv_values
+
+from dbento_assets.core.settings import DAGSTER_ENV_FILE, load_settings
 
 if TYPE_CHECKING:
     from dagster import DagsterInstance
 
-SETTINGS_FILE = "dbento.env"
-DAGSTER_ENV_FILE = ".env"
 HOME_FOLDER = ".dagster_home"
 HOME_VARIABLE = "DAGSTER_HOME"
 # The instance settings the project ships (run queue, pool limits, retries); in a source
@@ -33,16 +34,6 @@ FALLBACK_YAML = "telemetry:\n  enabled: false\n"
 
 class ProjectError(ValueError):
     """A setting that stops every command; its message says what to do."""
-
-
-def load_settings(folder: Path | None = None) -> None:
-    """Read ``dbento.env`` (then ``.env``) of ``folder`` (default: the current folder)
-    without overriding a variable that is already set."""
-    folder = folder or Path.cwd()
-    for name in (SETTINGS_FILE, DAGSTER_ENV_FILE):
-        path = folder / name
-        if path.is_file():
-            load_dotenv(path, override=False)
 
 
 def instance_home(folder: Path | None = None) -> Path:

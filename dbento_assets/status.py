@@ -19,7 +19,7 @@ from dagster import DagsterInstance
 from dbento_assets.checks import all_check_keys
 from dbento_assets.core.catalog import load_catalog
 from dbento_assets.core.months import Month, month_range
-from dbento_assets.core.storage import BarStore
+from dbento_assets.io_managers import io_manager_from_env
 from dbento_assets.report import collect, matrix
 from dbento_assets.resources import databento_resource_from_env
 
@@ -30,9 +30,7 @@ def render(instance: DagsterInstance, symbols: Sequence[str] | None = None) -> s
     wanted = list(symbols) if symbols else catalog.symbols
     for symbol in wanted:
         catalog.instrument(symbol)  # a CatalogError naming the known symbols
-    resource = databento_resource_from_env()
-    fmt = os.environ.get("DBENTO_FORMAT", "parquet").strip().lower() or "parquet"
-    store = BarStore.at(resource.data_dir, fmt)
+    store = io_manager_from_env(databento_resource_from_env()).store
     cells = matrix(collect(instance, all_check_keys(catalog), wanted))
     per_month = 1 + len(catalog.timeframes)
     last = current_month()
@@ -58,9 +56,8 @@ def render(instance: DagsterInstance, symbols: Sequence[str] | None = None) -> s
             )
         if any(cell != "-" for cell in row[1:]):
             rows.append(row)
-    head = (
-        f"Data folder {store.root} ({fmt} files); history in {os.environ.get('DAGSTER_HOME', '')}"
-    )
+    history = os.environ.get("DAGSTER_HOME", "")
+    head = f"Data folder {store.root} ({store.fmt} files); history in {history}"
     if not rows:
         return (
             f"{head}\nNothing built yet: try dbento build --symbol ES --start {catalog.start_month}"

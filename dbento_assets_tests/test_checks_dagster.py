@@ -88,15 +88,13 @@ Corruption = Callable[[np.ndarray], np.ndarray]
 
 
 def resources(root: Path, source: str = "demo", dbn_dir: Path | None = None) -> dict:
-    return {
-        "databento": DatabentoResource(
-            source=source,
-            data_dir=str(root),
-            dbn_dir=str(dbn_dir) if dbn_dir else None,
-            demo_activity=ACTIVITY,
-        ),
-        "io_manager": BarFileIOManager(data_dir=str(root), fmt="parquet", source=source),
-    }
+    databento = DatabentoResource(
+        source=source,
+        data_dir=str(root),
+        dbn_dir=str(dbn_dir) if dbn_dir else None,
+        demo_activity=ACTIVITY,
+    )
+    return {"databento": databento, "io_manager": BarFileIOManager(databento=databento)}
 
 
 def run(

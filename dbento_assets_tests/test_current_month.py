@@ -430,15 +430,14 @@ def test_a_dbn_folder_holding_part_of_the_current_months_1m_gives_a_partial_vend
     assert len(found.bars) and found.bars["ts_event"].max() < through
 
 
-def demo(data: Path) -> DatabentoResource:
-    return DatabentoResource(source="demo", data_dir=str(data), demo_activity=0.02)
+def demo(data: Path, now: str | None = None) -> DatabentoResource:
+    return DatabentoResource(source="demo", data_dir=str(data), demo_activity=0.02, demo_now=now)
 
 
 def test_a_month_life_on_the_demo_source(clean, tmp_path, monkeypatch, instance):
     data = tmp_path / "demo"
     for day in ["2024-03-03T12:00", "2024-03-17", "2024-04-03"]:
-        monkeypatch.setenv("DBENTO_DEMO_NOW", day)
-        result = build(instance, resource=demo(data))
+        result = build(instance, resource=demo(data, now=day))
         assert result.success, failure_text(result)
         through = min(pd.Timestamp(day, tz="UTC").floor("D"), MARCH.end)
         meta = raw_metadata(result)
@@ -448,13 +447,12 @@ def test_a_month_life_on_the_demo_source(clean, tmp_path, monkeypatch, instance)
         assert raw["ts_event"].max() < through
     grown = bar_files(data)
     fresh = tmp_path / "demo_closed"
-    assert build(instance, resource=demo(fresh)).success
+    assert build(instance, resource=demo(fresh, now="2024-04-03")).success
     assert bar_files(fresh) == grown
 
 
 def test_a_month_without_data_yet_is_not_materialized(clean, tmp_path, monkeypatch, instance):
-    monkeypatch.setenv("DBENTO_DEMO_NOW", "2024-03-01T08:00")
-    result = build(instance, resource=demo(tmp_path / "d"))
+    result = build(instance, resource=demo(tmp_path / "d", now="2024-03-01T08:00"))
     assert not result.success
     assert "has no data yet" in failure_text(result)
     assert not list((tmp_path / "d").rglob("*.parquet"))
@@ -502,8 +500,7 @@ def test_the_partitions_include_the_current_month():
 
 def test_a_partial_month_is_never_shown_complete(clean, tmp_path, monkeypatch, instance):
     data = tmp_path / "shown"
-    monkeypatch.setenv("DBENTO_DEMO_NOW", "2024-03-17")
-    result = build(instance, resource=demo(data))
+    result = build(instance, resource=demo(data, now="2024-03-17"))
     assert result.success, failure_text(result)
     # The asset metadata, every file's own identity and its description say partial.
     assert raw_metadata(result)["complete"] is False

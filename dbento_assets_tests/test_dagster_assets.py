@@ -32,9 +32,10 @@ ACTIVITY = 0.05  # a light synthetic month keeps these tests quick
 
 def run_partition(root: Path, partition: str = PARTITION, catalog=None, fmt: str = "parquet"):
     catalog = catalog or load_catalog()
+    databento = DatabentoResource(source="demo", data_dir=str(root), demo_activity=ACTIVITY)
     resources = {
-        "databento": DatabentoResource(source="demo", data_dir=str(root), demo_activity=ACTIVITY),
-        "io_manager": BarFileIOManager(data_dir=str(root), fmt=fmt, source="demo"),
+        "databento": databento,
+        "io_manager": BarFileIOManager(databento=databento, format=fmt),
     }
     return materialize(
         build_assets(catalog),
@@ -192,8 +193,8 @@ def test_one_timeframe_can_be_rebuilt_alone(tmp_path):
         selection=["bars_30s"],
         partition_key=PARTITION,
         resources={
-            "databento": DatabentoResource(source="demo", data_dir=str(tmp_path)),
-            "io_manager": BarFileIOManager(data_dir=str(tmp_path), source="demo"),
+            "databento": (databento := DatabentoResource(source="demo", data_dir=str(tmp_path))),
+            "io_manager": BarFileIOManager(databento=databento),
         },
         instance=DagsterInstance.ephemeral(),
     )

@@ -43,6 +43,7 @@ from dbento_assets.core.rules import RULE_VENDOR
 from dbento_assets.core.source import SourceError
 from dbento_assets.core.timeframes import parse_timeframe
 from dbento_assets.definitions import build_definitions
+from dbento_assets.io_managers import io_manager_from_env
 from dbento_assets.partitions import partition_key
 from dbento_assets.resources import (
     DatabentoResource,
@@ -253,6 +254,20 @@ def test_key_is_an_env_var_loaded_from_dotenv_without_overriding(clean_env, monk
     assert resource.source == "databento"
     assert repr(resource.month_source()).startswith("DatabentoSource(")
     assert "db-FROMDOTENV" not in repr(resource.month_source())
+
+
+def test_every_field_but_the_key_is_read_from_its_own_variable(clean_env, monkeypatch):
+    monkeypatch.setenv("DBENTO_RETRY_JITTER", "0.1")
+    monkeypatch.setenv("DBENTO_DEMO_ACTIVITY", "0.5")
+    monkeypatch.setenv("DBENTO_DEMO_NOW", "2024-03-17")
+    monkeypatch.setenv("DBENTO_API_KEY", "db-NOT-THE-KEY")  # the key is DATABENTO_API_KEY only
+    monkeypatch.setenv("DBENTO_FORMAT", " CSV ")
+    resource = databento_resource_from_env()
+    assert (resource.retry_jitter, resource.demo_activity) == (0.1, 0.5)
+    assert resource.demo_instant() == pd.Timestamp("2024-03-17", tz="UTC")
+    assert resource.api_key is None
+    io_manager = io_manager_from_env(resource)
+    assert io_manager.store.fmt == "csv" and io_manager.data_dir == resource.data_dir
 
 
 @pytest.mark.parametrize(

@@ -70,10 +70,12 @@ def test_a_download_takes_its_slot_from_the_databento_pool(dagster_home, tmp_pat
             build_assets(catalog)[:1],  # raw_1s_bars, the asset in the pool
             partition_key="2024-01-01|ES",
             resources={
-                "databento": DatabentoResource(
-                    source="demo", data_dir=str(data), demo_activity=0.05
+                "databento": (
+                    databento := DatabentoResource(
+                        source="demo", data_dir=str(data), demo_activity=0.05
+                    )
                 ),
-                "io_manager": BarFileIOManager(data_dir=str(data), source="demo"),
+                "io_manager": BarFileIOManager(databento=databento),
             },
             instance=instance,
         )

@@ -36,10 +36,12 @@ def run(root: Path, partition: str, fmt: str = "parquet", selection: list[str] |
         selection=selection,
         partition_key=partition,
         resources={
-            "databento": DatabentoResource(
-                source="demo", data_dir=str(root), demo_activity=ACTIVITY
+            "databento": (
+                databento := DatabentoResource(
+                    source="demo", data_dir=str(root), demo_activity=ACTIVITY
+                )
             ),
-            "io_manager": BarFileIOManager(data_dir=str(root), fmt=fmt, source="demo"),
+            "io_manager": BarFileIOManager(databento=databento, format=fmt),
         },
         instance=DagsterInstance.ephemeral(),
         raise_on_error=False,
@@ -239,8 +241,8 @@ def test_checking_a_foreign_bars_file_on_disk_is_refused(es_root):
         # a run of checks alone, as the UI launches it (no partitions definition to infer)
         tags={"dagster/partition": "2024-01-01|ES"},
         resources={
-            "databento": DatabentoResource(source="demo", data_dir=str(es_root)),
-            "io_manager": BarFileIOManager(data_dir=str(es_root), source="demo"),
+            "databento": (databento := DatabentoResource(source="demo", data_dir=str(es_root))),
+            "io_manager": BarFileIOManager(databento=databento),
         },
         instance=DagsterInstance.ephemeral(),
         raise_on_error=False,

@@ -116,12 +116,8 @@ def test_the_first_partition_of_a_fresh_process_is_not_kept_either(tmp_path):
 
 
 def test_a_raw_only_run_leaves_no_month_in_the_handoff(tmp_path, written):
-    resources = {
-        "databento": DatabentoResource(
-            source="demo", data_dir=str(tmp_path), demo_activity=ACTIVITY
-        ),
-        "io_manager": BarFileIOManager(data_dir=str(tmp_path), source="demo"),
-    }
+    databento = DatabentoResource(source="demo", data_dir=str(tmp_path), demo_activity=ACTIVITY)
+    resources = {"databento": databento, "io_manager": BarFileIOManager(databento=databento)}
     defs = build_definitions(databento=resources["databento"])
     assets = list(defs.assets or [])
     result = materialize(

@@ -70,9 +70,7 @@ def run(
         partition_key=partition,
         resources={
             "databento": databento,
-            "io_manager": BarFileIOManager(
-                data_dir=databento.data_dir, fmt=fmt, source=databento.source
-            ),
+            "io_manager": BarFileIOManager(databento=databento, format=fmt),
         },
         instance=DagsterInstance.ephemeral(),
         raise_on_error=False,

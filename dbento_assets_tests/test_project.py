@@ -7,6 +7,7 @@ there must still let a ``DAGSTER_HOME`` set in the shell win, and fall back to t
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from dbento_assets.project import ProjectError, instance_home, load_settings
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -78,3 +81,33 @@ def test_the_settings_file_fills_in_and_never_overrides(project, monkeypatch):
     assert os.environ["DBENTO_SOURCE"] == "demo"
     assert os.environ["DBENTO_FORMAT"] == "csv"
     monkeypatch.delenv("DBENTO_FORMAT")
+
+
+IMPORT_THEN_READ = """
+import json, os
+before = dict(os.environ)
+import dbento_assets, dbento_assets.executors, dbento_assets.io_managers, dbento_assets.resources
+changed = sorted(k for k in {*before, *os.environ} if before.get(k) != os.environ.get(k))
+from dbento_assets.resources import databento_resource_from_env
+print(json.dumps([changed, databento_resource_from_env().source]))
+"""
+
+
+def test_importing_reads_no_settings_file_and_sets_no_variable(project):
+    # The settings file is read when settings are, and Arrow's pool is chosen as a run starts.
+    (project / "dbento.env").write_text("DBENTO_SOURCE=demo\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DBENTO_", "ARROW_"))}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORT_THEN_READ],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    changed, source = json.loads(done.stdout.strip().splitlines()[-1])
+    # (pandera sets two pyspark variables of its own when imported; they are not ours)
+    ours = ("DBENTO_", "DATABENTO_", "DAGSTER_", "ARROW_")
+    assert [name for name in changed if name.startswith(ours)] == []
+    assert source == "demo"  # read from dbento.env once settings were asked for

@@ -142,10 +142,12 @@ def test_the_io_manager_materializes_raw_and_bars_into_s3(tmp_path, prefix):
             selection=["raw_1s_bars", "bars_15s"],
             partition_key="2024-01-01|ES",
             resources={
-                "databento": DatabentoResource(
-                    source="demo", data_dir=data_dir, demo_activity=ACTIVITY
+                "databento": (
+                    databento := DatabentoResource(
+                        source="demo", data_dir=data_dir, demo_activity=ACTIVITY
+                    )
                 ),
-                "io_manager": BarFileIOManager(data_dir=data_dir, source="demo"),
+                "io_manager": BarFileIOManager(databento=databento),
             },
             instance=DagsterInstance.ephemeral(),
         )
@@ -217,21 +219,19 @@ def test_the_cli_writes_to_s3_with_nothing_but_environment_variables(s3, prefix,
 
 def paid_run(gateway, remote_root: str, cache: Path, selection: list[str]):
     """ES January 2024 from the test gateway, bars in the bucket, DBN cache on disk."""
+    databento = DatabentoResource(
+        source="databento",
+        api_key=TEST_KEY,
+        gateway=gateway.url,
+        data_dir=remote_root,
+        cache_dir=str(cache),
+        retry_backoff_seconds=0.0,
+    )
     return materialize(
         build_assets(load_catalog()),
         selection=selection,
         partition_key="2024-01-01|ES",
-        resources={
-            "databento": DatabentoResource(
-                source="databento",
-                api_key=TEST_KEY,
-                gateway=gateway.url,
-                data_dir=remote_root,
-                cache_dir=str(cache),
-                retry_backoff_seconds=0.0,
-            ),
-            "io_manager": BarFileIOManager(data_dir=remote_root, source="databento"),
-        },
+        resources={"databento": databento, "io_manager": BarFileIOManager(databento=databento)},
         instance=DagsterInstance.ephemeral(),
         raise_on_error=False,
     )

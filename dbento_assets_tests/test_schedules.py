@@ -43,14 +43,11 @@ SYMBOLS = ["ES", "NQ", "GC", "SPY", "QQQ"]
 
 
 def definitions(root=None, catalog=CATALOG) -> Definitions:
-    data_dir = str(root or "./data")
+    databento = DatabentoResource(source="demo", data_dir=str(root or "./data"), demo_activity=0.05)
     return Definitions(
         assets=build_assets(catalog),
         schedules=build_schedules(catalog),
-        resources={
-            "databento": DatabentoResource(source="demo", data_dir=data_dir, demo_activity=0.05),
-            "io_manager": BarFileIOManager(data_dir=data_dir, fmt="parquet", source="demo"),
-        },
+        resources={"databento": databento, "io_manager": BarFileIOManager(databento=databento)},
     )
 
 

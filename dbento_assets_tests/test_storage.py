@@ -211,15 +211,39 @@ def test_frames_with_other_dtypes_are_converted_to_the_bar_dtypes(tmp_path):
     assert back["ts_event"].tolist() == sample_bars()["ts_event"].tolist()
 
 
+RUN_AND_SHOW_THE_POOL = """
+import sys, pyarrow
+from dagster import DagsterInstance, materialize
+from dbento_assets.assets import build_assets
+from dbento_assets.core.catalog import load_catalog
+from dbento_assets.io_managers import BarFileIOManager
+from dbento_assets.resources import DatabentoResource
+imported = pyarrow.default_memory_pool().backend_name
+databento = DatabentoResource(source="demo", data_dir=sys.argv[1], demo_activity=0.02)
+materialize(
+    build_assets(load_catalog())[:1],
+    partition_key="2024-01-01|ES",
+    resources={"databento": databento, "io_manager": BarFileIOManager(databento=databento)},
+    instance=DagsterInstance.ephemeral(),
+)
+print(imported, pyarrow.default_memory_pool().backend_name)
+"""
+
+
 @pytest.mark.parametrize(("preset", "expected"), [(None, "system"), ("mimalloc", "mimalloc")])
-def test_the_package_shares_glibcs_allocator_with_arrow_unless_told_otherwise(preset, expected):
-    # Importing dbento_assets first (as Dagster and the CLIs do) makes Arrow allocate
-    # through the system allocator; an ARROW_DEFAULT_MEMORY_POOL already set wins.
+def test_a_run_shares_glibcs_allocator_with_arrow_unless_told_otherwise(tmp_path, preset, expected):
+    # Importing the package changes nothing; a run (its IO manager) makes Arrow allocate
+    # through the system allocator, and an ARROW_DEFAULT_MEMORY_POOL already set wins.
     env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
     if preset:
         env["ARROW_DEFAULT_MEMORY_POOL"] = preset
-    code = "import dbento_assets, pyarrow; print(pyarrow.default_memory_pool().backend_name)"
     done = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", RUN_AND_SHOW_THE_POOL, str(tmp_path / "data")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
-    assert done.stdout.strip() == expected
+    imported, during = done.stdout.split()[-2:]
+    assert imported != "system" or preset == "system"
+    assert during == expected

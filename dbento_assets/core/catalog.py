@@ -14,14 +14,16 @@ Futures Europe, ICE Endex) gets none, and the calendar check says it was skipped
 
 from __future__ import annotations
 
-import os
 import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, Field
+
 from dbento_assets.core.months import Month
+from dbento_assets.core.settings import read
 from dbento_assets.core.timeframes import Timeframe, TimeframeError, parse_timeframes
 
 DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "catalog.toml"
@@ -139,9 +141,17 @@ def no_calendar_reason(instrument: Instrument) -> str:
     )
 
 
+class CatalogSettings(BaseModel):
+    """Which catalog file is in force, read from ``DBENTO_CATALOG``."""
+
+    catalog: str | None = Field(
+        default=None, description="A catalog TOML file to use instead of the packaged one."
+    )
+
+
 def catalog_path() -> Path:
     """The catalog file in force: ``DBENTO_CATALOG`` if set, else the packaged default."""
-    override = os.environ.get("DBENTO_CATALOG", "").strip()
+    override = read(CatalogSettings, error=CatalogError).catalog
     return Path(override).expanduser() if override else DEFAULT_CATALOG
 
 
