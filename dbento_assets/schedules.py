@@ -114,6 +114,9 @@ def daily_run_requests(catalog: Catalog, at: datetime) -> list[RunRequest] | Ski
 
 def build_schedules(catalog: Catalog) -> list[ScheduleDefinition]:
     """The monthly and daily schedules of a catalog (both run :func:`build_monthly_job`)."""
+    # Not build_schedule_from_partitioned_job: with the current month as a partition
+    # (end_offset=1) its tick would target the month in progress, not the one that just closed,
+    # and it cannot wait for Databento's 24-hour historical delay.
     job = build_monthly_job(catalog)
 
     def stopped_schedule(
