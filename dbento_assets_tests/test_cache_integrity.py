@@ -443,14 +443,21 @@ def test_manifest_names_what_was_bought(gateway, tmp_path):
     )
 
 
-def test_an_unusable_download_is_quarantined_and_remembered(gateway, tmp_path):
+def serve_a_bar_outside_the_window(gw: FakeGateway) -> None:
+    """The gateway answers with its usual data plus one bar at the first instant after the
+    requested window (a download the file check refuses)."""
+
     def outside_the_window(query: Query):
-        records, mappings = gateway._demo_provider(query)  # the fake's data, plus one bar more
+        records, mappings = gw._demo_provider(query)
         extra = records[-1:].copy()
-        extra["ts_event"] = query.end_ns  # the first instant after the requested window
+        extra["ts_event"] = query.end_ns
         return np.concatenate([records, extra]), mappings
 
-    gateway.provider = outside_the_window
+    gw.provider = outside_the_window
+
+
+def test_an_unusable_download_is_quarantined_and_remembered(gateway, tmp_path):
+    serve_a_bar_outside_the_window(gateway)
     with pytest.raises(SourceError, match="outside the requested window") as info:
         source_for(gateway, tmp_path).fetch(FetchRequest(CATALOG_ES, JAN), lambda _l: None)
     (moved,) = quarantined(tmp_path)

@@ -19,7 +19,6 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from dagster import AssetKey, DagsterInstance, DefaultScheduleStatus, build_schedule_context
@@ -48,6 +47,7 @@ from dbento_assets_tests.gateway import (
 )
 from dbento_assets_tests.test_cache_integrity import (
     quarantined,
+    serve_a_bar_outside_the_window,
     serve_bad_data,
     serve_good_data,
     sha,
@@ -319,14 +319,7 @@ def test_a_tail_failing_the_file_check_is_quarantined_as_that_piece(gateway, api
     gateway.set_range(DATASET, DATASET_START, "2024-03-04")
     source.fetch(FetchRequest(es, MARCH), lambda _: None)
     pieces = cached_pieces(data)
-
-    def outside_the_window(query: Query):
-        records, mappings = gateway._demo_provider(query)  # the fake's data, plus one bar more
-        extra = records[-1:].copy()
-        extra["ts_event"] = query.end_ns  # the first instant after the requested window
-        return np.concatenate([records, extra]), mappings
-
-    gateway.provider = outside_the_window
+    serve_a_bar_outside_the_window(gateway)
     gateway.set_range(DATASET, DATASET_START, "2024-03-18")
     with pytest.raises(SourceError, match="outside the requested window") as refused:
         source.fetch(FetchRequest(es, MARCH), lambda _: None)
