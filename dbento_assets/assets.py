@@ -9,6 +9,7 @@ it), never through the event log.
 """
 
 from collections.abc import Iterator
+from typing import Any
 
 import pandas as pd
 from dagster import (
@@ -31,11 +32,8 @@ from dbento_assets.checks import (
     CHECKED_ON_DISK,
     REFUSED,
     SAVED,
-    VENDOR_ERROR_KEY,
     check_specs,
-    load_vendor_1m,
     not_saved,
-    prefetch_vendor_1m,
     raw_gate,
     refusal,
     selected_results,
@@ -54,6 +52,7 @@ from dbento_assets.core.source import (
     DownloadRefused,
     FetchedMonth,
     FetchRequest,
+    Logger,
     MonthSource,
     fetch_accepted,
     origin_of,
@@ -79,6 +78,7 @@ from dbento_assets.partitions import Partition, build_partitions
 from dbento_assets.resources import DatabentoResource
 
 FORCE_TAG = "dbento/force"
+VENDOR_ERROR_KEY = "vendor_1m_error"  # raw_1s_bars metadata: the 1m download failed
 DOWNLOAD_POOL = "databento"
 RAW_GROUP = "raw"
 BARS_GROUP = "aggregated"
@@ -167,7 +167,7 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
             raise refusal(str(exc), failed) from None
         bars = decoded.bars
         rolls = sorted({int(i) for i in bars["instrument_id"].unique()}) if len(bars) else []
-        vendor = prefetch_vendor_1m(source, request, context.log.info)
+        vendor = _prefetch_vendor_1m(source, request, context.log.info)
         if VENDOR_ERROR_KEY in vendor:
             # For the bars step of this run, which then does not pay for a second round of
             # retries (a later run's bars step tries again).
@@ -300,8 +300,8 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
                 vendor, requested = (
                     (failure, True)
                     if failure
-                    else load_vendor_1m(
-                        context.resources.databento, instrument, month, context.log.info
+                    else context.resources.databento.vendor_month(
+                        instrument, month, context.log.info
                     )
                 )
                 compared = vendor_result(
@@ -486,3 +486,25 @@ def _plain(value: object) -> object:
     if isinstance(value, str | int | float | bool) or value is None:
         return value
     return str(value)
+
+
+def _prefetch_vendor_1m(source: MonthSource, request: FetchRequest, log: Logger) -> dict[str, Any]:
+    """Buy Databento's ohlcv-1m of the partition in the download step, when it is wanted.
+
+    ``raw_1s_bars`` runs in the ``databento`` pool, so the paid 1-minute request shares the
+    pool's limit with the 1-second one, and a forced download (``request.force``) renews both;
+    ``bars_1min``'s check then finds the file in the cache. A failure never fails the data:
+    it is returned as ``vendor_1m_error`` (the check of this run then says why it compared
+    nothing). Returns the metadata to add to the raw materialization (empty when not asked).
+    """
+    if not source.vendor_requested:
+        return {}
+    found = source.vendor_bars(request, log)
+    if isinstance(found, str):
+        log(f"Databento's 1-minute bars (for the vendor cross-check) were not downloaded: {found}")
+        return {VENDOR_ERROR_KEY: found}
+    return {
+        f"vendor_1m_{key}": found.metadata[key]
+        for key in ("dbn_cache", "dbn_file", "cost_usd", "record_count")
+        if found.metadata.get(key) is not None
+    }

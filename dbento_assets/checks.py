@@ -21,8 +21,6 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     AssetKey,
-    AssetRecordsFilter,
-    DagsterInstance,
     Failure,
     MetadataValue,
     PartitionsDefinition,
@@ -41,22 +39,15 @@ from dbento_assets.core.coverage import (
 from dbento_assets.core.months import Month
 from dbento_assets.core.run_rules import run_raw_rules
 from dbento_assets.core.source import (
-    FetchRequest,
     Logger,
-    MonthSource,
-    SourceError,
 )
 from dbento_assets.core.storage import windows_json
 from dbento_assets.core.timeframes import Timeframe
 from dbento_assets.names import RAW_KEY, bars_asset_name
-from dbento_assets.resources import DatabentoResource
 
-VENDOR_ERROR_KEY = "vendor_1m_error"  # raw_1s_bars metadata: the 1m download failed
 SAVED = "saved"
 REFUSED = "refused: not saved, the file on disk (if any) is unchanged"
 CHECKED_ON_DISK = "checked the file on disk"
-COMPLETED = frozenset({"SUCCEEDED", "FAILED"})  # a check record's status once it has run
-HISTORY_PAGE = 500
 
 
 # --------------------------------------------------------------------------- check specs
@@ -197,72 +188,7 @@ def raw_gate(raw: pd.DataFrame, month: Month, instrument: Instrument) -> list[v.
 # --------------------------------------------------------------------------- history (the report)
 
 
-def latest_raw_materialization(instance: DagsterInstance, partition: str) -> Any:
-    """The newest materialization record of ``raw_1s_bars`` for one partition, or None."""
-    records = instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=RAW_KEY, asset_partitions=[partition]), limit=1
-    ).records
-    return records[0] if records else None
-
-
-def completed_evaluations(instance: DagsterInstance, key: AssetCheckKey) -> Iterator[Any]:
-    """Every completed (passed or failed) execution record of a check, newest first.
-
-    Dagster 1.13 has no public name for the record's status or a partition filter, so the
-    instance's check history is read page by page and filtered here.
-    """
-    cursor = None
-    while True:
-        page = instance.event_log_storage.get_asset_check_execution_history(
-            key, limit=HISTORY_PAGE, cursor=cursor
-        )
-        yield from (record for record in page if record.status.value in COMPLETED)
-        if len(page) < HISTORY_PAGE:
-            return
-        cursor = page[-1].id
-
-
-def evaluation_of(record: Any) -> Any:
-    """The AssetCheckEvaluation stored in a completed execution record."""
-    event = record.event.dagster_event if record.event is not None else None
-    return event.event_specific_data if event is not None else None
-
-
 # --------------------------------------------------------------------------- vendor 1m
-
-
-def prefetch_vendor_1m(source: MonthSource, request: FetchRequest, log: Logger) -> dict[str, Any]:
-    """Buy Databento's ohlcv-1m of the partition in the download step, when it is wanted.
-
-    ``raw_1s_bars`` runs in the ``databento`` pool, so the paid 1-minute request shares the
-    pool's limit with the 1-second one, and a forced download (``request.force``) renews both;
-    ``bars_1min``'s check then finds the file in the cache. A failure never fails the data:
-    it is returned as ``vendor_1m_error`` (the check of this run then says why it compared
-    nothing). Returns the metadata to add to the raw materialization (empty when not asked).
-    """
-    if not source.vendor_requested:
-        return {}
-    found = source.vendor_bars(request, log)
-    if isinstance(found, str):
-        log(f"Databento's 1-minute bars (for the vendor cross-check) were not downloaded: {found}")
-        return {VENDOR_ERROR_KEY: found}
-    return {
-        f"vendor_1m_{key}": found.metadata[key]
-        for key in ("dbn_cache", "dbn_file", "cost_usd", "record_count")
-        if found.metadata.get(key) is not None
-    }
-
-
-def load_vendor_1m(
-    databento: DatabentoResource, instrument: Instrument, month: Month, log: Logger
-) -> tuple[VendorMonth | str, bool]:
-    """Databento's own 1m bars for the partition from the source in force (or the reason there
-    are none to compare), and whether the user asked for the comparison."""
-    try:
-        source = databento.month_source()
-    except SourceError as exc:
-        return f"no source to read Databento's 1-minute bars from ({exc})", False
-    return source.vendor_bars(FetchRequest(instrument, month), log), source.vendor_requested
 
 
 def vendor_result(

@@ -19,14 +19,10 @@ from typing import Any, TextIO
 
 from dagster import AssetCheckKey, AssetCheckSeverity, DagsterInstance
 
-from dbento_assets.checks import (
-    all_check_keys,
-    completed_evaluations,
-    evaluation_of,
-    latest_raw_materialization,
-)
+from dbento_assets.checks import all_check_keys
 from dbento_assets.core.catalog import Catalog, CatalogError, load_catalog
 from dbento_assets.core.rules import RULE_TITLES
+from dbento_assets.history import completed_evaluations, evaluation_of, latest_raw_materialization
 from dbento_assets.io_managers import COMPLETE_KEY, THROUGH_KEY
 from dbento_assets.partitions import Partition
 from dbento_assets.project import project_instance

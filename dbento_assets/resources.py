@@ -20,6 +20,8 @@ import pandas as pd
 from dagster import ConfigurableResource, EnvVar
 from pydantic import Field, field_validator
 
+from dbento_assets.core.catalog import Instrument
+from dbento_assets.core.coverage import VendorMonth
 from dbento_assets.core.databento_api import (
     DEFAULT_GATEWAY,
     DEFAULT_MAX_COST_USD,
@@ -29,8 +31,9 @@ from dbento_assets.core.databento_api import (
 )
 from dbento_assets.core.dbn_files import DbnFilesSource
 from dbento_assets.core.demo import DemoSource
+from dbento_assets.core.months import Month
 from dbento_assets.core.settings import Flag, load_settings, read
-from dbento_assets.core.source import MonthSource, SourceError, origin_of
+from dbento_assets.core.source import FetchRequest, Logger, MonthSource, SourceError, origin_of
 
 API_KEY_VARIABLE = "DATABENTO_API_KEY"
 NO_KEY_MESSAGE = (
@@ -168,6 +171,17 @@ class DatabentoResource(ConfigurableResource):
                 )
             return DbnFilesSource(self.dbn_dir.strip())
         return self.api_source(catalog_file)
+
+    def vendor_month(
+        self, instrument: Instrument, month: Month, log: Logger
+    ) -> tuple[VendorMonth | str, bool]:
+        """Databento's own 1m bars of a partition from the source in force (or the reason there
+        are none to compare), and whether the user asked for the comparison."""
+        try:
+            source = self.month_source()
+        except SourceError as exc:
+            return f"no source to read Databento's 1-minute bars from ({exc})", False
+        return source.vendor_bars(FetchRequest(instrument, month), log), source.vendor_requested
 
     def api_source(self, catalog_file: Path | str | None = None) -> DatabentoSource:
         """The Databento API source whatever ``source`` says (used by the cost estimate)."""

@@ -43,9 +43,6 @@ from dbento_assets.checks import (
     SAVED,
     all_check_keys,
     check_names,
-    completed_evaluations,
-    evaluation_of,
-    load_vendor_1m,
     raw_gate,
 )
 from dbento_assets.core import rules as v
@@ -66,6 +63,7 @@ from dbento_assets.core.run_rules import run_raw_rules
 from dbento_assets.core.source import FetchedMonth, FetchRequest, Logger, MonthSource
 from dbento_assets.core.storage import REFUSED_NOTE, BarStore
 from dbento_assets.core.timeframes import parse_timeframe
+from dbento_assets.history import completed_evaluations, evaluation_of
 from dbento_assets.io_managers import BarFileIOManager
 from dbento_assets.resources import DatabentoResource
 
@@ -850,12 +848,12 @@ def test_the_api_source_is_asked_for_1m_bars_only_when_the_user_turns_it_on(
         lambda self, c=None: Api("db-test", tmp_path, vendor_check=self.vendor_check),
     )
     resource = DatabentoResource(source="databento", api_key="db-test")
-    off, requested = load_vendor_1m(resource, qqq, QQQ_MONTH, lambda _m: None)
+    off, requested = resource.vendor_month(qqq, QQQ_MONTH, lambda _m: None)
     assert isinstance(off, str) and "DBENTO_VENDOR_CHECK=true" in off and asked == []
     assert not requested
 
     resource = DatabentoResource(source="databento", api_key="db-test", vendor_check=True)
-    found, requested = load_vendor_1m(resource, qqq, QQQ_MONTH, lambda _m: None)
+    found, requested = resource.vendor_month(qqq, QQQ_MONTH, lambda _m: None)
     assert requested
     assert asked == [FetchRequest(qqq, QQQ_MONTH)]
     assert isinstance(found, VendorMonth) and len(found.bars) == 4

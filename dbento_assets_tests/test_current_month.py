@@ -26,7 +26,7 @@ from dagster import AssetKey, DagsterInstance, DefaultScheduleStatus, build_sche
 from dbento_assets import report, status
 from dbento_assets.assets import FORCE_TAG
 from dbento_assets.backfill import UsageError, plan_partitions
-from dbento_assets.checks import all_check_keys, evaluation_of
+from dbento_assets.checks import all_check_keys
 from dbento_assets.core.catalog import load_catalog
 from dbento_assets.core.coverage import IncompleteMonth, VendorMonth, require_whole_month
 from dbento_assets.core.databento_api import VENDOR_SCHEMA, DatabentoSource
@@ -36,6 +36,7 @@ from dbento_assets.core.months import Month
 from dbento_assets.core.source import FetchRequest, SourceError
 from dbento_assets.core.storage import BarStore
 from dbento_assets.definitions import build_definitions
+from dbento_assets.history import evaluation_of
 from dbento_assets.partitions import partition_key
 from dbento_assets.resources import DatabentoResource
 from dbento_assets.schedules import DAILY_SCHEDULE_NAME, SCHEDULE_NAME, topup_month

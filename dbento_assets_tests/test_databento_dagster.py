@@ -31,7 +31,6 @@ from dagster._core.errors import DagsterInvalidConfigError
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from dbento_assets.assets import DOWNLOAD_POOL, FORCE_TAG
-from dbento_assets.checks import evaluation_of
 from dbento_assets.core.aggregate import aggregate_bars
 from dbento_assets.core.catalog import Catalog, load_catalog
 from dbento_assets.core.databento_api import DEFAULT_GATEWAY, DEFAULT_MAX_COST_USD
@@ -43,6 +42,7 @@ from dbento_assets.core.rules import RULE_VENDOR
 from dbento_assets.core.source import SourceError
 from dbento_assets.core.timeframes import parse_timeframe
 from dbento_assets.definitions import build_definitions
+from dbento_assets.history import evaluation_of
 from dbento_assets.io_managers import io_manager_from_env
 from dbento_assets.partitions import partition_key
 from dbento_assets.resources import (
