@@ -352,6 +352,7 @@ class _Handler(BaseHTTPRequestHandler):
             now = gw.in_flight.get(endpoint, 0) + 1
             gw.in_flight[endpoint] = now
             gw.max_in_flight[endpoint] = max(now, gw.max_in_flight.get(endpoint, 0))
+        self._in_flight: str | None = endpoint
         try:
             gate = gw._gates.get(endpoint)
             if gate is not None:
@@ -359,8 +360,15 @@ class _Handler(BaseHTTPRequestHandler):
                     gate.wait()
             self._answer(path, endpoint, fields)
         finally:
-            with gw._lock:
-                gw.in_flight[endpoint] -= 1
+            self._leave_flight()
+
+    def _leave_flight(self) -> None:
+        # Called before a stream's last bytes are sent too: once the client holds the whole
+        # body it may start its next request, and this thread may not have run again by then.
+        endpoint, self._in_flight = self._in_flight, None
+        if endpoint is not None:
+            with self.owner._lock:
+                self.owner.in_flight[endpoint] -= 1
 
     def _answer(self, path: str, endpoint: str, fields: dict[str, str]) -> None:
         gw = self.owner
@@ -504,6 +512,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self._reset()  # abort: no terminating chunk
             return
+        self._leave_flight()
         self.wfile.write(b"0\r\n\r\n")
 
     def _close_delimited(self, body: bytes) -> None:
