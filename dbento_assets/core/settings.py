@@ -26,7 +26,7 @@ DAGSTER_ENV_FILE = ".env"
 TRUE_WORDS = frozenset({"true", "1", "yes"})
 FALSE_WORDS = frozenset({"false", "0", "no"})
 NON_NEGATIVE = frozenset({"greater_than_equal", "finite_number"})
-NOT_A = {"float_parsing": "float", "int_parsing": "int", "int_from_float": "int"}
+NOT_A = {"float_parsing": "number", "int_parsing": "whole number", "int_from_float": "whole number"}
 
 Model = TypeVar("Model", bound=BaseModel)
 
