@@ -221,9 +221,9 @@ def check_reconciliation(
     from ``built_from``: the finer bars it was built from, themselves already reconciled with
     raw (30s from 15s: the 15s bars equal raw's, so 30s bars equal to the 15s bars' are
     raw's too, for a fraction of the rows). The volume per instrument_id and the number of
-    non-empty (bin, instrument_id) pairs are computed from raw directly, independently of
-    both. ``violations`` counts the wrong bars, or the wrong totals when only a total
-    disagrees.
+    non-empty (bin, instrument_id) pairs are computed directly from the same bars (raw, or
+    ``built_from``), independently of both computations. ``violations`` counts the wrong
+    bars, or the wrong totals when only a total disagrees.
     """
     try:
         expected = expected_bars(raw if built_from is None else built_from, timeframe)
@@ -240,8 +240,11 @@ def check_reconciliation(
             "differs": "differs from the 1s bars in",
         },
     )
-    bins, _ = bins_in_raw(raw, timeframe)
-    raw_totals = _volume_per_instrument(raw)
+    # From the finer bars when given: proven equal to raw's (bars, count and totals), and a
+    # fifteenth of its rows.
+    base = raw if built_from is None else built_from
+    bins, _ = bins_in_raw(base, timeframe)
+    raw_totals = _volume_per_instrument(base)
     agg_totals = _volume_per_instrument(agg)
     ids = raw_totals.index.union(agg_totals.index)
     raw_totals = raw_totals.reindex(ids, fill_value=0)
