@@ -118,7 +118,7 @@ def step_raw(dbn: Path, out: Path, clock: Clock) -> pd.DataFrame:
         results = run_raw_rules(raw, month, instrument)
     assert not [r for r in results if r.blocking], "the benchmark month must pass its rules"
     with clock("raw rules proof (fingerprint)"):
-        proof = raw_rules_proof(raw)
+        proof = raw_rules_proof(raw, month)
     identity = FileIdentity(SYMBOL, month, "synthetic", raw_rules=proof)
     with clock("write raw"):
         store.write(raw, store.raw_path(SYMBOL, month), identity)
@@ -150,7 +150,7 @@ def step_bars(out: Path, clock: Clock, raw: pd.DataFrame | None = None) -> None:
     else:
         identity = raw.attrs["identity"]
     with clock("raw gate (proof check)"):
-        proven = raw_rules_proven(raw, identity)
+        proven = raw_rules_proven(raw, identity, month)
     if not proven:
         with clock("raw gate (rules again)"):
             run_raw_rules(raw, month, instrument, rules=RAW_BLOCKING_RULES)

@@ -195,7 +195,7 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
                 COVERAGE_KEY: windows_json(covered),
                 # Its blocking rules passed on exactly these bars (accept refuses otherwise):
                 # written into the file, so the bars step does not run them again.
-                RAW_RULES_KEY: raw_rules_proof(bars),
+                RAW_RULES_KEY: raw_rules_proof(bars, month),
                 # The IO manager records the source itself (marking demo data synthetic).
                 **{f"source_{k}": _plain(v) for k, v in fetched.metadata.items() if k != "source"},
                 **vendor,
@@ -428,7 +428,7 @@ def _refuse_unfit_raw(
                 allow_retries=False,
             )
     found = raw.attrs.get(IDENTITY_ATTR)
-    proven = raw_rules_proven(raw, found if isinstance(found, FileIdentity) else None)
+    proven = raw_rules_proven(raw, found if isinstance(found, FileIdentity) else None, month)
     from_frame = [] if proven else raw_gate(raw, month, instrument)
     if from_frame:
         raise refusal(

@@ -65,7 +65,7 @@ from dbento_assets.core.databento_api import DatabentoSource
 from dbento_assets.core.dbn import decode_month, encode_month, encode_ohlcv, read_records
 from dbento_assets.core.demo import DemoSource
 from dbento_assets.core.months import Month
-from dbento_assets.core.run_rules import raw_rules_proof, run_raw_rules
+from dbento_assets.core.run_rules import raw_rules_proof, raw_rules_proven, run_raw_rules
 from dbento_assets.core.source import FetchedMonth, FetchRequest, Logger, MonthSource
 from dbento_assets.core.storage import REFUSED_NOTE, BarStore
 from dbento_assets.core.timeframes import parse_timeframe
@@ -540,7 +540,7 @@ def test_the_bars_step_trusts_a_raw_file_proven_by_the_raw_step(
     store = BarStore.at(es_root)
     path = store.raw_path("ES", JAN)
     raw, identity = store.read_with_identity(path)
-    assert identity is not None and identity.raw_rules == raw_rules_proof(raw)
+    assert identity is not None and identity.raw_rules == raw_rules_proof(raw, JAN)
 
     assert run(es_root, DagsterInstance.ephemeral(), selection=bars_only()).success
     assert run(tmp_path / "fresh", DagsterInstance.ephemeral()).success  # raw + bars, one run
@@ -549,6 +549,18 @@ def test_the_bars_step_trusts_a_raw_file_proven_by_the_raw_step(
     store.write(raw, path, replace(identity, raw_rules=""))  # as older code wrote it
     assert run(es_root, DagsterInstance.ephemeral(), selection=bars_only()).success
     assert calls == [len(raw)]
+
+
+def test_a_proof_holds_for_its_month_and_its_bars_only(es_root: Path) -> None:
+    store = BarStore.at(es_root)
+    raw, identity = store.read_with_identity(store.raw_path("ES", JAN))
+    assert raw_rules_proven(raw, identity, JAN)
+    assert not raw_rules_proven(raw, identity, Month(2024, 2))  # relabelled as another month
+    assert not raw_rules_proven(raw.iloc[:-1], identity, JAN)  # a bar dropped
+    edited = raw.copy()
+    edited.loc[3, "volume"] += np.uint64(1)
+    assert not raw_rules_proven(edited, identity, JAN)
+    assert not raw_rules_proven(raw, None, JAN)  # no identity: older code, by hand
 
 
 def test_a_raw_file_edited_under_its_identity_is_checked_again_and_refused(

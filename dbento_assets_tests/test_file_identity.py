@@ -111,7 +111,7 @@ def test_identity_is_in_the_footer_and_readable_by_pyarrow_and_duckdb(demo_runs)
     pairs = {k.decode(): v.decode() for k, v in pq.read_metadata(raw).metadata.items()}
     # The proof that the blocking raw rules passed on exactly these bars (issue 12).
     bars = BarStore.at(root).read(BarStore.at(root).raw_path("ES", Month(2024, 1)))
-    assert pairs.pop("dbento.raw_rules") == raw_rules_proof(bars)
+    assert pairs.pop("dbento.raw_rules") == raw_rules_proof(bars, Month(2024, 1))
     assert pairs == {
         "dbento.symbol": "ES",
         "dbento.month": "2024-01",
@@ -147,7 +147,7 @@ def test_csv_sidecar_matches_its_file(demo_runs):
         BarStore.at(root, "csv").raw_path("ES", JAN)
     )
     # The proof of the raw rules holds for the bars read back from CSV too (issue 12).
-    proof = raw_rules_proof(bars)
+    proof = raw_rules_proof(bars, JAN)
     assert identity == FileIdentity("ES", JAN, "synthetic", "1s", "GLBX.MDP3", raw_rules=proof)
 
 

@@ -45,22 +45,30 @@ ONE_SECOND = Timeframe(1)  # the raw bars' own timeframe, for the alignment rule
 RAW_RULES_VERSION = 1
 
 
-def raw_rules_proof(raw: pd.DataFrame) -> str:
-    """What a raw file records once the blocking raw rules passed on ``raw``: the rule set
-    (code version, rules version, rule names) and the fingerprint of exactly these bars.
+def raw_rules_proof(raw: pd.DataFrame, month: Month) -> str:
+    """What a raw file records once the blocking raw rules passed on ``raw`` as bars of
+    ``month``: the rule set (code version, rules version, rule names), the month and the
+    fingerprint of exactly these bars.
 
-    The bars step recomputes it from the frame it loads; equal, the rules already passed on
-    this content, so they are not run again (an edited file, or one written by older code or
-    by hand, has no matching proof and is checked).
+    The bars step recomputes it from the frame it loads for its partition's month; equal,
+    the rules already passed on this content for this month, so they are not run again (an
+    edited file, or one written by older code or by hand, has no matching proof and is
+    checked).
     """
     rules = ",".join(RAW_BLOCKING_RULES)
-    return f"{CODE_VERSION}; raw rules v{RAW_RULES_VERSION} ({rules}); xxh3-128 {fingerprint(raw)}"
+    return (
+        f"{CODE_VERSION}; raw rules v{RAW_RULES_VERSION} ({rules}); {month}; "
+        f"xxh3-128 {fingerprint(raw)}"
+    )
 
 
-def raw_rules_proven(raw: pd.DataFrame, identity: FileIdentity | None) -> bool:
+def raw_rules_proven(raw: pd.DataFrame, identity: FileIdentity | None, month: Month) -> bool:
     """True when the identity of the file ``raw`` came from proves that the blocking raw
-    rules passed on exactly these bars (the fingerprint is recomputed, ~10 ms a month)."""
-    return bool(identity and identity.raw_rules) and identity.raw_rules == raw_rules_proof(raw)
+    rules passed on exactly these bars for ``month`` (the fingerprint is recomputed, ~10 ms
+    a month)."""
+    if identity is None or not identity.raw_rules:
+        return False
+    return identity.raw_rules == raw_rules_proof(raw, month)
 
 
 def run_raw_rules(
