@@ -382,8 +382,9 @@ def main() -> None:
         print(f"month: ES 2024-01, {rows:,} one-second bars, DBN {dbn.stat().st_size:,} bytes")
         ref = measure(["seed"], dbn, args.repeat)
         print(
-            "seed pipeline with its validation (to_df -> CSV -> read_csv -> resample -> CSV; "
-            f"pandera + resample reconciliation): {ref['seconds']:.2f} s, peak RSS "
+            "reference, the seed pipeline with its validation rules (to_df -> CSV -> read_csv "
+            "-> resample -> CSV; pandera schemas + resample reconciliation): "
+            f"{ref['seconds']:.2f} s, peak RSS "
             f"{ref['peak_rss_mb']:.0f} MB\n  stages (s): {stage_text(ref['stages'])}"
         )
         variants = {
