@@ -1,32 +1,48 @@
-"""Benchmark one month: this project's pipeline against the seed scripts' pandas pipeline.
+"""Benchmark one partition: this project's whole per-partition work, rules included, against
+the seed scripts' pandas pipeline with its validation step, and the same partition through
+``dagster asset materialize``.
 
 It builds a realistic ~1.2M-row ES month of 1-second bars as a DBN file (the demo generator),
-then times, in the same run and in separate processes:
+then measures, in the same run and each in a fresh process (time and peak RSS):
 
-(a) this project's month pipeline: ``raw_1s_bars`` decodes the DBN and writes the raw file,
-    then the ``bars_<tf>`` step aggregates the month to 15s, 30s and 1min and writes their
-    files. Once as the in-process executor (the default) runs it: one process, the raw month
-    handed to the aggregation in memory; once as the multiprocess executor runs it: each step
-    in its own process, the aggregation reading the raw file back (time: the sum of the
-    steps; peak RSS: the larger step's);
-(b) the reference, the seed scripts' pipeline: ``DBNStore.to_df()``, raw CSV, ``read_csv``,
-    ``resample(label='left', closed='left').agg(...).dropna()`` per timeframe, CSV files;
-(c) all validation rules on the month (raw and every timeframe), compared with (a).
+(a) this project's partition, as the default in-process executor runs it: decode the DBN, the
+    raw rules, the raw file (with the proof that its blocking rules passed), then the bars
+    step: the raw gate (the proof recomputed; the rules are not run again), aggregation to
+    15s/30s/1min, the aggregated rules (reconciliation against an independent groupby), the
+    files. Timed stage by stage. Once more with the two steps in separate processes, the
+    bars step reading the raw file back (the multiprocess executor; time: the sum of the
+    steps, peak RSS: the larger step's);
+(b) the seed pipeline: ``DBNStore.to_df()``, raw CSV, ``read_csv``,
+    ``resample(label='left', closed='left').agg(...).dropna()`` per timeframe, CSV files; then
+    its validation step, written as a seed engineer would: a pandera schema (dtypes, positive
+    prices, high/low consistent with open/close, a unique increasing index, bars on their
+    timeframe's grid) validating the raw frame and each timeframe's CSV read back, and each
+    timeframe reconciled with a ``resample`` of the raw frame (``assert_frame_equal``);
+(c) the same partition through ``dagster asset materialize`` (all assets, their checks), a real
+    subprocess with ``DAGSTER_HOME`` a fresh instance (created before the clock starts) and
+    the local DBN folder as source (``DBENTO_SOURCE=dbn``): wall time and the process's peak
+    RSS; once with the in-memory hand-off of the raw month (``DBENTO_HANDOFF=true``, the
+    default) and once without it (the bars step reads the raw file).
 
-Interpreter start-up and imports are outside every timing, for (a), (b) and (c) alike.
-Run: ``python benchmarks/bench_month.py`` (``--repeat 3`` keeps the best of three).
+In (a) and (b) interpreter start-up and imports are outside the timing; (c) is what a user
+waits for, start-up included. Run: ``python benchmarks/bench_month.py`` (``--repeat 3`` keeps
+the best of three).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +52,21 @@ if TYPE_CHECKING:  # imported in the child processes only, after the package (se
 TIMEFRAMES = ("15s", "30s", "1min")
 TARGET_ROWS = 1_200_000
 SYMBOL = "ES"
+PARTITION = "2024-01-01|ES"
+Stages = dict[str, float]
+
+
+class Clock:
+    """Seconds per stage, in the order they first ran: ``with clock("stage"): ...``."""
+
+    def __init__(self) -> None:
+        self.stages: Stages = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.stages[stage] = self.stages.get(stage, 0.0) + time.perf_counter() - start
 
 
 def make_month_file(folder: Path, target_rows: int = TARGET_ROWS) -> tuple[Path, int]:
@@ -43,7 +74,11 @@ def make_month_file(folder: Path, target_rows: int = TARGET_ROWS) -> tuple[Path,
     path and its number of bars."""
     from dbento_assets.core.catalog import load_catalog
     from dbento_assets.core.dbn import encode_month
-    from dbento_assets.core.demo import generate_month_records
+    from dbento_assets.core.demo import (
+        demo_contract_schedule,
+        generate_month_records,
+        symbology_mappings,
+    )
     from dbento_assets.core.months import Month
 
     instrument = load_catalog().instrument(SYMBOL)
@@ -54,115 +89,235 @@ def make_month_file(folder: Path, target_rows: int = TARGET_ROWS) -> tuple[Path,
         if abs(len(records) - target_rows) < 0.03 * target_rows:
             break
         activity *= target_rows / max(len(records), 1)
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "ES_2024_01.ohlcv-1s.dbn.zst"
-    path.write_bytes(encode_month(records, instrument, month))
+    # With its symbology, as Databento writes it: the local DBN source reads the file.
+    mappings = symbology_mappings(instrument, demo_contract_schedule(instrument, month))
+    path.write_bytes(encode_month(records, instrument, month, mappings=mappings))
     return path, len(records)
 
 
-def step_raw(dbn: Path, out: Path, fmt: str) -> pd.DataFrame:
-    """What ``raw_1s_bars`` does: decode the month's DBN, write the raw file."""
-    from dbento_assets.core.dbn import decode_month
-    from dbento_assets.core.months import Month
-    from dbento_assets.core.storage import BarStore
-
-    month = Month(2024, 1)
-    store = BarStore.at(out, fmt)
-    raw = decode_month([dbn], SYMBOL, month).bars
-    store.write(raw, store.raw_path(SYMBOL, month))
-    return raw
+# --------------------------------------------------------------------------- (a) this project
 
 
-def step_bars(out: Path, fmt: str, raw: pd.DataFrame | None = None) -> None:
-    """What the ``bars_<tf>`` step does: read the raw file once (unless the raw step handed
-    the month over in memory), aggregate, write each timeframe."""
-    from dbento_assets.core.aggregate import aggregate_many
-    from dbento_assets.core.months import Month
-    from dbento_assets.core.storage import BarStore
-    from dbento_assets.core.timeframes import parse_timeframe
-
-    month = Month(2024, 1)
-    store = BarStore.at(out, fmt)
-    if raw is None:
-        raw = store.read(store.raw_path(SYMBOL, month))
-    aggregated = aggregate_many(raw, [parse_timeframe(label) for label in TIMEFRAMES])
-    while aggregated:
-        tf, bars = aggregated.popitem()
-        store.write(bars, store.aggregated_path(SYMBOL, month, tf))
-        del bars
-
-
-def single_process(dbn: Path, out: Path, fmt: str) -> None:
-    """The whole pipeline of (a) in one process, as the in-process executor (the default)
-    runs it: the IO manager hands the raw month to the aggregation step in memory."""
-    step_bars(out, fmt, raw=step_raw(dbn, out, fmt))
-
-
-def checks(dbn: Path, out: Path, fmt: str) -> float:
-    """All validation rules for the month (raw + each timeframe); times only the rules."""
-    from dbento_assets.core.aggregate import aggregate_bars
+def step_raw(dbn: Path, out: Path, clock: Clock) -> pd.DataFrame:
+    """What ``raw_1s_bars`` does: decode the month's DBN (its one read), run the raw rules,
+    write the raw file with the proof that its blocking rules passed."""
     from dbento_assets.core.catalog import load_catalog
     from dbento_assets.core.dbn import decode_month
     from dbento_assets.core.months import Month
-    from dbento_assets.core.run_rules import run_aggregated_rules, run_raw_rules
-    from dbento_assets.core.timeframes import parse_timeframe
+    from dbento_assets.core.run_rules import raw_rules_proof, run_raw_rules
+    from dbento_assets.core.storage import BarStore, FileIdentity
 
     month = Month(2024, 1)
     instrument = load_catalog().instrument(SYMBOL)
-    raw = decode_month([dbn], SYMBOL, month).bars
-    aggs = {label: aggregate_bars(raw, parse_timeframe(label)) for label in TIMEFRAMES}
-    start = time.perf_counter()
-    run_raw_rules(raw, month, instrument)
-    for label, agg in aggs.items():
-        run_aggregated_rules(agg, raw, month, parse_timeframe(label), instrument)
-    return time.perf_counter() - start
+    store = BarStore.at(out)
+    with clock("decode DBN"):
+        raw = decode_month([dbn], SYMBOL, month).bars
+    with clock("raw rules"):
+        results = run_raw_rules(raw, month, instrument)
+    assert not [r for r in results if r.blocking], "the benchmark month must pass its rules"
+    with clock("raw rules proof (fingerprint)"):
+        proof = raw_rules_proof(raw, month)
+    identity = FileIdentity(SYMBOL, month, "synthetic", raw_rules=proof)
+    with clock("write raw"):
+        store.write(raw, store.raw_path(SYMBOL, month), identity)
+    raw.attrs["identity"] = identity  # as the IO manager hands it over
+    return raw
 
 
-def reference(dbn: Path, out: Path, fmt: str) -> None:
-    """The seed scripts' pipeline (it only wrote CSV, so ``fmt`` is ignored)."""
+def step_bars(out: Path, clock: Clock, raw: pd.DataFrame | None = None) -> None:
+    """What the bars step does: the raw month (handed over, else read back from its file),
+    the raw gate, aggregation, the aggregated rules per timeframe, the files."""
+    from dbento_assets.core.aggregate import aggregate_many, built_from
+    from dbento_assets.core.catalog import load_catalog
+    from dbento_assets.core.months import Month
+    from dbento_assets.core.rules import RAW_BLOCKING_RULES, RULE_RECONCILED
+    from dbento_assets.core.run_rules import (
+        raw_rules_proven,
+        run_aggregated_rules,
+        run_raw_rules,
+    )
+    from dbento_assets.core.storage import BarStore, FileIdentity
+    from dbento_assets.core.timeframes import Timeframe, parse_timeframe
+
+    month = Month(2024, 1)
+    instrument = load_catalog().instrument(SYMBOL)
+    store = BarStore.at(out)
+    if raw is None:
+        with clock("read raw file"):
+            raw, identity = store.read_with_identity(store.raw_path(SYMBOL, month))
+    else:
+        identity = raw.attrs["identity"]
+    with clock("raw gate (proof check)"):
+        proven = raw_rules_proven(raw, identity, month)
+    if not proven:
+        with clock("raw gate (rules again)"):
+            run_raw_rules(raw, month, instrument, rules=RAW_BLOCKING_RULES)
+    timeframes = [parse_timeframe(label) for label in TIMEFRAMES]
+    with clock("aggregate"):
+        aggregated = aggregate_many(raw, timeframes)
+    plan = built_from(timeframes)
+    reconciled: dict[Timeframe, pd.DataFrame] = {}
+    for tf in timeframes:
+        bars = aggregated[tf]
+        with clock("aggregated rules"):
+            finer = reconciled.get(plan[tf]) if plan[tf] is not None else None
+            results = run_aggregated_rules(bars, raw, month, tf, instrument, built_from=finer)
+        assert not [r for r in results if r.blocking], f"{tf.label} fails its rules"
+        if any(r.rule == RULE_RECONCILED and r.passed for r in results):
+            reconciled[tf] = bars
+        with clock("write bars"):
+            path = store.aggregated_path(SYMBOL, month, tf)
+            store.write(bars, path, FileIdentity(SYMBOL, month, "synthetic", tf.label))
+
+
+# --------------------------------------------------------------------------- (b) the seed
+
+
+AGG = {"open": "first", "high": "max", "low": "min", "close": "last", "volume": "sum"}
+
+
+def seed_schema(label: str | None):  # -> pandera.DataFrameSchema
+    """The seed's bar schema: what a pandas engineer checks with pandera."""
+    import pandera.pandas as pa
+
+    price = pa.Column(float, pa.Check.gt(0))
+    on_grid = (
+        []
+        if label is None
+        else [pa.Check(lambda i: (i == i.dt.floor(label)).all(), element_wise=False)]
+    )
+    return pa.DataFrameSchema(
+        {
+            "open": price,
+            "high": price,
+            "low": price,
+            "close": price,
+            "volume": pa.Column(int, pa.Check.ge(0)),
+        },
+        index=pa.Index(
+            unique=True,
+            checks=[
+                # UTC timestamps, at whatever resolution read_csv parses (pandas 3)
+                pa.Check(lambda i: str(i.dt.tz) == "UTC", element_wise=False),
+                pa.Check(lambda i: i.is_monotonic_increasing, element_wise=False),
+                *on_grid,
+            ],
+        ),
+        checks=[
+            pa.Check(lambda d: d["high"] >= d[["open", "close"]].max(axis=1)),
+            pa.Check(lambda d: d["low"] <= d[["open", "close"]].min(axis=1)),
+            pa.Check(lambda d: d["high"] >= d["low"]),
+        ],
+    )
+
+
+def seed(dbn: Path, out: Path, clock: Clock) -> None:
+    """The seed scripts' pipeline (CSV only), then their validation step."""
     import databento
     import pandas as pd
 
     warnings.simplefilter("ignore")
-    df = databento.DBNStore.from_file(dbn).to_df()
+    with clock("to_df"):
+        df = databento.DBNStore.from_file(dbn).to_df()
     raw_csv = out / "ES_2024_01_1s.csv"
-    df.to_csv(raw_csv)
-    data = pd.read_csv(raw_csv, index_col="ts_event", parse_dates=["ts_event"])
-    agg = {"open": "first", "high": "max", "low": "min", "close": "last", "volume": "sum"}
+    with clock("write raw CSV"):
+        df.to_csv(raw_csv)
+    del df
+    with clock("read_csv"):
+        data = pd.read_csv(raw_csv, index_col="ts_event", parse_dates=["ts_event"])
     for label in TIMEFRAMES:
-        bars = data.resample(label, label="left", closed="left").agg(agg).dropna()
-        bars.to_csv(out / f"ES_2024_01_{label}.csv")
+        with clock("resample"):
+            bars = data.resample(label, label="left", closed="left").agg(AGG).dropna()
+        with clock("write bars CSV"):
+            bars.to_csv(out / f"ES_2024_01_{label}.csv")
+        del bars
+    # The validation step: the raw frame, then each timeframe's file, reconciled with raw.
+    with clock("validation"):
+        seed_schema(None).validate(data)
+        for label in TIMEFRAMES:
+            path = out / f"ES_2024_01_{label}.csv"
+            stored = pd.read_csv(path, index_col="ts_event", parse_dates=["ts_event"])
+            seed_schema(label).validate(stored)
+            expected = data.resample(label, label="left", closed="left").agg(AGG).dropna()
+            pd.testing.assert_frame_equal(
+                stored, expected, check_freq=False, check_index_type=False
+            )
 
 
-def child(kind: str, dbn: Path, out: Path, fmt: str) -> None:
-    """Run one piece in this fresh process; print its seconds and peak RSS as JSON."""
-    if kind != "reference":
+# --------------------------------------------------------------------------- (c) Dagster
+
+
+def through_dagster(dbn: Path, out: Path, handoff: bool) -> dict[str, float]:
+    """One partition through ``dagster asset materialize`` in a subprocess: its wall time and
+    peak RSS (this wrapper's only child, so ``RUSAGE_CHILDREN`` is that process's)."""
+    from dagster import DagsterInstance
+
+    home = out / "dagster_home"
+    home.mkdir()
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "DBENTO_SOURCE": "dbn",
+        "DBENTO_DBN_DIR": str(dbn.parent),
+        "DBENTO_DATA_DIR": str(out / "data"),
+        "DBENTO_HANDOFF": "true" if handoff else "false",
+    }
+    os.environ["DAGSTER_HOME"] = str(home)
+    DagsterInstance.get().dispose()  # the fresh instance exists before the clock starts
+    dagster = shutil.which("dagster") or str(Path(sys.executable).parent / "dagster")
+    cmd = [dagster, "asset", "materialize", "-m", "dbento_assets.definitions"]
+    cmd += ["--select", "*", "--partition", PARTITION]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=out)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"dagster asset materialize failed:\n{done.stderr[-3000:]}")
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"seconds": wall, "peak_rss_mb": rss}
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def child(kind: str, dbn: Path, out: Path) -> None:
+    """Run one piece in this fresh process; print its seconds, stages and peak RSS as JSON."""
+    if kind.startswith("dagster"):
+        print(json.dumps(through_dagster(dbn, out, handoff=kind == "dagster")))
+        return
+    if kind != "seed":
         # A process running this project's pipeline (a Dagster run worker, a CLI) imports
         # the package before pandas or pyarrow, which sets its allocator choice.
         import dbento_assets
+        from dbento_assets.core.storage import share_system_allocator
+
+        share_system_allocator()  # as the IO manager does when a run starts
     # Import what any piece uses before the clock starts: start-up is not the pipeline.
     import databento  # noqa: F401
     import pandas  # noqa: F401
     import pyarrow.csv
     import pyarrow.parquet  # noqa: F401
 
-    if kind != "reference":
+    if kind == "seed":
+        import pandera.pandas  # noqa: F401
+    else:
         import dbento_assets.core.aggregate
         import dbento_assets.core.dbn
-        import dbento_assets.core.storage
-    if kind == "checks":
-        import dbento_assets.core.run_rules  # noqa: F401
+        import dbento_assets.core.run_rules
+        import dbento_assets.core.storage  # noqa: F401
 
-    start = time.perf_counter()
-    if kind == "raw":
-        step_raw(dbn, out, fmt)
+    clock = Clock()
+    if kind == "ours":
+        step_bars(out, clock, raw=step_raw(dbn, out, clock))
+    elif kind == "raw":
+        step_raw(dbn, out, clock)
     elif kind == "bars":
-        step_bars(out, fmt)
-    elif kind == "single":
-        single_process(dbn, out, fmt)
-    elif kind == "reference":
-        reference(dbn, out, fmt)
-    seconds = checks(dbn, out, fmt) if kind == "checks" else time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb()}))
+        step_bars(out, clock)
+    elif kind == "seed":
+        seed(dbn, out, clock)
+    seconds = sum(clock.stages.values())
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "stages": clock.stages}))
 
 
 def peak_rss_mb() -> float:
@@ -176,21 +331,28 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_child(kind: str, dbn: Path, out: Path, fmt: str) -> dict[str, float]:
+def run_child(kind: str, dbn: Path, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--dbn", str(dbn), "--out", str(out)]
-    done = subprocess.run([*cmd, "--fmt", fmt], capture_output=True, text=True, check=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{kind} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure(kinds: list[str], dbn: Path, fmt: str, repeat: int) -> dict[str, float]:
+def measure(kinds: list[str], dbn: Path, repeat: int) -> dict:
     """Run ``kinds`` in sequence, each in a fresh process; best total of ``repeat`` tries."""
-    best: dict[str, float] | None = None
+    best: dict | None = None
     for _ in range(repeat):
         with tempfile.TemporaryDirectory() as out:
-            runs = [run_child(kind, dbn, Path(out), fmt) for kind in kinds]
+            runs = [run_child(kind, dbn, Path(out)) for kind in kinds]
+        stages: Stages = {}
+        for r in runs:
+            for name, seconds in r.get("stages", {}).items():
+                stages[name] = stages.get(name, 0.0) + seconds
         total = {
             "seconds": sum(r["seconds"] for r in runs),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "stages": stages,
         }
         if best is None or total["seconds"] < best["seconds"]:
             best = total
@@ -198,49 +360,53 @@ def measure(kinds: list[str], dbn: Path, fmt: str, repeat: int) -> dict[str, flo
     return best
 
 
+def stage_text(stages: Stages) -> str:
+    return ", ".join(f"{name} {seconds:.3f}" for name, seconds in stages.items())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child")
     parser.add_argument("--dbn", type=Path)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--fmt", default="parquet", choices=["parquet", "csv"])
     parser.add_argument("--repeat", type=int, default=1, help="best of N runs per pipeline")
     parser.add_argument(
         "--rows", type=int, default=TARGET_ROWS, help="one-second bars in the month (~)"
     )
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.dbn, args.out, args.fmt)
+        child(args.child, args.dbn, args.out)
         return
-    variants = {
-        "in-process executor (default), one process": ["single"],
-        "multiprocess executor, one process per step": ["raw", "bars"],
-    }
     with tempfile.TemporaryDirectory() as tmp:
-        dbn, rows = make_month_file(Path(tmp), args.rows)
+        dbn, rows = make_month_file(Path(tmp) / "dbn", args.rows)
         print(f"month: ES 2024-01, {rows:,} one-second bars, DBN {dbn.stat().st_size:,} bytes")
-        ref = measure(["reference"], dbn, "csv", args.repeat)
+        ref = measure(["seed"], dbn, args.repeat)
         print(
-            "reference (to_df -> CSV -> read_csv -> resample -> CSV): "
-            f"{ref['seconds']:.2f} s, peak RSS {ref['peak_rss_mb']:.0f} MB"
+            "reference, the seed pipeline with its validation rules (to_df -> CSV -> read_csv "
+            "-> resample -> CSV; pandera schemas + resample reconciliation): "
+            f"{ref['seconds']:.2f} s, peak RSS "
+            f"{ref['peak_rss_mb']:.0f} MB\n  stages (s): {stage_text(ref['stages'])}"
         )
-        default_parquet = 0.0
-        for fmt in ("parquet", "csv"):
-            for name, kinds in variants.items():
-                ours = measure(kinds, dbn, fmt, args.repeat)
-                default_parquet = default_parquet or ours["seconds"]
-                print(
-                    f"dbento_assets [{fmt}], {name}: {ours['seconds']:.3f} s -> "
-                    f"{ref['seconds'] / ours['seconds']:.1f}x faster; peak RSS "
-                    f"{ours['peak_rss_mb']:.0f} MB = {ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}"
-                    " of the reference"
-                )
-        rules = measure(["checks"], dbn, "parquet", args.repeat)
-        print(
-            f"all validation rules (raw + {len(TIMEFRAMES)} timeframes): "
-            f"{rules['seconds']:.3f} s = {rules['seconds'] / default_parquet:.2f} of the "
-            "default Parquet pipeline's time"
-        )
+        variants = {
+            "whole partition, rules included, one process (in-process executor)": ["ours"],
+            "whole partition, rules included, a process per step (files only)": ["raw", "bars"],
+        }
+        for name, kinds in variants.items():
+            ours = measure(kinds, dbn, args.repeat)
+            print(
+                f"dbento_assets [parquet], {name}: {ours['seconds']:.3f} s -> "
+                f"{ref['seconds'] / ours['seconds']:.1f}x faster than the seed; peak RSS "
+                f"{ours['peak_rss_mb']:.0f} MB = {ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}"
+                f" of the seed's\n  stages (s): {stage_text(ours['stages'])}"
+            )
+        for kind, name in [("dagster", "with"), ("dagster-files", "without")]:
+            run = measure([kind], dbn, args.repeat)
+            print(
+                f"dagster asset materialize, one partition, {name} the in-memory hand-off: "
+                f"wall {run['seconds']:.2f} s = {run['seconds'] / ref['seconds']:.2f} of the "
+                f"seed's time; peak RSS {run['peak_rss_mb']:.0f} MB = "
+                f"{run['peak_rss_mb'] / ref['peak_rss_mb']:.2f} of the seed's"
+            )
 
 
 if __name__ == "__main__":

@@ -39,15 +39,20 @@ from dbento_assets.checks import (
     selected_results,
     vendor_result,
 )
-from dbento_assets.core.aggregate import aggregate_many
+from dbento_assets.core.aggregate import aggregate_many, built_from
 from dbento_assets.core.catalog import Catalog, Instrument
 from dbento_assets.core.coverage import IncompleteMonth, Window, require_whole_month
 from dbento_assets.core.databento_api import DatabentoSource
 from dbento_assets.core.dbn import DecodedMonth, decode_month
 from dbento_assets.core.months import Month
 from dbento_assets.core.preflight import preflight
-from dbento_assets.core.rules import RULE_VENDOR, RuleResult
-from dbento_assets.core.run_rules import run_aggregated_rules, run_raw_rules
+from dbento_assets.core.rules import RULE_RECONCILED, RULE_VENDOR, RuleResult
+from dbento_assets.core.run_rules import (
+    raw_rules_proof,
+    raw_rules_proven,
+    run_aggregated_rules,
+    run_raw_rules,
+)
 from dbento_assets.core.source import (
     DownloadRefused,
     FetchedMonth,
@@ -66,10 +71,12 @@ from dbento_assets.core.storage import (
     identity_problem,
     windows_json,
 )
+from dbento_assets.core.timeframes import Timeframe
 from dbento_assets.io_managers import (
     COMPLETE_KEY,
     COVERAGE_KEY,
     IDENTITY_ATTR,
+    RAW_RULES_KEY,
     THROUGH_KEY,
     BarFileIOManager,
 )
@@ -186,6 +193,9 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
                 "forced": request.force,
                 **partial_metadata(fetched.complete, _through(fetched) or month.end),
                 COVERAGE_KEY: windows_json(covered),
+                # Its blocking rules passed on exactly these bars (accept refuses otherwise):
+                # written into the file, so the bars step does not run them again.
+                RAW_RULES_KEY: raw_rules_proof(bars, month),
                 # The IO manager records the source itself (marking demo data synthetic).
                 **{f"source_{k}": _plain(v) for k, v in fetched.metadata.items() if k != "source"},
                 **vendor,
@@ -282,16 +292,25 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
         built = {key.path[-1] for key in context.selected_asset_keys}
         checked = {key.asset_key.path[-1] for key in context.selected_asset_check_keys}
         refused: list[tuple[str, list[RuleResult]]] = []
-        aggregated = aggregate_many(raw, [tf for name, tf in by_name.items() if name in built])
+        selected = [tf for name, tf in by_name.items() if name in built]
+        aggregated = aggregate_many(raw, selected)
+        plan = built_from(selected)
+        # Built bars proven equal to raw's, kept while a coarser timeframe built from them
+        # is reconciled against them (a fraction of raw's rows, same proof).
+        proven: dict[Timeframe, pd.DataFrame] = {}
         for name, tf in by_name.items():
             if name not in built and name not in checked:
                 continue
             key = AssetKey(name)
+            finer = None
             if name in built:
                 bars = aggregated.pop(tf)
+                finer = proven.get(plan[tf]) if plan[tf] is not None else None
             else:  # only checks selected: check the file this asset has on disk
                 bars = _bars_on_disk(context, key, partition, instrument)
-            results = run_aggregated_rules(bars, raw, month, tf, instrument)
+            results = run_aggregated_rules(bars, raw, month, tf, instrument, built_from=finer)
+            if name in built and tf in plan.values() and _reconciled(results):
+                proven[tf] = bars
             if (
                 tf.seconds == 60
                 and AssetCheckKey(key, RULE_VENDOR) in context.selected_asset_check_keys
@@ -345,6 +364,10 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
     return _bars
 
 
+def _reconciled(results: list[RuleResult]) -> bool:
+    return any(r.rule == RULE_RECONCILED and r.passed for r in results)
+
+
 def _bars_on_disk(
     context: AssetExecutionContext, key: AssetKey, partition: Partition, instrument: Instrument
 ) -> pd.DataFrame:
@@ -380,8 +403,10 @@ def _refuse_unfit_raw(
     origin, dataset; see :func:`~dbento_assets.core.storage.identity_problem`) and its bars
     (one symbol, inside the month), else the step fails with one sentence naming the file
     and what it holds (a file of older code, without identity, is judged by its bars). The
-    loaded raw frame must pass the blocking raw rules (cheap, and true whatever the notes
-    say: it catches a raw file edited or copied in by hand). And while the month's refusal
+    loaded raw frame must pass the blocking raw rules, true whatever the notes say: they are
+    run again unless the file's identity proves they passed on exactly these bars (see
+    :func:`~dbento_assets.core.run_rules.raw_rules_proof`), so a raw file edited, copied in
+    by hand or written by older code is checked. And while the month's refusal
     note lies beside the raw file, its latest download was refused and raw is not fixed yet
     (writing a good raw file clears the note).
     """
@@ -402,7 +427,9 @@ def _refuse_unfit_raw(
                 ),
                 allow_retries=False,
             )
-    from_frame = raw_gate(raw, month, instrument)
+    found = raw.attrs.get(IDENTITY_ATTR)
+    proven = raw_rules_proven(raw, found if isinstance(found, FileIdentity) else None, month)
+    from_frame = [] if proven else raw_gate(raw, month, instrument)
     if from_frame:
         raise refusal(
             f"The raw 1-second bars of {partition} fail blocking checks, so no bars were built "

@@ -9,7 +9,8 @@ source (synthetic demo data is marked as such) and the column schema. Every file
 with its :class:`~dbento_assets.core.storage.FileIdentity` (symbol, month, origin, timeframe,
 dataset from the output's ``dataset`` metadata); a loaded frame carries the identity of its
 file in ``frame.attrs[IDENTITY_ATTR]`` for the step to judge; a raw file's identity also
-carries the windows its DBN data covered (output metadata ``covered``). Writing a raw file
+carries the windows its DBN data covered (output metadata ``covered``) and the proof that
+its blocking rules passed on its bars (output metadata ``raw_rules_proof``). Writing a raw file
 clears the month's refusal note (see :meth:`~dbento_assets.core.storage.BarStore.write_note`):
 the month is fixed. The data folder's origin mark is written after the first file, so a run
 that wrote nothing never marks a folder.
@@ -58,6 +59,8 @@ IDENTITY_ATTR = "dbento_identity"  # frame.attrs key: the identity of the file i
 COMPLETE_KEY = "complete"
 THROUGH_KEY = "through"
 COVERAGE_KEY = "covered"  # raw_1s_bars output metadata: the windows its DBN data covers
+# raw_1s_bars output metadata: the proof that its blocking rules passed on these bars
+RAW_RULES_KEY = "raw_rules_proof"
 BAR_SCHEMA = TableSchema(
     columns=[TableColumn(name, str(DTYPES[name])) for name in COLUMNS],
 )
@@ -76,6 +79,11 @@ class BarFileIOManager(ConfigurableIOManager):
 
     databento: ResourceDependency[DatabentoResource]
     format: str = Field(default="parquet", description="Bar file format: parquet or csv.")
+    handoff: bool = Field(
+        default=True,
+        description="Hand the raw month just written to the bars step of the same process in "
+        "memory instead of reading the file back (benchmarks/bench_month.py measures it).",
+    )
 
     @property
     def data_dir(self) -> str:
@@ -108,9 +116,11 @@ class BarFileIOManager(ConfigurableIOManager):
         complete: bool = True,
         through: str = "",
         covered: tuple[Window, ...] = (),
+        raw_rules: str = "",
     ) -> FileIdentity:
         """What the file of one asset partition must hold (``complete``/``through``: a month
-        that has not closed yet, stored partial; ``covered``: the windows its DBN covered)."""
+        that has not closed yet, stored partial; ``covered``: the windows its DBN covered;
+        ``raw_rules``: the proof that the blocking raw rules passed on its bars)."""
         timeframe = timeframe_of(asset_key.path[-1])
         return FileIdentity(
             partition.symbol,
@@ -121,6 +131,7 @@ class BarFileIOManager(ConfigurableIOManager):
             complete=complete,
             through="" if complete else through,
             covered=covered,
+            raw_rules=raw_rules if timeframe is None else "",
         )
 
     def handle_output(self, context: OutputContext, obj: pd.DataFrame) -> None:
@@ -135,6 +146,7 @@ class BarFileIOManager(ConfigurableIOManager):
             complete=meta.get(COMPLETE_KEY) is not False,
             through=str(meta.get(THROUGH_KEY) or ""),
             covered=windows_from_json(meta.get(COVERAGE_KEY) or []),
+            raw_rules=str(meta.get(RAW_RULES_KEY) or ""),
         )
         for stale in store.remove_stale_temps([path]):
             context.log.info(f"Removed {stale}, left by a write that was killed")
@@ -143,7 +155,8 @@ class BarFileIOManager(ConfigurableIOManager):
             # A good raw month is stored: an earlier refused download no longer holds it back.
             store.clear_note(partition.symbol, partition.month, REFUSED_NOTE)
             obj.attrs[IDENTITY_ATTR] = identity
-            _HANDOFF.keep(path, obj)
+            if self.handoff:
+                _HANDOFF.keep(path, obj)
         context.add_output_metadata(bar_file_metadata(obj, path, size, self.source))
 
     def load_input(self, context: InputContext) -> pd.DataFrame:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import zstandard
 from dagster import (
@@ -35,6 +37,7 @@ from dagster._core.event_api import PartitionKeyFilter
 # A check record's status has no public name in Dagster 1.13; the tests compare with it.
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
+import dbento_assets.assets as assets_module
 import dbento_assets.core.aggregate as aggregate_module
 from dbento_assets.assets import build_assets
 from dbento_assets.checks import (
@@ -59,7 +62,7 @@ from dbento_assets.core.databento_api import DatabentoSource
 from dbento_assets.core.dbn import decode_month, encode_month, encode_ohlcv, read_records
 from dbento_assets.core.demo import DemoSource
 from dbento_assets.core.months import Month
-from dbento_assets.core.run_rules import run_raw_rules
+from dbento_assets.core.run_rules import raw_rules_proof, raw_rules_proven, run_raw_rules
 from dbento_assets.core.source import FetchedMonth, FetchRequest, Logger, MonthSource
 from dbento_assets.core.storage import REFUSED_NOTE, BarStore
 from dbento_assets.core.timeframes import parse_timeframe
@@ -509,6 +512,80 @@ def test_bars_refuse_a_raw_file_replaced_by_hand_with_a_bar_outside_the_month(
     text = failure_description(result)
     assert f"The raw 1-second bars of {ES_JAN} fail blocking checks" in text
     assert "1 bar outside 2024-01" in text and "0 before it, 1 after it" in text
+    assert files_under(es_root) == before
+
+
+def counting_raw_gate(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the bars step's runs of the blocking raw rules (one entry per run)."""
+    calls: list[int] = []
+    real = assets_module.raw_gate
+
+    def counted(raw: pd.DataFrame, month: Month, instrument) -> list:
+        calls.append(len(raw))
+        return real(raw, month, instrument)
+
+    monkeypatch.setattr(assets_module, "raw_gate", counted)
+    return calls
+
+
+def test_the_bars_step_trusts_a_raw_file_proven_by_the_raw_step(
+    es_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The raw rules run once per raw month: the raw file carries the proof that they
+    passed on exactly its bars, and the bars step, from the file or handed over in memory,
+    does not run them again. A file without the proof (older code, by hand) is checked."""
+    calls = counting_raw_gate(monkeypatch)
+    store = BarStore.at(es_root)
+    path = store.raw_path("ES", JAN)
+    raw, identity = store.read_with_identity(path)
+    assert identity is not None and identity.raw_rules == raw_rules_proof(raw, JAN)
+
+    assert run(es_root, DagsterInstance.ephemeral(), selection=bars_only()).success
+    assert run(tmp_path / "fresh", DagsterInstance.ephemeral()).success  # raw + bars, one run
+    assert calls == []
+
+    store.write(raw, path, replace(identity, raw_rules=""))  # as older code wrote it
+    assert run(es_root, DagsterInstance.ephemeral(), selection=bars_only()).success
+    assert calls == [len(raw)]
+
+
+def test_a_proof_holds_for_its_month_and_its_bars_only(es_root: Path) -> None:
+    store = BarStore.at(es_root)
+    raw, identity = store.read_with_identity(store.raw_path("ES", JAN))
+    assert raw_rules_proven(raw, identity, JAN)
+    assert not raw_rules_proven(raw, identity, Month(2024, 2))  # relabelled as another month
+    assert not raw_rules_proven(raw.iloc[:-1], identity, JAN)  # a bar dropped
+    edited = raw.copy()
+    edited.loc[3, "volume"] += np.uint64(1)
+    assert not raw_rules_proven(edited, identity, JAN)
+    assert not raw_rules_proven(raw, None, JAN)  # no identity: older code, by hand
+
+
+def test_a_raw_file_edited_under_its_identity_is_checked_again_and_refused(
+    es_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One price changed in the Parquet file, its footer (the identity and its proof) kept:
+    the proof no longer matches the bars, so the raw rules run and refuse them."""
+    calls = counting_raw_gate(monkeypatch)
+    store = BarStore.at(es_root)
+    path = Path(store.raw_path("ES", JAN).path)
+    table = pq.read_table(path)
+    high = table.column("high").to_numpy().copy()
+    row = len(high) // 2
+    high[row] = table.column("low")[row].as_py() - 0.25  # a high below its low
+    edited = table.set_column(table.schema.get_field_index("high"), "high", pa.array(high))
+    pq.write_table(edited.replace_schema_metadata(table.schema.metadata), path)
+    found = store.identity_of(store.raw_path("ES", JAN))
+    assert found is not None and found.raw_rules  # the proof is still there, now stale
+    before = files_under(es_root)
+
+    result = run(es_root, DagsterInstance.ephemeral(), selection=bars_only())
+
+    assert not result.success
+    assert len(calls) == 1
+    text = failure_description(result)
+    assert f"The raw 1-second bars of {ES_JAN} fail blocking checks" in text
+    assert "1 bar with impossible prices" in text  # the ohlc_consistent rule
     assert files_under(es_root) == before
 
 

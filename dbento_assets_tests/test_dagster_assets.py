@@ -21,7 +21,7 @@ from dbento_assets.core.source import FetchRequest
 from dbento_assets.core.storage import BarStore
 from dbento_assets.core.timeframes import parse_timeframe
 from dbento_assets.definitions import build_definitions
-from dbento_assets.io_managers import BarFileIOManager
+from dbento_assets.io_managers import BarFileIOManager, io_manager_from_env
 from dbento_assets.resources import DatabentoResource
 
 REPO = Path(__file__).resolve().parent.parent
@@ -215,6 +215,35 @@ def test_aggregation_takes_the_raw_month_from_memory_in_the_same_process(tmp_pat
     monkeypatch.setattr(BarStore, "read_with_identity", counting_read)
     assert run_partition(tmp_path).success  # in-process: both steps in this process
     assert not [p for p in reads if "raw_1s" in p]
+    store = BarStore.at(tmp_path)
+    raw = real_read(store, store.raw_path("ES", JAN))[0]
+    bars = real_read(store, store.aggregated_path("ES", JAN, parse_timeframe("1min")))[0]
+    pd.testing.assert_frame_equal(bars, aggregate_bars(raw, parse_timeframe("1min")))
+
+
+def test_without_the_handoff_the_aggregation_reads_the_raw_file(tmp_path, monkeypatch):
+    """DBENTO_HANDOFF=false (what bench_month.py compares): the bars step reads the raw file
+    back once, and builds the same bars."""
+    reads: list[str] = []
+    real_read = BarStore.read_with_identity
+
+    def counting_read(self, path):
+        reads.append(str(path))
+        return real_read(self, path)
+
+    monkeypatch.setattr(BarStore, "read_with_identity", counting_read)
+    monkeypatch.setenv("DBENTO_HANDOFF", "false")
+    databento = DatabentoResource(source="demo", data_dir=str(tmp_path), demo_activity=ACTIVITY)
+    io_manager = io_manager_from_env(databento)
+    assert io_manager.handoff is False
+    result = materialize(
+        build_assets(load_catalog()),
+        partition_key=PARTITION,
+        resources={"databento": databento, "io_manager": io_manager},
+        instance=DagsterInstance.ephemeral(),
+    )
+    assert result.success
+    assert len([p for p in reads if "raw_1s" in p]) == 1
     store = BarStore.at(tmp_path)
     raw = real_read(store, store.raw_path("ES", JAN))[0]
     bars = real_read(store, store.aggregated_path("ES", JAN, parse_timeframe("1min")))[0]

@@ -19,6 +19,7 @@ from dagster import AssetSelection, DagsterInstance, materialize
 from dbento_assets.assets import build_assets
 from dbento_assets.core.catalog import load_catalog
 from dbento_assets.core.months import Month
+from dbento_assets.core.run_rules import raw_rules_proof
 from dbento_assets.core.storage import CODE_VERSION, BarStore, FileIdentity
 from dbento_assets.core.timeframes import parse_timeframe
 from dbento_assets.io_managers import BarFileIOManager
@@ -108,6 +109,9 @@ def test_identity_is_in_the_footer_and_readable_by_pyarrow_and_duckdb(demo_runs)
     root = demo_runs["parquet"]
     raw = raw_file(root)
     pairs = {k.decode(): v.decode() for k, v in pq.read_metadata(raw).metadata.items()}
+    # The proof that the blocking raw rules passed on exactly these bars (issue 12).
+    bars = BarStore.at(root).read(BarStore.at(root).raw_path("ES", Month(2024, 1)))
+    assert pairs.pop("dbento.raw_rules") == raw_rules_proof(bars, Month(2024, 1))
     assert pairs == {
         "dbento.symbol": "ES",
         "dbento.month": "2024-01",
@@ -139,10 +143,12 @@ def test_csv_sidecar_matches_its_file(demo_runs):
     assert note["dbento.symbol"] == "ES" and note["dbento.origin"] == "synthetic"
     assert note["dbento.sha256"] == sha256(raw)
     assert int(note["dbento.size_bytes"]) == raw.stat().st_size
-    _, identity = BarStore.at(root, "csv").read_with_identity(
+    bars, identity = BarStore.at(root, "csv").read_with_identity(
         BarStore.at(root, "csv").raw_path("ES", JAN)
     )
-    assert identity == FileIdentity("ES", JAN, "synthetic", "1s", "GLBX.MDP3")
+    # The proof of the raw rules holds for the bars read back from CSV too (issue 12).
+    proof = raw_rules_proof(bars, JAN)
+    assert identity == FileIdentity("ES", JAN, "synthetic", "1s", "GLBX.MDP3", raw_rules=proof)
 
 
 def test_nq_raw_file_over_es_is_refused_in_one_sentence(es_root):

@@ -510,16 +510,55 @@ def test_reconciliation_sample_puts_wrong_and_expected_values_side_by_side() -> 
 def test_reconciliation_counts_bins_and_volume_independently_of_the_kernel(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A kernel that loses a bar cannot vouch for an aggregate that lost the same bar."""
+    """A recomputation that loses a bar cannot vouch for an aggregate that lost the same bar."""
     raw = raw_es()
     lossy = aggregate_bars(raw, MINUTE).iloc[1:].reset_index(drop=True)
-    monkeypatch.setattr(comparison, "aggregate_bars", lambda bars, tf: lossy.copy())
+    # The bars' recomputation made as lossy as the aggregate: the totals still catch it.
+    monkeypatch.setattr(comparison, "expected_bars", lambda bars, tf: lossy.copy())
     result = check_reconciliation(lossy, raw, MINUTE)
     assert not result.passed
     assert result.extra["differing_bars"] == result.extra["missing_bars"] == 0
     assert result.extra["non_empty_bins"] == len(lossy) + 1
     assert result.violations == 2  # one instrument's volume total, one bar count
     assert "aggregation itself is suspect" in result.description
+
+
+def _bins_shifted_by_one_second(bars: pd.DataFrame, timeframe) -> pd.DataFrame:
+    """A wrong kernel: every bin opens a second late (off by one)."""
+    ts = bars["ts_event"].array.asi8 - SECOND
+    return aggregate_bars(bars.assign(ts_event=pd.to_datetime(ts, utc=True)), timeframe)
+
+
+def _high_of_the_first_second(bars: pd.DataFrame, timeframe) -> pd.DataFrame:
+    """A wrong kernel: the high of a bar is its first second's high, not the highest."""
+    out = aggregate_bars(bars, timeframe)
+    first = bars.groupby(bars["ts_event"].dt.floor(timeframe.label))["high"].first()
+    return out.assign(high=first.to_numpy())
+
+
+@pytest.mark.parametrize("kernel", [_bins_shifted_by_one_second, _high_of_the_first_second])
+def test_reconciliation_catches_a_wrong_kernel(kernel: Callable, monkeypatch) -> None:
+    """The recomputation is not the kernel: bars from a wrong kernel fail, from raw or from
+    the finer bars they were built from, whatever the kernel makes of them."""
+    raw = raw_es()
+    fine = aggregate_bars(raw, parse_timeframe("30s"))
+    for source in (raw, fine):
+        wrong = kernel(source, MINUTE)
+        # Even with the wrong kernel in force everywhere, the recomputation stays right.
+        monkeypatch.setattr("dbento_assets.core.aggregate.aggregate_bars", kernel)
+        result = check_reconciliation(wrong, raw, MINUTE, None if source is raw else fine)
+        monkeypatch.undo()
+        assert not result.passed
+        assert result.extra["differing_bars"] + result.extra["missing_bars"] > 0
+
+
+def test_the_expected_bars_equal_the_kernels_from_raw_and_from_finer_bars() -> None:
+    raw = raw_es()  # March: a roll, so two instruments
+    fine = aggregate_bars(raw, parse_timeframe("15s"))
+    for source in (raw, fine, raw.sample(frac=1, random_state=1)):  # unsorted raw too
+        expected = comparison.expected_bars(source, MINUTE)
+        pd.testing.assert_frame_equal(expected, aggregate_bars(raw, MINUTE))
+    assert check_reconciliation(aggregate_bars(raw, MINUTE), raw, MINUTE, fine).passed
 
 
 def test_bar_outside_the_month_in_raw_is_reported_in_the_aggregate() -> None:

@@ -91,11 +91,19 @@ def aggregate_many(
     timeframes then read a fraction of the rows.
     """
     built: dict[Timeframe, pd.DataFrame] = {}
-    for timeframe in sorted(set(timeframes), key=lambda tf: tf.nanos):
-        finer = [tf for tf in built if timeframe.nanos % tf.nanos == 0]
-        source = built[max(finer, key=lambda tf: tf.nanos)] if finer else bars
-        built[timeframe] = aggregate_bars(source, timeframe)
+    for timeframe, finer in built_from(timeframes).items():
+        built[timeframe] = aggregate_bars(bars if finer is None else built[finer], timeframe)
     return built
+
+
+def built_from(timeframes: Iterable[Timeframe]) -> dict[Timeframe, Timeframe | None]:
+    """What :func:`aggregate_many` builds each timeframe from, finest first: the widest
+    finer one of ``timeframes`` dividing it, or None (the 1-second bars)."""
+    plan: dict[Timeframe, Timeframe | None] = {}
+    for timeframe in sorted(set(timeframes), key=lambda tf: tf.nanos):
+        finer = [tf for tf in plan if timeframe.nanos % tf.nanos == 0]
+        plan[timeframe] = max(finer, key=lambda tf: tf.nanos) if finer else None
+    return plan
 
 
 def _time_order_per_instrument(ts: np.ndarray, iid: np.ndarray) -> np.ndarray | None:

@@ -2,7 +2,8 @@
 
 Results come in the order of :data:`~.rules.RAW_RULES` and :data:`~.rules.AGGREGATED_RULES`.
 The vendor cross-check (:func:`~.comparison.check_vendor`) is not run here: it needs
-Databento's 1-minute bars, which the asset step fetches.
+Databento's 1-minute bars, which the asset step fetches. :func:`raw_rules_proof` is what a raw
+file records once its blocking rules passed, so a later step need not run them again.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dbento_assets.core.frame_rules import (
 from dbento_assets.core.months import Month
 from dbento_assets.core.rolls import check_rolls, check_rolls_aggregated
 from dbento_assets.core.rules import (
+    RAW_BLOCKING_RULES,
     RAW_RULES,
     RULE_ALIGNED,
     RULE_CALENDAR,
@@ -34,9 +36,39 @@ from dbento_assets.core.rules import (
     RULE_TIME_ORDER,
     RuleResult,
 )
+from dbento_assets.core.storage import CODE_VERSION, FileIdentity, fingerprint
 from dbento_assets.core.timeframes import Timeframe
 
 ONE_SECOND = Timeframe(1)  # the raw bars' own timeframe, for the alignment rule
+# Bump when a blocking raw rule changes what it accepts: proofs written before then no
+# longer hold, and the bars step checks those files again.
+RAW_RULES_VERSION = 1
+
+
+def raw_rules_proof(raw: pd.DataFrame, month: Month) -> str:
+    """What a raw file records once the blocking raw rules passed on ``raw`` as bars of
+    ``month``: the rule set (code version, rules version, rule names), the month and the
+    fingerprint of exactly these bars.
+
+    The bars step recomputes it from the frame it loads for its partition's month; equal,
+    the rules already passed on this content for this month, so they are not run again (an
+    edited file, or one written by older code or by hand, has no matching proof and is
+    checked).
+    """
+    rules = ",".join(RAW_BLOCKING_RULES)
+    return (
+        f"{CODE_VERSION}; raw rules v{RAW_RULES_VERSION} ({rules}); {month}; "
+        f"xxh3-128 {fingerprint(raw)}"
+    )
+
+
+def raw_rules_proven(raw: pd.DataFrame, identity: FileIdentity | None, month: Month) -> bool:
+    """True when the identity of the file ``raw`` came from proves that the blocking raw
+    rules passed on exactly these bars for ``month`` (the fingerprint is recomputed, ~10 ms
+    a month)."""
+    if identity is None or not identity.raw_rules:
+        return False
+    return identity.raw_rules == raw_rules_proof(raw, month)
 
 
 def run_raw_rules(
@@ -78,12 +110,15 @@ def run_aggregated_rules(
     month: Month,
     timeframe: Timeframe,
     instrument: Instrument,
+    *,
+    built_from: pd.DataFrame | None = None,
 ) -> list[RuleResult]:
     """All rules for an aggregated partition, in :data:`AGGREGATED_RULES` order.
 
     Calendar completeness is a raw-only rule: reconciliation proves the aggregated frame
-    covers the same sessions. ``instrument`` is accepted for symmetry with
-    :func:`run_raw_rules`.
+    covers the same sessions. ``built_from``: the finer bars ``agg`` was built from, already
+    reconciled with ``raw`` (see :func:`~.comparison.check_reconciliation`). ``instrument``
+    is accepted for symmetry with :func:`run_raw_rules`.
     """
     del instrument  # the aggregated rules do not depend on the calendar
     return [
@@ -92,6 +127,6 @@ def run_aggregated_rules(
         check_ohlc(agg),
         check_inside_month(agg, month),
         check_alignment(agg, timeframe),
-        check_reconciliation(agg, raw, timeframe),
+        check_reconciliation(agg, raw, timeframe, built_from),
         check_rolls_aggregated(agg, raw, timeframe),
     ]

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+import xxhash
 from upath import UPath
 
 from dbento_assets.core.bars import COLUMNS, DTYPES
@@ -121,6 +122,9 @@ class FileIdentity:
     # The windows of the month the source's DBN data covers (a dataset starting mid-month, a
     # request cut short); () when it covers the whole month, as files of older code did.
     covered: tuple[Window, ...] = ()
+    # A raw file's proof that the blocking raw rules passed on exactly its bars (see
+    # :func:`~dbento_assets.core.run_rules.raw_rules_proof`); "" when none was recorded.
+    raw_rules: str = ""
 
     def __post_init__(self) -> None:
         windows = tuple((int(s), int(e)) for s, e in self.covered)
@@ -154,6 +158,8 @@ class FileIdentity:
         }
         if self.covered:
             fields["covered"] = json.dumps(windows_json(self.covered))
+        if self.raw_rules:
+            fields["raw_rules"] = self.raw_rules
         return {IDENTITY_PREFIX + key: value for key, value in fields.items()}
 
     @classmethod
@@ -184,6 +190,7 @@ class FileIdentity:
             complete=complete,
             through="" if complete else found.get("through", ""),
             covered=windows_from_json(json.loads(found["covered"])) if "covered" in found else (),
+            raw_rules=found.get("raw_rules", ""),
         )
 
     def describe(self) -> str:
@@ -194,6 +201,60 @@ class FileIdentity:
             f"{self.symbol} {self.timeframe} bars of {self.month}{partial} "
             f"({_origin_words(self.origin)}{where})"
         )
+
+
+def fingerprint(frame: pd.DataFrame) -> str:
+    """A 128-bit digest of a frame's content: column names, dtypes, row count and every value.
+
+    Any edited value changes it. It hashes the columns' memory as it is (xxh3, about 10 ms
+    for a 1.2M-bar month, no copy of a column): numbers and timestamps as their numpy
+    buffers, Arrow-backed strings as their bytes and lengths (however they are chunked, so a
+    file read back gives the same digest as the frame that was written). Two equal frames
+    laid out otherwise may differ; a false difference only costs a re-check, never a false
+    match.
+    """
+    digest = xxhash.xxh3_128()
+    digest.update(f"{len(frame)}|{list(frame.columns)}|{list(map(str, frame.dtypes))}".encode())
+    for name in frame.columns:
+        column = frame[name]
+        if isinstance(column.dtype, pd.DatetimeTZDtype):
+            values: Any = column.array.asi8
+        elif hasattr(column.array, "__arrow_array__"):
+            _digest_arrow(digest, pa.array(column.array))
+            continue
+        else:
+            values = column.to_numpy()
+        if values.dtype == object:  # not a bar column's dtype: hashed value by value
+            values = pd.util.hash_array(values)
+        digest.update(np.ascontiguousarray(values).view(np.uint8))
+    return digest.hexdigest()
+
+
+def _digest_arrow(digest: Any, arrow: pa.Array | pa.ChunkedArray) -> None:
+    """Feed an Arrow column to ``digest`` independently of its chunks: strings as their
+    bytes, then their lengths, then where the nulls are; other types as their buffers."""
+    chunks = arrow.chunks if isinstance(arrow, pa.ChunkedArray) else [arrow]
+    if not (pa.types.is_string(arrow.type) or pa.types.is_large_string(arrow.type)):
+        for buffer in pa.concat_arrays(chunks).buffers():  # not a bar column's type
+            digest.update(b"" if buffer is None else memoryview(buffer))
+        return
+    wide = pa.types.is_large_string(arrow.type)
+    offsets = [
+        np.frombuffer(c.buffers()[1], np.int64 if wide else np.int32)[c.offset :][: len(c) + 1]
+        for c in chunks
+    ]
+    for chunk, ends in zip(chunks, offsets, strict=True):
+        if len(chunk):
+            digest.update(memoryview(chunk.buffers()[2])[int(ends[0]) : int(ends[-1])])
+    for ends in offsets:
+        for lo in range(0, max(len(ends) - 1, 0), _DIGEST_BLOCK):  # lengths in small blocks
+            digest.update(np.diff(ends[lo : lo + _DIGEST_BLOCK + 1]).astype(np.int64))
+    digest.update(f"|nulls {arrow.null_count}|".encode())
+    if arrow.null_count:
+        digest.update(np.asarray(pc.is_valid(arrow)).view(np.uint8))
+
+
+_DIGEST_BLOCK = 65_536
 
 
 def windows_json(windows: Iterable[Window]) -> list[dict[str, str]]:
