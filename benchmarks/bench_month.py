@@ -163,7 +163,7 @@ def step_bars(out: Path, clock: Clock, raw: pd.DataFrame | None = None) -> None:
         bars = aggregated[tf]
         with clock("aggregated rules"):
             finer = reconciled.get(plan[tf]) if plan[tf] is not None else None
-            results = run_aggregated_rules(bars, raw, month, tf, instrument, built_from=finer)
+            results = run_aggregated_rules(bars, raw, month, tf, built_from=finer)
         assert not [r for r in results if r.blocking], f"{tf.label} fails its rules"
         if any(r.rule == RULE_RECONCILED and r.passed for r in results):
             reconciled[tf] = bars

@@ -308,7 +308,7 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
                 finer = proven.get(plan[tf]) if plan[tf] is not None else None
             else:  # only checks selected: check the file this asset has on disk
                 bars = _bars_on_disk(context, key, partition, instrument)
-            results = run_aggregated_rules(bars, raw, month, tf, instrument, built_from=finer)
+            results = run_aggregated_rules(bars, raw, month, tf, built_from=finer)
             if name in built and tf in plan.values() and _reconciled(results):
                 proven[tf] = bars
             if (

@@ -147,10 +147,10 @@ def test_valid_raw_months_pass_every_rule() -> None:
 
 
 def test_valid_aggregates_pass_every_rule() -> None:
-    for frame, month, instrument in ((raw_es(), MARCH, ES), (raw_qqq(), JANUARY, QQQ)):
+    for frame, month in ((raw_es(), MARCH), (raw_qqq(), JANUARY)):
         for label in ("15s", "30s", "1min", "5min", "1h"):
             tf = parse_timeframe(label)
-            results = run_aggregated_rules(aggregate_bars(frame, tf), frame, month, tf, instrument)
+            results = run_aggregated_rules(aggregate_bars(frame, tf), frame, month, tf)
             assert [r.rule for r in results] == list(AGGREGATED_RULES)
             assert failing(results) == set(), (label, [r.description for r in results])
 
@@ -483,7 +483,7 @@ AGG_CASES: dict[str, tuple[Callable[[pd.DataFrame], pd.DataFrame], dict[str, int
 def test_each_aggregated_corruption_fails_exactly_its_rules(case: str) -> None:
     corrupt, expected, rule, words = AGG_CASES[case]
     raw = raw_es()
-    results = by_rule(run_aggregated_rules(corrupt(agg_es(raw)), raw, MARCH, MINUTE, ES))
+    results = by_rule(run_aggregated_rules(corrupt(agg_es(raw)), raw, MARCH, MINUTE))
     assert {r.rule: r.violations for r in results.values() if not r.passed} == expected
     assert words in results[rule].description, results[rule].description
     assert results[rule].sample_markdown().startswith("| ")
@@ -563,7 +563,7 @@ def test_the_expected_bars_equal_the_kernels_from_raw_and_from_finer_bars() -> N
 
 def test_bar_outside_the_month_in_raw_is_reported_in_the_aggregate() -> None:
     raw = _after_month(raw_es())
-    results = run_aggregated_rules(agg_es(raw), raw, MARCH, MINUTE, ES)
+    results = run_aggregated_rules(agg_es(raw), raw, MARCH, MINUTE)
     assert failing(results) == {RULE_IN_MONTH}
 
 
@@ -579,7 +579,7 @@ def test_a_roll_inside_a_minute_fails_the_1min_bars_only() -> None:
         schedule[0].instrument_id
     )
     assert failing(run_raw_rules(raw, MARCH, ES)) == set()
-    results = by_rule(run_aggregated_rules(agg_es(raw), raw, MARCH, MINUTE, ES))
+    results = by_rule(run_aggregated_rules(agg_es(raw), raw, MARCH, MINUTE))
     assert failing(list(results.values())) == {RULE_NO_ROLL_IN_BAR}
     rolls = results[RULE_NO_ROLL_IN_BAR]
     assert rolls.violations == 2  # the minute became two bars, one per contract
@@ -723,7 +723,7 @@ def test_vendor_cross_check_passes_on_the_covered_minutes_of_the_real_sample() -
     result = check_vendor(ours, vendor, covered_minutes=COVERED, month=QQQ_DAY)
     assert result.passed, result.description
     assert result.extra["compared"] == 2 and result.extra["covered_minutes"] == 2
-    assert failing(run_aggregated_rules(ours, raw, QQQ_DAY, MINUTE, QQQ)) == set()
+    assert failing(run_aggregated_rules(ours, raw, QQQ_DAY, MINUTE)) == set()
 
 
 def test_vendor_cross_check_without_coverage_flags_minutes_the_1s_file_lacks() -> None:

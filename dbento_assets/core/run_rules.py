@@ -109,7 +109,6 @@ def run_aggregated_rules(
     raw: pd.DataFrame,
     month: Month,
     timeframe: Timeframe,
-    instrument: Instrument,
     *,
     built_from: pd.DataFrame | None = None,
 ) -> list[RuleResult]:
@@ -117,10 +116,8 @@ def run_aggregated_rules(
 
     Calendar completeness is a raw-only rule: reconciliation proves the aggregated frame
     covers the same sessions. ``built_from``: the finer bars ``agg`` was built from, already
-    reconciled with ``raw`` (see :func:`~.comparison.check_reconciliation`). ``instrument``
-    is accepted for symmetry with :func:`run_raw_rules`.
+    reconciled with ``raw`` (see :func:`~.comparison.check_reconciliation`).
     """
-    del instrument  # the aggregated rules do not depend on the calendar
     return [
         check_schema(agg, aggregated=True),
         check_time_order(agg),
