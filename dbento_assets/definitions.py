@@ -1,13 +1,8 @@
 """The code location: every asset, resource and IO manager, loaded the same way by all entry points.
 
-``dagster dev`` (via ``[tool.dagster]`` in pyproject.toml), ``dagster dev -w workspace.yaml``
-and ``dagster asset materialize -m dbento_assets`` all load :data:`defs`. Its settings are
-the fields of the ``databento`` resource and of the IO manager, each read from its
-``DBENTO_*`` variable (and the settings file ``dbento.env`` of the working directory; see
-``.env.example``). It holds the assets (with their checks), the monthly schedule (stopped
-until you turn it on) and the executor chosen by ``DBENTO_EXECUTOR`` (in-process when
-unset: see :mod:`dbento_assets.executors`). :func:`build_definitions` builds the same thing from
-explicit parts for tests.
+``dagster dev``, ``dagster dev -w workspace.yaml`` and ``dagster asset materialize -m
+dbento_assets`` all load :data:`defs`; :func:`build_definitions` builds the same from explicit
+parts for tests.
 """
 
 from __future__ import annotations

@@ -1,20 +1,10 @@
 """Which Dagster executor runs the steps of a run, chosen with ``DBENTO_EXECUTOR``.
 
-The code location is the same everywhere; only the executor changes. Unset (the default)
-means ``in_process``: every step runs in the run's own process. A run here is one partition
-with two chained steps (download, then aggregate), so a process per step buys no parallelism
-and costs a Python and Dagster start-up per step, which more than doubled the wall time of a
-24-partition backfill (benchmarks/bench_backfill.py); it also lets the aggregation step take
-the raw month from memory instead of reading the file back. ``multiprocess`` (Dagster's own
-default) runs each step in a subprocess of the run. ``celery`` sends each step to a Celery
-worker through a broker (dagster-celery), and ``k8s`` starts each step as a Kubernetes Job
-(dagster-k8s); both need the ``deploy`` extra (``pip install 'dbento_assets[deploy]'``) and an
-instance whose storage every machine reaches (Postgres, dagster-postgres), see
-``deploy/k8s_celery.md``. For Celery the broker and the result backend come from
-``DBENTO_CELERY_BROKER`` (default: RabbitMQ on ``DAGSTER_CELERY_BROKER_HOST`` or localhost)
-and ``DBENTO_CELERY_BACKEND`` (default ``rpc://``); the workers must be started with the same
-two URLs. Kubernetes settings (image, namespace, secrets) come from the ``K8sRunLauncher`` of
-the Dagster Helm chart, or from run config.
+Unset means ``in_process``: a run is one partition with two chained steps, so a process per
+step buys no parallelism and costs a start-up per step (it more than doubled a backfill's wall
+time, benchmarks/bench_backfill.py). ``multiprocess``, ``celery`` and ``k8s`` are there for
+larger deployments; the last two need the ``deploy`` extra and shared Postgres storage
+(``deploy/k8s_celery.md``).
 """
 
 from __future__ import annotations

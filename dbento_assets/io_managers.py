@@ -1,19 +1,9 @@
 """The IO manager that keeps bar frames as Parquet or CSV files under the data root.
 
-``raw_1s_bars`` goes to ``<root>/raw_1s/<SYM>/<SYM>_<YYYY>_<MM>.<fmt>`` and each
-``bars_<tf>`` to ``<root>/aggregated/<tf>/<SYM>_<YYYY>_<MM>_<tf>.<fmt>``. All file work
-(atomic writes, formats, the one-origin-per-root rule) lives in
-:mod:`dbento_assets.core.storage`; this module maps asset keys and partitions to paths and
-records what the UI shows for every materialization: rows, first and last bar, path, size,
-source (synthetic demo data is marked as such) and the column schema. Every file is written
-with its :class:`~dbento_assets.core.storage.FileIdentity` (symbol, month, origin, timeframe,
-dataset from the output's ``dataset`` metadata); a loaded frame carries the identity of its
-file in ``frame.attrs[IDENTITY_ATTR]`` for the step to judge; a raw file's identity also
-carries the windows its DBN data covered (output metadata ``covered``) and the proof that
-its blocking rules passed on its bars (output metadata ``raw_rules_proof``). Writing a raw file
-clears the month's refusal note (see :meth:`~dbento_assets.core.storage.BarStore.write_note`):
-the month is fixed. The data folder's origin mark is written after the first file, so a run
-that wrote nothing never marks a folder.
+It maps an asset and partition to its file (the file work itself is
+:mod:`dbento_assets.core.storage`), writes each file with its ``FileIdentity`` (for raw also
+the covered windows and the proof its blocking rules passed), clears a month's refusal note
+when a good raw file is written, and records what the UI shows for each materialization.
 """
 
 # No ``from __future__ import annotations`` here: Dagster reads the IO manager's

@@ -1,14 +1,9 @@
 """The ``databento`` Dagster resource: which source bars come from, and how to reach Databento.
 
-:class:`DatabentoResource` declares every setting of the three sources (type, default,
-bounds, description: the UI's launchpad shows them) and builds the one in force with
-:meth:`DatabentoResource.month_source`: ``databento`` (the default: the historical API, needs
-``DATABENTO_API_KEY``), ``dbn`` (a folder of DBN files) or ``demo`` (synthetic data, no
-account). :func:`databento_resource_from_env` reads each field from its variable
-(``DBENTO_`` and the field name in capitals, :mod:`dbento_assets.core.settings`). The key is
-passed as ``EnvVar("DATABENTO_API_KEY")``, so Dagster resolves it at run time and never
-stores its value in run config or the event log; it is passed only when set, because an
-unset ``EnvVar`` fails at resource initialisation even for the demo source.
+:class:`DatabentoResource` declares every setting of the three sources (the UI's launchpad
+shows them) and is the one place that builds a source (:meth:`~DatabentoResource.month_source`):
+``databento``, ``dbn`` or ``demo``. The API key is passed as ``EnvVar("DATABENTO_API_KEY")``,
+only when set, so Dagster resolves it at run time and never stores it.
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
 """The instrument catalog: which symbols exist, how Databento knows them, which timeframes.
 
-The catalog is a TOML file that users edit (``dbento_assets/catalog.toml`` by default, or the
-file named by ``DBENTO_CATALOG``). It maps a user symbol such as ``ES`` to its Databento
-dataset, request symbol and ``stype_in``, and holds the list of bar timeframes and the first
-month of the partitions. Loading validates everything up front so that a typo is reported
-with the file name and the offending entry rather than as a failed download later.
-
-Each instrument may name its trading calendar (``calendar``, an ``exchange_calendars`` name
-such as ``CMES`` or ``XNYS``, or ``none``); without one, :func:`calendar_for` picks the
-dataset's default from :data:`DATASET_CALENDARS`. A venue with no fitting calendar (ICE
-Futures Europe, ICE Endex) gets none, and the calendar check says it was skipped and why.
+A TOML file users edit (``dbento_assets/catalog.toml``, or ``DBENTO_CATALOG``) maps a symbol
+such as ``ES`` to its dataset, request symbol, ``stype_in`` and trading calendar, and holds
+the timeframes and the first month. Loading validates everything up front, so a typo is
+reported with the file and the entry rather than as a failed download later.
 """
 
 from __future__ import annotations
