@@ -42,7 +42,6 @@ from dbento_assets.checks import (
 from dbento_assets.core.aggregate import aggregate_many, built_from
 from dbento_assets.core.catalog import Catalog, Instrument
 from dbento_assets.core.coverage import IncompleteMonth, Window, require_whole_month
-from dbento_assets.core.databento_api import DatabentoSource
 from dbento_assets.core.dbn import DecodedMonth, decode_month
 from dbento_assets.core.months import Month
 from dbento_assets.core.preflight import preflight
@@ -220,7 +219,7 @@ def check_settings(
     files = io_manager if isinstance(io_manager, BarFileIOManager) else None
     # Building the source checks its own settings (name, API key, DBN folder, retries).
     source = databento.month_source(catalog.path)
-    cache = source.cache_path(symbol, month).parent if isinstance(source, DatabentoSource) else None
+    cache = source.cache_folder(symbol, month)
     checked = preflight(
         data_dir=files.data_dir if files else databento.data_dir,
         fmt=files.format if files else "parquet",

@@ -219,6 +219,9 @@ class Router:
     def vendor_bars(self, request: FetchRequest, log: Logger) -> VendorMonth | str:
         return self.fallback.vendor_bars(request, log)
 
+    def cache_folder(self, symbol: str, month: Month) -> Path | None:
+        return self.fallback.cache_folder(symbol, month)
+
 
 @pytest.fixture
 def corrupt_source(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:

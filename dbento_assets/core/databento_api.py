@@ -244,6 +244,9 @@ class DatabentoSource:
     def cache_path(self, symbol: str, month: Month, schema: str = SCHEMA) -> Path:
         return dbn_cache_path(self.data_root, symbol, month, schema)
 
+    def cache_folder(self, symbol: str, month: Month) -> Path:
+        return self.cache_path(symbol, month).parent
+
     def fetch(self, request: FetchRequest, log: Logger) -> FetchedMonth:
         """Return the month's cached ohlcv-1s DBN file, downloading it first when needed."""
         return self.fetch_accepted(request, log, _accept_all)[0]

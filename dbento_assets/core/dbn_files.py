@@ -97,6 +97,9 @@ class DbnFilesSource:
     name = "dbn"
     vendor_requested = False
 
+    def cache_folder(self, symbol: str, month: Month) -> None:
+        return None  # nothing is bought, so nothing is cached
+
     def __init__(self, dbn_dir: Path | str, now: pd.Timestamp | None = None) -> None:
         self.dbn_dir = Path(dbn_dir).expanduser()
         self.now = now  # None: the clock; tests move it to run a month's life

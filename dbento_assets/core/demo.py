@@ -255,6 +255,9 @@ class DemoSource:
     name = "demo"
     vendor_requested = False
 
+    def cache_folder(self, symbol: str, month: Month) -> None:
+        return None  # nothing is bought, so nothing is cached
+
     def __init__(
         self, activity: float = 1.0, compress: bool = False, now: pd.Timestamp | None = None
     ) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from dbento_assets.core.catalog import Instrument
@@ -92,6 +93,10 @@ class MonthSource(Protocol):
     vendor_requested: bool
 
     def fetch(self, request: FetchRequest, log: Logger) -> FetchedMonth: ...
+
+    def cache_folder(self, symbol: str, month: Month) -> Path | None:
+        """The local folder its downloads of a symbol-month are kept in (None: it buys nothing)."""
+        ...
 
     def vendor_bars(self, request: FetchRequest, log: Logger) -> VendorMonth | str:
         """Databento's own ohlcv-1m bars of the partition, or why there are none to compare."""
