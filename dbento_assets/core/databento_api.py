@@ -269,11 +269,17 @@ class DatabentoSource:
                 "(DBENTO_VENDOR_CHECK=true turns it on)"
             )
         entry = self.cache.entry(request.instrument.symbol, request.month, VENDOR_SCHEMA)
-        if request.force and self.cache.pieces(entry) and self.cache.refused_piece(entry) is None:
-            # A force on a growing month is about its 1-second data (a refused tail, most
-            # often): the 1m pieces already bought are kept and only the new 1m tail is bought.
-            request = replace(request, force=False)
         try:
+            # Inside the try: pieces that do not follow one another are a reason to compare
+            # nothing, never a failure of the 1-second month already bought.
+            if (
+                request.force
+                and self.cache.pieces(entry)
+                and self.cache.refused_piece(entry) is None
+            ):
+                # A force on a growing month is about its 1-second data (a refused tail, most
+                # often): the 1m pieces already bought are kept, only the new 1m tail is bought.
+                request = replace(request, force=False)
             fetched, found = self.fetch_accepted(
                 request, log, _vendor_accept(request.instrument, request.month), VENDOR_SCHEMA
             )
