@@ -67,6 +67,8 @@ from dbento_assets.core.storage import (
     VENDOR_NOTE,
     BarStore,
     FileIdentity,
+    StorageError,
+    data_root,
     identity_problem,
     windows_json,
 )
@@ -217,6 +219,7 @@ def check_settings(
     month, symbol = partition.month, partition.symbol
     io_manager = context.resources.io_manager
     files = io_manager if isinstance(io_manager, BarFileIOManager) else None
+    require_one_source(context, databento)
     # Building the source checks its own settings (name, API key, DBN folder, retries).
     source = databento.month_source(catalog.path)
     cache = source.cache_folder(symbol, month)
@@ -232,6 +235,38 @@ def check_settings(
     for stale in checked.removed_temps:
         context.log.info(f"Removed {stale}, left by a write that was killed")
     return source
+
+
+def require_one_source(context: AssetExecutionContext, databento: DatabentoResource) -> None:
+    """Fail the step, before anything is fetched or written, when the IO manager stores under
+    another source or data root than the step's ``databento`` resource. The launchpad can
+    configure ``databento`` but not the IO manager's copy of it (built when the code
+    location loads), and the IO manager marks the files with its own source: demo bars
+    would be stored as real market data, or in another folder than asked."""
+    files = context.resources.io_manager
+    if not isinstance(files, BarFileIOManager):
+        return
+    step, stored = (databento.source, databento.data_dir), (files.source, files.data_dir)
+    if step[0] == stored[0] and _root_text(step[1]) == _root_text(stored[1]):
+        return
+    raise Failure(
+        description=(
+            f"The databento resource of this run says source {step[0]} and data_dir "
+            f"{step[1]}, but the io_manager stores files as source {stored[0]} under "
+            f"{stored[1]}, so nothing was fetched or written. The io_manager keeps the "
+            "settings the code location was loaded with: set DBENTO_SOURCE and "
+            "DBENTO_DATA_DIR in dbento.env (or the environment) and reload the code "
+            "location, instead of changing source or data_dir in the launchpad."
+        ),
+        allow_retries=False,
+    )
+
+
+def _root_text(location: str) -> str:
+    try:
+        return str(data_root(location))
+    except StorageError:  # an empty data_dir: the settings check names it
+        return location
 
 
 def bar_store(context: AssetExecutionContext, databento: DatabentoResource) -> BarStore:
@@ -286,6 +321,7 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
         partition = Partition.from_key(context.partition_key)
         month = partition.month
         instrument = catalog.instrument(partition.symbol)
+        require_one_source(context, context.resources.databento)
         store = bar_store(context, context.resources.databento)
         _refuse_unfit_raw(context, raw, partition, instrument, store)
         built = {key.path[-1] for key in context.selected_asset_keys}

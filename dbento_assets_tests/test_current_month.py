@@ -610,3 +610,47 @@ def test_force_on_a_growing_month_buys_it_again_in_one_piece(gateway, api_env):
     assert windows(gateway)[-1] == (MARCH.start_ns, end)
     (piece,) = folder.glob("ES_2024_03.ohlcv-1s.*-*.dbn.zst")
     assert fetched.payloads == [piece] and fetched.through_ns == end
+
+
+def test_broken_1m_pieces_never_fail_a_forced_raw_month(gateway, api_env, instance, monkeypatch):
+    # A forced download of the 1s month, while the cached 1m pieces do not follow one another:
+    # the 1m bars are optional, so the raw month is stored anyway (paid once, not lost) and
+    # the vendor check says why it compared nothing.
+    data = api_env("broken_vendor_pieces")
+    monkeypatch.setenv("DBENTO_VENDOR_CHECK", "true")
+    gateway.set_range(DATASET, DATASET_START, "2024-04-02")
+    folder = data / "dbn" / "ES"
+    folder.mkdir(parents=True)
+    for window in ["20240301T000000Z-20240304T000000Z", "20240305T000000Z-20240318T000000Z"]:
+        (folder / f"ES_2024_03.ohlcv-1m.{window}.dbn.zst").write_bytes(b"")
+
+    forced = build(instance, tags={FORCE_TAG: "true"})
+
+    assert forced.success, failure_text(forced)
+    assert gateway.count(GET_RANGE) == 1  # the 1s month; no 1m bought over the pieces
+    assert "do not follow one another" in str(raw_metadata(forced)["vendor_1m_error"])
+    assert vendor_evaluation(instance, forced)[0].status == FAILED
+
+
+def test_a_lost_first_piece_never_makes_a_month_that_starts_late(gateway, api_env, instance):
+    # Two pieces of March are cached and stored; the first piece's file is then damaged, so
+    # the cache quarantines it. The piece left starts on March 4: a month assembled from it
+    # would silently lack March 1-3 (the days before it look like a dataset starting
+    # mid-month), and it would replace the whole raw file already stored.
+    data = api_env("lost_first_piece")
+    for day in ["2024-03-04", "2024-03-12"]:
+        gateway.set_range(DATASET, DATASET_START, day)
+        assert build(instance).success
+    folder = data / "dbn" / "ES"
+    first = folder / "ES_2024_03.ohlcv-1s.20240301T000000Z-20240304T000000Z.dbn.zst"
+    first.write_bytes(first.read_bytes()[:-10])  # a damaged disk block
+    stored, paid = bar_files(data), gateway.count(GET_RANGE)
+    gateway.set_range(DATASET, DATASET_START, "2024-03-18")
+
+    broken = build(instance)  # the damaged piece is found and quarantined
+    again = build(instance)
+
+    assert not broken.success and not again.success
+    assert "2024-03-01" in failure_text(again) and "2024-03-04" in failure_text(again)
+    assert bar_files(data) == stored  # the whole month stored so far is kept
+    assert gateway.count(GET_RANGE) == paid  # nothing bought onto a month with a hole

@@ -710,3 +710,21 @@ def test_the_key_appears_nowhere_after_a_full_run_through_the_gateway(
     assert any((home / "history").rglob("*.db"))
     instance.dispose()
     assert leaks == []
+
+
+def test_a_launchpad_source_the_io_manager_does_not_share_is_refused_before_any_request(
+    gateway, env, instance, tmp_path
+):
+    # The launchpad configures the databento resource alone (demo data into another folder);
+    # the IO manager still holds the environment's (real Databento data into ``env``).
+    # Synthetic bars must never be stored as real market data, nor the demo's anywhere but
+    # where asked.
+    demo_dir = tmp_path / "demo_data"
+    config = {"source": "demo", "data_dir": str(demo_dir), "demo_activity": 0.05}
+    result = run(instance, run_config={"resources": {"databento": {"config": config}}})
+
+    assert not result.success
+    text = failure_text(result)
+    assert "io_manager" in text and "demo" in text and str(env) in text
+    assert gateway.count() == 0
+    assert not env.exists() and not demo_dir.exists()  # no bar file, no origin marker

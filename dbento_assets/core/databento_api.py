@@ -269,11 +269,17 @@ class DatabentoSource:
                 "(DBENTO_VENDOR_CHECK=true turns it on)"
             )
         entry = self.cache.entry(request.instrument.symbol, request.month, VENDOR_SCHEMA)
-        if request.force and self.cache.pieces(entry) and self.cache.refused_piece(entry) is None:
-            # A force on a growing month is about its 1-second data (a refused tail, most
-            # often): the 1m pieces already bought are kept and only the new 1m tail is bought.
-            request = replace(request, force=False)
         try:
+            # Inside the try: pieces that do not follow one another are a reason to compare
+            # nothing, never a failure of the 1-second month already bought.
+            if (
+                request.force
+                and self.cache.pieces(entry)
+                and self.cache.refused_piece(entry) is None
+            ):
+                # A force on a growing month is about its 1-second data (a refused tail, most
+                # often): the 1m pieces already bought are kept, only the new 1m tail is bought.
+                request = replace(request, force=False)
             fetched, found = self.fetch_accepted(
                 request, log, _vendor_accept(request.instrument, request.month), VENDOR_SCHEMA
             )
@@ -338,8 +344,27 @@ class DatabentoSource:
     def _held_pieces(
         self, entry: CacheEntry, log: Logger
     ) -> list[tuple[CacheEntry, dict[str, Any]]]:
-        """The verified pieces of a month bought while it was open, with their manifests."""
-        return [(piece, self.cache.verify(piece, log)) for piece in self.cache.pieces(entry)]
+        """The verified pieces of a month bought while it was open, with their manifests.
+
+        They must begin where the month does (or the dataset, when it starts mid-month): a
+        first piece quarantined or moved away leaves a hole no later piece would fill, and a
+        month assembled from the rest would silently begin late. That is refused before any
+        request, naming the files."""
+        held = [(piece, self.cache.verify(piece, log)) for piece in self.cache.pieces(entry)]
+        if held:
+            first, manifest = held[0]
+            month = entry.month
+            begins = max(month.start, pd.Timestamp(manifest.get("available_start", month.start)))
+            if first.piece is not None and first.piece[0] > begins.value:
+                starts = pd.Timestamp(first.piece[0], tz="UTC")
+                raise SourceError(
+                    f"The cached pieces of {entry.month_entry} begin at {starts.isoformat()}, "
+                    f"after the month's start {begins.isoformat()}: the piece before "
+                    f"{first.path} is missing (quarantined or moved), so the month cannot be "
+                    "made whole from them. Nothing was requested. Put the missing piece back, "
+                    "or move the pieces aside: the next run then buys the month in one piece."
+                )
+        return held
 
     def _assemble(
         self,
