@@ -27,7 +27,7 @@ from pydantic import Field
 from upath import UPath
 
 from dbento_assets.core.bars import COLUMNS, DTYPES
-from dbento_assets.core.settings import read
+from dbento_assets.core.settings import Flag, read
 from dbento_assets.core.source import SYNTHETIC, origin_of
 from dbento_assets.core.storage import (
     RAW_TIMEFRAME,
@@ -69,7 +69,7 @@ class BarFileIOManager(ConfigurableIOManager):
 
     databento: ResourceDependency[DatabentoResource]
     format: str = Field(default="parquet", description="Bar file format: parquet or csv.")
-    handoff: bool = Field(
+    handoff: Flag = Field(
         default=True,
         description="Hand the raw month just written to the bars step of the same process in "
         "memory instead of reading the file back (benchmarks/bench_month.py measures it).",

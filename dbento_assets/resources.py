@@ -84,7 +84,7 @@ class DatabentoResource(ConfigurableResource):
     # every retry of a download is billed again.
     retry_attempts: int = Field(
         default=5,
-        ge=0,
+        ge=1,
         description="Attempts per API call for 429, 5xx, dropped connections and cut streams.",
     )
     retry_backoff_seconds: float = Field(

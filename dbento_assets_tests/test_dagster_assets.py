@@ -18,7 +18,7 @@ from dbento_assets.core.dbn import decode_month
 from dbento_assets.core.demo import DemoSource
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import FetchRequest
-from dbento_assets.core.storage import BarStore
+from dbento_assets.core.storage import BarStore, StorageError
 from dbento_assets.core.timeframes import parse_timeframe
 from dbento_assets.definitions import build_definitions
 from dbento_assets.io_managers import BarFileIOManager, io_manager_from_env
@@ -269,3 +269,12 @@ def test_handoff_is_refused_once_the_file_on_disk_changed(tmp_path):
     handoff.keep(path, bars)
     store.write(bars.iloc[:-1], path)  # rewritten since: the file must be read again
     assert handoff.take(path) is None
+
+
+def test_the_handoff_switch_takes_the_same_words_as_every_other_switch(tmp_path, monkeypatch):
+    databento = DatabentoResource(source="demo", data_dir=str(tmp_path))
+    monkeypatch.setenv("DBENTO_HANDOFF", "no")
+    assert io_manager_from_env(databento).handoff is False
+    monkeypatch.setenv("DBENTO_HANDOFF", "on")  # like DBENTO_VENDOR_CHECK: a likely typo
+    with pytest.raises(StorageError, match="DBENTO_HANDOFF='on' is neither true nor false"):
+        io_manager_from_env(databento)

@@ -277,6 +277,7 @@ def test_every_field_but_the_key_is_read_from_its_own_variable(clean_env, monkey
         ("DBENTO_MAX_COST_USD", "ten", "is not a number"),
         ("DBENTO_MAX_COST_USD", "-1", "non-negative"),
         ("DBENTO_RETRY_ATTEMPTS", "2.5", "is not a whole number"),
+        ("DBENTO_RETRY_ATTEMPTS", "0", "DBENTO_RETRY_ATTEMPTS='0' must be at least 1"),
         ("DBENTO_VENDOR_CHECK", "maybe", "'maybe' is neither true nor false: write true, 1"),
         ("DBENTO_VENDOR_CHECK", "on", "neither true nor false"),
     ],

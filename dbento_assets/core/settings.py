@@ -98,6 +98,8 @@ def _sentence(exc: ValidationError, found: Mapping[str, str]) -> str:
         return f"{said} {first['ctx']['error']}"
     if kind in NOT_A:
         return f"{said} is not a {NOT_A[kind]}"
+    if kind == "greater_than_equal" and first["ctx"]["ge"] != 0:
+        return f"{said} must be at least {first['ctx']['ge']}"
     if kind in NON_NEGATIVE:
         return f"{said} must be a non-negative number"
     return f"{said}: {first['msg']}"
