@@ -308,7 +308,7 @@ def test_month_source_builds_the_selected_source(tmp_path):
     ).month_source()
     assert remote.data_root == tmp_path / "cache"
     with pytest.raises(SourceError, match="invalid retry settings"):
-        DatabentoResource(api_key="db-x", retry_attempts=0).month_source()
+        DatabentoResource(api_key="db-x", retry_jitter=2).month_source()
 
 
 def test_definitions_load_without_a_key_for_any_source(clean_env, monkeypatch):
