@@ -187,13 +187,23 @@ def build(
     return guarded(streams, verbose, action)
 
 
-@dbento.command(
-    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-    add_help_option=False,
-    short_help="Price months on Databento, free.",
-)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-@click.pass_obj
+# A command whose arguments go to another parser (its own --help included).
+PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
+
+
+def passed_through(name: str | None, short_help: str) -> Callable[[Callable[..., int]], Any]:
+    """Register a ``dbento`` command whose arguments all go to another command's parser."""
+
+    def register(func: Callable[..., int]) -> Any:
+        args = click.argument("args", nargs=-1, type=click.UNPROCESSED)(click.pass_obj(func))
+        return dbento.command(
+            name, context_settings=PASS_THROUGH, add_help_option=False, short_help=short_help
+        )(args)
+
+    return register
+
+
+@passed_through("estimate", "Price months on Databento, free.")
 def estimate(streams: Streams, args: tuple[str, ...]) -> int:
     """The Databento cost of a range, free: --symbols ES,NQ --start 2024-01 --end 2024-03."""
     from dbento_assets import estimate as module
@@ -246,13 +256,7 @@ def status(streams: Streams, symbols: tuple[str, ...], verbose: bool) -> int:
     return guarded(streams, verbose, action)
 
 
-@dbento.command(
-    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-    add_help_option=False,
-    short_help="Write the validation report (Markdown).",
-)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-@click.pass_obj
+@passed_through("report", "Write the validation report (Markdown).")
 def report(streams: Streams, args: tuple[str, ...]) -> int:
     """Write the validation report (default logs/validation_report.md); --help for options."""
     from dbento_assets import report as module
@@ -267,7 +271,7 @@ def report(streams: Streams, args: tuple[str, ...]) -> int:
 
 
 @dbento.command(
-    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    context_settings=PASS_THROUGH,
     short_help="Start the Dagster UI (dagster dev); Ctrl-C stops it.",
 )
 @click.option("--port", "-p", type=int, default=DEFAULT_PORT, show_default=True)
@@ -296,14 +300,7 @@ def ui(streams: Streams, port: int, args: tuple[str, ...]) -> int:
     return guarded(streams, False, action)
 
 
-@dbento.command(
-    "dagster",
-    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-    add_help_option=False,
-    short_help="Any dagster command, on the same history.",
-)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-@click.pass_obj
+@passed_through("dagster", "Any dagster command, on the same history.")
 def dagster_command(streams: Streams, args: tuple[str, ...]) -> int:
     """Any dagster command on the project's history, e.g. dagster instance concurrency get
     databento (that one does not read .env, so it needs this)."""
