@@ -24,7 +24,7 @@ import zstandard
 from dagster import DagsterInstance
 
 from dbento_assets.core import dbn
-from dbento_assets.core.catalog import load_catalog
+from dbento_assets.core.catalog import Instrument, load_catalog
 from dbento_assets.core.coverage import IncompleteMonth, missing_windows, require_whole_month
 from dbento_assets.core.dbn import (
     TruncatedDbn,
@@ -205,12 +205,8 @@ def test_a_folder_missing_the_last_day_of_the_month_fails(tmp_path, es_month_fil
         end_ns=last_day,  # the batch request stopped a day early
         mappings=symbology_mappings(ES, demo_contract_schedule(ES, JAN)),
     )
-    folder = folder_with(tmp_path, payload, "es.dbn.zst")
-    source = DbnFilesSource(folder)
-    fetched = source.fetch(FetchRequest(ES, JAN), lambda _m: None)
-    decoded = decode_month(fetched.payloads, "ES", JAN, fetched.instrument_ids)
     with pytest.raises(IncompleteMonth, match="is not whole") as info:
-        require_whole_month(fetched, decoded, ES, JAN, source.name)
+        gate(folder_with(tmp_path, payload, "es.dbn.zst"))
     assert "[2024-01-31T00:00:00+00:00, 2024-02-01T00:00:00+00:00)" in str(info.value)
 
 
@@ -241,11 +237,12 @@ def day_split_folder(tmp_path: Path, month_file: Path, skip: set[int]) -> Path:
     return folder
 
 
-def gate(folder: Path):
+def gate(folder: Path, instrument: Instrument = ES, month: Month = JAN):
+    """A DBN folder's month through the completeness gate: (covered windows, decoded)."""
     source = DbnFilesSource(folder)
-    fetched = source.fetch(FetchRequest(ES, JAN), lambda _m: None)
-    decoded = decode_month(fetched.payloads, "ES", JAN, fetched.instrument_ids)
-    return require_whole_month(fetched, decoded, ES, JAN, source.name), decoded
+    fetched = source.fetch(FetchRequest(instrument, month), lambda _m: None)
+    decoded = decode_month(fetched.payloads, instrument.symbol, month, fetched.instrument_ids)
+    return require_whole_month(fetched, decoded, instrument, month, source.name), decoded
 
 
 def test_a_day_split_folder_may_lack_the_days_without_a_session(tmp_path, es_month_file):
@@ -266,14 +263,10 @@ def test_a_day_split_folder_lacking_a_trading_day_fails(tmp_path, es_month_file)
 def test_a_request_cut_short_by_its_limit_is_not_a_whole_month():
     qqq = CATALOG.instrument("QQQ")
     month = Month(2023, 3)
-    folder = SAMPLES / "EQUS.MINI"
-    source = DbnFilesSource(folder)
-    fetched = source.fetch(FetchRequest(qqq, month), lambda _m: None)
-    decoded = decode_month(fetched.payloads, "QQQ", month, fetched.instrument_ids)
     # The sample holds the first 4 records of 2023-03-28 (limit=4): it covers 00:00 to its
     # last record, 11:11:22, so the rest of that Tuesday and every later session is missing.
     with pytest.raises(IncompleteMonth, match="is not whole") as info:
-        require_whole_month(fetched, decoded, qqq, month, source.name)
+        gate(SAMPLES / "EQUS.MINI", qqq, month)
     assert "[2023-03-01T00:00:00+00:00, 2023-03-04T00:00:00+00:00)" in str(info.value)
     last = pd.Timestamp("2023-03-28 11:11:22", tz="UTC").value
     assert info.value.gaps[-1] == (last, month.end_ns)
