@@ -16,6 +16,7 @@ import datetime as dt
 import hashlib
 import itertools
 import json
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -52,6 +53,7 @@ from dbento_assets_tests.test_cache_integrity import (
     serve_bad_data,
     serve_good_data,
     sha,
+    source_for,
 )
 from dbento_assets_tests.test_databento_dagster import (
     FAILED,
@@ -311,6 +313,47 @@ def test_forcing_a_refused_tail_never_buys_the_1m_pieces_again(
     # The force retried the refused 1s tail; the 1m bought on day 3 was not bought again.
     assert windows(gateway, VENDOR_SCHEMA) == [(MARCH.start_ns, day3), (day3, day17)]
     assert vendor_evaluation(instance, forced)[0].status == PASSED
+
+
+def test_two_topups_of_a_growing_month_at_once_buy_its_tail_once(gateway, api_env):
+    data = api_env("two_topups")
+    es = load_catalog().instrument("ES")
+    gateway.set_range(DATASET, DATASET_START, "2024-03-04")
+    source_for(gateway, data).fetch(FetchRequest(es, MARCH), lambda _m: None)
+    gateway.set_range(DATASET, DATASET_START, "2024-03-18")
+    gateway.gate(GET_RANGE, parties=2, timeout=1.5)  # lets two tail requests overlap, if made
+    payloads: list[list[str]] = []
+
+    def top_up() -> None:
+        fetched = source_for(gateway, data).fetch(FetchRequest(es, MARCH), lambda _m: None)
+        payloads.append([sha(Path(p)) for p in fetched.payloads])
+
+    threads = [threading.Thread(target=top_up) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    day3, day17 = (pd.Timestamp(d, tz="UTC").value for d in ["2024-03-04", "2024-03-18"])
+    assert windows(gateway) == [(MARCH.start_ns, day3), (day3, day17)]  # the tail, once
+    assert len(payloads) == 2 and payloads[0] == payloads[1] and len(payloads[0]) == 2
+
+
+def test_a_tail_cut_short_is_bought_again_whole_and_the_pieces_before_it_stay(gateway, api_env):
+    data = api_env("cut_tail")
+    es = load_catalog().instrument("ES")
+    gateway.set_range(DATASET, DATASET_START, "2024-03-04")
+    source_for(gateway, data).fetch(FetchRequest(es, MARCH), lambda _m: None)
+    pieces = cached_pieces(data)
+    gateway.set_range(DATASET, DATASET_START, "2024-03-18")
+    gateway.fail("cut", endpoint=GET_RANGE)  # the tail's stream breaks half way
+    fetched = source_for(gateway, data).fetch(FetchRequest(es, MARCH), lambda _m: None)
+    day3, day17 = (pd.Timestamp(d, tz="UTC").value for d in ["2024-03-04", "2024-03-18"])
+    tail = (day3, day17)
+    assert windows(gateway) == [(MARCH.start_ns, day3), tail, tail]  # the cut one, retried
+    assert pieces.items() <= cached_pieces(data).items()  # the first piece untouched
+    decoded = decode_month(fetched.payloads, "ES", MARCH, fetched.instrument_ids)
+    served = billed_bytes(gateway, (MARCH.start_ns, day17)) // RECORD_BYTES
+    assert len(decoded.bars) == fetched.announced_records == served > 0  # none lost to the cut
 
 
 def test_a_tail_failing_the_file_check_is_quarantined_as_that_piece(gateway, api_env):
