@@ -443,6 +443,21 @@ def test_manifest_names_what_was_bought(gateway, tmp_path):
     )
 
 
+def test_a_new_download_is_hashed_by_its_file_check_not_read_again(gateway, tmp_path, monkeypatch):
+    # The file check reads every byte of a download; its pass also gives the manifest's
+    # SHA-256, so a download is read for its check and its decode only.
+    def read_again(path: Path) -> str:
+        raise AssertionError(f"{path} was read again to hash it")
+
+    monkeypatch.setattr("dbento_assets.core.dbn_cache.sha256_of", read_again)
+    fetched = source_for(gateway, tmp_path).fetch(FetchRequest(CATALOG_ES, JAN), lambda _l: None)
+    (path,) = fetched.payloads
+    assert manifest_of(path)["sha256"] == sha(path)
+    monkeypatch.undo()  # a later read verifies the file against that hash
+    again = source_for(gateway, tmp_path).fetch(FetchRequest(CATALOG_ES, JAN), lambda _l: None)
+    assert again.payloads == [path] and gateway.count(GET_RANGE) == 1
+
+
 def serve_a_bar_outside_the_window(gw: FakeGateway) -> None:
     """The gateway answers with its usual data plus one bar at the first instant after the
     requested window (a download the file check refuses)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import tracemalloc
+from hashlib import sha256
 from pathlib import Path
 
 import numpy as np
@@ -537,6 +538,22 @@ def test_check_dbn_file_reads_several_frames_and_plain_dbn(tmp_path):
     plain.write_bytes(payload[:-3])  # a partial last record
     with pytest.raises(TruncatedDbn, match="partial record"):
         check_dbn_file(plain, month.start_ns, month.end_ns)
+
+
+def test_check_dbn_file_hashes_the_bytes_it_reads_zstd_several_frames_and_plain(tmp_path):
+    # The manifest's SHA-256 comes from this pass, so it must be the hash of the whole file
+    # whatever its layout (one frame, several frames, no compression).
+    payload, month = _payload(n=300_000)  # several read chunks
+    plain, _ = _payload(n=3_000, compress=False)
+    meta_len = 8 + int.from_bytes(plain[4:8], "little")
+    frames = b"".join(
+        zstandard.ZstdCompressor().compress(piece)
+        for piece in (plain[: meta_len + 100], plain[meta_len + 100 : 50_000], plain[50_000:])
+    )
+    for name, data in (("one.dbn.zst", payload), ("multi.dbn.zst", frames), ("p.dbn", plain)):
+        path = tmp_path / name
+        path.write_bytes(data)
+        assert check_dbn_file(path, month.start_ns, month.end_ns).sha256 == sha256(data).hexdigest()
 
 
 def test_check_dbn_file_refuses_records_outside_the_window(tmp_path):

@@ -510,7 +510,7 @@ class DatabentoSource:
                 self._refuse(entry, part, exc, cached=False, piece=target, held=len(held))
                 raise
             try:
-                metadata = self.cache.commit(part, target, metadata)
+                metadata = self.cache.commit(part, target, metadata, check.sha256)
             except OSError as exc:
                 raise LocalIOError(local_io_message(exc, target.path, billable)) from None
             if request.force:  # the accepted download replaces every piece it covers

@@ -10,11 +10,13 @@ test gateway.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import databento
 import databento_dbn
@@ -48,6 +50,12 @@ OHLCV_RECORD_DTYPE = np.dtype(
 )
 
 DbnPayload = bytes | Path  # raw DBN bytes, or a .dbn / .dbn.zst file (a str path works too)
+
+
+class Digest(Protocol):
+    """A running hash (``hashlib.sha256()``) fed the bytes of a payload as they are read."""
+
+    def update(self, data: bytes, /) -> None: ...
 
 
 class DbnError(ValueError):
@@ -120,7 +128,10 @@ def open_store(payload: DbnPayload, schema: str | None = "ohlcv-1s") -> databent
 
 
 def verified_chunks(
-    payload: DbnPayload, schema: str = "ohlcv-1s", chunk_records: int | None = None
+    payload: DbnPayload,
+    schema: str = "ohlcv-1s",
+    chunk_records: int | None = None,
+    digest: Digest | None = None,
 ) -> Iterator[np.ndarray]:
     """The payload's records, at most ``chunk_records`` (default :data:`CHUNK_RECORDS`) at a
     time, read to the very end.
@@ -128,13 +139,14 @@ def verified_chunks(
     One streaming pass (only one chunk of decoded records in memory) that checks every record
     is ``schema`` and raises :class:`TruncatedDbn` naming the payload when a zstd frame is left
     open (a file cut anywhere, even between two records), the metadata header is cut, or the
-    last record is partial. A payload with no record yields nothing.
+    last record is partial. A payload with no record yields nothing. ``digest`` is fed the
+    payload's bytes as they are read (read to the end, it is the hash of the whole file).
     """
     rtype = _rtype(schema)
     chunk_bytes = (chunk_records or CHUNK_RECORDS) * _RECORD_SIZE
     pieces: list[bytes] = []
     held = 0
-    for data in _body(payload):
+    for data in _body(payload, digest):
         pieces.append(data)
         held += len(data)
         if held < chunk_bytes:
@@ -164,11 +176,11 @@ def _checked(data: bytes | memoryview, rtype: int, payload: DbnPayload, schema: 
     return records
 
 
-def _body(payload: DbnPayload) -> Iterator[bytes]:
+def _body(payload: DbnPayload, digest: Digest | None = None) -> Iterator[bytes]:
     """The decompressed bytes after the metadata header, checked to be there whole."""
     header = b""
     meta_left: int | None = None
-    for data in _decompressed(payload):
+    for data in _decompressed(payload, digest):
         if meta_left is None:
             header += data
             if len(header) < 8:
@@ -187,7 +199,7 @@ def _body(payload: DbnPayload) -> Iterator[bytes]:
         raise TruncatedDbn(f"{_describe(payload)} ends inside the DBN metadata header")
 
 
-def _decompressed(payload: DbnPayload) -> Iterator[bytes]:
+def _decompressed(payload: DbnPayload, digest: Digest | None = None) -> Iterator[bytes]:
     with (
         io.BytesIO(payload)
         if isinstance(payload, bytes | bytearray | memoryview)
@@ -197,11 +209,15 @@ def _decompressed(payload: DbnPayload) -> Iterator[bytes]:
         handle.seek(0)
         if head != _ZSTD_MAGIC:
             while chunk := handle.read(_PLAIN_READ):
+                if digest is not None:
+                    digest.update(chunk)
                 yield chunk
             return
         decoder = zstandard.ZstdDecompressor().decompressobj()
         open_frame = False
         while raw := handle.read(_READ_CHUNK):
+            if digest is not None:
+                digest.update(raw)
             while raw:
                 open_frame = True
                 try:
@@ -463,6 +479,8 @@ class DbnFileCheck:
     records: int
     first_ts_ns: int | None
     last_ts_ns: int | None
+    sha256: str
+    """The SHA-256 of the file's bytes, hashed in the same pass (no second read for it)."""
 
 
 def check_dbn_file(
@@ -477,8 +495,9 @@ def check_dbn_file(
     count = 0
     first: int | None = None
     last: int | None = None
+    digest = hashlib.sha256()
     # Small chunks: only counts and bounds are kept, so a download is checked in ~1 MB.
-    for records in verified_chunks(path, schema, _CHECK_CHUNK_RECORDS):
+    for records in verified_chunks(path, schema, _CHECK_CHUNK_RECORDS, digest):
         ts = records["ts_event"]
         lo, hi = int(ts.min()), int(ts.max())
         if lo < start_ns or hi >= end_ns:
@@ -489,4 +508,6 @@ def check_dbn_file(
         first = lo if first is None else min(first, lo)
         last = hi if last is None else max(last, hi)
         count += len(records)
-    return DbnFileCheck(records=count, first_ts_ns=first, last_ts_ns=last)
+    return DbnFileCheck(
+        records=count, first_ts_ns=first, last_ts_ns=last, sha256=digest.hexdigest()
+    )

@@ -319,32 +319,38 @@ class DbnCache:
             "records_downloaded": check.records,
             "adopted_at": pd.Timestamp.now(tz="UTC").isoformat(),
         }
-        self.write_manifest(entry, manifest)
+        self.write_manifest(entry, manifest, check.sha256)
         return manifest, None
 
     # ------------------------------------------------------------------ writing
 
-    def write_manifest(self, entry: CacheEntry, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Complete ``manifest`` with the file's size and SHA-256 and write it atomically."""
+    def write_manifest(
+        self, entry: CacheEntry, manifest: dict[str, Any], sha256: str
+    ) -> dict[str, Any]:
+        """Complete ``manifest`` with the file's size and ``sha256`` (hashed by the pass that
+        checked these very bytes, so the file is not read again for it); write it atomically."""
         manifest = {
             **manifest,
             "manifest_version": MANIFEST_VERSION,
             "dbn_file": str(entry.path),
             "dbn_file_bytes": entry.path.stat().st_size,
-            "sha256": sha256_of(entry.path),
+            "sha256": sha256,
         }
         atomic_write_text(entry.manifest_path, json.dumps(manifest, indent=2, sort_keys=True))
         return manifest
 
-    def commit(self, part: Path, entry: CacheEntry, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Make an accepted download the entry. The old manifest goes first: a crash before the
+    def commit(
+        self, part: Path, entry: CacheEntry, manifest: dict[str, Any], sha256: str
+    ) -> dict[str, Any]:
+        """Make an accepted download the entry; ``sha256`` is the hash of ``part``'s bytes,
+        taken by the file check's pass. The old manifest goes first: a crash before the
         new one is written leaves an entry without manifest, which the next read verifies in
         full, never a manifest describing another file."""
         fsync_file(part)
         entry.manifest_path.unlink(missing_ok=True)
         os.replace(part, entry.path)
         fsync_dir(entry.path.parent)
-        written = self.write_manifest(entry, manifest)
+        written = self.write_manifest(entry, manifest, sha256)
         entry.refused_path.unlink(missing_ok=True)
         return written
 
