@@ -34,7 +34,7 @@ from dbento_assets.core.databento_api import VENDOR_SCHEMA, DatabentoSource
 from dbento_assets.core.dbn import decode_month
 from dbento_assets.core.dbn_files import DbnFilesSource
 from dbento_assets.core.months import Month
-from dbento_assets.core.source import FetchRequest, SourceError
+from dbento_assets.core.source import DownloadRefused, FetchRequest, SourceError
 from dbento_assets.core.storage import BarStore
 from dbento_assets.definitions import build_definitions
 from dbento_assets.history import evaluation_of
@@ -653,6 +653,48 @@ def test_force_on_a_growing_month_buys_it_again_in_one_piece(gateway, api_env):
     assert windows(gateway)[-1] == (MARCH.start_ns, end)
     (piece,) = folder.glob("ES_2024_03.ohlcv-1s.*-*.dbn.zst")
     assert fetched.payloads == [piece] and fetched.through_ns == end
+
+
+def no_inverted_bar(fetched) -> None:
+    """A stricter rule than the one the first piece was bought under: refuse any month with
+    a bar whose high is below its low (as an upgrade's rules would)."""
+    bars = decode_month(fetched.payloads, "ES", MARCH).bars
+    if (bars["high"] < bars["low"]).any():
+        raise DownloadRefused("a bar has its high below its low", rules=["ohlc_consistent"])
+
+
+def test_forcing_a_month_refused_for_a_piece_it_held_buys_it_again_in_one_piece(gateway, api_env):
+    # March 1-3 was bought (with an inverted first minute) under rules that let it pass; the
+    # tail bought on the 18th is refused because of that piece, not because of itself. A
+    # forced run must not buy the tail alone again (refused again, run after forced run): the
+    # held piece is checked on its own, without a request, and the month bought in one piece.
+    data = api_env("refused_for_a_held_piece")
+    es = load_catalog().instrument("ES")
+    source = DatabentoSource(TEST_KEY, data, gateway=gateway.url)
+    serve_bad_data(gateway)
+    gateway.set_range(DATASET, DATASET_START, "2024-03-04")
+    source.fetch_accepted(FetchRequest(es, MARCH), lambda _: None, lambda _f: None)
+    serve_good_data(gateway)
+    gateway.set_range(DATASET, DATASET_START, "2024-03-18")
+    with pytest.raises(DownloadRefused):
+        source.fetch_accepted(FetchRequest(es, MARCH), lambda _: None, no_inverted_bar)
+    day3, day17 = (pd.Timestamp(d, tz="UTC").value for d in ["2024-03-04", "2024-03-18"])
+    assert windows(gateway) == [(MARCH.start_ns, day3), (day3, day17)]
+    logged: list[str] = []
+
+    fetched, _ = source.fetch_accepted(
+        FetchRequest(es, MARCH, force=True), logged.append, no_inverted_bar
+    )
+
+    # One request, for the whole month so far; the refused piece is replaced, not kept.
+    assert windows(gateway)[2:] == [(MARCH.start_ns, day17)]
+    assert any("refused on their own" in line for line in logged)
+    folder = data / "dbn" / "ES"
+    (piece,) = folder.glob("ES_2024_03.ohlcv-1s.*-*.dbn.zst")
+    assert fetched.payloads == [piece] and fetched.through_ns == day17
+    assert not note_path(data).exists()
+    bars = decode_month([piece], "ES", MARCH).bars
+    assert not (bars["high"] < bars["low"]).any() and bars["ts_event"].iloc[0] >= MARCH.start
 
 
 def test_broken_1m_pieces_never_fail_a_forced_raw_month(gateway, api_env, instance, monkeypatch):

@@ -324,6 +324,8 @@ class DatabentoSource:
             refused_piece = self.cache.refused_piece(entry)
             keep = not request.force or (refused_piece is not None and not entry.path.is_file())
             held = self._held_pieces(entry, log) if keep else []
+            if request.force and held and not self._pass_alone(held, entry, month, accept, log):
+                held = []
             if held and held[-1][0].piece is not None and held[-1][0].piece[1] >= month.end_ns:
                 # Every piece of a month that has closed since is here: no request at all.
                 log(f"DBN cache hit for {entry}: {len(held)} pieces (no Databento request)")
@@ -340,6 +342,30 @@ class DatabentoSource:
                     "bought before it are kept"
                 )
             return self._buy(request, entry, log, accept, held)
+
+    def _pass_alone(
+        self,
+        held: list[tuple[CacheEntry, dict[str, Any]]],
+        entry: CacheEntry,
+        month: Month,
+        accept: Callable[[FetchedMonth], T],
+        log: Logger,
+    ) -> bool:
+        """Whether the pieces bought before a refused tail pass ``accept`` on their own.
+
+        A month can be refused for a piece it already held (rules made stricter by an
+        upgrade, data the vendor has corrected since): buying only the tail again would be
+        refused again, run after forced run. Checked here without a request; when they fail,
+        the forced run buys the month again in one piece, as it does for a closed month."""
+        try:
+            self._assemble(held, None, None, month, accept)
+        except DownloadRefused as exc:
+            log(
+                f"force: the {len(held)} piece(s) of {entry} bought before its refused tail "
+                f"are refused on their own ({exc}); buying the month again in one piece"
+            )
+            return False
+        return True
 
     def _held_pieces(
         self, entry: CacheEntry, log: Logger
