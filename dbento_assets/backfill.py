@@ -174,6 +174,57 @@ def preflight(defs: Definitions) -> str:
     return str(io_manager.data_dir)
 
 
+def month_symbol_partitions(defs: Definitions) -> MultiPartitionsDefinition:
+    """The month x symbol partitions of the code location's assets."""
+    partitions_def = defs.resolve_implicit_global_asset_job_def().partitions_def
+    if not isinstance(partitions_def, MultiPartitionsDefinition):
+        raise UsageError("the code location's assets are not month x symbol")
+    return partitions_def
+
+
+def build_range(
+    defs: Definitions,
+    instance: DagsterInstance,
+    partitions: Sequence[str],
+    *,
+    select: str | None = None,
+    force: bool = False,
+    missing_only: bool = False,
+    tags: dict[str, str] | None = None,
+    log_level: str = "CRITICAL",
+    out: TextIO | None = None,
+    progress: TextIO | None = None,
+) -> str:
+    """Build ``partitions`` of the selected assets, each in its own run (``dbento build`` and
+    the ``build_range`` job); return the summary's text. Raises :class:`UsageError` for
+    options that contradict each other or select nothing, and :class:`RangeFailed` (with
+    the same text) when a partition failed."""
+    if force and missing_only:
+        raise UsageError("--force and --missing-only contradict each other; choose one")
+    asset_keys = selected_assets(defs, select)
+    data_dir = preflight(defs)
+    summary = run_partitions(
+        defs.resolve_implicit_global_asset_job_def(),
+        instance,
+        partitions,
+        asset_keys,
+        force=force,
+        missing_only=missing_only,
+        tags=tags,
+        log_level=log_level,
+        out=out,
+        progress=progress,
+    )
+    text = summary.text(data_dir)
+    if summary.failed:
+        raise RangeFailed(text)
+    return text
+
+
+class RangeFailed(RuntimeError):
+    """Some partition of a range failed; the message is the range's summary."""
+
+
 def run_partitions(
     job: JobDefinition,
     instance: DagsterInstance,

@@ -143,20 +143,13 @@ def build(
     from dbento_assets import backfill
 
     def action() -> int:
-        if force and missing_only:
-            raise backfill.UsageError(
-                "--force and --missing-only contradict each other; choose one"
-            )
         if bool(start) == bool(partitions):
             raise backfill.UsageError(
                 "give either --start YYYY-MM (with --end and --symbol) or --partition "
                 f"{backfill.KEY_FORM}"
             )
         defs = streams.defs or _project_defs()
-        job = defs.resolve_implicit_global_asset_job_def()
-        partitions_def = job.partitions_def
-        if not isinstance(partitions_def, backfill.MultiPartitionsDefinition):
-            raise backfill.UsageError("the code location's assets are not month x symbol")
+        partitions_def = backfill.month_symbol_partitions(defs)
         if partitions:
             keys = list(partitions)
             backfill.check_partition_keys(partitions_def, keys)
@@ -166,23 +159,25 @@ def build(
             keys = backfill.plan_partitions(partitions_def, symbols, start, end)
             names = ",".join(backfill.split_symbols(symbols) or ["all"])
             label = f"{names} {start}..{end or start}"
-        asset_keys = backfill.selected_assets(defs, select)
-        data_dir = backfill.preflight(defs)
         with project_instance(streams.instance) as instance:
-            summary = backfill.run_partitions(
-                job,
-                instance,
-                keys,
-                asset_keys,
-                force=force,
-                missing_only=missing_only,
-                tags={backfill.RANGE_TAG: label},
-                log_level="DEBUG" if verbose else "CRITICAL",
-                out=streams.out,
-                progress=streams.err,
-            )
-        print(summary.text(data_dir), file=streams.out, flush=True)
-        return EXIT_FAILED if summary.failed else EXIT_OK
+            try:
+                text = backfill.build_range(
+                    defs,
+                    instance,
+                    keys,
+                    select=select,
+                    force=force,
+                    missing_only=missing_only,
+                    tags={backfill.RANGE_TAG: label},
+                    log_level="DEBUG" if verbose else "CRITICAL",
+                    out=streams.out,
+                    progress=streams.err,
+                )
+            except backfill.RangeFailed as failed:
+                print(failed, file=streams.out, flush=True)
+                return EXIT_FAILED
+        print(text, file=streams.out, flush=True)
+        return EXIT_OK
 
     return guarded(streams, verbose, action)
 

@@ -13,6 +13,7 @@ from dbento_assets.assets import build_assets
 from dbento_assets.core.catalog import Catalog, load_catalog
 from dbento_assets.executors import executor_from_env
 from dbento_assets.io_managers import BarFileIOManager, io_manager_from_env
+from dbento_assets.range_job import build_range_job
 from dbento_assets.resources import DatabentoResource, databento_resource_from_env
 from dbento_assets.schedules import build_schedules
 
@@ -27,7 +28,7 @@ def build_definitions(
     IO manager (default: from the environment) stores under ``databento``'s data root."""
     databento = databento or databento_resource_from_env()
     catalog = catalog or load_catalog()
-    return Definitions(
+    assets = Definitions(
         assets=build_assets(catalog),
         schedules=build_schedules(catalog),
         executor=executor or executor_from_env(),
@@ -36,6 +37,7 @@ def build_definitions(
             "io_manager": io_manager or io_manager_from_env(databento),
         },
     )
+    return Definitions.merge(assets, Definitions(jobs=[build_range_job(assets)]))
 
 
 defs = build_definitions()

@@ -38,6 +38,8 @@ import requests
 from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRun, RunsFilter
 from dagster._core.storage.tags import BACKFILL_ID_TAG, PARTITION_NAME_TAG
 
+from dbento_assets.core.months import Month, month_range
+
 DEFAULT_MODULE = "dbento_assets.definitions"
 POOL = "databento"
 STARTUP_TIMEOUT_SECONDS = 120.0
@@ -145,6 +147,68 @@ query AssetChecks {
   }
 }
 """
+
+LAUNCH_RUN = """
+mutation LaunchRun($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on RunConfigValidationInvalid { errors { message } }
+    ... on Error { message }
+    ... on PythonError { stack }
+  }
+}
+"""
+
+RUN_STATUS = """
+query RunStatus($id: ID!) {
+  runOrError(runId: $id) {
+    __typename
+    ... on Run { status }
+    ... on Error { message }
+  }
+}
+"""
+TERMINAL_RUN_STATUSES = frozenset({"SUCCESS", "FAILURE", "CANCELED"})
+
+CHECK_PARTITION_STATUSES = """
+fragment OneDim on AssetCheckPartitionStatus1D {
+  __typename
+  ... on AssetCheckDefaultPartitionStatuses {
+    succeededPartitions
+    failedPartitions
+    inProgressPartitions
+    skippedPartitions
+    executionFailedPartitions
+  }
+}
+query CheckPartitionStatuses {
+  assetNodes {
+    assetKey { path }
+    assetChecksOrError {
+      __typename
+      ... on AssetChecks {
+        checks {
+          name
+          partitionStatuses {
+            __typename
+            ... on AssetCheckMultiPartitionStatuses {
+              ranges { primaryDimStartKey primaryDimEndKey secondaryDim { ...OneDim } }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+"""
+CHECK_STATUS_FIELDS = {
+    "succeededPartitions": "SUCCEEDED",
+    "failedPartitions": "FAILED",
+    "inProgressPartitions": "IN_PROGRESS",
+    "skippedPartitions": "SKIPPED",
+    "executionFailedPartitions": "EXECUTION_FAILED",
+}
 
 
 class DeploymentError(RuntimeError):
@@ -296,6 +360,56 @@ class Deployment:
             if names:
                 checks[AssetKey(node["assetKey"]["path"]).to_user_string()] = names
         return checks
+
+    def check_partition_statuses(self) -> dict[tuple[str, str, str], str]:
+        """What the UI shows per check and partition: ``(asset, check, partition)`` to
+        ``SUCCEEDED``, ``FAILED``, ``IN_PROGRESS``, ``SKIPPED`` or ``EXECUTION_FAILED`` (a
+        partition with no current result is absent). Each check's ``partitionStatuses`` are
+        month ranges (the primary dimension) of symbol sets, expanded here."""
+        found: dict[tuple[str, str, str], str] = {}
+        for node in self.graphql(CHECK_PARTITION_STATUSES)["assetNodes"]:
+            answer = node["assetChecksOrError"]
+            if answer["__typename"] != "AssetChecks":
+                continue
+            asset = AssetKey(node["assetKey"]["path"]).to_user_string()
+            for check in answer["checks"]:
+                for span in (check["partitionStatuses"] or {}).get("ranges") or []:
+                    months = month_range(
+                        Month.parse(span["primaryDimStartKey"][:7]),
+                        Month.parse(span["primaryDimEndKey"][:7]),
+                    )
+                    for field_name, status in CHECK_STATUS_FIELDS.items():
+                        for symbol in span["secondaryDim"].get(field_name) or []:
+                            for month in months:
+                                found[(asset, check["name"], f"{month.key}|{symbol}")] = status
+        return found
+
+    def launch_run(self, job_name: str, run_config: Mapping[str, Any]) -> str:
+        """Launch a job as the launchpad does (the run queue starts it); return its run id."""
+        location = self.graphql(WORKSPACE_STATUS)["workspaceOrError"]["locationEntries"][0]
+        params = {
+            "selector": {
+                "repositoryLocationName": location["name"],
+                "repositoryName": "__repository__",
+                "jobName": job_name,
+            },
+            "runConfigData": dict(run_config),
+        }
+        answer = self.graphql(LAUNCH_RUN, {"params": params})["launchRun"]
+        if answer["__typename"] != "LaunchRunSuccess":
+            raise DeploymentError(f"launchRun: {answer}")
+        return answer["run"]["runId"]
+
+    def wait_for_run(self, run_id: str, timeout: float = 180.0) -> str:
+        """Poll until the run is terminal; return its status (``SUCCESS``, ``FAILURE``...)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            answer = self.graphql(RUN_STATUS, {"id": run_id})["runOrError"]
+            if answer.get("status") in TERMINAL_RUN_STATUSES:
+                return answer["status"]
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"run {run_id} still {answer} after {timeout:.0f} s")
+            time.sleep(0.5)
 
     def launch_backfill(
         self,
@@ -705,6 +819,17 @@ def check_evaluations(instance: DagsterInstance, run_ids: Iterable[str]) -> list
                 )
             )
     return found
+
+
+def statuses_said(
+    instance: DagsterInstance, run_ids: Iterable[str]
+) -> dict[tuple[str, str, str], str]:
+    """What the runs' check evaluations said, ``(asset, check, partition)`` to the status the
+    UI should show for it (``SUCCEEDED`` or ``FAILED``; the latest run wins)."""
+    return {
+        (e.asset, e.check_name, str(e.partition)): "SUCCEEDED" if e.passed else "FAILED"
+        for e in check_evaluations(instance, run_ids)
+    }
 
 
 def run_timings(instance: DagsterInstance, runs: Iterable[DagsterRun]) -> list[RunTiming]:

@@ -1,0 +1,138 @@
+"""The ``build_range`` job: a range of partitions in one run, each partition its own run.
+
+Through a real deployment (webserver plus daemon, :mod:`dbento_assets_tests.deployment`), the
+job is launched as the launchpad does (``launchRun``; the run queue starts it in a run worker
+of its own). The proof is what the UI shows per partition: every check of every asset has a
+status for each partition of the range, equal to what that partition's own evaluation said,
+and it stays right when the range is built again with one partition failing (a raw file
+cut short): the others' results are current, the failed one's are not shown as passed; built
+once more, the failed partition is mended from the cached download. Nothing is bought twice
+(the Databento source; the test gateway's request count).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dagster import DagsterInstance, RunsFilter
+
+from dbento_assets.backfill import RANGE_TAG
+from dbento_assets.core.months import Month
+from dbento_assets.core.storage import BarStore
+from dbento_assets.names import RAW_ASSET
+from dbento_assets.partitions import partition_key
+from dbento_assets.range_job import JOB_NAME
+from dbento_assets_tests.deployment import (
+    Deployment,
+    gateway_env,
+    running_deployment,
+    statuses_said,
+)
+from dbento_assets_tests.gateway import GET_RANGE, TEST_KEY, FakeGateway
+
+pytestmark = pytest.mark.e2e
+
+SYMBOLS = ("ES", "SPY")
+MONTHS = (Month(2024, 1), Month(2024, 2))
+PARTITIONS = [str(partition_key(m, s)) for s in SYMBOLS for m in MONTHS]
+TIMEOUT = 240.0
+
+
+def range_config(**config: object) -> dict[str, object]:
+    wanted = {"start": "2024-01", "end": "2024-02", "symbols": list(SYMBOLS), **config}
+    return {"ops": {"build_each_partition": {"config": wanted}}}
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FakeGateway, Path]]:
+    fake = FakeGateway()
+    ca_file = fake.start(tmp_path_factory.mktemp("range-gateway"))
+    try:
+        yield fake, ca_file
+    finally:
+        fake.stop()
+
+
+@pytest.fixture(scope="module")
+def deployment(
+    tmp_path_factory: pytest.TempPathFactory, gateway: tuple[FakeGateway, Path]
+) -> Iterator[tuple[Deployment, Path]]:
+    fake, ca_file = gateway
+    workdir = tmp_path_factory.mktemp("range-job")
+    data = workdir / "data"
+    env = {
+        **gateway_env(fake.url, ca_file, TEST_KEY),
+        "DBENTO_DATA_DIR": str(data),
+        "DBENTO_RETRY_ATTEMPTS": "1",
+        "DBENTO_VENDOR_CHECK": "true",  # so every check of every asset is evaluated
+    }
+    with running_deployment(workdir, env) as running:
+        yield running, data
+
+
+def inner_runs(instance: DagsterInstance, run_id: str) -> dict[str, tuple[str, str]]:
+    """The runs the job's run started: partition to (run id, run status)."""
+    runs = instance.get_runs(RunsFilter(tags={RANGE_TAG: run_id}))
+    return {run.tags["dagster/partition"]: (run.run_id, run.status.value) for run in runs}
+
+
+def run_ids(runs: dict[str, tuple[str, str]]) -> list[str]:
+    return [run_id for run_id, _ in runs.values()]
+
+
+def bought_once(fake: FakeGateway) -> Counter[tuple[str, str]]:
+    """The gateway's ``get_range`` requests per (symbols, schema): each month once."""
+    asked = Counter((c.fields["symbols"], c.fields["schema"]) for c in fake.calls(GET_RANGE))
+    assert len(asked) == 2 * len(SYMBOLS) and set(asked.values()) == {len(MONTHS)}
+    return asked
+
+
+def test_a_range_in_one_run_keeps_every_partitions_check_status(deployment, gateway):
+    running, data = deployment
+    fake, _ = gateway
+    run_id = running.launch_run(JOB_NAME, range_config())
+    assert running.wait_for_run(run_id, TIMEOUT) == "SUCCESS", running.log_tail()
+
+    with running.instance() as instance:
+        runs = inner_runs(instance, run_id)
+        expected = statuses_said(instance, run_ids(runs))
+    assert {p: status for p, (_, status) in runs.items()} == dict.fromkeys(PARTITIONS, "SUCCESS")
+    checks = running.asset_checks()
+    wanted = {(a, c, p) for a, names in checks.items() for c in names for p in PARTITIONS}
+    assert set(expected) == wanted  # every check of every asset, once per partition
+    assert running.check_partition_statuses() == expected  # what the UI shows
+    bought = bought_once(fake)
+
+    # The range again, bars only, with ES 2024-02's raw file cut short: that partition
+    # fails and the job's run says so; the others are rebuilt with current check results.
+    broken = Path(BarStore.at(str(data)).raw_path("ES", Month(2024, 2)))
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
+    bars = [a for a in checks if a != RAW_ASSET]
+    again = running.launch_run(JOB_NAME, range_config(select=",".join(bars)))
+    assert running.wait_for_run(again, TIMEOUT) == "FAILURE"
+
+    failed = str(partition_key(Month(2024, 2), "ES"))
+    with running.instance() as instance:
+        runs = inner_runs(instance, again)
+        rebuilt = statuses_said(instance, run_ids(runs))
+    assert {p: status for p, (_, status) in runs.items()} == {
+        p: "FAILURE" if p == failed else "SUCCESS" for p in PARTITIONS
+    }
+    assert {p for _, _, p in rebuilt} == set(PARTITIONS) - {failed}
+    shown = running.check_partition_statuses()
+    assert {k: shown[k] for k in rebuilt} == rebuilt  # current: the new run's results
+    for asset in bars:  # the failed partition's earlier passes are not shown as current
+        assert {shown.get((asset, c, failed)) for c in checks[asset]} == {"EXECUTION_FAILED"}
+    assert bought_once(fake) == bought  # nothing bought again
+
+    # Launched again for every asset: the cut raw file is made again from the cached
+    # download, every partition passes, and still nothing is bought again.
+    mended = running.launch_run(JOB_NAME, range_config())
+    assert running.wait_for_run(mended, TIMEOUT) == "SUCCESS", running.log_tail()
+    with running.instance() as instance:
+        now = statuses_said(instance, run_ids(inner_runs(instance, mended)))
+    assert set(now) == wanted and running.check_partition_statuses() == now
+    assert bought_once(fake) == bought
