@@ -1,25 +1,32 @@
-"""Benchmark a 24-partition backfill (2 symbols x 12 months of demo data) through the daemon.
+"""Benchmark backfills through the Dagster daemon against the pure compute of their partitions.
 
-It starts a real deployment (webserver plus daemon, a temporary ``DAGSTER_HOME``, the demo
-source at its realistic default activity, about a million 1-second bars per ES month) with
-:mod:`dbento_assets_tests.deployment`, launches one asset backfill of every asset for ES and NQ
-x 2024-01..2024-12 through ``launchPartitionBackfill`` (as the UI does), waits for it, and
-prints:
+The default, ``--mode rebuild``, is what a user waits for after adding a timeframe: the raw
+months are already stored (built first, untimed, with ``dbento build --select raw_1s_bars``),
+and every bars asset is built again for 5 symbols x 12 months of realistic demo data (60
+partitions, about a million 1-second bars per ES month) on a real deployment (webserver plus
+daemon, a temporary ``DAGSTER_HOME``; :mod:`dbento_assets_tests.deployment`), twice:
 
-- the wall time, from the launch to the backfill being reported finished;
-- the pure compute: the sum over partitions of their steps' durations (download and decode,
-  validation, aggregation, writing), from the instance's step stats;
-- their ratio, and the target: wall <= 2 x compute + a constant (the constant covers the
-  daemon's loop period and start-up, not per-partition costs);
-- that every asset check result is attributed to its partition (per-partition runs).
+- with the ``build_range`` job, launched as the launchpad does (``launchRun``): one run for
+  the range, each partition a run of its own inside it;
+- with a backfill launched as the UI's "Materialize" dialog does (``launchPartitionBackfill``):
+  one run per partition, each a new process.
 
-Options choose what is explored: ``--executor`` sets ``DBENTO_EXECUTOR`` (``in_process``: the
-steps of a run in the run's own process; ``multiprocess``: a process per step; ``default``:
-unset, Dagster's default), ``--max-concurrent-runs`` (the run queue limit), ``--pool-limit``
-(the ``databento`` pool), ``--backfill-interval`` (shorten the backfill daemon's 30 s loop;
-default: Dagster's own), ``--months``/``--symbols`` and ``--mode cli``, which runs the same
+For each it prints the wall time (from the launch to the end), its ratio to the pure compute
+of the same partitions and the target (wall <= 2 x pure compute + 60 s), Dagster's step
+durations, and whether every check result is attributed to its partition and the UI's
+per-partition check status (``partitionStatuses``) says what each partition's evaluation
+said. The pure compute is measured in the same run before the deployment starts: the core
+functions the bars step calls (read the raw file, the raw gate, aggregation, the aggregated
+rules, the files), one partition after another in this process.
+
+``--mode daemon`` backfills every asset (downloads included) and ``--mode cli`` runs the same
 partitions with ``python -m dbento_assets.backfill`` (one process, one run per partition, no
-daemon) for comparison. ``--json`` prints the figures as one JSON object.
+daemon); both report Dagster's step durations as compute. Options: ``--executor`` sets
+``DBENTO_EXECUTOR`` (``in_process``: the steps of a run in the run's own process;
+``multiprocess``: a process per step; ``default``: unset, Dagster's default),
+``--max-concurrent-runs`` (the run queue limit), ``--pool-limit`` (the ``databento`` pool),
+``--backfill-interval`` (shorten the backfill daemon's 30 s loop; default: Dagster's own),
+``--months``/``--symbols``. ``--json`` prints the figures as one JSON object.
 
 Run: ``python benchmarks/bench_backfill.py`` (from the repository root).
 """
@@ -38,12 +45,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from dagster import DagsterInstance, RunsFilter  # noqa: E402
+from bench_month import Clock, step_bars  # noqa: E402
+from dagster import DagsterInstance, DagsterRun, RunsFilter  # noqa: E402
 
+from dbento_assets.backfill import RANGE_TAG  # noqa: E402
+from dbento_assets.core.catalog import load_catalog  # noqa: E402
 from dbento_assets.core.months import Month, month_range  # noqa: E402
+from dbento_assets.names import RAW_ASSET, bars_asset_name  # noqa: E402
 from dbento_assets.partitions import partition_key  # noqa: E402
+from dbento_assets.range_job import JOB_NAME  # noqa: E402
 from dbento_assets_tests.deployment import (  # noqa: E402
+    Deployment,
     DeploymentConfig,
     RunTiming,
     backfill_runs,
@@ -51,13 +65,14 @@ from dbento_assets_tests.deployment import (  # noqa: E402
     partition_of,
     run_timings,
     running_deployment,
+    statuses_said,
     write_dagster_yaml,
 )
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mode", choices=("daemon", "cli"), default="daemon")
+    parser.add_argument("--mode", choices=("rebuild", "daemon", "cli"), default="rebuild")
     parser.add_argument(
         "--executor", choices=("in_process", "multiprocess", "default"), default="in_process"
     )
@@ -70,7 +85,7 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="backfill daemon loop period in seconds (default: Dagster's own, 30 s)",
     )
-    parser.add_argument("--symbols", default="ES,NQ")
+    parser.add_argument("--symbols", default="ES,NQ,GC,SPY,QQQ")
     parser.add_argument("--start", default="2024-01")
     parser.add_argument("--months", type=int, default=12)
     parser.add_argument("--timeout", type=float, default=1800.0)
@@ -152,6 +167,110 @@ def bench_daemon(args: argparse.Namespace, workdir: Path, partitions: list[str])
     return out
 
 
+def pure_compute(
+    data_dir: Path, scratch: Path, partitions: list[str], labels: tuple[str, ...]
+) -> dict:
+    """The bars step's core functions over every partition, one after another in this
+    process: seconds in all and per stage (the first partition pays the one-time start-up
+    of the rules, as a run's process does)."""
+    clock = Clock()
+    start = time.perf_counter()
+    for key in partitions:
+        day, symbol = key.split("|")
+        month = Month.parse(day[:7])
+        step_bars(
+            scratch,
+            clock,
+            symbol=symbol,
+            month=(month.year, month.month),
+            raw_from=data_dir,
+            labels=labels,
+        )
+    return {
+        "pure_compute_seconds": round(time.perf_counter() - start, 1),
+        "pure_compute_stages": {k: round(v, 2) for k, v in clock.stages.items()},
+        "timeframes": list(labels),
+    }
+
+
+def bench_rebuild(args: argparse.Namespace, workdir: Path, partitions: list[str]) -> dict:
+    data_dir = workdir / "data"
+    env = {"DBENTO_SOURCE": "demo", "DBENTO_DATA_DIR": str(data_dir)}
+    if args.executor != "default":
+        env["DBENTO_EXECUTOR"] = args.executor
+    home = workdir / "dagster_home"
+    write_dagster_yaml(home)
+    symbols = sorted({p.split("|")[1] for p in partitions})
+    months = sorted({p.split("|")[0][:7] for p in partitions})
+    command = [sys.executable, "-m", "dbento_assets.backfill", "--symbols", ",".join(symbols)]
+    command += ["--start", months[0], "--end", months[-1], "--select", RAW_ASSET]
+    child_env = {**os.environ, "DAGSTER_HOME": str(home), "PYTHONPATH": str(ROOT), **env}
+    done = subprocess.run(command, cwd=workdir, env=child_env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"storing the raw months failed:\n{done.stdout}\n{done.stderr[-4000:]}")
+    timeframes = load_catalog().timeframes
+    labels = tuple(tf.label for tf in timeframes)
+    out = pure_compute(data_dir, workdir / "scratch", partitions, labels)
+    pure = out["pure_compute_seconds"]
+    out["target_wall_seconds"] = round(2 * pure + 60, 1)
+    bars_assets = [bars_asset_name(tf) for tf in timeframes]
+    config = DeploymentConfig(
+        max_concurrent_runs=args.max_concurrent_runs,
+        databento_pool_limit=args.pool_limit,
+        run_buffer=args.run_buffer,
+    )
+    with running_deployment(
+        workdir, env, config=config, backfill_interval_seconds=args.backfill_interval
+    ) as deployment:
+        # The build_range job: one run for the range, each partition a run of its own in it.
+        start = time.monotonic()
+        range_config = {"start": months[0], "end": months[-1], "symbols": symbols}
+        range_config["select"] = ",".join(bars_assets)
+        run_id = deployment.launch_run(
+            JOB_NAME, {"ops": {"build_each_partition": {"config": range_config}}}
+        )
+        status = deployment.wait_for_run(run_id, timeout=args.timeout)
+        wall = time.monotonic() - start
+        with deployment.instance() as instance:
+            runs = list(instance.get_runs(RunsFilter(tags={RANGE_TAG: run_id})))
+            out["range_job"] = rebuild_figures(deployment, instance, runs, wall, partitions, pure)
+        out["range_job"]["status"] = status
+        # The UI's backfill of the same partitions: one run per partition.
+        start = time.monotonic()
+        backfill_id = deployment.launch_backfill(partitions, bars_assets)
+        result = deployment.wait_for_backfill(
+            backfill_id, timeout=args.timeout, poll_seconds=1.0, started_at=start
+        )
+        with deployment.instance() as instance:
+            runs = backfill_runs(instance, backfill_id)
+            out["backfill"] = rebuild_figures(
+                deployment, instance, runs, result.wall_seconds, partitions, pure
+            )
+        out["backfill"]["status"] = result.status
+    return out
+
+
+def rebuild_figures(
+    deployment: Deployment,
+    instance: DagsterInstance,
+    runs: list[DagsterRun],
+    wall: float,
+    partitions: list[str],
+    pure: float,
+) -> dict:
+    """Wall time against pure compute, and whether the UI shows each partition's checks as
+    that partition's own evaluations said."""
+    out = figures(run_timings(instance, runs), wall, partitions)
+    out["run_partitions_match"] = sorted(partition_of(r) for r in runs) == sorted(partitions)
+    out.update(attribution(instance, [r.run_id for r in runs], partitions))
+    said = statuses_said(instance, [r.run_id for r in runs])
+    shown = deployment.check_partition_statuses()
+    out["ui_check_status_right"] = bool(said) and all(shown.get(k) == v for k, v in said.items())
+    out["ratio_wall_to_pure_compute"] = round(wall / pure, 2) if pure else None
+    out["target_met"] = wall <= 2 * pure + 60
+    return out
+
+
 def bench_cli(args: argparse.Namespace, workdir: Path, partitions: list[str]) -> dict:
     home = workdir / "dagster_home"
     write_dagster_yaml(home)
@@ -180,13 +299,41 @@ def bench_cli(args: argparse.Namespace, workdir: Path, partitions: list[str]) ->
     return out
 
 
+def print_rebuild(out: dict, partitions: list[str]) -> None:
+    pure = out["pure_compute_seconds"]
+    print(
+        f"rebuild of {', '.join(out['timeframes'])} bars, {len(partitions)} partitions (raw "
+        "months stored), through the daemon"
+    )
+    print(f"  pure compute:   {pure:.1f} s ({pure / len(partitions):.2f} s per partition)")
+    print(f"    stages (s):   {out['pure_compute_stages']}")
+    print(f"  target:         wall <= 2 x pure + 60 s = {out['target_wall_seconds']:.1f} s")
+    for key, name in [
+        ("range_job", "build_range job (one run, a run per partition inside it)"),
+        ("backfill", "UI backfill (one run per partition)"),
+    ]:
+        one = out[key]
+        print(f"  {name}: {one['status']}, {one['runs']} partition runs")
+        print(
+            f"    wall {one['wall_seconds']:.1f} s = {one['ratio_wall_to_pure_compute']} x pure; "
+            f"target {'met' if one['target_met'] else 'not met'}; Dagster's step durations "
+            f"{one['compute_seconds']:.1f} s"
+        )
+        print(
+            f"    checks: {one['check_evaluations']} evaluations, {one['checks_per_partition']} "
+            f"per partition, attributed per partition: {one['attributed_per_partition']}, "
+            f"UI status per partition right: {one['ui_check_status_right']}"
+        )
+    print(f"  settings: {out['settings']}")
+
+
 def main() -> None:
     args = parse_args()
     symbols = [s.strip() for s in args.symbols.split(",") if s.strip()]
     partitions = planned_partitions(symbols, Month.parse(args.start), args.months)
     workdir = Path(tempfile.mkdtemp(prefix="bench-backfill-"))
     try:
-        bench = bench_daemon if args.mode == "daemon" else bench_cli
+        bench = {"rebuild": bench_rebuild, "daemon": bench_daemon, "cli": bench_cli}[args.mode]
         out = bench(args, workdir, partitions)
     finally:
         if not args.keep:
@@ -203,6 +350,9 @@ def main() -> None:
     }
     if args.json:
         print(json.dumps(out))
+        return
+    if args.mode == "rebuild":
+        print_rebuild(out, partitions)
         return
     compute = out["compute_seconds"]
     print(f"backfill of {len(partitions)} partitions ({args.mode}, {args.executor} executor)")

@@ -25,7 +25,9 @@ then measures, in the same run and each in a fresh process (time and peak RSS):
     default) and once without it (the bars step reads the raw file).
 
 In (a) and (b) interpreter start-up and imports are outside the timing; (c) is what a user
-waits for, start-up included. Run: ``python benchmarks/bench_month.py`` (``--repeat 3`` keeps
+waits for, start-up included. Every process runs as the README's install makes it, without the
+test-only package hypothesis (pandera imports it on its first validation when it is there;
+``--with-test-extras`` keeps it). Run: ``python benchmarks/bench_month.py`` (``--repeat 3`` keeps
 the best of three).
 """
 
@@ -126,9 +128,19 @@ def step_raw(dbn: Path, out: Path, clock: Clock) -> pd.DataFrame:
     return raw
 
 
-def step_bars(out: Path, clock: Clock, raw: pd.DataFrame | None = None) -> None:
-    """What the bars step does: the raw month (handed over, else read back from its file),
-    the raw gate, aggregation, the aggregated rules per timeframe, the files."""
+def step_bars(
+    out: Path,
+    clock: Clock,
+    raw: pd.DataFrame | None = None,
+    *,
+    symbol: str = SYMBOL,
+    month: tuple[int, int] = (2024, 1),
+    raw_from: Path | None = None,
+    labels: tuple[str, ...] = TIMEFRAMES,
+) -> None:
+    """What the bars step does: the raw month (handed over, else read back from its file in
+    ``raw_from``, default ``out``), the raw gate, aggregation, the aggregated rules per
+    timeframe, the files (in ``out``)."""
     from dbento_assets.core.aggregate import aggregate_many, built_from
     from dbento_assets.core.catalog import load_catalog
     from dbento_assets.core.months import Month
@@ -141,20 +153,21 @@ def step_bars(out: Path, clock: Clock, raw: pd.DataFrame | None = None) -> None:
     from dbento_assets.core.storage import BarStore, FileIdentity
     from dbento_assets.core.timeframes import Timeframe, parse_timeframe
 
-    month = Month(2024, 1)
-    instrument = load_catalog().instrument(SYMBOL)
+    month_ = Month(*month)
+    instrument = load_catalog().instrument(symbol)
     store = BarStore.at(out)
     if raw is None:
+        source = BarStore.at(raw_from or out)
         with clock("read raw file"):
-            raw, identity = store.read_with_identity(store.raw_path(SYMBOL, month))
+            raw, identity = source.read_with_identity(source.raw_path(symbol, month_))
     else:
         identity = raw.attrs["identity"]
     with clock("raw gate (proof check)"):
-        proven = raw_rules_proven(raw, identity, month)
+        proven = raw_rules_proven(raw, identity, month_)
     if not proven:
         with clock("raw gate (rules again)"):
-            run_raw_rules(raw, month, instrument, rules=RAW_BLOCKING_RULES)
-    timeframes = [parse_timeframe(label) for label in TIMEFRAMES]
+            run_raw_rules(raw, month_, instrument, rules=RAW_BLOCKING_RULES)
+    timeframes = [parse_timeframe(label) for label in labels]
     with clock("aggregate"):
         aggregated = aggregate_many(raw, timeframes)
     plan = built_from(timeframes)
@@ -163,13 +176,13 @@ def step_bars(out: Path, clock: Clock, raw: pd.DataFrame | None = None) -> None:
         bars = aggregated[tf]
         with clock("aggregated rules"):
             finer = reconciled.get(plan[tf]) if plan[tf] is not None else None
-            results = run_aggregated_rules(bars, raw, month, tf, built_from=finer)
+            results = run_aggregated_rules(bars, raw, month_, tf, built_from=finer)
         assert not [r for r in results if r.blocking], f"{tf.label} fails its rules"
         if any(r.rule == RULE_RECONCILED and r.passed for r in results):
             reconciled[tf] = bars
         with clock("write bars"):
-            path = store.aggregated_path(SYMBOL, month, tf)
-            store.write(bars, path, FileIdentity(SYMBOL, month, "synthetic", tf.label))
+            path = store.aggregated_path(symbol, month_, tf)
+            store.write(bars, path, FileIdentity(symbol, month_, "synthetic", tf.label))
 
 
 # --------------------------------------------------------------------------- (b) the seed
@@ -331,20 +344,32 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_child(kind: str, dbn: Path, out: Path) -> dict:
+def as_installed(folder: Path) -> dict[str, str]:
+    """The environment of a process as the README's install makes it: without the test-only
+    package hypothesis, which pandera imports on its first validation when it is there (about
+    0.13 s in each process). A stand-in that fails to import, first on the path, hides it
+    from the child and from every process it starts."""
+    shim = folder / "as_installed" / "hypothesis"
+    shim.mkdir(parents=True, exist_ok=True)
+    (shim / "__init__.py").write_text('raise ImportError("hypothesis: a test-only dependency")\n')
+    path = os.pathsep.join(filter(None, [str(shim.parent), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def run_child(kind: str, dbn: Path, out: Path, env: dict[str, str] | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--dbn", str(dbn), "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure(kinds: list[str], dbn: Path, repeat: int) -> dict:
+def measure(kinds: list[str], dbn: Path, repeat: int, env: dict[str, str] | None) -> dict:
     """Run ``kinds`` in sequence, each in a fresh process; best total of ``repeat`` tries."""
     best: dict | None = None
     for _ in range(repeat):
         with tempfile.TemporaryDirectory() as out:
-            runs = [run_child(kind, dbn, Path(out)) for kind in kinds]
+            runs = [run_child(kind, dbn, Path(out), env) for kind in kinds]
         stages: Stages = {}
         for r in runs:
             for name, seconds in r.get("stages", {}).items():
@@ -373,6 +398,11 @@ def main() -> None:
     parser.add_argument(
         "--rows", type=int, default=TARGET_ROWS, help="one-second bars in the month (~)"
     )
+    parser.add_argument(
+        "--with-test-extras",
+        action="store_true",
+        help="measure with the test extras importable (hypothesis), as in a development venv",
+    )
     args = parser.parse_args()
     if args.child:
         child(args.child, args.dbn, args.out)
@@ -380,7 +410,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         dbn, rows = make_month_file(Path(tmp) / "dbn", args.rows)
         print(f"month: ES 2024-01, {rows:,} one-second bars, DBN {dbn.stat().st_size:,} bytes")
-        ref = measure(["seed"], dbn, args.repeat)
+        env = None if args.with_test_extras else as_installed(Path(tmp))
+        print(
+            "every process: "
+            + ("with the test extras" if env is None else "as installed (no hypothesis)")
+        )
+        ref = measure(["seed"], dbn, args.repeat, env)
         print(
             "reference, the seed pipeline with its validation rules (to_df -> CSV -> read_csv "
             "-> resample -> CSV; pandera schemas + resample reconciliation): "
@@ -392,7 +427,7 @@ def main() -> None:
             "whole partition, rules included, a process per step (files only)": ["raw", "bars"],
         }
         for name, kinds in variants.items():
-            ours = measure(kinds, dbn, args.repeat)
+            ours = measure(kinds, dbn, args.repeat, env)
             print(
                 f"dbento_assets [parquet], {name}: {ours['seconds']:.3f} s -> "
                 f"{ref['seconds'] / ours['seconds']:.1f}x faster than the seed; peak RSS "
@@ -400,7 +435,7 @@ def main() -> None:
                 f" of the seed's\n  stages (s): {stage_text(ours['stages'])}"
             )
         for kind, name in [("dagster", "with"), ("dagster-files", "without")]:
-            run = measure([kind], dbn, args.repeat)
+            run = measure([kind], dbn, args.repeat, env)
             print(
                 f"dagster asset materialize, one partition, {name} the in-memory hand-off: "
                 f"wall {run['seconds']:.2f} s = {run['seconds'] / ref['seconds']:.2f} of the "
