@@ -226,9 +226,7 @@ def bench_rebuild(args: argparse.Namespace, workdir: Path, partitions: list[str]
         start = time.monotonic()
         range_config = {"start": months[0], "end": months[-1], "symbols": symbols}
         range_config["select"] = ",".join(bars_assets)
-        run_id = deployment.launch_run(
-            JOB_NAME, {"ops": {"build_each_partition": {"config": range_config}}}
-        )
+        run_id = deployment.launch_run(JOB_NAME, range_config)
         status = deployment.wait_for_run(run_id, timeout=args.timeout)
         wall = time.monotonic() - start
         with deployment.instance() as instance:

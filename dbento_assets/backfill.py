@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TextIO
+from typing import Any, Protocol
 
 from dagster import (
     AssetCheckResult,
@@ -47,6 +47,14 @@ KEY_FORM = "YYYY-MM-01|SYMBOL, for example 2024-01-01|ES"
 
 class UsageError(ValueError):
     """Options that do not describe a valid range of partitions."""
+
+
+class Lines(Protocol):
+    """Where a build's lines go: a terminal, a file, or a run's log."""
+
+    def write(self, text: str, /) -> int: ...
+
+    def flush(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -192,8 +200,8 @@ def build_range(
     missing_only: bool = False,
     tags: dict[str, str] | None = None,
     log_level: str = "CRITICAL",
-    out: TextIO | None = None,
-    progress: TextIO | None = None,
+    out: Lines | None = None,
+    progress: Lines | None = None,
 ) -> str:
     """Build ``partitions`` of the selected assets, each in its own run (``dbento build`` and
     the ``build_range`` job); return the summary's text. Raises :class:`UsageError` for
@@ -235,8 +243,8 @@ def run_partitions(
     missing_only: bool = False,
     tags: dict[str, str] | None = None,
     log_level: str = "CRITICAL",
-    out: TextIO | None = None,
-    progress: TextIO | None = None,
+    out: Lines | None = None,
+    progress: Lines | None = None,
 ) -> Summary:
     """Materialize each partition in its own run, printing one line per partition.
 
@@ -270,7 +278,7 @@ def run_partitions(
 
 
 @contextmanager
-def _progress_bar(total: int, stream: TextIO) -> Iterator[Any]:
+def _progress_bar(total: int, stream: Lines) -> Iterator[Any]:
     """A tqdm bar on a terminal; elsewhere (a log file, a test) an inert one."""
     interactive = bool(getattr(stream, "isatty", lambda: False)())
     with tqdm(

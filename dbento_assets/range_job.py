@@ -4,16 +4,32 @@ A UI backfill starts one run per partition, and each run pays Dagster's start-up
 process, the code location loaded, about 4-6 s), which dwarfs a month's work when the raw
 months are already stored. Batching partitions into one ranged run
 (``BackfillPolicy.multi_run``) would lose each partition's check status in Dagster 1.13. This
-job is launched once (the launchpad, or ``dagster job launch``); its one op builds the range
-with the ``dbento build`` loop: every partition is a run of its own in the same instance (its
-materializations, files and check results as in any run), in this run's process.
+job is launched once (the launchpad, or ``dagster job launch``). Its run splits the range into
+``DBENTO_RANGE_WORKERS`` shares (default: one per CPU core), each a step in a process of its
+own (Dagster's multiprocess executor), and each share builds its partitions with the ``dbento
+build`` loop: every partition is a run of its own in the same instance (its materializations,
+files and check results as in any run).
 """
 
+import os
 
-from dagster import Config, Definitions, Failure, JobDefinition, OpExecutionContext, job, op
-from pydantic import Field
+from dagster import (
+    Config,
+    Definitions,
+    Failure,
+    JobDefinition,
+    OpDefinition,
+    OpExecutionContext,
+    RunConfig,
+    config_mapping,
+    job,
+    multiprocess_executor,
+    op,
+)
+from pydantic import BaseModel, Field
 
 from dbento_assets import backfill
+from dbento_assets.core.settings import read
 
 JOB_NAME = "build_range"
 
@@ -38,6 +54,24 @@ class BuildRangeConfig(Config):
     )
 
 
+class ShareConfig(BuildRangeConfig):
+    """One share of the range: every ``shares``-th partition from the ``share``-th."""
+
+    share: int = Field(ge=0)
+    shares: int = Field(ge=1)
+
+
+class RangeSettings(BaseModel):
+    """The job's settings, each read from ``DBENTO_<FIELD>``."""
+
+    range_workers: int = Field(
+        default_factory=lambda: os.cpu_count() or 1,
+        ge=1,
+        le=64,
+        description="Processes building the range's partitions at once (default: CPU cores).",
+    )
+
+
 class _LogLines:
     """A text stream whose lines go to the run's log (one line per partition)."""
 
@@ -56,9 +90,41 @@ class _LogLines:
 
 def build_range_job(defs: Definitions) -> JobDefinition:
     """The ``build_range`` job over ``defs`` (the code location's assets and resources)."""
+    workers = read(RangeSettings).range_workers
+    shares = [_share_op(defs, index) for index in range(workers)]
 
-    @op(description="Build each partition of the range as a run of its own, in this process.")
-    def build_each_partition(context: OpExecutionContext, config: BuildRangeConfig) -> None:
+    @config_mapping
+    def one_config_for_every_share(config: BuildRangeConfig) -> RunConfig:
+        given = config.model_dump()
+        return RunConfig(
+            ops={
+                share.name: ShareConfig(**given, share=index, shares=workers)
+                for index, share in enumerate(shares)
+            }
+        )
+
+    @job(
+        name=JOB_NAME,
+        description=(
+            "Build a range of symbol-months in one run (start-up paid once per share); each "
+            "partition is still a run of its own, with its materializations and check results."
+        ),
+        config=one_config_for_every_share,
+        executor_def=multiprocess_executor.configured({"max_concurrent": workers}),
+    )
+    def build_range() -> None:
+        for share in shares:
+            share()
+
+    return build_range
+
+
+def _share_op(defs: Definitions, index: int) -> OpDefinition:
+    @op(
+        name=f"build_share_{index}",
+        description="Build this share's partitions, each as a run of its own, in this process.",
+    )
+    def build_share(context: OpExecutionContext, config: ShareConfig) -> None:
         lines = _LogLines(context)
         try:
             partitions = backfill.plan_partitions(
@@ -67,20 +133,16 @@ def build_range_job(defs: Definitions) -> JobDefinition:
             text = backfill.build_range(
                 defs,
                 context.instance,
-                partitions,
+                partitions[config.share :: config.shares],
                 select=config.select,
                 force=config.force,
                 missing_only=config.missing_only,
                 tags={backfill.RANGE_TAG: context.run_id},
-                out=lines,  # type: ignore[arg-type]
-                progress=lines,  # type: ignore[arg-type]
+                out=lines,
+                progress=lines,
             )
         except (backfill.UsageError, backfill.RangeFailed) as exc:
             raise Failure(str(exc)) from None
         context.log.info(text)
 
-    @job(name=JOB_NAME, description=__doc__.split("\n\n")[1].replace("\n", " "))
-    def build_range() -> None:
-        build_each_partition()
-
-    return build_range
+    return build_share

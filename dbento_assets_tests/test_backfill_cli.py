@@ -32,6 +32,7 @@ from dbento_assets.core.timeframes import parse_timeframe
 from dbento_assets.definitions import build_definitions
 from dbento_assets.names import RAW_ASSET
 from dbento_assets.partitions import Partition, partition_key
+from dbento_assets.range_job import JOB_NAME
 from dbento_assets.resources import DatabentoResource
 from dbento_assets_tests.deployment import (
     check_evaluations,
@@ -325,3 +326,37 @@ def test_a_range_shows_a_progress_bar_on_a_terminal_only(small_demo_defs):
             run([*argv, "--missing-only"], out, err, defs=small_demo_defs, instance=instance) == 0
         )
         assert err.getvalue() == ""  # not a terminal (a log file, a pipe): no bar
+
+
+# --------------------------------------------------------------------------- build_range job
+
+
+def test_the_build_range_job_shares_a_range_among_its_workers(monkeypatch, tmp_path):
+    # DBENTO_RANGE_WORKERS steps, each its own process in a real run (test_range_job.py);
+    # here, in one process: every partition built once, by the share its position gives it.
+    monkeypatch.setenv("DBENTO_RANGE_WORKERS", "3")
+    resource = DatabentoResource(source="demo", data_dir=str(tmp_path / "data"))
+    job = build_definitions(databento=resource).get_job_def(JOB_NAME)
+    shares = [f"build_share_{i}" for i in range(3)]
+    assert sorted(job.graph.node_dict) == shares
+    config = {"start": "2024-01", "end": "2024-02", "symbols": ["ES", "NQ"], "select": RAW_ASSET}
+    with instance_for_test() as instance:
+        result = job.execute_in_process(run_config=config, instance=instance)
+        runs = instance.get_runs(RunsFilter(tags={RANGE_TAG: result.run_id}))
+        built = Counter(run.tags["dagster/partition"] for run in runs)
+        logged = [
+            (e.step_key, e.message)
+            for e in instance.all_logs(result.run_id)
+            if e.step_key and e.message and "|" in e.message and " ok " in e.message
+        ]
+    keys = [str(partition_key(Month(2024, m), s)) for s in ("ES", "NQ") for m in (1, 2)]
+    assert built == Counter(keys) and all(r.status.value == "SUCCESS" for r in runs)
+    for index, key in enumerate(keys):  # the i-th partition went to share i mod 3
+        assert any(step == shares[index % 3] and key in text for step, text in logged)
+
+
+@pytest.mark.parametrize("value", ["0", "65", "two"])
+def test_a_bad_range_workers_setting_names_the_variable(monkeypatch, value):
+    monkeypatch.setenv("DBENTO_RANGE_WORKERS", value)
+    with pytest.raises(ValueError, match=f"DBENTO_RANGE_WORKERS='{value}'"):
+        build_definitions(databento=DatabentoResource(source="demo"))
