@@ -34,6 +34,7 @@ Run: ``python benchmarks/bench_backfill.py`` (from the repository root).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -136,20 +137,27 @@ def figures(timings: list[RunTiming], wall: float, partitions: list[str]) -> dic
     }
 
 
+def deployment_for(
+    args: argparse.Namespace, workdir: Path, env: dict[str, str]
+) -> contextlib.AbstractContextManager[Deployment]:
+    """A real deployment with the run queue, pool and backfill loop the options ask for."""
+    config = DeploymentConfig(
+        max_concurrent_runs=args.max_concurrent_runs,
+        databento_pool_limit=args.pool_limit,
+        run_buffer=args.run_buffer,
+    )
+    return running_deployment(
+        workdir, env, config=config, backfill_interval_seconds=args.backfill_interval
+    )
+
+
 def bench_daemon(args: argparse.Namespace, workdir: Path, partitions: list[str]) -> dict:
     env = {"DBENTO_SOURCE": "demo", "DBENTO_DATA_DIR": str(workdir / "data")}
     if args.executor == "in_process":
         env["DBENTO_EXECUTOR"] = "in_process"
     elif args.executor == "multiprocess":
         env["DBENTO_EXECUTOR"] = "multiprocess"
-    config = DeploymentConfig(
-        max_concurrent_runs=args.max_concurrent_runs,
-        databento_pool_limit=args.pool_limit,
-        run_buffer=args.run_buffer,
-    )
-    with running_deployment(
-        workdir, env, config=config, backfill_interval_seconds=args.backfill_interval
-    ) as deployment:
+    with deployment_for(args, workdir, env) as deployment:
         start = time.monotonic()
         backfill_id = deployment.launch_backfill(partitions)
         result = deployment.wait_for_backfill(
@@ -214,14 +222,7 @@ def bench_rebuild(args: argparse.Namespace, workdir: Path, partitions: list[str]
     pure = out["pure_compute_seconds"]
     out["target_wall_seconds"] = round(2 * pure + 60, 1)
     bars_assets = [bars_asset_name(tf) for tf in timeframes]
-    config = DeploymentConfig(
-        max_concurrent_runs=args.max_concurrent_runs,
-        databento_pool_limit=args.pool_limit,
-        run_buffer=args.run_buffer,
-    )
-    with running_deployment(
-        workdir, env, config=config, backfill_interval_seconds=args.backfill_interval
-    ) as deployment:
+    with deployment_for(args, workdir, env) as deployment:
         # The build_range job: one run for the range, each partition a run of its own in it.
         start = time.monotonic()
         range_config = {"start": months[0], "end": months[-1], "symbols": symbols}

@@ -204,54 +204,18 @@ def build_range(
     progress: Lines | None = None,
 ) -> str:
     """Build ``partitions`` of the selected assets, each in its own run (``dbento build`` and
-    the ``build_range`` job); return the summary's text. Raises :class:`UsageError` for
-    options that contradict each other or select nothing, and :class:`RangeFailed` (with
-    the same text) when a partition failed."""
+    the ``build_range`` job), printing one line per partition; return the summary's text.
+
+    Every run is recorded in ``instance`` in full; ``log_level`` only sets what Dagster's
+    console logger prints while it runs. A progress bar goes to ``progress`` when that is a
+    terminal. Raises :class:`UsageError` for options that contradict each other or select
+    nothing, and :class:`RangeFailed` (with the same text) when a partition failed.
+    """
     if force and missing_only:
         raise UsageError("--force and --missing-only contradict each other; choose one")
     asset_keys = selected_assets(defs, select)
     data_dir = preflight(defs)
-    summary = run_partitions(
-        defs.resolve_implicit_global_asset_job_def(),
-        instance,
-        partitions,
-        asset_keys,
-        force=force,
-        missing_only=missing_only,
-        tags=tags,
-        log_level=log_level,
-        out=out,
-        progress=progress,
-    )
-    text = summary.text(data_dir)
-    if summary.failed:
-        raise RangeFailed(text)
-    return text
-
-
-class RangeFailed(RuntimeError):
-    """Some partition of a range failed; the message is the range's summary."""
-
-
-def run_partitions(
-    job: JobDefinition,
-    instance: DagsterInstance,
-    partitions: Sequence[str],
-    asset_keys: Sequence[AssetKey],
-    *,
-    force: bool = False,
-    missing_only: bool = False,
-    tags: dict[str, str] | None = None,
-    log_level: str = "CRITICAL",
-    out: Lines | None = None,
-    progress: Lines | None = None,
-) -> Summary:
-    """Materialize each partition in its own run, printing one line per partition.
-
-    Every run is recorded in ``instance`` in full; ``log_level`` only sets what Dagster's
-    console logger prints while it runs. A progress bar goes to ``progress`` when that is a
-    terminal.
-    """
+    job = defs.resolve_implicit_global_asset_job_def()
     out = out or sys.stdout
     progress = progress or sys.stderr
     run_tags = dict(tags or {})
@@ -274,7 +238,14 @@ def run_partitions(
             out.flush()
             bar.update(1)
     summary.seconds = time.monotonic() - started
-    return summary
+    text = summary.text(data_dir)
+    if summary.failed:
+        raise RangeFailed(text)
+    return text
+
+
+class RangeFailed(RuntimeError):
+    """Some partition of a range failed; the message is the range's summary."""
 
 
 @contextmanager

@@ -652,3 +652,16 @@ def gateway_fixture(
         yield gw
     finally:
         gw.stop()
+
+
+@pytest.fixture(scope="module")
+def served_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FakeGateway, Path]]:
+    """A :class:`FakeGateway` for a whole module, with its CA file: for a deployment, whose
+    processes get both through ``deployment.gateway_env`` rather than this process's
+    environment."""
+    gw = FakeGateway()
+    ca_file = gw.start(tmp_path_factory.mktemp("fake-databento"))
+    try:
+        yield gw, ca_file
+    finally:
+        gw.stop()

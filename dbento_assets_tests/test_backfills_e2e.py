@@ -83,20 +83,10 @@ def demo_deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deploy
 
 
 @pytest.fixture(scope="module")
-def fake_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FakeGateway, Path]]:
-    gateway = FakeGateway()
-    ca_file = gateway.start(tmp_path_factory.mktemp("e2e-fake-databento"))
-    try:
-        yield gateway, ca_file
-    finally:
-        gateway.stop()
-
-
-@pytest.fixture(scope="module")
 def databento_deployment(
-    tmp_path_factory: pytest.TempPathFactory, fake_gateway: tuple[FakeGateway, Path]
+    tmp_path_factory: pytest.TempPathFactory, served_gateway: tuple[FakeGateway, Path]
 ) -> Iterator[Deployment]:
-    gateway, ca_file = fake_gateway
+    gateway, ca_file = served_gateway
     workdir = tmp_path_factory.mktemp("e2e-databento")
     env = {
         **gateway_env(gateway.url, ca_file, TEST_KEY),
@@ -123,9 +113,9 @@ class Downloaded:
 
 @pytest.fixture(scope="module")
 def downloaded(
-    databento_deployment: Deployment, fake_gateway: tuple[FakeGateway, Path]
+    databento_deployment: Deployment, served_gateway: tuple[FakeGateway, Path]
 ) -> Downloaded:
-    gateway, _ = fake_gateway
+    gateway, _ = served_gateway
     before = len(gateway.calls(GET_RANGE))
     result = launch_and_wait(databento_deployment, partitions(MONTHS))
     return Downloaded(result, gateway.calls(GET_RANGE)[before:])
@@ -265,9 +255,9 @@ def test_databento_backfill_requests_each_month_once(
 
 
 def test_failed_partition_resumes_without_downloading_again(
-    databento_deployment: Deployment, fake_gateway: tuple[FakeGateway, Path], catalog: Catalog
+    databento_deployment: Deployment, served_gateway: tuple[FakeGateway, Path], catalog: Catalog
 ) -> None:
-    gateway, _ = fake_gateway
+    gateway, _ = served_gateway
     names = partitions(RESUME_MONTHS)
     root = data_dir(databento_deployment)
     store = BarStore.at(root)
@@ -315,10 +305,10 @@ def test_failed_partition_resumes_without_downloading_again(
 def test_force_tag_downloads_again(
     databento_deployment: Deployment,
     downloaded: Downloaded,
-    fake_gateway: tuple[FakeGateway, Path],
+    served_gateway: tuple[FakeGateway, Path],
     catalog: Catalog,
 ) -> None:
-    gateway, _ = fake_gateway
+    gateway, _ = served_gateway
     assert downloaded.result.status == "COMPLETED_SUCCESS", downloaded.result
     forced_names = partitions(MONTHS[:1])
     before = gateway.calls(GET_RANGE)

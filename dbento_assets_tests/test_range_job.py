@@ -47,20 +47,10 @@ def range_config(**config: object) -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FakeGateway, Path]]:
-    fake = FakeGateway()
-    ca_file = fake.start(tmp_path_factory.mktemp("range-gateway"))
-    try:
-        yield fake, ca_file
-    finally:
-        fake.stop()
-
-
-@pytest.fixture(scope="module")
 def deployment(
-    tmp_path_factory: pytest.TempPathFactory, gateway: tuple[FakeGateway, Path]
+    tmp_path_factory: pytest.TempPathFactory, served_gateway: tuple[FakeGateway, Path]
 ) -> Iterator[tuple[Deployment, Path]]:
-    fake, ca_file = gateway
+    fake, ca_file = served_gateway
     workdir = tmp_path_factory.mktemp("range-job")
     data = workdir / "data"
     env = {
@@ -90,9 +80,9 @@ def bought_once(fake: FakeGateway) -> Counter[tuple[str, str]]:
     return asked
 
 
-def test_a_range_in_one_run_keeps_every_partitions_check_status(deployment, gateway):
+def test_a_range_in_one_run_keeps_every_partitions_check_status(deployment, served_gateway):
     running, data = deployment
-    fake, _ = gateway
+    fake, _ = served_gateway
     run_id = running.launch_run(JOB_NAME, range_config())
     assert running.wait_for_run(run_id, TIMEOUT) == "SUCCESS", running.log_tail()
 
