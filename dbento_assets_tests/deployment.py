@@ -160,6 +160,17 @@ mutation LaunchRun($params: ExecutionParams!) {
 }
 """
 
+REEXECUTE_RUN = """
+mutation ReexecuteRun($params: ReexecutionParams!) {
+  launchRunReexecution(reexecutionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on Error { message }
+    ... on PythonError { stack }
+  }
+}
+"""
+
 RUN_STATUS = """
 query RunStatus($id: ID!) {
   runOrError(runId: $id) {
@@ -398,6 +409,14 @@ class Deployment:
         answer = self.graphql(LAUNCH_RUN, {"params": params})["launchRun"]
         if answer["__typename"] != "LaunchRunSuccess":
             raise DeploymentError(f"launchRun: {answer}")
+        return answer["run"]["runId"]
+
+    def reexecute_run(self, run_id: str, strategy: str = "FROM_FAILURE") -> str:
+        """Re-execute a finished run (the run page's "Re-execute from failure"); new id."""
+        params = {"parentRunId": run_id, "strategy": strategy}
+        answer = self.graphql(REEXECUTE_RUN, {"params": params})["launchRunReexecution"]
+        if answer["__typename"] != "LaunchRunSuccess":
+            raise DeploymentError(f"launchRunReexecution: {answer}")
         return answer["run"]["runId"]
 
     def wait_for_run(self, run_id: str, timeout: float = 180.0) -> str:

@@ -126,3 +126,37 @@ def test_a_range_in_one_run_keeps_every_partitions_check_status(deployment, serv
         now = statuses_said(instance, run_ids(inner_runs(instance, mended)))
     assert set(now) == wanted and running.check_partition_statuses() == now
     assert bought_once(fake) == bought
+
+
+def test_a_failed_download_fails_its_partition_alone_and_a_reexecution_buys_only_it(
+    deployment, served_gateway
+):
+    running, _ = deployment
+    fake, _ = served_gateway
+    before = len(fake.calls(GET_RANGE))
+    fake.fail("500", endpoint=GET_RANGE)  # one download fails, beyond the retry budget (1)
+    config = range_config(start="2024-03", end="2024-04")
+    run_id = running.launch_run(JOB_NAME, config)
+    assert running.wait_for_run(run_id, TIMEOUT) == "FAILURE"
+    assert fake.pending_faults() == 0
+    with running.instance() as instance:
+        first = inner_runs(instance, run_id)
+    failed = [p for p, (_, status) in first.items() if status == "FAILURE"]
+    assert len(first) == 4 and len(failed) == 1, first
+
+    # The run page's "Re-execute from failure": only the failed share runs again; its months
+    # already bought are decoded from the cache, and the failed one is bought once.
+    again = running.reexecute_run(run_id)
+    assert running.wait_for_run(again, TIMEOUT) == "SUCCESS", running.log_tail()
+    with running.instance() as instance:
+        second = inner_runs(instance, again)
+        said = statuses_said(instance, run_ids(second))
+    assert failed[0] in second and set(second) < set(first)  # only the failed share's
+    asked = Counter(
+        (c.fields["symbols"], c.fields["schema"], c.fields["start"])
+        for c in fake.calls(GET_RANGE)[before:]
+        if c.fault is None
+    )
+    assert len(asked) == 2 * 4 and set(asked.values()) == {1}  # 1s and 1m, each month once
+    shown = running.check_partition_statuses()
+    assert {k: shown[k] for k in said} == said
