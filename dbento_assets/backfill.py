@@ -11,8 +11,9 @@ from __future__ import annotations
 import gc
 import sys
 import time
+import uuid
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -78,6 +79,7 @@ class Summary:
 
     outcomes: list[PartitionOutcome] = field(default_factory=list)
     seconds: float = 0.0
+    not_started: list[str] = field(default_factory=list)  # left when the build was stopped
 
     @property
     def failed(self) -> list[PartitionOutcome]:
@@ -109,6 +111,11 @@ class Summary:
                 "fixed (or later, for a month not published yet), run the same command again "
                 "with --missing-only: it builds only what is missing, and months already "
                 "downloaded are not paid for again."
+            )
+        if self.not_started:
+            head += (
+                f"\nStopped (the run was cancelled) before {len(self.not_started)} "
+                f"partition(s): {', '.join(self.not_started)}."
             )
         return head
 
@@ -202,14 +209,17 @@ def build_range(
     log_level: str = "CRITICAL",
     out: Lines | None = None,
     progress: Lines | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> str:
     """Build ``partitions`` of the selected assets, each in its own run (``dbento build`` and
     the ``build_range`` job), printing one line per partition; return the summary's text.
 
     Every run is recorded in ``instance`` in full; ``log_level`` only sets what Dagster's
     console logger prints while it runs. A progress bar goes to ``progress`` when that is a
-    terminal. Raises :class:`UsageError` for options that contradict each other or select
-    nothing, and :class:`RangeFailed` (with the same text) when a partition failed.
+    terminal. ``stop`` is asked before each partition; when it says so, no further run is
+    started. Raises :class:`UsageError` for options that contradict each other or select
+    nothing, and :class:`RangeFailed` (with the same text) when a partition failed or the
+    build was stopped.
     """
     if force and missing_only:
         raise UsageError("--force and --missing-only contradict each other; choose one")
@@ -227,7 +237,10 @@ def build_range(
     summary = Summary()
     started = time.monotonic()
     with _progress_bar(len(partitions), progress) as bar:
-        for name in partitions:
+        for index, name in enumerate(partitions):
+            if stop is not None and stop():
+                summary.not_started = list(partitions[index:])
+                break
             bar.set_postfix_str(name)
             if name in done:
                 outcome = PartitionOutcome(name, True, 0.0, None, "already built", True)
@@ -239,7 +252,7 @@ def build_range(
             bar.update(1)
     summary.seconds = time.monotonic() - started
     text = summary.text(data_dir)
-    if summary.failed:
+    if summary.failed or summary.not_started:
         raise RangeFailed(text)
     return text
 
@@ -353,16 +366,26 @@ def _run_one(
     log_level: str,
 ) -> PartitionOutcome:
     start = time.monotonic()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        result = job.execute_in_process(
-            partition_key=partition,
-            instance=instance,
-            tags=tags,
-            asset_selection=list(asset_keys),
-            run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
-            raise_on_error=False,
-        )
+    run_id = str(uuid.uuid4())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            result = job.execute_in_process(
+                partition_key=partition,
+                instance=instance,
+                tags=tags,
+                asset_selection=list(asset_keys),
+                run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+                raise_on_error=False,
+                run_id=run_id,
+            )
+    except BaseException:
+        # Interrupted (a cancelled job run, Ctrl-C) before its run could end: it would show
+        # as not started, or running, for ever.
+        run = instance.get_run_by_id(run_id)
+        if run is not None and not run.is_finished:
+            instance.report_run_canceled(run, "Stopped: the build it belongs to was cancelled.")
+        raise
     seconds = time.monotonic() - start
     rows, files, cost = _written(result)
     if result.success:

@@ -15,6 +15,7 @@ import os
 
 from dagster import (
     Config,
+    DagsterRunStatus,
     Definitions,
     Failure,
     JobDefinition,
@@ -140,9 +141,21 @@ def _share_op(defs: Definitions, index: int) -> OpDefinition:
                 tags={backfill.RANGE_TAG: context.run_id},
                 out=lines,
                 progress=lines,
+                stop=lambda: _cancelling(context),
             )
         except (backfill.UsageError, backfill.RangeFailed) as exc:
             raise Failure(str(exc)) from None
         context.log.info(text)
 
     return build_share
+
+
+def _cancelling(context: OpExecutionContext) -> bool:
+    # A cancelled run's interrupt reaches the partition's own run, which fails, and the loop
+    # would go on: so the job's run is asked before each partition (its status, in the
+    # instance) and nothing new starts once it is being cancelled.
+    run = context.instance.get_run_by_id(context.run_id)
+    return run is not None and run.status in (
+        DagsterRunStatus.CANCELING,
+        DagsterRunStatus.CANCELED,
+    )

@@ -171,6 +171,18 @@ mutation ReexecuteRun($params: ReexecutionParams!) {
 }
 """
 
+TERMINATE_RUN = """
+mutation TerminateRun($runId: String!) {
+  terminateRun(runId: $runId) {
+    __typename
+    ... on TerminateRunSuccess { run { runId } }
+    ... on TerminateRunFailure { message }
+    ... on Error { message }
+    ... on PythonError { stack }
+  }
+}
+"""
+
 RUN_STATUS = """
 query RunStatus($id: ID!) {
   runOrError(runId: $id) {
@@ -418,6 +430,12 @@ class Deployment:
         if answer["__typename"] != "LaunchRunSuccess":
             raise DeploymentError(f"launchRunReexecution: {answer}")
         return answer["run"]["runId"]
+
+    def terminate_run(self, run_id: str) -> None:
+        """Cancel a run, as the run page's "Terminate" button does."""
+        answer = self.graphql(TERMINATE_RUN, {"runId": run_id})["terminateRun"]
+        if answer["__typename"] != "TerminateRunSuccess":
+            raise DeploymentError(f"terminateRun: {answer}")
 
     def wait_for_run(self, run_id: str, timeout: float = 180.0) -> str:
         """Poll until the run is terminal; return its status (``SUCCESS``, ``FAILURE``...)."""

@@ -12,6 +12,7 @@ once more, the failed partition is mended from the cached download. Nothing is b
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,3 +161,46 @@ def test_a_failed_download_fails_its_partition_alone_and_a_reexecution_buys_only
     assert len(asked) == 2 * 4 and set(asked.values()) == {1}  # 1s and 1m, each month once
     shown = running.check_partition_statuses()
     assert {k: shown[k] for k in said} == said
+
+
+def test_cancelling_the_jobs_run_stops_it_between_partitions_and_leaves_nothing_half_done(
+    deployment, served_gateway
+):
+    running, data = deployment
+    fake, _ = served_gateway
+    before = len(fake.calls(GET_RANGE))
+    months = [Month(2024, m) for m in range(5, 11)]
+    config = range_config(start="2024-05", end="2024-10", select=RAW_ASSET)
+    run_id = running.launch_run(JOB_NAME, config)
+    deadline = time.monotonic() + TIMEOUT
+    with running.instance() as instance:
+        while sum(s == "SUCCESS" for _, s in inner_runs(instance, run_id).values()) < 2:
+            assert time.monotonic() < deadline, running.log_tail()
+            time.sleep(0.2)
+    running.terminate_run(run_id)
+    asked_at = time.monotonic()
+
+    assert running.wait_for_run(run_id, TIMEOUT) == "CANCELED"
+    assert time.monotonic() - asked_at < 30  # not after the rest of the range
+    with running.instance() as instance:
+        runs = inner_runs(instance, run_id)
+    assert {s for _, s in runs.values()} <= {"SUCCESS", "FAILURE", "CANCELED"}, runs
+    assert len(runs) < len(SYMBOLS) * len(months)  # it stopped early
+    half_written = [p for p in data.rglob("*") if p.name.endswith((".tmp", ".part"))]
+    assert not half_written
+    store = BarStore.at(str(data))
+    for key, (_, status) in runs.items():
+        if status == "SUCCESS":
+            month, symbol = Month.parse(key[:7]), key.split("|")[1]
+            bars, identity = store.read_with_identity(store.raw_path(symbol, month))
+            assert identity is not None and len(bars) > 0
+
+    # Launched again: it finishes the range, and no month is bought twice.
+    again = running.launch_run(JOB_NAME, config)
+    assert running.wait_for_run(again, TIMEOUT) == "SUCCESS", running.log_tail()
+    asked = Counter(
+        (c.fields["symbols"], c.fields["schema"], c.fields["start"])
+        for c in fake.calls(GET_RANGE)[before:]
+        if c.fields["schema"] == "ohlcv-1s"
+    )
+    assert len(asked) == len(SYMBOLS) * len(months) and set(asked.values()) == {1}
