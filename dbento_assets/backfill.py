@@ -3,7 +3,8 @@
 One run per partition keeps every check result attributed to its symbol-month (a ranged run,
 as ``dagster asset materialize --partition-range`` makes, drops it). The runs go to the
 project's instance (:mod:`dbento_assets.project`) with the usual partition tags; the command
-line itself is :mod:`dbento_assets.cli`.
+line itself is :mod:`dbento_assets.cli`, and the ``build_range`` job
+(:mod:`dbento_assets.range_job`) runs the same loop inside a Dagster run.
 """
 
 from __future__ import annotations
