@@ -418,24 +418,20 @@ class Deployment:
             },
             "runConfigData": dict(run_config),
         }
-        answer = self.graphql(LAUNCH_RUN, {"params": params})["launchRun"]
-        if answer["__typename"] != "LaunchRunSuccess":
-            raise DeploymentError(f"launchRun: {answer}")
-        return answer["run"]["runId"]
+        answer = self.mutate(LAUNCH_RUN, {"params": params}, "launchRun", "LaunchRunSuccess")
+        return str(answer["run"]["runId"])
 
     def reexecute_run(self, run_id: str, strategy: str = "FROM_FAILURE") -> str:
         """Re-execute a finished run (the run page's "Re-execute from failure"); new id."""
         params = {"parentRunId": run_id, "strategy": strategy}
-        answer = self.graphql(REEXECUTE_RUN, {"params": params})["launchRunReexecution"]
-        if answer["__typename"] != "LaunchRunSuccess":
-            raise DeploymentError(f"launchRunReexecution: {answer}")
-        return answer["run"]["runId"]
+        answer = self.mutate(
+            REEXECUTE_RUN, {"params": params}, "launchRunReexecution", "LaunchRunSuccess"
+        )
+        return str(answer["run"]["runId"])
 
     def terminate_run(self, run_id: str) -> None:
         """Cancel a run, as the run page's "Terminate" button does."""
-        answer = self.graphql(TERMINATE_RUN, {"runId": run_id})["terminateRun"]
-        if answer["__typename"] != "TerminateRunSuccess":
-            raise DeploymentError(f"terminateRun: {answer}")
+        self.mutate(TERMINATE_RUN, {"runId": run_id}, "terminateRun", "TerminateRunSuccess")
 
     def wait_for_run(self, run_id: str, timeout: float = 180.0) -> str:
         """Poll until the run is terminal; return its status (``SUCCESS``, ``FAILURE``...)."""
@@ -471,14 +467,21 @@ class Deployment:
             params["runConfigData"] = dict(run_config)
         if title is not None:
             params["title"] = title
-        result = self.graphql(LAUNCH_BACKFILL, {"params": params})["launchPartitionBackfill"]
-        return self._backfill_id(result, "launchPartitionBackfill")
+        answer = self.mutate(
+            LAUNCH_BACKFILL, {"params": params}, "launchPartitionBackfill", "LaunchBackfillSuccess"
+        )
+        return str(answer["backfillId"])
 
     def reexecute_backfill(self, backfill_id: str, strategy: str = "FROM_FAILURE") -> str:
         """Re-execute a finished backfill (the UI's "Re-execute from failure"); new id."""
         params = {"parentRunId": backfill_id, "strategy": strategy}
-        result = self.graphql(REEXECUTE_BACKFILL, {"params": params})["reexecutePartitionBackfill"]
-        return self._backfill_id(result, "reexecutePartitionBackfill")
+        answer = self.mutate(
+            REEXECUTE_BACKFILL,
+            {"params": params},
+            "reexecutePartitionBackfill",
+            "LaunchBackfillSuccess",
+        )
+        return str(answer["backfillId"])
 
     def backfill_status(self, backfill_id: str) -> dict[str, Any]:
         """The raw ``partitionBackfillOrError`` answer."""
@@ -553,13 +556,18 @@ class Deployment:
                     f"the Dagster {name} exited with code {process.returncode}{self.log_tail()}"
                 )
 
-    def _backfill_id(self, result: Mapping[str, Any], operation: str) -> str:
-        if result["__typename"] != "LaunchBackfillSuccess":
+    def mutate(
+        self, query: str, variables: Mapping[str, Any], operation: str, success: str
+    ) -> dict[str, Any]:
+        """Run one GraphQL mutation and return its answer when it is ``success``; raise
+        :class:`DeploymentError` with Dagster's message otherwise."""
+        result = self.graphql(query, variables)[operation]
+        if result["__typename"] != success:
             raise DeploymentError(
                 f"{operation} failed: {result.get('__typename')}: {result.get('message')}\n"
-                f"{result.get('stack') or ''}"
+                f"{result.get('errors') or ''}{result.get('stack') or ''}"
             )
-        return str(result["backfillId"])
+        return result
 
 
 def stop_process_group(

@@ -74,6 +74,18 @@ def run_ids(runs: dict[str, tuple[str, str]]) -> list[str]:
     return [run_id for run_id, _ in runs.values()]
 
 
+def requested(
+    fake: FakeGateway, since: int, schema: str | None = None
+) -> Counter[tuple[str, str, str]]:
+    """Answered ``get_range`` requests from the ``since``-th on, per (symbols, schema,
+    start): a month bought once counts 1."""
+    return Counter(
+        (c.fields["symbols"], c.fields["schema"], c.fields["start"])
+        for c in fake.calls(GET_RANGE)[since:]
+        if c.fault is None and schema in (None, c.fields["schema"])
+    )
+
+
 def bought_once(fake: FakeGateway) -> Counter[tuple[str, str]]:
     """The gateway's ``get_range`` requests per (symbols, schema): each month once."""
     asked = Counter((c.fields["symbols"], c.fields["schema"]) for c in fake.calls(GET_RANGE))
@@ -153,11 +165,7 @@ def test_a_failed_download_fails_its_partition_alone_and_a_reexecution_buys_only
         second = inner_runs(instance, again)
         said = statuses_said(instance, run_ids(second))
     assert failed[0] in second and set(second) < set(first)  # only the failed share's
-    asked = Counter(
-        (c.fields["symbols"], c.fields["schema"], c.fields["start"])
-        for c in fake.calls(GET_RANGE)[before:]
-        if c.fault is None
-    )
+    asked = requested(fake, before)
     assert len(asked) == 2 * 4 and set(asked.values()) == {1}  # 1s and 1m, each month once
     shown = running.check_partition_statuses()
     assert {k: shown[k] for k in said} == said
@@ -198,9 +206,5 @@ def test_cancelling_the_jobs_run_stops_it_between_partitions_and_leaves_nothing_
     # Launched again: it finishes the range, and no month is bought twice.
     again = running.launch_run(JOB_NAME, config)
     assert running.wait_for_run(again, TIMEOUT) == "SUCCESS", running.log_tail()
-    asked = Counter(
-        (c.fields["symbols"], c.fields["schema"], c.fields["start"])
-        for c in fake.calls(GET_RANGE)[before:]
-        if c.fields["schema"] == "ohlcv-1s"
-    )
+    asked = requested(fake, before, "ohlcv-1s")
     assert len(asked) == len(SYMBOLS) * len(months) and set(asked.values()) == {1}
