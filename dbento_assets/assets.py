@@ -219,7 +219,7 @@ def check_settings(
     month, symbol = partition.month, partition.symbol
     io_manager = context.resources.io_manager
     files = io_manager if isinstance(io_manager, BarFileIOManager) else None
-    require_one_source(context, databento)
+    require_loaded_settings(context, databento)
     # Building the source checks its own settings (name, API key, DBN folder, retries).
     source = databento.month_source(catalog.path)
     cache = source.cache_folder(symbol, month)
@@ -237,26 +237,64 @@ def check_settings(
     return source
 
 
-def require_one_source(context: AssetExecutionContext, databento: DatabentoResource) -> None:
-    """Fail the step, before anything is fetched or written, when the IO manager stores under
-    another source or data root than the step's ``databento`` resource. The launchpad can
-    configure ``databento`` but not the IO manager's copy of it (built when the code
-    location loads), and the IO manager marks the files with its own source: demo bars
-    would be stored as real market data, or in another folder than asked."""
+def require_loaded_settings(context: AssetExecutionContext, databento: DatabentoResource) -> None:
+    """Fail the step, before anything is fetched or written, when the run's ``databento``
+    resource differs from the one the code location loaded (which the IO manager holds).
+
+    A ``databento`` config given in the launchpad replaces every setting, the ones it leaves
+    out falling back to their defaults rather than to ``dbento.env``'s: a gateway, a cost
+    cap or the vendor check would change unseen, and with another source or data root the
+    IO manager, which marks the files with its own source, would store demo bars as real
+    market data, or in another folder than asked.
+    """
+    refuse_a_typed_key(context)
     files = context.resources.io_manager
     if not isinstance(files, BarFileIOManager):
         return
-    step, stored = (databento.source, databento.data_dir), (files.source, files.data_dir)
-    if step[0] == stored[0] and _root_text(step[1]) == _root_text(stored[1]):
+    loaded = files.databento
+    changed = [
+        f"{name} {_setting(databento, name)} instead of {_setting(loaded, name)}"
+        for name in type(databento).model_fields
+        if name != "api_key" and _setting(databento, name) != _setting(loaded, name)
+    ]
+    if not changed:
         return
     raise Failure(
         description=(
-            f"The databento resource of this run says source {step[0]} and data_dir "
-            f"{step[1]}, but the io_manager stores files as source {stored[0]} under "
-            f"{stored[1]}, so nothing was fetched or written. The io_manager keeps the "
-            "settings the code location was loaded with: set DBENTO_SOURCE and "
-            "DBENTO_DATA_DIR in dbento.env (or the environment) and reload the code "
-            "location, instead of changing source or data_dir in the launchpad."
+            f"The databento resource of this run says {'; '.join(changed)}, the settings "
+            f"the code location was loaded with (the io_manager stores files as source "
+            f"{loaded.source} under {loaded.data_dir}), so nothing was fetched or written. "
+            "A databento config given in the launchpad replaces every setting, the ones it "
+            "leaves out by their defaults: set DBENTO_<SETTING> in dbento.env (or the "
+            "environment) and reload the code location, instead of configuring the "
+            "databento resource in the launchpad."
+        ),
+        allow_retries=False,
+    )
+
+
+def _setting(databento: DatabentoResource, name: str) -> object:
+    value = getattr(databento, name)
+    return _root_text(value) if name == "data_dir" else value
+
+
+def refuse_a_typed_key(context: AssetExecutionContext) -> None:
+    """Fail the step, before anything is fetched, when the run's configuration holds the API
+    key as text (typed in the launchpad, or passed with ``--config``). Dagster stores a run's
+    configuration for anyone with the UI to read; only ``{env: DATABENTO_API_KEY}`` keeps
+    the key out of it."""
+    resources = context.run.run_config.get("resources") or {}
+    config = (resources.get("databento") or {}).get("config") or {}
+    if not isinstance(config.get("api_key"), str):
+        return
+    raise Failure(
+        description=(
+            "This run's configuration holds a Databento API key typed as text (resources: "
+            "databento: config: api_key), so nothing was fetched or written. Dagster keeps "
+            "a run's configuration in its storage, where anyone with the UI can read it: "
+            "remove api_key from the launchpad (the key comes from DATABENTO_API_KEY in "
+            "dbento.env), and replace the key in your Databento account, since this run "
+            "has stored it."
         ),
         allow_retries=False,
     )
@@ -321,7 +359,7 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
         partition = Partition.from_key(context.partition_key)
         month = partition.month
         instrument = catalog.instrument(partition.symbol)
-        require_one_source(context, context.resources.databento)
+        require_loaded_settings(context, context.resources.databento)
         store = bar_store(context, context.resources.databento)
         _refuse_unfit_raw(context, raw, partition, instrument, store)
         built = {key.path[-1] for key in context.selected_asset_keys}

@@ -48,7 +48,7 @@ class DatabentoResource(ConfigurableResource):
     )
     api_key: str | None = Field(
         default=None,
-        description="Databento API key; pass EnvVar('DATABENTO_API_KEY'), never a literal.",
+        description="Databento API key: set DATABENTO_API_KEY; a key typed here is refused.",
     )
     gateway: str = Field(default=DEFAULT_GATEWAY, description="Databento historical gateway.")
     data_dir: str = Field(

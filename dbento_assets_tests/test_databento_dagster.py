@@ -713,6 +713,31 @@ def test_the_key_appears_nowhere_after_a_full_run_through_the_gateway(
     assert leaks == []
 
 
+def test_a_key_typed_in_the_launchpad_is_refused_before_any_request(gateway, env, instance):
+    # The right key, typed as text: Dagster stores a run's configuration, so it would sit in
+    # its storage for anyone with the UI to read.
+    # (The launchpad's resource config replaces every setting, so the test gives the others.)
+    config = {"api_key": TEST_KEY, "gateway": gateway.url, "data_dir": str(env)}
+    typed = {"resources": {"databento": {"config": config}}}
+    result = run(instance, run_config=typed)
+
+    assert not result.success
+    text = failure_text(result)
+    assert "typed as text" in text and "DATABENTO_API_KEY" in text
+    assert TEST_KEY not in text  # the message never repeats the key
+    assert gateway.count() == 0
+    assert not env.exists()
+
+    assert run(instance).success  # the key from DATABENTO_API_KEY: bought once
+    paid = gateway.count()
+    assert gateway.count("timeseries.get_range") == 1
+    # The bars step refuses it too (it may ask Databento for the vendor's 1-minute bars).
+    result = run(instance, run_config=typed, assets=[BARS_1MIN])
+    assert not result.success and "typed as text" in failure_text(result)
+    assert gateway.count() == paid
+    assert not list(env.rglob("*1min*"))
+
+
 def test_a_launchpad_source_the_io_manager_does_not_share_is_refused_before_any_request(
     gateway, env, instance, tmp_path
 ):
@@ -729,3 +754,30 @@ def test_a_launchpad_source_the_io_manager_does_not_share_is_refused_before_any_
     assert "io_manager" in text and "demo" in text and str(env) in text
     assert gateway.count() == 0
     assert not env.exists() and not demo_dir.exists()  # no bar file, no origin marker
+
+
+def test_a_launchpad_setting_resets_the_others_so_it_is_refused_unless_all_match(
+    gateway, env, instance
+):
+    # A databento config in the launchpad replaces every setting: the cost cap asked for,
+    # and the gateway, retries and data root of dbento.env silently back to their defaults.
+    result = run(
+        instance, run_config={"resources": {"databento": {"config": {"max_cost_usd": 50.0}}}}
+    )
+    assert not result.success
+    text = failure_text(result)
+    assert "max_cost_usd 50.0 instead of 5.0" in text
+    assert f"gateway {DEFAULT_GATEWAY} instead of {gateway.url}" in text
+    assert "retry_attempts 5 instead of 3" in text and "dbento.env" in text
+    assert gateway.count() == 0 and not env.exists()
+
+    # The same settings as loaded (the key by name) change nothing: the month is bought once.
+    same = {
+        "api_key": {"env": "DATABENTO_API_KEY"},
+        "gateway": gateway.url,
+        "data_dir": str(env),
+        "retry_attempts": 3,
+        "retry_backoff_seconds": 0.0,
+    }
+    assert run(instance, run_config={"resources": {"databento": {"config": same}}}).success
+    assert gateway.count("timeseries.get_range") == 1
