@@ -70,6 +70,7 @@ def peak_of_build(source: str, symbol: str, months: int, work: Path, dbn_dir: Pa
         "DBENTO_SOURCE": source,
         "DBENTO_DATA_DIR": str(data),
         "DBENTO_DBN_DIR": str(dbn_dir),
+        "DBENTO_RANGE_WORKERS": "1",  # the whole range in this one process
     }
     env.pop("DAGSTER_HOME", None)  # a temporary instance per build: nothing carried over
     end = last_month(months)

@@ -1,15 +1,21 @@
-"""``dbento build``: a range of symbol-months, one Dagster run per partition, in this process.
+"""``dbento build``: a range of symbol-months, one Dagster run per partition.
 
 One run per partition keeps every check result attributed to its symbol-month (a ranged run,
 as ``dagster asset materialize --partition-range`` makes, drops it). The runs go to the
-project's instance (:mod:`dbento_assets.project`) with the usual partition tags; the command
-line itself is :mod:`dbento_assets.cli`, and the ``build_range`` job
+project's instance (:mod:`dbento_assets.project`) with the usual partition tags. A range is
+shared among ``DBENTO_RANGE_WORKERS`` processes, each paying the code location's start-up once.
+The command line itself is :mod:`dbento_assets.cli`, and the ``build_range`` job
 (:mod:`dbento_assets.range_job`) runs the same loop inside a Dagster run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import multiprocessing
+import os
+import queue
+import signal
 import sys
 import time
 import uuid
@@ -35,10 +41,12 @@ from dagster import (
     asset,
     materialize,
 )
+from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from dbento_assets.assets import FORCE_TAG
 from dbento_assets.core.months import Month, month_range
+from dbento_assets.core.settings import read
 from dbento_assets.core.source import origin_of
 from dbento_assets.names import RAW_KEY
 from dbento_assets.partitions import MONTH_DIM, SYMBOL_DIM, partition_key
@@ -49,6 +57,22 @@ KEY_FORM = "YYYY-MM-01|SYMBOL, for example 2024-01-01|ES"
 
 class UsageError(ValueError):
     """Options that do not describe a valid range of partitions."""
+
+
+class RangeSettings(BaseModel):
+    """How a range is built, each setting read from ``DBENTO_<FIELD>``."""
+
+    range_workers: int = Field(
+        default_factory=lambda: os.cpu_count() or 1,
+        ge=1,
+        le=64,
+        description="Processes building the range's partitions at once (default: CPU cores).",
+    )
+
+
+def range_workers() -> int:
+    """``DBENTO_RANGE_WORKERS``; a value that does not fit raises :class:`UsageError`."""
+    return read(RangeSettings, error=UsageError).range_workers
 
 
 class Lines(Protocol):
@@ -211,6 +235,8 @@ def build_range(
     out: Lines | None = None,
     progress: Lines | None = None,
     stop: Callable[[], bool] | None = None,
+    workers: int = 1,
+    load_defs: Callable[[], Definitions] | None = None,
 ) -> str:
     """Build ``partitions`` of the selected assets, each in its own run (``dbento build`` and
     the ``build_range`` job), printing one line per partition; return the summary's text.
@@ -218,7 +244,9 @@ def build_range(
     Every run is recorded in ``instance`` in full; ``log_level`` only sets what Dagster's
     console logger prints while it runs. A progress bar goes to ``progress`` when that is a
     terminal. ``stop`` is asked before each partition; when it says so, no further run is
-    started. Raises :class:`UsageError` for options that contradict each other or select
+    started. With ``workers`` above one and ``load_defs`` (a module-level function giving
+    ``defs``, for new processes to load), the partitions are shared among that many
+    processes. Raises :class:`UsageError` for options that contradict each other or select
     nothing, and :class:`RangeFailed` (with the same text) when a partition failed or the
     build was stopped.
     """
@@ -226,36 +254,139 @@ def build_range(
         raise UsageError("--force and --missing-only contradict each other; choose one")
     asset_keys = selected_assets(defs, select)
     data_dir = preflight(defs)
-    job = defs.resolve_implicit_global_asset_job_def()
     out = out or sys.stdout
     progress = progress or sys.stderr
     run_tags = dict(tags or {})
     if force:
         run_tags[FORCE_TAG] = "true"
     done = _materialized_everywhere(instance, asset_keys) if missing_only else set()
-    if any(name not in done for name in partitions):
-        warm_up()
+    todo = [name for name in partitions if name not in done]
+    shares = min(workers, len(todo)) if load_defs is not None else 1
     summary = Summary()
     started = time.monotonic()
     with _progress_bar(len(partitions), progress) as bar:
-        for index, name in enumerate(partitions):
-            if stop is not None and stop():
-                summary.not_started = list(partitions[index:])
-                break
-            bar.set_postfix_str(name)
-            if name in done:
-                outcome = PartitionOutcome(name, True, 0.0, None, "already built", True)
-            else:
-                outcome = _run_one(job, instance, name, asset_keys, run_tags, log_level)
+
+        def report(outcome: PartitionOutcome) -> None:
             summary.outcomes.append(outcome)
             bar.write(_line(outcome), file=out)
             out.flush()
             bar.update(1)
+
+        def skipped(name: str) -> PartitionOutcome:
+            return PartitionOutcome(name, True, 0.0, None, "already built", True)
+
+        if shares > 1 and load_defs is not None:
+            for name in [p for p in partitions if p in done]:
+                report(skipped(name))
+            plan = _Share(load_defs, instance.get_ref(), select, run_tags, log_level)
+            _build_in_processes(plan, todo, shares, report)
+        else:
+            job = defs.resolve_implicit_global_asset_job_def()
+            if todo:
+                warm_up()
+            for index, name in enumerate(partitions):
+                if stop is not None and stop():
+                    summary.not_started = [p for p in partitions[index:] if p not in done]
+                    break
+                bar.set_postfix_str(name)
+                if name in done:
+                    report(skipped(name))
+                else:
+                    report(_run_one(job, instance, name, asset_keys, run_tags, log_level))
     summary.seconds = time.monotonic() - started
     text = summary.text(data_dir)
     if summary.failed or summary.not_started:
         raise RangeFailed(text)
     return text
+
+
+@dataclass(frozen=True)
+class _Share:
+    """What a build process needs to build its share of a range (sent to it pickled)."""
+
+    load_defs: Callable[[], Definitions]
+    instance: Any  # an InstanceRef
+    select: str | None
+    tags: dict[str, str]
+    log_level: str
+
+    def build(self, partitions: Sequence[str], outcomes: Any) -> None:
+        """In a build process: each partition's outcome onto the ``outcomes`` queue."""
+        try:
+            defs = self.load_defs()
+            job = defs.resolve_implicit_global_asset_job_def()
+            asset_keys = selected_assets(defs, self.select)
+            with DagsterInstance.from_ref(self.instance) as instance:
+                warm_up()
+                for name in partitions:
+                    outcome = _run_one(job, instance, name, asset_keys, self.tags, self.log_level)
+                    outcomes.put(outcome)
+        except KeyboardInterrupt:
+            pass  # the run in progress is marked cancelled; the parent tells what is left
+
+
+# How long stopped build processes get to end their runs before they are killed, and to stop
+# by themselves before an interrupt of this process is passed on to them.
+_STOP_GRACE_SECONDS = 30.0
+_PASS_ON_SECONDS = 5.0
+
+
+def _build_in_processes(
+    share: _Share,
+    partitions: Sequence[str],
+    processes: int,
+    report: Callable[[PartitionOutcome], None],
+) -> None:
+    """Every ``processes``-th partition in each of ``processes`` new processes (spawned, so
+    each loads the code location as a run worker does); each outcome reported as it comes.
+    A process that dies leaves its partitions not built, each reported failed with its exit
+    code. Ctrl-C stops every process (its run in progress marked cancelled) and is raised."""
+    context = multiprocessing.get_context("spawn")
+    outcomes = context.Queue()
+    workers = [
+        context.Process(target=share.build, args=(partitions[i::processes], outcomes))
+        for i in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    reported: set[str] = set()
+
+    def take(timeout: float | None) -> None:
+        outcome = outcomes.get(timeout=timeout) if timeout else outcomes.get_nowait()
+        reported.add(outcome.partition)
+        report(outcome)
+
+    try:
+        while any(worker.is_alive() for worker in workers):
+            with contextlib.suppress(queue.Empty):
+                take(0.2)
+        with contextlib.suppress(queue.Empty):
+            while True:  # what the last processes put before they ended
+                take(None)
+    except BaseException:
+        # Ctrl-C in a terminal reaches every process; a signal to this one alone is passed
+        # on to the processes still running after a moment (a second one could break their
+        # runs' clean-up).
+        for worker in workers:
+            worker.join(_PASS_ON_SECONDS)
+            if worker.is_alive() and worker.pid is not None:
+                os.kill(worker.pid, signal.SIGINT)
+        raise
+    finally:
+        deadline = time.monotonic() + _STOP_GRACE_SECONDS
+        for worker in workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+    for index, worker in enumerate(workers):
+        for name in partitions[index::processes]:
+            if name not in reported:
+                message = (
+                    f"not built: its build process ended (exit code {worker.exitcode}) "
+                    "before building it; run the same command again with --missing-only"
+                )
+                report(PartitionOutcome(name, False, 0.0, None, message))
 
 
 class RangeFailed(RuntimeError):
@@ -387,6 +518,10 @@ def _run_one(
         if run is not None and not run.is_finished:
             instance.report_run_canceled(run, "Stopped: the build it belongs to was cancelled.")
         raise
+    if _interrupted(result):
+        # Ctrl-C during the run: Dagster ends it as failed and returns, and the build would
+        # go on with the next partition. It stops here, as a Ctrl-C between runs does.
+        raise KeyboardInterrupt
     seconds = time.monotonic() - start
     rows, files, cost = _written(result)
     if result.success:
@@ -424,6 +559,21 @@ def _written(result: ExecuteInProcessResult) -> tuple[int, int, float]:
         if materialization.asset_key == RAW_KEY:
             cost += float(metadata.get("source_cost_usd") or 0.0)  # 0 for a cached month
     return rows, files, cost
+
+
+# What Dagster's step failure says when the process was interrupted while it ran.
+_INTERRUPTED = {"DagsterExecutionInterruptedError", "KeyboardInterrupt"}
+
+
+def _interrupted(result: ExecuteInProcessResult) -> bool:
+    for event in result.all_events:
+        if event.event_type == DagsterEventType.STEP_FAILURE:
+            error: _ErrorInfo | None = event.step_failure_data.error
+            while error is not None:
+                if error.cls_name in _INTERRUPTED:
+                    return True
+                error = error.cause
+    return False
 
 
 def _failure_text(result: ExecuteInProcessResult) -> str:

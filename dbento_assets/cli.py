@@ -138,6 +138,8 @@ def build(
 ) -> int:
     """Build symbol-months, one Dagster run per partition, e.g. --symbol ES --start 2024-01.
 
+    A range is shared among DBENTO_RANGE_WORKERS processes (default: one per CPU core).
+
     Exit status: 0 all built, 1 some partition failed, 2 a set-up or option error.
     """
     from dbento_assets import backfill
@@ -159,6 +161,7 @@ def build(
             keys = backfill.plan_partitions(partitions_def, symbols, start, end)
             names = ",".join(backfill.split_symbols(symbols) or ["all"])
             label = f"{names} {start}..{end or start}"
+        workers = backfill.range_workers()
         with project_instance(streams.instance) as instance:
             try:
                 text = backfill.build_range(
@@ -172,6 +175,10 @@ def build(
                     log_level="DEBUG" if verbose else "CRITICAL",
                     out=streams.out,
                     progress=streams.err,
+                    workers=workers,
+                    # New build processes load the project's code location; given one
+                    # (tests), the build stays in this process.
+                    load_defs=_project_defs if streams.defs is None else None,
                 )
             except backfill.RangeFailed as failed:
                 print(failed, file=streams.out, flush=True)

@@ -11,8 +11,6 @@ build`` loop: every partition is a run of its own in the same instance (its mate
 files and check results as in any run).
 """
 
-import os
-
 from dagster import (
     Config,
     DagsterRunStatus,
@@ -27,10 +25,9 @@ from dagster import (
     multiprocess_executor,
     op,
 )
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from dbento_assets import backfill
-from dbento_assets.core.settings import read
 
 JOB_NAME = "build_range"
 
@@ -62,17 +59,6 @@ class ShareConfig(BuildRangeConfig):
     shares: int = Field(ge=1)
 
 
-class RangeSettings(BaseModel):
-    """The job's settings, each read from ``DBENTO_<FIELD>``."""
-
-    range_workers: int = Field(
-        default_factory=lambda: os.cpu_count() or 1,
-        ge=1,
-        le=64,
-        description="Processes building the range's partitions at once (default: CPU cores).",
-    )
-
-
 class _LogLines:
     """A text stream whose lines go to the run's log (one line per partition)."""
 
@@ -91,7 +77,7 @@ class _LogLines:
 
 def build_range_job(defs: Definitions) -> JobDefinition:
     """The ``build_range`` job over ``defs`` (the code location's assets and resources)."""
-    workers = read(RangeSettings).range_workers
+    workers = backfill.range_workers()
     shares = [_share_op(defs, index) for index in range(workers)]
 
     @config_mapping

@@ -192,6 +192,12 @@ class FakeGateway:
         at timing. :attr:`max_in_flight` then tells how many did."""
         self._gates[endpoint] = threading.Barrier(parties, timeout=timeout)
 
+    def release(self, endpoint: str) -> None:
+        """Remove the gate of ``endpoint``, letting the requests held at it through."""
+        gate = self._gates.pop(endpoint, None)
+        if gate is not None:
+            gate.abort()
+
     def corrupt_vendor_bar(self, index: int | None = 0) -> None:
         """Serve the ``index``-th ohlcv-1m bar of every answer with one lot more volume (None:
         serve them right again)."""

@@ -1,9 +1,11 @@
 """``dbento build`` (alias ``python -m dbento_assets.backfill``): one run per partition.
 
-The first test runs the command as a user would (a subprocess with ``DAGSTER_HOME``, the demo
-source and a data folder in a temporary directory) and reads the instance afterwards: one run
-per partition with its partition tags, every asset materialized per partition, every asset
-check result attributed to its partition, and the bar files on disk. The others call
+The first tests run the command as a user would (a subprocess with ``DAGSTER_HOME``, the demo
+source or the fake gateway, and a data folder in a temporary directory) and read the instance
+afterwards: one run per partition with its partition tags, built by two processes, every asset
+materialized per partition, every asset check result attributed to its partition, the bar
+files on disk; a failed download failing its month alone, each month paid for once; Ctrl-C
+stopping every process with nothing half done. The others call
 :func:`run` (``dbento build``) in this process with definitions built for the test: the
 Databento source against the fake HTTPS gateway (a failed month, resuming it with
 ``--missing-only`` without requesting the other month again, ``--force`` downloading again),
@@ -13,11 +15,16 @@ each a single line.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -44,6 +51,7 @@ from dbento_assets_tests.gateway import (
     GET_RANGE,
     TEST_KEY,
     FakeGateway,
+    RecordedRequest,
 )
 
 JAN, FEB = Month(2024, 1), Month(2024, 2)
@@ -76,34 +84,55 @@ def assert_attributed(instance: DagsterInstance, runs: list, assets: list[str]) 
         assert evaluation.run_id == run_of[evaluation.partition]
 
 
-def test_command_materializes_each_month_in_its_own_run(tmp_path):
+def command_env(tmp_path: Path, **settings: str) -> dict[str, str]:
+    """The environment of a ``dbento build`` subprocess: a fresh instance, data in tmp_path."""
     home = tmp_path / "dagster_home"
     write_dagster_yaml(home)
-    data = tmp_path / "data"
-    env = {
+    return {
         **os.environ,
         "DAGSTER_HOME": str(home),
-        "DBENTO_SOURCE": "demo",
-        "DBENTO_DATA_DIR": str(data),
+        "DBENTO_DATA_DIR": str(tmp_path / "data"),
+        **settings,
     }
-    command = [sys.executable, "-m", "dbento_assets.backfill"]
-    args = ["--symbol", "ES", "--start", "2024-01", "--end", "2024-02"]
-    done = subprocess.run(
-        command + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+
+
+def build_command(args: list[str], tmp_path: Path, env: dict[str, str], **popen: Any) -> Any:
+    """``python -m dbento_assets.backfill ARGS`` (``dbento build``) in tmp_path."""
+    command = [sys.executable, "-m", "dbento_assets.backfill", *args]
+    return subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen
     )
 
-    assert done.returncode == 0, done.stdout + done.stderr
-    lines = done.stdout.splitlines()
-    assert [line.split()[:2] for line in lines[:2]] == [[ES_JAN, "ok"], [ES_FEB, "ok"]]
+
+def finished(process: Any, timeout: float = 300) -> tuple[int, list[str], str]:
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out.decode().splitlines(), err.decode()
+
+
+def test_command_materializes_each_month_in_its_own_run(tmp_path):
+    # Two build processes (DBENTO_RANGE_WORKERS), one partition each.
+    env = command_env(tmp_path, DBENTO_SOURCE="demo", DBENTO_RANGE_WORKERS="2")
+    args = ["--symbol", "ES", "--start", "2024-01", "--end", "2024-02"]
+    code, lines, err = finished(build_command(args, tmp_path, env))
+
+    assert code == 0, "\n".join(lines) + err
+    assert sorted(line.split()[:2] for line in lines[:2]) == [[ES_JAN, "ok"], [ES_FEB, "ok"]]
     assert lines[2].startswith("Done in ")
     assert "2 partition(s), 2 built, 0 skipped (already built), 0 failed; " in lines[2]
     assert "rows in 8 file(s)" in lines[2] and "Databento cost $0.0000." in lines[2]
-    store = BarStore.at(data)
-    with DagsterInstance.from_config(str(home)) as instance:
+    store = BarStore.at(tmp_path / "data")
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
         runs = all_runs(instance)
         assert sorted(partition_of(r) for r in runs) == [ES_JAN, ES_FEB]
         assert {r.status.value for r in runs} == {"SUCCESS"}
         assert {r.tags[RANGE_TAG] for r in runs} == {"ES 2024-01..2024-02"}
+        pids = {
+            r.run_id: {e.dagster_event.pid for e in instance.all_logs(r.run_id) if e.dagster_event}
+            - {None}
+            for r in runs
+        }
+        assert all(len(p) == 1 for p in pids.values())  # each run in one process...
+        assert len(set.union(*pids.values())) == 2  # ...and each in its own
         assets = ["bars_15s", "bars_1min", "bars_30s", RAW_ASSET]
         assert_attributed(instance, runs, assets)
         for mat in materializations(instance, [r.run_id for r in runs]):
@@ -117,6 +146,105 @@ def test_command_materializes_each_month_in_its_own_run(tmp_path):
             )
             assert mat.metadata["path"] == str(path.path)
             assert len(store.read(path)) == mat.metadata["dagster/row_count"] > 0
+
+
+BOTH = ["--symbol", "ES,NQ", "--start", "2024-01", "--end", "2024-02"]
+BOTH_PARTITIONS = [str(partition_key(m, s)) for s in ("ES", "NQ") for m in (JAN, FEB)]
+
+
+def gateway_env(tmp_path: Path) -> dict[str, str]:
+    """``dbento build`` against the fake gateway (the ``gateway`` fixture's environment):
+    one attempt per request, two build processes."""
+    return command_env(
+        tmp_path,
+        DBENTO_SOURCE="databento",
+        DATABENTO_API_KEY=TEST_KEY,
+        DBENTO_RETRY_ATTEMPTS="1",
+        DBENTO_RANGE_WORKERS="2",
+    )
+
+
+def asked_for(call: RecordedRequest) -> str:
+    """The partition a ``get_range`` request was for (``ES.v.0`` is ES)."""
+    month = Month.parse(call.fields["start"][:7])
+    return str(partition_key(month, call.fields["symbols"].split(".")[0]))
+
+
+def bought(gateway: FakeGateway, since: int = 0) -> Counter[str]:
+    """Answered ohlcv-1s ``get_range`` requests from the ``since``-th on, per partition."""
+    return Counter(
+        asked_for(c)
+        for c in gateway.calls(GET_RANGE)[since:]
+        if c.fault is None and c.fields.get("schema") == "ohlcv-1s"
+    )
+
+
+def stored(tmp_path: Path) -> dict[str, str]:
+    """SHA-256 of every file under the data folder (notes and markers included)."""
+    data = tmp_path / "data"
+    return {
+        str(p.relative_to(data)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(data.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_build_processes_share_a_range_and_a_failed_download_fails_its_month_alone(
+    gateway, tmp_path
+):
+    gateway.fail("500", endpoint=GET_RANGE)  # the first download to arrive, past its retries
+    env = gateway_env(tmp_path)
+    code, lines, err = finished(build_command(BOTH, tmp_path, env))
+
+    (failed,) = [asked_for(c) for c in gateway.calls(GET_RANGE) if c.fault == "500"]
+    said = {line.split()[0]: line.split()[1] for line in lines if "|" in line.split()[0]}
+    assert code == 1, "\n".join(lines) + err
+    assert said == {p: ("FAILED" if p == failed else "ok") for p in BOTH_PARTITIONS}
+    assert bought(gateway) == Counter(p for p in BOTH_PARTITIONS if p != failed)
+    before = stored(tmp_path)
+
+    code, lines, err = finished(build_command([*BOTH, "--missing-only"], tmp_path, env))
+    assert code == 0, "\n".join(lines) + err
+    assert bought(gateway) == Counter(BOTH_PARTITIONS)  # every month paid for once
+    after = stored(tmp_path)
+    assert {k: after[k] for k in before if "refused" not in k} == {
+        k: v for k, v in before.items() if "refused" not in k
+    }  # nothing built before was touched
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        statuses = Counter((partition_of(r), r.status.value) for r in all_runs(instance))
+    assert statuses == Counter(
+        {(p, "SUCCESS"): 1 for p in BOTH_PARTITIONS} | {(failed, "FAILURE"): 1}
+    )
+
+
+def test_ctrl_c_stops_every_build_process_and_leaves_nothing_half_done(gateway, tmp_path):
+    gateway.gate(GET_RANGE, parties=3, timeout=120)  # holds both processes' first download
+    env = gateway_env(tmp_path)
+    process = build_command(BOTH, tmp_path, env, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while gateway.in_flight.get(GET_RANGE, 0) < 2:
+        assert process.poll() is None and time.monotonic() < deadline, finished(process)
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole group
+    code, lines, err = finished(process, timeout=90)
+    gateway.release(GET_RANGE)
+    while gateway.in_flight.get(GET_RANGE, 0):
+        time.sleep(0.05)
+
+    assert code != 0 and "aborted" in err, "\n".join(lines) + err
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        runs = all_runs(instance)
+        # Each process's run in progress ended (Dagster records an interrupted run as
+        # failed) and no process started another partition.
+        assert sorted(partition_of(r) for r in runs) == [ES_JAN, ES_FEB]
+        assert all(r.status.value == "FAILURE" for r in runs)
+    assert [f for f in stored(tmp_path) if ".part" in f or ".tmp" in f] == []
+    assert not [f for f in stored(tmp_path) if f.endswith((".parquet", ".dbn.zst"))]
+
+    since = len(gateway.calls(GET_RANGE))
+    code, lines, err = finished(build_command(BOTH, tmp_path, env))
+    assert code == 0, "\n".join(lines) + err
+    assert bought(gateway, since) == Counter(BOTH_PARTITIONS)
 
 
 @pytest.fixture
@@ -356,7 +484,14 @@ def test_the_build_range_job_shares_a_range_among_its_workers(monkeypatch, tmp_p
 
 
 @pytest.mark.parametrize("value", ["0", "65", "two"])
-def test_a_bad_range_workers_setting_names_the_variable(monkeypatch, value):
+def test_a_bad_range_workers_setting_names_the_variable(monkeypatch, value, small_demo_defs):
     monkeypatch.setenv("DBENTO_RANGE_WORKERS", value)
     with pytest.raises(ValueError, match=f"DBENTO_RANGE_WORKERS='{value}'"):
         build_definitions(databento=DatabentoResource(source="demo"))
+    out, err = io.StringIO(), io.StringIO()  # dbento build: one line, before any run
+    with instance_for_test() as instance:
+        argv = ["--start", "2024-01"]
+        assert run(argv, out, err, defs=small_demo_defs, instance=instance) == 2
+        assert instance.get_runs() == []
+    assert err.getvalue().startswith(f"error: DBENTO_RANGE_WORKERS='{value}'"), err.getvalue()
+    assert len(err.getvalue().strip().splitlines()) == 1

@@ -27,6 +27,8 @@ from dbento_assets.core.storage import (
     REFUSED_NOTE,
     STALE_TEMP_SECONDS,
     BarStore,
+    StorageError,
+    check_local_folder,
     remove_stale_temps_of,
 )
 from dbento_assets.core.timeframes import parse_timeframe
@@ -277,3 +279,29 @@ def test_a_fresh_unlocked_temp_is_kept(tmp_path):
     temp.write_bytes(b"just created, lock not taken yet")
     assert remove_stale_temps_of(str(target)) == []
     assert temp.exists()
+
+
+def test_a_folder_another_process_makes_during_the_check_is_not_called_a_file(
+    tmp_path, monkeypatch
+):
+    # Two build processes on a new data folder: one makes raw_1s/ while the other checks it
+    # (seen first as missing, then existing). It was refused as "not a folder".
+    folder = tmp_path / "data" / "raw_1s"
+    real_isdir = os.path.isdir
+    raced: list[str] = []
+
+    def isdir(path: str) -> bool:
+        found = real_isdir(path)
+        if os.fspath(path) == str(folder) and not raced:
+            raced.append(path)
+            folder.mkdir(parents=True)  # the other process, just after this one looked
+        return found
+
+    monkeypatch.setattr(os.path, "isdir", isdir)
+    check_local_folder(folder, "The data folder", "fix it")
+    assert raced and real_isdir(folder)
+
+    monkeypatch.undo()
+    (tmp_path / "data" / "bars_15s").write_text("a file")
+    with pytest.raises(StorageError, match="bars_15s is not a folder"):
+        check_local_folder(tmp_path / "data" / "bars_15s", "The data folder", "fix it")

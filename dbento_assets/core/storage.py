@@ -564,7 +564,8 @@ def check_local_folder(folder: str | os.PathLike[str], what: str, fix: str) -> N
     existing = os.path.abspath(os.fspath(folder))
     while not os.path.isdir(existing):
         parent = os.path.dirname(existing)
-        if parent == existing or os.path.exists(existing):
+        # Asked again: another process (a build sharing the range) may just have made it.
+        if parent == existing or (os.path.exists(existing) and not os.path.isdir(existing)):
             raise StorageError(f"{what} cannot be created: {existing} is not a folder; {fix}.")
         existing = parent
     try:
