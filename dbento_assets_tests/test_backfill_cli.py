@@ -42,6 +42,7 @@ from dbento_assets.partitions import Partition, partition_key
 from dbento_assets.range_job import JOB_NAME
 from dbento_assets.resources import DatabentoResource
 from dbento_assets_tests.deployment import (
+    DeploymentConfig,
     check_evaluations,
     materializations,
     partition_of,
@@ -84,10 +85,21 @@ def assert_attributed(instance: DagsterInstance, runs: list, assets: list[str]) 
         assert evaluation.run_id == run_of[evaluation.partition]
 
 
-def command_env(tmp_path: Path, **settings: str) -> dict[str, str]:
+def process_ids(instance: DagsterInstance, runs: list) -> dict[str, set[int]]:
+    """The process ids each run's events came from."""
+    return {
+        r.run_id: {e.dagster_event.pid for e in instance.all_logs(r.run_id) if e.dagster_event}
+        - {None}
+        for r in runs
+    }
+
+
+def command_env(
+    tmp_path: Path, config: DeploymentConfig | None = None, **settings: str
+) -> dict[str, str]:
     """The environment of a ``dbento build`` subprocess: a fresh instance, data in tmp_path."""
     home = tmp_path / "dagster_home"
-    write_dagster_yaml(home)
+    write_dagster_yaml(home, config or DeploymentConfig())
     return {
         **os.environ,
         "DAGSTER_HOME": str(home),
@@ -126,11 +138,7 @@ def test_command_materializes_each_month_in_its_own_run(tmp_path):
         assert sorted(partition_of(r) for r in runs) == [ES_JAN, ES_FEB]
         assert {r.status.value for r in runs} == {"SUCCESS"}
         assert {r.tags[RANGE_TAG] for r in runs} == {"ES 2024-01..2024-02"}
-        pids = {
-            r.run_id: {e.dagster_event.pid for e in instance.all_logs(r.run_id) if e.dagster_event}
-            - {None}
-            for r in runs
-        }
+        pids = process_ids(instance, runs)
         assert all(len(p) == 1 for p in pids.values())  # each run in one process...
         assert len(set.union(*pids.values())) == 2  # ...and each in its own
         assets = ["bars_15s", "bars_1min", "bars_30s", RAW_ASSET]
@@ -152,11 +160,12 @@ BOTH = ["--symbol", "ES,NQ", "--start", "2024-01", "--end", "2024-02"]
 BOTH_PARTITIONS = [str(partition_key(m, s)) for s in ("ES", "NQ") for m in (JAN, FEB)]
 
 
-def gateway_env(tmp_path: Path) -> dict[str, str]:
+def gateway_env(tmp_path: Path, pool_limit: int = 2) -> dict[str, str]:
     """``dbento build`` against the fake gateway (the ``gateway`` fixture's environment):
-    one attempt per request, two build processes."""
+    one attempt per request, two build processes, ``pool_limit`` downloads at a time."""
     return command_env(
         tmp_path,
+        DeploymentConfig(databento_pool_limit=pool_limit),
         DBENTO_SOURCE="databento",
         DATABENTO_API_KEY=TEST_KEY,
         DBENTO_RETRY_ATTEMPTS="1",
@@ -215,6 +224,20 @@ def test_build_processes_share_a_range_and_a_failed_download_fails_its_month_alo
     assert statuses == Counter(
         {(p, "SUCCESS"): 1 for p in BOTH_PARTITIONS} | {(failed, "FAILURE"): 1}
     )
+
+
+def test_build_processes_keep_to_the_download_pools_limit(gateway, tmp_path):
+    # The pool `databento` at one slot: the second process waits for it, so the first
+    # download is held at the gate for 10 s without a partner, and no two ever overlap.
+    gateway.gate(GET_RANGE, parties=2, timeout=10)
+    env = gateway_env(tmp_path, pool_limit=1)
+    code, lines, err = finished(build_command(BOTH, tmp_path, env))
+    assert code == 0, "\n".join(lines) + err
+    assert gateway.max_in_flight[GET_RANGE] == 1
+    assert bought(gateway) == Counter(BOTH_PARTITIONS)
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        pids = process_ids(instance, all_runs(instance))
+    assert len(set.union(*pids.values())) == 2  # built by two processes all the same
 
 
 def test_ctrl_c_stops_every_build_process_and_leaves_nothing_half_done(gateway, tmp_path):
