@@ -88,6 +88,21 @@ class BarFileIOManager(ConfigurableIOManager):
         return BarStore.at(self.data_dir, self.format)
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
+        run = context.dagster_run
+        given = ((run.run_config.get("resources") or {}).get("io_manager") or {}) if run else {}
+        if given.get("config"):
+            # A launchpad config replaces every setting, the ones it leaves out by their
+            # defaults: DBENTO_FORMAT=csv would silently become Parquet.
+            raise Failure(
+                description=(
+                    "This run configures the io_manager (resources: io_manager: config), which "
+                    "replaces every one of its settings, the ones left out by their defaults "
+                    "rather than dbento.env's, so nothing was fetched or written. Set "
+                    "DBENTO_FORMAT and DBENTO_HANDOFF in dbento.env (or the environment) and "
+                    "reload the code location, and remove io_manager from the launchpad."
+                ),
+                allow_retries=False,
+            )
         share_system_allocator()
 
     def path_for(self, asset_key: AssetKey, partition: Partition) -> UPath:

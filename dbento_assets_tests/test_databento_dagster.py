@@ -166,12 +166,16 @@ def raw_metadata(result) -> dict[str, object]:
 
 
 def failure_text(result) -> str:
-    """Every message of the step failures, causes and contexts included."""
+    """Every message of the step failures (and resource set-up failures), causes and contexts
+    included."""
     texts = []
     for event in result.all_events:
-        if event.event_type_value != "STEP_FAILURE":
+        if event.event_type_value == "STEP_FAILURE":
+            stack = [event.step_failure_data.error]
+        elif event.event_type_value == "RESOURCE_INIT_FAILURE":
+            stack = [event.engine_event_data.error]
+        else:
             continue
-        stack = [event.step_failure_data.error]
         while stack:
             error = stack.pop()
             if error is None:
@@ -781,3 +785,21 @@ def test_a_launchpad_setting_resets_the_others_so_it_is_refused_unless_all_match
     }
     assert run(instance, run_config={"resources": {"databento": {"config": same}}}).success
     assert gateway.count("timeseries.get_range") == 1
+
+
+def test_a_launchpad_io_manager_config_is_refused_before_anything_is_written(
+    gateway, env, instance, monkeypatch
+):
+    # DBENTO_FORMAT=csv in the environment; the launchpad gives the io_manager handoff only,
+    # which would reset its format to Parquet: a folder of CSV months would get Parquet ones.
+    monkeypatch.setenv("DBENTO_FORMAT", "csv")
+    resource = databento_resource_from_env()
+    launchpad = {"resources": {"io_manager": {"config": {"handoff": False}}}}
+    result = run(instance, resource=resource, run_config=launchpad)
+
+    assert not result.success
+    text = failure_text(result)
+    assert "configures the io_manager" in text and "DBENTO_FORMAT" in text
+    assert gateway.count() == 0 and not env.exists()
+    assert run(instance, resource=resource).success  # as loaded: CSV
+    assert sorted(p.suffix for p in env.glob("raw_1s/ES/*")) == [".csv", ".json"]
