@@ -91,19 +91,31 @@ class BarFileIOManager(ConfigurableIOManager):
         run = context.dagster_run
         given = ((run.run_config.get("resources") or {}).get("io_manager") or {}) if run else {}
         if given.get("config"):
-            # A launchpad config replaces every setting, the ones it leaves out by their
-            # defaults: DBENTO_FORMAT=csv would silently become Parquet.
-            raise Failure(
-                description=(
-                    "This run configures the io_manager (resources: io_manager: config), which "
-                    "replaces every one of its settings, the ones left out by their defaults "
-                    "rather than dbento.env's, so nothing was fetched or written. Set "
-                    "DBENTO_FORMAT and DBENTO_HANDOFF in dbento.env (or the environment) and "
-                    "reload the code location, and remove io_manager from the launchpad."
-                ),
-                allow_retries=False,
-            )
+            self._require_loaded_settings()
         share_system_allocator()
+
+    def _require_loaded_settings(self) -> None:
+        """Fail the run when an io_manager config from the launchpad changed a setting. Such a
+        config replaces every setting, the ones it leaves out by their defaults: with
+        DBENTO_FORMAT=csv, ``handoff: false`` alone would store Parquet. The launchpad's own
+        default config gives the loaded values, which pass."""
+        # What the code location loaded in this process, from the same environment.
+        loaded = io_manager_from_env(self.databento)
+        pairs = [("format", self.store.fmt, loaded.store.fmt)]
+        pairs.append(("handoff", self.handoff, loaded.handoff))
+        changed = [f"{name} {mine} instead of {was}" for name, mine, was in pairs if mine != was]
+        if not changed:
+            return
+        raise Failure(
+            description=(
+                f"This run's io_manager config says {'; '.join(changed)}, the settings the "
+                "code location was loaded with, so nothing was fetched or written. An "
+                "io_manager config given in the launchpad replaces every setting, the ones it "
+                "leaves out by their defaults: set DBENTO_FORMAT and DBENTO_HANDOFF in "
+                "dbento.env (or the environment) and reload the code location instead."
+            ),
+            allow_retries=False,
+        )
 
     def path_for(self, asset_key: AssetKey, partition: Partition) -> UPath:
         """The file of one asset partition."""

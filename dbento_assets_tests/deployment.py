@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+import yaml
 from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRun, RunsFilter
 from dagster._core.storage.tags import BACKFILL_ID_TAG, PARTITION_NAME_TAG
 
@@ -156,6 +157,17 @@ mutation LaunchRun($params: ExecutionParams!) {
     ... on RunConfigValidationInvalid { errors { message } }
     ... on Error { message }
     ... on PythonError { stack }
+  }
+}
+"""
+
+DEFAULT_RUN_CONFIG = """
+query DefaultRunConfig($selector: PipelineSelector!) {
+  runConfigSchemaOrError(selector: $selector) {
+    __typename
+    ... on RunConfigSchema { rootDefaultYaml }
+    ... on Error { message }
+    ... on PythonError { message }
   }
 }
 """
@@ -407,19 +419,35 @@ class Deployment:
                                 found[(asset, check["name"], f"{month.key}|{symbol}")] = status
         return found
 
-    def launch_run(self, job_name: str, run_config: Mapping[str, Any]) -> str:
-        """Launch a job as the launchpad does (the run queue starts it); return its run id."""
+    def job_selector(self, job_name: str, key: str = "jobName") -> dict[str, str]:
         location = self.graphql(WORKSPACE_STATUS)["workspaceOrError"]["locationEntries"][0]
+        return {
+            "repositoryLocationName": location["name"],
+            "repositoryName": "__repository__",
+            key: job_name,
+        }
+
+    def launch_run(
+        self, job_name: str, run_config: Mapping[str, Any], tags: Mapping[str, str] | None = None
+    ) -> str:
+        """Launch a job as the launchpad does (the run queue starts it); return its run id."""
         params = {
-            "selector": {
-                "repositoryLocationName": location["name"],
-                "repositoryName": "__repository__",
-                "jobName": job_name,
-            },
+            "selector": self.job_selector(job_name),
             "runConfigData": dict(run_config),
+            "executionMetadata": {
+                "tags": [{"key": k, "value": v} for k, v in (tags or {}).items()]
+            },
         }
         answer = self.mutate(LAUNCH_RUN, {"params": params}, "launchRun", "LaunchRunSuccess")
         return str(answer["run"]["runId"])
+
+    def default_run_config(self, job_name: str) -> dict[str, Any]:
+        """The config the launchpad's editor starts with for ``job_name``."""
+        variables = {"selector": self.job_selector(job_name, "pipelineName")}
+        answer = self.graphql(DEFAULT_RUN_CONFIG, variables)["runConfigSchemaOrError"]
+        if "rootDefaultYaml" not in answer:
+            raise DeploymentError(f"no run config schema for {job_name}: {answer}")
+        return dict(yaml.safe_load(answer["rootDefaultYaml"]) or {})
 
     def reexecute_run(self, run_id: str, strategy: str = "FROM_FAILURE") -> str:
         """Re-execute a finished run (the run page's "Re-execute from failure"); new id."""

@@ -46,6 +46,7 @@ from dbento_assets.history import evaluation_of
 from dbento_assets.io_managers import io_manager_from_env
 from dbento_assets.partitions import partition_key
 from dbento_assets.resources import (
+    API_KEY_VARIABLE,
     DatabentoResource,
     databento_resource_from_env,
 )
@@ -787,7 +788,15 @@ def test_a_launchpad_setting_resets_the_others_so_it_is_refused_unless_all_match
     assert gateway.count("timeseries.get_range") == 1
 
 
-def test_a_launchpad_io_manager_config_is_refused_before_anything_is_written(
+def resource_config(resource: DatabentoResource) -> dict[str, object]:
+    """Every setting of ``resource`` as the launchpad's default config gives them (the key by
+    the name of its variable)."""
+    fields = type(resource).model_fields
+    given = {name: getattr(resource, name) for name in fields if name != "api_key"}
+    return {**given, "api_key": {"env": API_KEY_VARIABLE}}
+
+
+def test_a_launchpad_io_manager_config_that_changes_a_setting_is_refused(
     gateway, env, instance, monkeypatch
 ):
     # DBENTO_FORMAT=csv in the environment; the launchpad gives the io_manager handoff only,
@@ -799,7 +808,15 @@ def test_a_launchpad_io_manager_config_is_refused_before_anything_is_written(
 
     assert not result.success
     text = failure_text(result)
-    assert "configures the io_manager" in text and "DBENTO_FORMAT" in text
+    assert "format parquet instead of csv; handoff False instead of True" in text
+    assert "DBENTO_FORMAT" in text
     assert gateway.count() == 0 and not env.exists()
-    assert run(instance, resource=resource).success  # as loaded: CSV
+    # The launchpad's own default config: every setting as loaded, which changes nothing.
+    loaded = {
+        "io_manager": {"config": {"format": "csv", "handoff": True}},
+        "databento": {
+            "config": {**resource_config(resource), "api_key": {"env": API_KEY_VARIABLE}}
+        },
+    }
+    assert run(instance, resource=resource, run_config={"resources": loaded}).success
     assert sorted(p.suffix for p in env.glob("raw_1s/ES/*")) == [".csv", ".json"]

@@ -12,6 +12,7 @@ once more, the failed partition is mended from the cached download. Nothing is b
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from dbento_assets.backfill import RANGE_TAG
 from dbento_assets.core.months import Month
 from dbento_assets.core.storage import BarStore
 from dbento_assets.names import RAW_ASSET
-from dbento_assets.partitions import partition_key
+from dbento_assets.partitions import MONTH_DIM, SYMBOL_DIM, partition_key
 from dbento_assets.range_job import JOB_NAME
 from dbento_assets_tests.deployment import (
     Deployment,
@@ -40,6 +41,7 @@ SYMBOLS = ("ES", "SPY")
 MONTHS = (Month(2024, 1), Month(2024, 2))
 PARTITIONS = [str(partition_key(m, s)) for s in SYMBOLS for m in MONTHS]
 TIMEOUT = 240.0
+ASSET_JOB = "__ASSET_JOB"  # the job the UI's Materialize and launchpad run
 
 
 def range_config(**config: object) -> dict[str, object]:
@@ -208,3 +210,35 @@ def test_cancelling_the_jobs_run_stops_it_between_partitions_and_leaves_nothing_
     assert running.wait_for_run(again, TIMEOUT) == "SUCCESS", running.log_tail()
     asked = requested(fake, before, "ohlcv-1s")
     assert len(asked) == len(SYMBOLS) * len(months) and set(asked.values()) == {1}
+
+
+def test_the_launchpads_default_config_runs_and_a_setting_changed_in_it_is_refused(
+    deployment, served_gateway
+):
+    # The launchpad starts its editor with every resource setting as loaded; launched as it
+    # is, a partition is built. With the io_manager's format changed there, nothing runs.
+    running, data = deployment
+    fake, _ = served_gateway
+    config = running.default_run_config(ASSET_JOB)
+    resources = config["resources"]
+    assert resources["databento"]["config"]["api_key"] == {"env": "DATABENTO_API_KEY"}
+    assert resources["io_manager"]["config"]["format"] == "parquet"
+    month, symbol = Month(2024, 3), "ES"
+    tags = {
+        "dagster/partition": str(partition_key(month, symbol)),
+        f"dagster/partition/{MONTH_DIM}": month.start.strftime("%Y-%m-%d"),
+        f"dagster/partition/{SYMBOL_DIM}": symbol,
+    }
+    since = len(fake.calls(GET_RANGE))
+    changed = copy.deepcopy(config)
+    changed["resources"]["io_manager"]["config"]["format"] = "csv"
+    refused = running.launch_run(ASSET_JOB, changed, tags)
+    assert running.wait_for_run(refused, TIMEOUT) == "FAILURE"
+    assert len(fake.calls(GET_RANGE)) == since  # nothing bought
+    assert not Path(BarStore.at(str(data)).raw_path(symbol, month)).exists()
+
+    built = running.launch_run(ASSET_JOB, config, tags)
+    assert running.wait_for_run(built, TIMEOUT) == "SUCCESS", running.log_tail()
+    assert requested(fake, since, "ohlcv-1s") == Counter(
+        {(f"{symbol}.v.0", "ohlcv-1s", month.start.isoformat()): 1}
+    )
