@@ -16,7 +16,9 @@ import multiprocessing
 import os
 import queue
 import signal
+import socket
 import sys
+import threading
 import time
 import uuid
 import warnings
@@ -32,11 +34,14 @@ from dagster import (
     AssetSelection,
     DagsterEventType,
     DagsterInstance,
+    DagsterRun,
+    DagsterRunStatus,
     Definitions,
     ExecuteInProcessResult,
     JobDefinition,
     MultiPartitionsDefinition,
     Output,
+    RunsFilter,
     StaticPartitionsDefinition,
     asset,
     materialize,
@@ -52,6 +57,9 @@ from dbento_assets.names import RAW_KEY
 from dbento_assets.partitions import MONTH_DIM, SYMBOL_DIM, partition_key
 
 RANGE_TAG = "dbento/range"
+# The machine and process that run a partition's run, so a later build can tell a run whose
+# process was killed (it would hold its download slot for ever) from one still running.
+HOST_TAG, PID_TAG = "dbento/host", "dbento/pid"
 KEY_FORM = "YYYY-MM-01|SYMBOL, for example 2024-01-01|ES"
 
 
@@ -63,11 +71,17 @@ class RangeSettings(BaseModel):
     """How a range is built, each setting read from ``DBENTO_<FIELD>``."""
 
     range_workers: int = Field(
-        default_factory=lambda: os.cpu_count() or 1,
+        default_factory=lambda: min(64, _usable_cpus()),
         ge=1,
         le=64,
         description="Processes building the range's partitions at once (default: CPU cores).",
     )
+
+
+def _usable_cpus() -> int:
+    # The CPUs this process may run on (a container's or taskset's limit), not the machine's.
+    getaffinity = getattr(os, "sched_getaffinity", None)
+    return len(getaffinity(0)) if getaffinity else os.cpu_count() or 1
 
 
 def range_workers() -> int:
@@ -139,7 +153,7 @@ class Summary:
             )
         if self.not_started:
             head += (
-                f"\nStopped (the run was cancelled) before {len(self.not_started)} "
+                f"\nStopped (interrupted, or its run was cancelled) before {len(self.not_started)} "
                 f"partition(s): {', '.join(self.not_started)}."
             )
         return head
@@ -261,7 +275,14 @@ def build_range(
         run_tags[FORCE_TAG] = "true"
     done = _materialized_everywhere(instance, asset_keys) if missing_only else set()
     todo = [name for name in partitions if name not in done]
-    shares = min(workers, len(todo)) if load_defs is not None else 1
+    for run in cancel_orphaned_runs(instance):
+        print(
+            f"Cancelled run {run.run_id} ({run.tags.get('dagster/partition', 'no partition')}), "
+            "left unfinished by a build process that was killed; its download slot is free.",
+            file=out,
+        )
+    parallel = load_defs is not None and stop is None and instance.is_persistent
+    shares = min(workers, len(todo)) if parallel else 1
     summary = Summary()
     started = time.monotonic()
     with _progress_bar(len(partitions), progress) as bar:
@@ -279,7 +300,9 @@ def build_range(
             for name in [p for p in partitions if p in done]:
                 report(skipped(name))
             plan = _Share(load_defs, instance.get_ref(), select, run_tags, log_level)
-            _build_in_processes(plan, todo, shares, report)
+            _build_in_processes(instance, plan, todo, shares, report)
+            reported = {o.partition for o in summary.outcomes}
+            summary.not_started = [p for p in todo if p not in reported]
         else:
             job = defs.resolve_implicit_global_asset_job_def()
             if todo:
@@ -291,13 +314,21 @@ def build_range(
                 bar.set_postfix_str(name)
                 if name in done:
                     report(skipped(name))
-                else:
+                    continue
+                try:
                     report(_run_one(job, instance, name, asset_keys, run_tags, log_level))
+                except KeyboardInterrupt:
+                    report(PartitionOutcome(name, False, 0.0, None, INTERRUPTED))
+                    summary.not_started = [p for p in partitions[index + 1 :] if p not in done]
+                    break
     summary.seconds = time.monotonic() - started
     text = summary.text(data_dir)
     if summary.failed or summary.not_started:
         raise RangeFailed(text)
     return text
+
+
+INTERRUPTED = "interrupted (Ctrl-C, a stop signal or a cancelled run); nothing half written"
 
 
 @dataclass(frozen=True)
@@ -311,7 +342,8 @@ class _Share:
     log_level: str
 
     def build(self, partitions: Sequence[str], outcomes: Any) -> None:
-        """In a build process: each partition's outcome onto the ``outcomes`` queue."""
+        """In a build process: each partition's outcome onto the ``outcomes`` queue; the
+        first interrupt stops it (its run in progress ends), a second one is ignored."""
         try:
             defs = self.load_defs()
             job = defs.resolve_implicit_global_asset_job_def()
@@ -319,19 +351,62 @@ class _Share:
             with DagsterInstance.from_ref(self.instance) as instance:
                 warm_up()
                 for name in partitions:
-                    outcome = _run_one(job, instance, name, asset_keys, self.tags, self.log_level)
+                    try:
+                        outcome = _run_one(
+                            job, instance, name, asset_keys, self.tags, self.log_level
+                        )
+                    except KeyboardInterrupt:
+                        signal.signal(signal.SIGINT, signal.SIG_IGN)
+                        outcomes.put(PartitionOutcome(name, False, 0.0, None, INTERRUPTED))
+                        return
                     outcomes.put(outcome)
         except KeyboardInterrupt:
-            pass  # the run in progress is marked cancelled; the parent tells what is left
+            pass  # between two runs: the parent tells what is left
 
 
-# How long stopped build processes get to end their runs before they are killed, and to stop
-# by themselves before an interrupt of this process is passed on to them.
-_STOP_GRACE_SECONDS = 30.0
+# How long build processes get to stop by themselves after an interrupt (a terminal's Ctrl-C
+# reaches them too) before it is passed on to them, and then to end their runs before they
+# are killed.
 _PASS_ON_SECONDS = 5.0
+_STOP_GRACE_SECONDS = 30.0
+
+
+def cancel_orphaned_runs(instance: DagsterInstance) -> list[DagsterRun]:
+    """Cancel the unfinished runs of this machine whose build process is gone (killed, or
+    stopped after a grace), freeing the download slots they hold: the next build would wait
+    for ever for one. Returns them."""
+    unfinished = RunsFilter(statuses=_UNFINISHED, tags={HOST_TAG: socket.gethostname()})
+    cancelled = []
+    for run in instance.get_runs(unfinished):
+        pid = int(run.tags.get(PID_TAG) or 0)
+        if pid <= 0 or _alive(pid):
+            continue
+        instance.report_run_canceled(run, "Stopped: the process building it ended first.")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        cancelled.append(run)
+    return cancelled
+
+
+_UNFINISHED = [
+    DagsterRunStatus.NOT_STARTED,
+    DagsterRunStatus.STARTING,
+    DagsterRunStatus.STARTED,
+    DagsterRunStatus.CANCELING,
+]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _build_in_processes(
+    instance: DagsterInstance,
     share: _Share,
     partitions: Sequence[str],
     processes: int,
@@ -340,45 +415,41 @@ def _build_in_processes(
     """Every ``processes``-th partition in each of ``processes`` new processes (spawned, so
     each loads the code location as a run worker does); each outcome reported as it comes.
     A process that dies leaves its partitions not built, each reported failed with its exit
-    code. Ctrl-C stops every process (its run in progress marked cancelled) and is raised."""
+    code, and its run in progress cancelled. An interrupt (Ctrl-C, SIGTERM) stops every
+    process, each after its run in progress has ended; the partitions not reached are left
+    for the caller to list."""
     context = multiprocessing.get_context("spawn")
     outcomes = context.Queue()
     workers = [
         context.Process(target=share.build, args=(partitions[i::processes], outcomes))
         for i in range(processes)
     ]
-    for worker in workers:
-        worker.start()
     reported: set[str] = set()
+    interrupted = False
 
     def take(timeout: float | None) -> None:
         outcome = outcomes.get(timeout=timeout) if timeout else outcomes.get_nowait()
         reported.add(outcome.partition)
         report(outcome)
 
-    try:
-        while any(worker.is_alive() for worker in workers):
-            with contextlib.suppress(queue.Empty):
-                take(0.2)
-        with contextlib.suppress(queue.Empty):
-            while True:  # what the last processes put before they ended
-                take(None)
-    except BaseException:
-        # Ctrl-C in a terminal reaches every process; a signal to this one alone is passed
-        # on to the processes still running after a moment (a second one could break their
-        # runs' clean-up).
-        for worker in workers:
-            worker.join(_PASS_ON_SECONDS)
-            if worker.is_alive() and worker.pid is not None:
-                os.kill(worker.pid, signal.SIGINT)
-        raise
-    finally:
-        deadline = time.monotonic() + _STOP_GRACE_SECONDS
-        for worker in workers:
-            worker.join(max(0.0, deadline - time.monotonic()))
-            if worker.is_alive():
-                worker.kill()
-                worker.join()
+    with _sigterm_as_interrupt():
+        try:
+            for worker in workers:
+                worker.start()
+            while any(worker.is_alive() for worker in workers):
+                with contextlib.suppress(queue.Empty):
+                    take(0.2)
+        except KeyboardInterrupt:
+            interrupted = True
+            _stop(workers)
+        finally:
+            _end(workers)
+    with contextlib.suppress(queue.Empty):
+        while True:  # what the processes put before they ended
+            take(None)
+    cancel_orphaned_runs(instance)
+    if interrupted:
+        return
     for index, worker in enumerate(workers):
         for name in partitions[index::processes]:
             if name not in reported:
@@ -387,6 +458,47 @@ def _build_in_processes(
                     "before building it; run the same command again with --missing-only"
                 )
                 report(PartitionOutcome(name, False, 0.0, None, message))
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a supervisor, ``kill``) stops a build as Ctrl-C does, so its processes are
+    stopped too instead of building on unwatched."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop(workers: Sequence[Any]) -> None:
+    """Interrupt the build processes still running after a moment: a terminal's Ctrl-C has
+    reached them already, a signal to this process alone has not."""
+    deadline = time.monotonic() + _PASS_ON_SECONDS
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.monotonic()))
+    for worker in workers:
+        if worker.is_alive() and worker.pid is not None:
+            os.kill(worker.pid, signal.SIGINT)
+
+
+def _end(workers: Sequence[Any]) -> None:
+    """Wait for the build processes to end; kill those still running after the grace."""
+    deadline = time.monotonic() + _STOP_GRACE_SECONDS
+    for worker in workers:
+        if worker.pid is None:
+            continue  # never started
+        worker.join(max(0.0, deadline - time.monotonic()))
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
 
 
 class RangeFailed(RuntimeError):
@@ -505,7 +617,7 @@ def _run_one(
             result = job.execute_in_process(
                 partition_key=partition,
                 instance=instance,
-                tags=tags,
+                tags={**tags, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())},
                 asset_selection=list(asset_keys),
                 run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
                 raise_on_error=False,

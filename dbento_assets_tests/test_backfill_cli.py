@@ -240,34 +240,89 @@ def test_build_processes_keep_to_the_download_pools_limit(gateway, tmp_path):
     assert len(set.union(*pids.values())) == 2  # built by two processes all the same
 
 
-def test_ctrl_c_stops_every_build_process_and_leaves_nothing_half_done(gateway, tmp_path):
-    gateway.gate(GET_RANGE, parties=3, timeout=120)  # holds both processes' first download
-    env = gateway_env(tmp_path)
-    process = build_command(BOTH, tmp_path, env, start_new_session=True)
+def held(gateway: FakeGateway, process: Any, downloads: int) -> None:
+    """Wait until ``downloads`` requests are held at the gateway's ``get_range`` gate."""
     deadline = time.monotonic() + 120
-    while gateway.in_flight.get(GET_RANGE, 0) < 2:
+    while gateway.in_flight.get(GET_RANGE, 0) < downloads:
         assert process.poll() is None and time.monotonic() < deadline, finished(process)
         time.sleep(0.1)
-    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole group
-    code, lines, err = finished(process, timeout=90)
+
+
+def let_go(gateway: FakeGateway) -> int:
+    """Open the gate, wait for the requests it held to end; the number of requests so far."""
     gateway.release(GET_RANGE)
     while gateway.in_flight.get(GET_RANGE, 0):
         time.sleep(0.05)
+    return len(gateway.calls(GET_RANGE))
 
-    assert code != 0 and "aborted" in err, "\n".join(lines) + err
+
+def half_done(tmp_path: Path) -> list[str]:
+    """Temporary files and stored months under the data folder."""
+    return [f for f in stored(tmp_path) if ".part" in f or ".tmp" in f or f.endswith(".parquet")]
+
+
+@pytest.mark.parametrize(
+    ("sig", "group"),
+    [(signal.SIGINT, True), (signal.SIGINT, False), (signal.SIGTERM, False)],
+    ids=["ctrl-c", "sigint-to-the-command", "sigterm-to-the-command"],
+)
+def test_a_stopped_build_stops_every_process_and_leaves_nothing_half_done(
+    gateway, tmp_path, sig, group
+):
+    # Ctrl-C in a terminal signals the whole group; kill or a supervisor the command alone,
+    # which passes it on.
+    gateway.gate(GET_RANGE, parties=3, timeout=120)  # holds both processes' first download
+    env = gateway_env(tmp_path)
+    process = build_command(BOTH, tmp_path, env, start_new_session=True)
+    held(gateway, process, 2)  # the two processes download at once
+    if group:
+        os.killpg(process.pid, sig)
+    else:
+        os.kill(process.pid, sig)
+    code, lines, err = finished(process, timeout=90)
+    since = let_go(gateway)
+
+    text = "\n".join(lines) + err
+    assert code == 1, text
+    assert "0 built, 0 skipped (already built), 2 failed" in text
+    assert "Stopped (interrupted, or its run was cancelled) before 2 partition(s)" in text
     with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
         runs = all_runs(instance)
-        # Each process's run in progress ended (Dagster records an interrupted run as
-        # failed) and no process started another partition.
+        # Each process's run in progress ended (Dagster records a run interrupted in a step
+        # as failed) and no process started another partition.
         assert sorted(partition_of(r) for r in runs) == [ES_JAN, ES_FEB]
-        assert all(r.status.value == "FAILURE" for r in runs)
-    assert [f for f in stored(tmp_path) if ".part" in f or ".tmp" in f] == []
-    assert not [f for f in stored(tmp_path) if f.endswith((".parquet", ".dbn.zst"))]
+        assert all(r.status.value in ("FAILURE", "CANCELED") for r in runs), text
+    assert half_done(tmp_path) == []
 
-    since = len(gateway.calls(GET_RANGE))
     code, lines, err = finished(build_command(BOTH, tmp_path, env))
     assert code == 0, "\n".join(lines) + err
     assert bought(gateway, since) == Counter(BOTH_PARTITIONS)
+
+
+def test_a_killed_build_leaves_no_run_holding_a_download_slot(gateway, tmp_path):
+    # One download slot, held by a run whose process is then killed (SIGKILL: nothing can
+    # clean up). The next build cancels that run and frees its slot; without that it would
+    # wait for the slot for ever.
+    gateway.gate(GET_RANGE, parties=2, timeout=120)  # one slot: no second download comes
+    env = gateway_env(tmp_path, pool_limit=1)
+    process = build_command(BOTH, tmp_path, env, start_new_session=True)
+    held(gateway, process, 1)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    since = let_go(gateway)
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        left = [r.run_id for r in all_runs(instance) if not r.is_finished]
+    assert left  # the killed run (and the one waiting for its slot) still say started
+
+    code, lines, err = finished(build_command(BOTH, tmp_path, env), timeout=240)
+    assert code == 0, "\n".join(lines) + err
+    cancelled = [line.split()[2] for line in lines if line.startswith("Cancelled run ")]
+    assert sorted(cancelled) == sorted(left)
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        statuses = {r.run_id: r.status.value for r in all_runs(instance)}
+    assert {statuses[run_id] for run_id in left} == {"CANCELED"}
+    assert bought(gateway, since) == Counter(BOTH_PARTITIONS)
+    assert not [f for f in half_done(tmp_path) if not f.endswith(".parquet")]
 
 
 @pytest.fixture
