@@ -117,7 +117,14 @@ def build_command(args: list[str], tmp_path: Path, env: dict[str, str], **popen:
 
 
 def finished(process: Any, timeout: float = 300) -> tuple[int, list[str], str]:
-    out, err = process.communicate(timeout=timeout)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:  # with its build processes, when it leads a process group of its own
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            process.kill()
+        raise
     return process.returncode, out.decode().splitlines(), err.decode()
 
 
