@@ -174,7 +174,8 @@ def plan_partitions(
     dims = {d.name: d.partitions_def for d in partitions_def.partitions_defs}
     known_symbols = list(dims[SYMBOL_DIM].get_partition_keys())
     month_keys = list(dims[MONTH_DIM].get_partition_keys())
-    wanted = split_symbols(symbols) or known_symbols
+    # A symbol given twice is built once: two processes on one partition would race for it.
+    wanted = list(dict.fromkeys(split_symbols(symbols))) or known_symbols
     unknown = [s for s in wanted if s not in known_symbols]
     if unknown:
         raise UsageError(

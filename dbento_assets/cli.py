@@ -153,7 +153,7 @@ def build(
         defs = streams.defs or _project_defs()
         partitions_def = backfill.month_symbol_partitions(defs)
         if partitions:
-            keys = list(partitions)
+            keys = list(dict.fromkeys(partitions))  # a partition given twice is built once
             backfill.check_partition_keys(partitions_def, keys)
             label = ",".join(keys)
         else:

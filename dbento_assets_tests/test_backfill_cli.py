@@ -436,7 +436,8 @@ def small_demo_defs(tmp_path):
 def test_select_materializes_only_the_selected_assets(small_demo_defs):
     with instance_for_test() as instance:
         out = io.StringIO()
-        argv = ["--symbols", "ES,NQ", "--start", "2024-01", "--select", RAW_ASSET]
+        # ES given twice is built once.
+        argv = ["--symbols", "ES,NQ", "--symbol", "ES", "--start", "2024-01", "--select", RAW_ASSET]
         assert run(argv, out, defs=small_demo_defs, instance=instance) == 0, out.getvalue()
         runs = all_runs(instance)
         assert sorted(partition_of(r) for r in runs) == sorted(
@@ -444,6 +445,14 @@ def test_select_materializes_only_the_selected_assets(small_demo_defs):
         )
         assert_attributed(instance, runs, [RAW_ASSET])
         assert instance.get_materialized_partitions(AssetKey("bars_1min")) == set()
+
+
+def test_a_partition_given_twice_is_built_once(small_demo_defs):
+    with instance_for_test() as instance:
+        out = io.StringIO()
+        argv = ["--partition", ES_JAN, "--partition", ES_JAN, "--select", RAW_ASSET]
+        assert run(argv, out, defs=small_demo_defs, instance=instance) == 0, out.getvalue()
+        assert [partition_of(r) for r in all_runs(instance)] == [ES_JAN]
 
 
 def test_without_dagster_home_it_uses_the_project_history(small_demo_defs, tmp_path, monkeypatch):
