@@ -138,7 +138,8 @@ def build(
 ) -> int:
     """Build symbol-months, one Dagster run per partition, e.g. --symbol ES --start 2024-01.
 
-    A range is shared among DBENTO_RANGE_WORKERS processes (default: one per CPU core).
+    A range is shared among DBENTO_RANGE_WORKERS processes (default: one per CPU core,
+    at most 64); Ctrl-C stops them all, each after its partition in progress.
 
     Exit status: 0 all built, 1 some partition failed, 2 a set-up or option error.
     """
