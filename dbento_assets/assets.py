@@ -83,7 +83,7 @@ from dbento_assets.io_managers import (
 )
 from dbento_assets.names import RAW_ASSET, RAW_KEY, bars_asset_name
 from dbento_assets.partitions import Partition, build_partitions
-from dbento_assets.resources import DatabentoResource
+from dbento_assets.resources import DatabentoResource, refuse_changed_settings
 
 FORCE_TAG = "dbento/force"
 VENDOR_ERROR_KEY = "vendor_1m_error"  # raw_1s_bars metadata: the 1m download failed
@@ -252,24 +252,12 @@ def require_loaded_settings(context: AssetExecutionContext, databento: Databento
     if not isinstance(files, BarFileIOManager):
         return
     loaded = files.databento
-    changed = [
-        f"{name} {_setting(databento, name)} instead of {_setting(loaded, name)}"
-        for name in type(databento).model_fields
-        if name != "api_key" and _setting(databento, name) != _setting(loaded, name)
-    ]
-    if not changed:
-        return
-    raise Failure(
-        description=(
-            f"The databento resource of this run says {'; '.join(changed)}, the settings "
-            f"the code location was loaded with (the io_manager stores files as source "
-            f"{loaded.source} under {loaded.data_dir}), so nothing was fetched or written. "
-            "A databento config given in the launchpad replaces every setting, the ones it "
-            "leaves out by their defaults: set DBENTO_<SETTING> in dbento.env (or the "
-            "environment) and reload the code location, instead of configuring the "
-            "databento resource in the launchpad."
-        ),
-        allow_retries=False,
+    names = [name for name in type(databento).model_fields if name != "api_key"]
+    refuse_changed_settings(
+        "databento",
+        [(name, _setting(databento, name), _setting(loaded, name)) for name in names],
+        "DBENTO_<SETTING>",
+        f" (the io_manager stores files as source {loaded.source} under {loaded.data_dir})",
     )
 
 

@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -302,26 +302,25 @@ def build_range(
                 report(skipped(name))
             plan = _Share(load_defs, instance.get_ref(), select, run_tags, log_level)
             _build_in_processes(instance, plan, todo, shares, report)
-            reported = {o.partition for o in summary.outcomes}
-            summary.not_started = [p for p in todo if p not in reported]
         else:
             job = defs.resolve_implicit_global_asset_job_def()
             if todo:
                 warm_up()
-            for index, name in enumerate(partitions):
-                if stop is not None and stop():
-                    summary.not_started = [p for p in partitions[index:] if p not in done]
-                    break
-                bar.set_postfix_str(name)
-                if name in done:
-                    report(skipped(name))
-                    continue
-                try:
-                    report(_run_one(job, instance, name, asset_keys, run_tags, log_level))
-                except KeyboardInterrupt:
-                    report(PartitionOutcome(name, False, 0.0, None, INTERRUPTED))
-                    summary.not_started = [p for p in partitions[index + 1 :] if p not in done]
-                    break
+
+            def to_build() -> Iterator[str]:  # in order, the built ones said; until stopped
+                for name in partitions:
+                    if name in done:
+                        report(skipped(name))
+                    elif stop is not None and stop():
+                        return
+                    else:
+                        bar.set_postfix_str(name)
+                        yield name
+
+            for outcome in _build_each(job, instance, to_build(), asset_keys, run_tags, log_level):
+                report(outcome)
+    reported = {o.partition for o in summary.outcomes}
+    summary.not_started = [p for p in todo if p not in reported]
     summary.seconds = time.monotonic() - started
     text = summary.text(data_dir)
     if summary.failed or summary.not_started:
@@ -330,6 +329,25 @@ def build_range(
 
 
 INTERRUPTED = "interrupted (Ctrl-C, a stop signal or a cancelled run); nothing half written"
+
+
+def _build_each(
+    job: JobDefinition,
+    instance: DagsterInstance,
+    partitions: Iterable[str],
+    asset_keys: Sequence[AssetKey],
+    tags: dict[str, str],
+    log_level: str,
+) -> Iterator[PartitionOutcome]:
+    """Each partition's run, one after another. An interrupt ends the partition in progress
+    (its outcome: interrupted) and the build."""
+    for name in partitions:
+        try:
+            outcome = _run_one(job, instance, name, asset_keys, tags, log_level)
+        except KeyboardInterrupt:
+            yield PartitionOutcome(name, False, 0.0, None, INTERRUPTED)
+            return
+        yield outcome
 
 
 @dataclass(frozen=True)
@@ -351,15 +369,11 @@ class _Share:
             asset_keys = selected_assets(defs, self.select)
             with DagsterInstance.from_ref(self.instance) as instance:
                 warm_up()
-                for name in partitions:
-                    try:
-                        outcome = _run_one(
-                            job, instance, name, asset_keys, self.tags, self.log_level
-                        )
-                    except KeyboardInterrupt:
+                for outcome in _build_each(
+                    job, instance, partitions, asset_keys, self.tags, self.log_level
+                ):
+                    if outcome.message == INTERRUPTED:  # a second one must not cut the end
                         signal.signal(signal.SIGINT, signal.SIG_IGN)
-                        outcomes.put(PartitionOutcome(name, False, 0.0, None, INTERRUPTED))
-                        return
                     outcomes.put(outcome)
         except KeyboardInterrupt:
             pass  # between two runs: the parent tells what is left

@@ -42,7 +42,7 @@ from dbento_assets.core.storage import (
 )
 from dbento_assets.names import timeframe_of
 from dbento_assets.partitions import Partition
-from dbento_assets.resources import DatabentoResource
+from dbento_assets.resources import DatabentoResource, refuse_changed_settings
 
 IDENTITY_ATTR = "dbento_identity"  # frame.attrs key: the identity of the file it came from
 # Output metadata of a month that may be partial (the current month): written into the file.
@@ -101,21 +101,11 @@ class BarFileIOManager(ConfigurableIOManager):
         default config gives the loaded values, which pass."""
         # What the code location loaded in this process, from the same environment.
         loaded = io_manager_from_env(self.databento)
-        pairs = [("format", self.store.fmt, loaded.store.fmt)]
-        pairs.append(("handoff", self.handoff, loaded.handoff))
-        changed = [f"{name} {mine} instead of {was}" for name, mine, was in pairs if mine != was]
-        if not changed:
-            return
-        raise Failure(
-            description=(
-                f"This run's io_manager config says {'; '.join(changed)}, the settings the "
-                "code location was loaded with, so nothing was fetched or written. An "
-                "io_manager config given in the launchpad replaces every setting, the ones it "
-                "leaves out by their defaults: set DBENTO_FORMAT and DBENTO_HANDOFF in "
-                "dbento.env (or the environment) and reload the code location instead."
-            ),
-            allow_retries=False,
-        )
+        pairs: list[tuple[str, object, object]] = [
+            ("format", self.store.fmt, loaded.store.fmt),
+            ("handoff", self.handoff, loaded.handoff),
+        ]
+        refuse_changed_settings("io_manager", pairs, "DBENTO_FORMAT and DBENTO_HANDOFF")
 
     def path_for(self, asset_key: AssetKey, partition: Partition) -> UPath:
         """The file of one asset partition."""

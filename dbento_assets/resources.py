@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import pandas as pd
-from dagster import ConfigurableResource, EnvVar
+from dagster import ConfigurableResource, EnvVar, Failure
 from pydantic import Field, field_validator
 
 from dbento_assets.core.catalog import Instrument
@@ -231,3 +231,27 @@ def _local_cache_root(folder: str) -> Path:
             "to keep the downloaded DBN files there while the bar files go to the URL"
         )
     return Path(text).expanduser()
+
+
+def refuse_changed_settings(
+    resource: str, pairs: list[tuple[str, object, object]], variables: str, stored: str = ""
+) -> None:
+    """Fail the run, before anything is fetched or written, when a ``resource`` config given in
+    the launchpad changed a setting the code location loaded. Such a config replaces every
+    setting, the ones it leaves out by their defaults rather than ``dbento.env``'s; the
+    launchpad's own default config gives the loaded values, which pass. ``pairs``: (setting,
+    this run's value, the loaded value); ``variables`` names where the settings belong."""
+    changed = [f"{name} {mine} instead of {was}" for name, mine, was in pairs if mine != was]
+    if not changed:
+        return
+    raise Failure(
+        description=(
+            f"The {resource} config of this run says {'; '.join(changed)}, the settings the "
+            f"code location was loaded with{stored}, so nothing was fetched or written. A "
+            f"{resource} config given in the launchpad replaces every setting, the ones it "
+            f"leaves out by their defaults: set {variables} in dbento.env (or the "
+            "environment) and reload the code location, instead of configuring the "
+            f"{resource} resource in the launchpad."
+        ),
+        allow_retries=False,
+    )
