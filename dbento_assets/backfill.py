@@ -304,21 +304,23 @@ def build_range(
             _build_in_processes(instance, plan, todo, shares, report)
         else:
             job = defs.resolve_implicit_global_asset_job_def()
-            if todo:
-                warm_up()
 
-            def to_build() -> Iterator[str]:  # in order, the built ones said; until stopped
+            def to_build() -> Iterator[str]:  # in order, the built ones said
                 for name in partitions:
                     if name in done:
                         report(skipped(name))
-                    elif stop is not None and stop():
-                        return
                     else:
                         bar.set_postfix_str(name)
                         yield name
 
-            for outcome in _build_each(job, instance, to_build(), asset_keys, run_tags, log_level):
-                report(outcome)
+            with _stop_signals() as signalled:
+                if todo:
+                    warm_up()
+                stopped = signalled if stop is None else lambda: stop() or signalled()
+                for outcome in _build_each(
+                    job, instance, to_build(), asset_keys, run_tags, log_level, stopped
+                ):
+                    report(outcome)
     reported = {o.partition for o in summary.outcomes}
     summary.not_started = [p for p in todo if p not in reported]
     summary.seconds = time.monotonic() - started
@@ -338,10 +340,13 @@ def _build_each(
     asset_keys: Sequence[AssetKey],
     tags: dict[str, str],
     log_level: str,
+    stopped: Callable[[], bool],
 ) -> Iterator[PartitionOutcome]:
-    """Each partition's run, one after another. An interrupt ends the partition in progress
-    (its outcome: interrupted) and the build."""
+    """Each partition's run, one after another, until ``stopped`` says so. An interrupt ends
+    the partition in progress (its outcome: interrupted) and the build."""
     for name in partitions:
+        if stopped():
+            return
         try:
             outcome = _run_one(job, instance, name, asset_keys, tags, log_level)
         except KeyboardInterrupt:
@@ -360,17 +365,24 @@ class _Share:
     tags: dict[str, str]
     log_level: str
 
-    def build(self, partitions: Sequence[str], outcomes: Any) -> None:
-        """In a build process: each partition's outcome onto the ``outcomes`` queue; the
-        first interrupt stops it (its run in progress ends), a second one is ignored."""
+    def build(self, partitions: Sequence[str], outcomes: Any, stopping: Any) -> None:
+        """In a build process: each partition's outcome onto the ``outcomes`` queue, until
+        the ``stopping`` event is set or an interrupt comes (its run in progress ends); a
+        second interrupt is ignored."""
         try:
             defs = self.load_defs()
             job = defs.resolve_implicit_global_asset_job_def()
             asset_keys = selected_assets(defs, self.select)
-            with DagsterInstance.from_ref(self.instance) as instance:
+            with DagsterInstance.from_ref(self.instance) as instance, _stop_signals() as signalled:
                 warm_up()
                 for outcome in _build_each(
-                    job, instance, partitions, asset_keys, self.tags, self.log_level
+                    job,
+                    instance,
+                    partitions,
+                    asset_keys,
+                    self.tags,
+                    self.log_level,
+                    lambda: stopping.is_set() or signalled(),
                 ):
                     if outcome.message == INTERRUPTED:  # a second one must not cut the end
                         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -435,8 +447,11 @@ def _build_in_processes(
     for the caller to list."""
     context = multiprocessing.get_context("spawn")
     outcomes = context.Queue()
+    # Set on an interrupt, so a process whose run ends before the interrupt is passed on to
+    # it starts no other partition (whose download the interrupt would then cut).
+    stopping = context.Event()
     workers = [
-        context.Process(target=share.build, args=(partitions[i::processes], outcomes))
+        context.Process(target=share.build, args=(partitions[i::processes], outcomes, stopping))
         for i in range(processes)
     ]
     reported: set[str] = set()
@@ -456,6 +471,7 @@ def _build_in_processes(
                     take(0.2)
         except KeyboardInterrupt:
             interrupted = True
+            stopping.set()
             _stop(workers)
         finally:
             _end(workers)
@@ -491,6 +507,36 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _stop_signals() -> Iterator[Callable[[], bool]]:
+    """Whether Ctrl-C or SIGTERM has reached this process since entering, even one that
+    landed as a Dagster run was ending: Dagster catches it there and drops it, and the build
+    would start its next partition. Python writes each signal it catches to the wakeup fd
+    (whichever handler is installed then), so the drop cannot hide it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    reader, writer = socket.socketpair()
+    for end in (reader, writer):
+        end.setblocking(False)
+    seen = False
+
+    def signalled() -> bool:
+        nonlocal seen
+        with contextlib.suppress(BlockingIOError):
+            while data := reader.recv(256):
+                seen = seen or any(n in (signal.SIGINT, signal.SIGTERM) for n in data)
+        return seen
+
+    previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    try:
+        yield signalled
+    finally:
+        signal.set_wakeup_fd(previous)
+        reader.close()
+        writer.close()
 
 
 def _stop(workers: Sequence[Any]) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import signal
 import subprocess
@@ -28,7 +29,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from dagster import AssetKey, DagsterInstance, RunsFilter, instance_for_test
+from dagster import AssetKey, DagsterEventType, DagsterInstance, RunsFilter, instance_for_test
 
 from dbento_assets.assets import FORCE_TAG
 from dbento_assets.backfill import RANGE_TAG
@@ -306,6 +307,33 @@ def test_a_stopped_build_stops_every_process_and_leaves_nothing_half_done(
     assert bought(gateway, since) == Counter(BOTH_PARTITIONS)
 
 
+def test_a_build_process_whose_run_ends_after_a_stop_starts_no_other_partition(gateway, tmp_path):
+    # A signal to the command alone reaches its build processes 5 s later. Their downloads
+    # are let go at once, so their runs end before that; they must not start their next
+    # partition, whose download the passed-on interrupt would cut after it was paid for.
+    gateway.gate(GET_RANGE, parties=3, timeout=120)
+    env = gateway_env(tmp_path)
+    process = build_command(BOTH, tmp_path, env)
+    held(gateway, process, 2)
+    os.kill(process.pid, signal.SIGINT)
+    since = let_go(gateway)
+    code, lines, err = finished(process, timeout=90)
+
+    text = "\n".join(lines) + err
+    assert code == 1, text
+    first = bought(gateway)
+    assert sorted(first.values()) == [1, 1], text  # one month per process, nothing more
+    assert len(gateway.calls(GET_RANGE)) == since
+    assert "Stopped (interrupted, or its run was cancelled) before 2 partition(s)" in text
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        assert sorted(partition_of(r) for r in all_runs(instance)) == sorted(first)
+    assert not [f for f in half_done(tmp_path) if not f.endswith(".parquet")]
+
+    code, lines, err = finished(build_command([*BOTH, "--missing-only"], tmp_path, env))
+    assert code == 0, "\n".join(lines) + err
+    assert bought(gateway) == Counter(BOTH_PARTITIONS)  # the rest bought, each month once
+
+
 def test_a_killed_build_leaves_no_run_holding_a_download_slot(gateway, tmp_path):
     # One download slot, held by a run whose process is then killed (SIGKILL: nothing can
     # clean up). The next build cancels that run and frees its slot; without that it would
@@ -453,6 +481,44 @@ def test_a_partition_given_twice_is_built_once(small_demo_defs):
         argv = ["--partition", ES_JAN, "--partition", ES_JAN, "--select", RAW_ASSET]
         assert run(argv, out, defs=small_demo_defs, instance=instance) == 0, out.getvalue()
         assert [partition_of(r) for r in all_runs(instance)] == [ES_JAN]
+
+
+class InterruptAsTheFirstRunEnds(logging.Handler):
+    """A Dagster log handler (``python_logs`` in the instance's settings) that sends this
+    process SIGINT once, as the first run reports its success: after its last step, where
+    Dagster catches an interrupt and drops it."""
+
+    sent = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        event = getattr(record, "dagster_meta", {}).get("dagster_event")
+        if event is not None and event.event_type == DagsterEventType.RUN_SUCCESS and not self.sent:
+            InterruptAsTheFirstRunEnds.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.filterwarnings("ignore::dagster.BetaWarning")  # python_logs handlers
+def test_ctrl_c_as_a_run_ends_stops_the_build_before_the_next_partition(small_demo_defs):
+    handler = f"{__name__}.{InterruptAsTheFirstRunEnds.__name__}"
+    settings = {"python_logs": {"dagster_handler_config": {"handlers": {"stop": {"()": handler}}}}}
+    feb = str(partition_key(Month(2024, 2), "ES"))
+    caught = []  # pytest must not see the signal if it lands outside a run
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    InterruptAsTheFirstRunEnds.sent = False
+    try:
+        with instance_for_test(overrides=settings) as instance:
+            out = io.StringIO()
+            argv = ["--partition", ES_JAN, "--partition", feb, "--select", RAW_ASSET]
+            status = run(argv, out, io.StringIO(), defs=small_demo_defs, instance=instance)
+            runs = all_runs(instance)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert InterruptAsTheFirstRunEnds.sent and not caught  # the run's handler took it
+    text = out.getvalue()
+    assert status == 1, text
+    assert "Stopped (interrupted, or its run was cancelled) before 1 partition(s)" in text
+    # The month whose run had ended is built and kept; the next one is never started.
+    assert [(partition_of(r), r.status.value) for r in runs] == [(ES_JAN, "SUCCESS")]
 
 
 def test_without_dagster_home_it_uses_the_project_history(small_demo_defs, tmp_path, monkeypatch):
