@@ -367,8 +367,10 @@ class _Share:
 
     def build(self, partitions: Sequence[str], outcomes: Any, stopping: Any) -> None:
         """In a build process: each partition's outcome onto the ``outcomes`` queue, until
-        the ``stopping`` event is set or an interrupt comes (its run in progress ends); a
+        the ``stopping`` event is set, an interrupt comes (its run in progress ends) or the
+        command's process is gone (killed alone: nothing would watch or report the rest); a
         second interrupt is ignored."""
+        command = multiprocessing.parent_process()
         try:
             defs = self.load_defs()
             job = defs.resolve_implicit_global_asset_job_def()
@@ -382,7 +384,11 @@ class _Share:
                     asset_keys,
                     self.tags,
                     self.log_level,
-                    lambda: stopping.is_set() or signalled(),
+                    lambda: (
+                        stopping.is_set()
+                        or signalled()
+                        or (command is not None and not command.is_alive())
+                    ),
                 ):
                     if outcome.message == INTERRUPTED:  # a second one must not cut the end
                         signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -360,6 +360,41 @@ def test_a_killed_build_leaves_no_run_holding_a_download_slot(gateway, tmp_path)
     assert not [f for f in half_done(tmp_path) if not f.endswith(".parquet")]
 
 
+def gone(pid: int) -> bool:
+    """The process ended (a zombie nobody reaps counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_build_processes_of_a_command_killed_alone_start_no_other_partition(gateway, tmp_path):
+    # SIGKILL to the command alone (not its group): its build processes end their runs in
+    # progress, then stop instead of building the rest unwatched.
+    gateway.gate(GET_RANGE, parties=3, timeout=120)
+    env = gateway_env(tmp_path)
+    process = build_command(BOTH, tmp_path, env)
+    held(gateway, process, 2)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    let_go(gateway)
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        pids = set.union(*process_ids(instance, all_runs(instance)).values())
+    deadline = time.monotonic() + 120
+    while not all(gone(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"build processes {pids} still running"
+        time.sleep(0.2)
+
+    first = bought(gateway)
+    assert sorted(first.values()) == [1, 1]  # the months in progress, nothing more
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        runs = all_runs(instance)
+    assert sorted((partition_of(r), r.status.value) for r in runs) == [
+        (p, "SUCCESS") for p in sorted(first)
+    ]
+    assert not [f for f in half_done(tmp_path) if not f.endswith(".parquet")]
+
+
 @pytest.fixture
 def gateway_defs(gateway: FakeGateway, tmp_path):
     resource = DatabentoResource(
