@@ -384,15 +384,19 @@ class _Share:
                     asset_keys,
                     self.tags,
                     self.log_level,
+                    # The command first: a command killed while it held the event's lock
+                    # would leave is_set() waiting for ever.
                     lambda: (
-                        stopping.is_set()
+                        (command is not None and not command.is_alive())
                         or signalled()
-                        or (command is not None and not command.is_alive())
+                        or stopping.is_set()
                     ),
                 ):
                     if outcome.message == INTERRUPTED:  # a second one must not cut the end
                         signal.signal(signal.SIGINT, signal.SIG_IGN)
                     outcomes.put(outcome)
+                # Stopped or done: the interrupt the command passes on must not cut the end.
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
         except KeyboardInterrupt:
             pass  # between two runs: the parent tells what is left
 
@@ -536,13 +540,27 @@ def _stop_signals() -> Iterator[Callable[[], bool]]:
                 seen = seen or any(n in (signal.SIGINT, signal.SIGTERM) for n in data)
         return seen
 
-    previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    previous: int | None = None
     try:
+        with _signals_held():  # an interrupt between swap and restore would leave ours set
+            previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
         yield signalled
     finally:
-        signal.set_wakeup_fd(previous)
+        if previous is not None:
+            with _signals_held():
+                signal.set_wakeup_fd(previous)
         reader.close()
         writer.close()
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM held back (delivered on leaving), for a step no interrupt may split."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _stop(workers: Sequence[Any]) -> None:
