@@ -589,8 +589,9 @@ def test_a_failed_1m_download_skips_the_check_and_keeps_the_data(
 def test_downloads_share_the_databento_pool(gateway, env, home, limit):
     with DagsterInstance.local_temp(str(home)) as setup:
         setup.event_log_storage.set_concurrency_slots(DOWNLOAD_POOL, limit)
-    # Two partitions at once; each download waits (at most 3 s) for the other to be in flight.
-    gateway.gate(GET_RANGE, parties=2, timeout=3.0)
+    # Two partitions at once; each download waits for the other to be in flight: with one
+    # slot the first waits 3 s in vain, with two the gate opens when both are there.
+    gateway.gate(GET_RANGE, parties=2, timeout=3.0 if limit == 1 else 60.0)
     results: dict[str, object] = {}
 
     def materialize(symbol: str) -> None:

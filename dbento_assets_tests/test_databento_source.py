@@ -316,10 +316,11 @@ def test_429_waits_for_retry_after(gateway, tmp_path):
 
 
 def test_a_stalled_gateway_hits_the_timeout_and_is_retried(gateway, tmp_path):
-    gateway.fail("stall", endpoint="metadata.get_cost", stall_seconds=3.0)
-    # Well under the stall, and long enough for the retry's own new TLS connection (at 0.3 s
-    # that timed out too, now and then).
-    fetched, logs = fetch(make_source(gateway, tmp_path, timeout_seconds=1.0))
+    gateway.fail("stall", endpoint="metadata.get_cost", stall_seconds=10.0)
+    # Well under the stall, and long enough for the retry's own new TLS connection and the
+    # gateway making the month's answer on a loaded machine (at 0.3 s and at 1 s the retry
+    # timed out too, now and then).
+    fetched, logs = fetch(make_source(gateway, tmp_path, timeout_seconds=3.0))
     assert gateway.count("metadata.get_cost") == 2
     assert any("metadata.get_cost failed (ReadTimeout" in line for line in logs)
     assert fetched.metadata["records_downloaded"] > 0

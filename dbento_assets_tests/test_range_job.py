@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance, RunsFilter
 
-from dbento_assets.backfill import RANGE_TAG
+from dbento_assets.backfill import RANGE_TAG, range_workers
 from dbento_assets.core.months import Month
 from dbento_assets.core.storage import BarStore
 from dbento_assets.names import RAW_ASSET
@@ -187,15 +187,16 @@ def test_cancelling_the_jobs_run_stops_it_between_partitions_and_leaves_nothing_
         while sum(s == "SUCCESS" for _, s in inner_runs(instance, run_id).values()) < 2:
             assert time.monotonic() < deadline, running.log_tail()
             time.sleep(0.2)
+        started = len(inner_runs(instance, run_id))
     running.terminate_run(run_id)
-    asked_at = time.monotonic()
 
     assert running.wait_for_run(run_id, TIMEOUT) == "CANCELED"
-    assert time.monotonic() - asked_at < 30  # not after the rest of the range
     with running.instance() as instance:
         runs = inner_runs(instance, run_id)
     assert {s for _, s in runs.values()} <= {"SUCCESS", "FAILURE", "CANCELED"}, runs
-    assert len(runs) < len(SYMBOLS) * len(months)  # it stopped early
+    # It stopped early: at most one partition more per share, started before it heard.
+    assert len(runs) <= started + range_workers()
+    assert len(runs) < len(SYMBOLS) * len(months)
     half_written = [p for p in data.rglob("*") if p.name.endswith((".tmp", ".part"))]
     assert not half_written
     store = BarStore.at(str(data))
