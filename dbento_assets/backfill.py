@@ -22,11 +22,12 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import psutil
 from dagster import (
     AssetCheckResult,
     AssetCheckSpec,
@@ -58,8 +59,9 @@ from dbento_assets.partitions import MONTH_DIM, SYMBOL_DIM, partition_key
 
 RANGE_TAG = "dbento/range"
 # The machine and process that run a partition's run, so a later build can tell a run whose
-# process was killed (it would hold its download slot for ever) from one still running.
-HOST_TAG, PID_TAG = "dbento/host", "dbento/pid"
+# process was killed (it would hold its download slot for ever) from one still running; the
+# process's start time tells it from a later process given the same pid.
+HOST_TAG, PID_TAG, STARTED_TAG = "dbento/host", "dbento/pid", "dbento/process_started"
 KEY_FORM = "YYYY-MM-01|SYMBOL, for example 2024-01-01|ES"
 
 
@@ -415,8 +417,7 @@ def cancel_orphaned_runs(instance: DagsterInstance) -> list[DagsterRun]:
     unfinished = RunsFilter(statuses=_UNFINISHED, tags={HOST_TAG: socket.gethostname()})
     cancelled = []
     for run in instance.get_runs(unfinished):
-        pid = int(run.tags.get(PID_TAG) or 0)
-        if pid <= 0 or _alive(pid):
+        if not _process_gone(run.tags):
             continue
         instance.report_run_canceled(run, "Stopped: the process building it ended first.")
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
@@ -432,14 +433,32 @@ _UNFINISHED = [
 ]
 
 
-def _alive(pid: int) -> bool:
+def _process_tags() -> dict[str, str]:
+    """This machine and process, as a run of it is tagged."""
+    return {
+        HOST_TAG: socket.gethostname(),
+        PID_TAG: str(os.getpid()),
+        STARTED_TAG: str(psutil.Process().create_time()),
+    }
+
+
+def _process_gone(tags: Mapping[str, str]) -> bool:
+    """Whether the process a run's tags name has ended (a zombie has; so has a process
+    that started at another time under the same pid)."""
+    pid = int(tags.get(PID_TAG) or 0)
+    if pid <= 0:
+        return False  # not a build's run
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return True
+        started = tags.get(STARTED_TAG)  # missing on runs of earlier versions
+        # Start times are kept to the clock tick; a second apart is another process.
+        return started is not None and abs(process.create_time() - float(started)) > 1.0
+    except psutil.NoSuchProcess:
         return True
-    return True
+    except psutil.AccessDenied:  # another user's process, so alive
+        return False
 
 
 def _build_in_processes(
@@ -702,7 +721,7 @@ def _run_one(
             result = job.execute_in_process(
                 partition_key=partition,
                 instance=instance,
-                tags={**tags, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())},
+                tags={**tags, **_process_tags()},
                 asset_selection=list(asset_keys),
                 run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
                 raise_on_error=False,

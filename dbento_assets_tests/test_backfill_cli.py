@@ -20,19 +20,36 @@ import io
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import psutil
 import pytest
-from dagster import AssetKey, DagsterEventType, DagsterInstance, RunsFilter, instance_for_test
+from dagster import (
+    AssetKey,
+    DagsterEventType,
+    DagsterInstance,
+    DagsterRun,
+    DagsterRunStatus,
+    RunsFilter,
+    instance_for_test,
+)
 
 from dbento_assets.assets import FORCE_TAG
-from dbento_assets.backfill import RANGE_TAG
+from dbento_assets.backfill import (
+    HOST_TAG,
+    PID_TAG,
+    RANGE_TAG,
+    STARTED_TAG,
+    cancel_orphaned_runs,
+)
 from dbento_assets.cli import run as dbento
 from dbento_assets.core.months import Month
 from dbento_assets.core.storage import BarStore
@@ -58,6 +75,7 @@ from dbento_assets_tests.gateway import (
 
 JAN, FEB = Month(2024, 1), Month(2024, 2)
 ES_JAN, ES_FEB = str(partition_key(JAN, "ES")), str(partition_key(FEB, "ES"))
+STARTED = DagsterRunStatus.STARTED
 
 
 def run(argv: list[str], *args: object, **kwargs: object) -> int:
@@ -358,6 +376,38 @@ def test_a_killed_build_leaves_no_run_holding_a_download_slot(gateway, tmp_path)
     assert {statuses[run_id] for run_id in left} == {"CANCELED"}
     assert bought(gateway, since) == Counter(BOTH_PARTITIONS)
     assert not [f for f in half_done(tmp_path) if not f.endswith(".parquet")]
+
+
+def test_only_runs_whose_build_process_is_gone_are_cancelled(tmp_path):
+    me = psutil.Process()
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    zombie = subprocess.Popen(["true"])  # ended, not yet waited for
+    while psutil.Process(zombie.pid).status() != psutil.STATUS_ZOMBIE:
+        time.sleep(0.01)
+    processes = {  # pid, start time, cancelled
+        "this process": (me.pid, me.create_time(), False),
+        "an earlier version's run of this process": (me.pid, None, False),
+        "a process that ended": (ended.pid, me.create_time(), True),
+        "a zombie": (zombie.pid, psutil.Process(zombie.pid).create_time(), True),
+        "an earlier process under this pid": (me.pid, me.create_time() - 60, True),
+    }
+    with instance_for_test() as instance:
+        for name, (pid, started, _) in processes.items():
+            tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(pid), "name": name}
+            if started is not None:
+                tags[STARTED_TAG] = str(started)
+            instance.add_run(
+                DagsterRun(job_name="build", run_id=str(uuid.uuid4()), tags=tags, status=STARTED)
+            )
+        cancelled = {run.tags["name"] for run in cancel_orphaned_runs(instance)}
+        statuses = {r.tags["name"]: r.status for r in instance.get_runs()}
+    zombie.wait()
+    assert cancelled == {name for name, (*_, gone) in processes.items() if gone}
+    assert statuses == {
+        name: DagsterRunStatus.CANCELED if gone else STARTED
+        for name, (*_, gone) in processes.items()
+    }
 
 
 def gone(pid: int) -> bool:
