@@ -274,6 +274,18 @@ def held(gateway: FakeGateway, process: Any, downloads: int) -> None:
         time.sleep(0.1)
 
 
+def two_downloads_held(
+    gateway: FakeGateway, tmp_path: Path, **popen: Any
+) -> tuple[dict[str, str], Any]:
+    """A ``dbento build`` of BOTH (two build processes), once each process's first download
+    is held at the gateway: its environment and its process."""
+    gateway.gate(GET_RANGE, parties=3, timeout=120)
+    env = gateway_env(tmp_path)
+    process = build_command(BOTH, tmp_path, env, **popen)
+    held(gateway, process, 2)
+    return env, process
+
+
 def let_go(gateway: FakeGateway) -> int:
     """Open the gate, wait for the requests it held to end; the number of requests so far."""
     gateway.release(GET_RANGE)
@@ -297,10 +309,7 @@ def test_a_stopped_build_stops_every_process_and_leaves_nothing_half_done(
 ):
     # Ctrl-C in a terminal signals the whole group; kill or a supervisor the command alone,
     # which passes it on.
-    gateway.gate(GET_RANGE, parties=3, timeout=120)  # holds both processes' first download
-    env = gateway_env(tmp_path)
-    process = build_command(BOTH, tmp_path, env, start_new_session=True)
-    held(gateway, process, 2)  # the two processes download at once
+    env, process = two_downloads_held(gateway, tmp_path, start_new_session=True)
     if group:
         os.killpg(process.pid, sig)
     else:
@@ -329,10 +338,7 @@ def test_a_build_process_whose_run_ends_after_a_stop_starts_no_other_partition(g
     # A signal to the command alone reaches its build processes 5 s later. Their downloads
     # are let go at once, so their runs end before that; they must not start their next
     # partition, whose download the passed-on interrupt would cut after it was paid for.
-    gateway.gate(GET_RANGE, parties=3, timeout=120)
-    env = gateway_env(tmp_path)
-    process = build_command(BOTH, tmp_path, env)
-    held(gateway, process, 2)
+    env, process = two_downloads_held(gateway, tmp_path)
     os.kill(process.pid, signal.SIGINT)
     since = let_go(gateway)
     code, lines, err = finished(process, timeout=90)
@@ -413,18 +419,15 @@ def test_only_runs_whose_build_process_is_gone_are_cancelled(tmp_path):
 def gone(pid: int) -> bool:
     """The process ended (a zombie nobody reaps counts as ended)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return True
 
 
 def test_build_processes_of_a_command_killed_alone_start_no_other_partition(gateway, tmp_path):
     # SIGKILL to the command alone (not its group): its build processes end their runs in
     # progress, then stop instead of building the rest unwatched.
-    gateway.gate(GET_RANGE, parties=3, timeout=120)
-    env = gateway_env(tmp_path)
-    process = build_command(BOTH, tmp_path, env)
-    held(gateway, process, 2)
+    env, process = two_downloads_held(gateway, tmp_path)
     os.kill(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
     let_go(gateway)
