@@ -20,18 +20,21 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zstandard
+from dagster import AssetKey
 
 from dbento_assets.assets import FORCE_TAG
 from dbento_assets.core.catalog import load_catalog
 from dbento_assets.core.databento_api import DatabentoSource, RetryPolicy
 from dbento_assets.core.dbn import decode_month
 from dbento_assets.core.dbn_cache import DbnCache
+from dbento_assets.core.months import Month
 from dbento_assets.core.source import FetchRequest, SourceError
 from dbento_assets.resources import databento_resource_from_env
 from dbento_assets_tests.gateway import (
@@ -59,6 +62,7 @@ from dbento_assets_tests.test_databento_dagster import (  # noqa: F401 (fixtures
 
 FAST = RetryPolicy(max_attempts=3, backoff_base_seconds=0.0, backoff_max_seconds=0.0)
 CATALOG_ES = load_catalog().instrument("ES")
+FEB = Month(2024, 2)
 TICK = 250_000_000  # a quarter point, in DBN fixed-point units
 
 
@@ -378,15 +382,13 @@ def test_a_sigkilled_lock_holder_blocks_nobody_and_its_part_file_is_cleaned(gate
 # --------------------------------------------------------------------------- local disk errors
 
 
-@pytest.fixture
-def small_disk(tmp_path) -> Iterator[Path]:
-    """A real 64 KiB tmpfs (needs root and mount rights; skipped elsewhere)."""
+def tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` at ``mount`` (needs root and mount rights; skipped elsewhere)."""
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
-    mount = tmp_path / "small-disk"
     mount.mkdir()
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
         capture_output=True,
         text=True,
     )
@@ -396,6 +398,18 @@ def small_disk(tmp_path) -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A 64 KiB disk."""
+    yield from tmpfs(tmp_path / "small-disk", "64k")
+
+
+@pytest.fixture
+def data_disk(tmp_path) -> Iterator[Path]:
+    """A 32 MiB disk, room for a few months of bars."""
+    yield from tmpfs(tmp_path / "data-disk", "32m")
 
 
 def test_a_full_disk_pays_once_and_says_how_much_is_needed(
@@ -411,6 +425,53 @@ def test_a_full_disk_pays_once_and_says_how_much_is_needed(
     assert "No space left" in text and str(small_disk / "dbn" / "ES") in text
     assert "MB" in text and "billable size" in text and "materialize again later" not in text
     assert not list(small_disk.rglob("*.part"))
+
+
+def files_of(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``root``, by relative path."""
+    return {str(p.relative_to(root)): sha(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def bought_months(gateway: FakeGateway) -> Counter[str]:
+    """Answered ohlcv-1s ``get_range`` requests per month (``YYYY-MM``)."""
+    return Counter(
+        call.fields["start"][:7]
+        for call in gateway.calls(GET_RANGE)
+        if call.fault is None and call.fields.get("schema") == "ohlcv-1s"
+    )
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_a_full_data_disk_fails_its_month_alone_and_the_retry_pays_nothing(
+    gateway, env, instance, data_disk, tmp_path, monkeypatch, fmt
+):
+    # The bars' disk fills up (the DBN cache is elsewhere): the month being written fails
+    # with the system's reason, nothing half written is left, the months stored before are
+    # untouched, and once there is room the month is built from its cached download.
+    monkeypatch.setenv("DBENTO_DATA_DIR", str(data_disk / "data"))
+    monkeypatch.setenv("DBENTO_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("DBENTO_FORMAT", fmt)
+    every_asset = [RAW, *(AssetKey(f"bars_{label}") for label in ("15s", "30s", "1min"))]
+    assert run(instance, JAN, assets=every_asset).success
+    before = files_of(data_disk)
+    filler = data_disk / "filler"
+    with filler.open("wb") as f:  # all but 8 KiB of the disk
+        os.posix_fallocate(f.fileno(), 0, os.statvfs(data_disk).f_bavail * 4096 - 8192)
+
+    result = run(instance, FEB, assets=every_asset)
+    assert not result.success
+    text = failure_text(result)
+    assert f"No space left on the device holding {data_disk / 'data' / 'raw_1s'}" in text
+    assert "MB are free there" in text and "not bought again" in text
+    filler.unlink()
+    after = files_of(data_disk)
+    assert {name: after[name] for name in before} == before  # nothing stored before changed
+    left = [name for name in after if name not in before]
+    assert left == [], left
+
+    assert run(instance, FEB, assets=every_asset).success
+    assert bought_months(gateway) == {"2024-01": 1, "2024-02": 1}  # each month paid once
+    assert (data_disk / "data" / "raw_1s" / "ES" / f"ES_{FEB.tag}.{fmt}").exists()
 
 
 def test_a_read_only_cache_fails_before_any_paid_call(gateway, tmp_path, small_disk):

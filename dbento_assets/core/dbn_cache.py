@@ -15,7 +15,6 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from upath import UPath
 from dbento_assets.core.dbn import DbnError, check_dbn_file
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import DownloadRefused, SourceError
-from dbento_assets.core.storage import fsync_dir, write_atomic
+from dbento_assets.core.storage import disk_full_text, fsync_dir, is_disk_full, write_atomic
 
 MANIFEST_SUFFIX = ".json"  # the name of the sidecar earlier versions wrote, now a manifest
 REFUSED_SUFFIX = ".refused.json"
@@ -150,19 +149,15 @@ def local_os_error(exc: BaseException) -> OSError | None:
 def local_io_message(error: OSError, path: Path, needed_bytes: int | None = None) -> str:
     """One message for a local-disk failure: the path, what happened, what to do."""
     where = Path(error.filename) if error.filename else path
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        free = None
-        with contextlib.suppress(OSError):
-            free = shutil.disk_usage(_existing(where)).free
+    if is_disk_full(error):
         need = (
             f" The download needs roughly {needed_bytes / 1e6:,.1f} MB (its billable size; "
-            "the compressed file is smaller)"
+            "the compressed file is smaller)."
             if needed_bytes
             else ""
         )
-        has = f", {free / 1e6:,.1f} MB are free there" if free is not None else ""
         return (
-            f"No space left on the device holding {where} ({error.strerror}).{need}{has}. "
+            f"{disk_full_text(error, where)}.{need} "
             "Free some space, or point DBENTO_CACHE_DIR at a larger disk, then materialize "
             "again. Not retried (every retry would be billed again); nothing was cached."
         )
@@ -172,12 +167,6 @@ def local_io_message(error: OSError, path: Path, needed_bytes: int | None = None
         "permissions or point DBENTO_CACHE_DIR (or DBENTO_DATA_DIR) at a writable folder. "
         "Not retried; nothing was cached."
     )
-
-
-def _existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
 
 
 def _parse_stamp(text: str) -> int:

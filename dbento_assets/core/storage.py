@@ -11,11 +11,13 @@ file (:meth:`BarStore.write_note`) tell the bars step about a refused download.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 import uuid
@@ -435,10 +437,20 @@ class BarStore:
         if pairs:
             table = table.replace_schema_metadata(pairs)
         hashed = _Hashing()  # the CSV's size and SHA-256, taken as it is written
-        if self.fmt == "parquet":
-            write_atomic(path, lambda f: _write_parquet(table, f))
-        else:
-            write_atomic(path, lambda f: _write_csv(table, hashed.wrap(f)))
+        try:
+            if self.fmt == "parquet":
+                write_atomic(path, lambda f: _write_parquet(table, f))
+            else:
+                write_atomic(path, lambda f: _write_csv(table, hashed.wrap(f)))
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            raise StorageError(
+                f"{disk_full_text(exc, os.fspath(path.path))}. Nothing was written: any "
+                "earlier file there is unchanged. Free some space, or point DBENTO_DATA_DIR "
+                "at a larger disk, then materialize again; a month already downloaded is "
+                "not bought again (it stays in the DBN cache)."
+            ) from None
         # Hand the writer's working memory back to the operating system now rather than
         # hold it for the rest of the run (see share_system_allocator).
         pa.default_memory_pool().release_unused()
@@ -724,6 +736,22 @@ def write_atomic(path: UPath, write: Callable[[BinaryIO], object]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def is_disk_full(error: OSError) -> bool:
+    return error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_text(error: OSError, path: str | os.PathLike[str]) -> str:
+    """``No space left on the device holding PATH (reason), N MB are free there``."""
+    where = os.fspath(error.filename or path)
+    existing = where
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    free = ""
+    with contextlib.suppress(OSError):
+        free = f", {shutil.disk_usage(existing).free / 1e6:,.1f} MB are free there"
+    return f"No space left on the device holding {where} ({error.strerror}){free}"
 
 
 def fsync_dir(folder: str | os.PathLike[str]) -> None:
