@@ -47,8 +47,8 @@ from dbento_assets.core.months import Month
 from dbento_assets.core.preflight import preflight
 from dbento_assets.core.rules import RULE_RECONCILED, RULE_VENDOR, RuleResult
 from dbento_assets.core.run_rules import (
+    raw_proof_status,
     raw_rules_proof,
-    raw_rules_proven,
     run_aggregated_rules,
     run_raw_rules,
 )
@@ -460,14 +460,14 @@ def _refuse_unfit_raw(
 ) -> None:
     """Fail the step before building anything from raw bars that are not fit for it.
 
-    Three guards. The raw file must be this partition's: its identity (symbol, month,
+    Four guards. The raw file must be this partition's: its identity (symbol, month,
     origin, dataset; see :func:`~dbento_assets.core.storage.identity_problem`) and its bars
     (one symbol, inside the month), else the step fails with one sentence naming the file
-    and what it holds (a file of older code, without identity, is judged by its bars). The
-    loaded raw frame must pass the blocking raw rules, true whatever the notes say: they are
-    run again unless the file's identity proves they passed on exactly these bars (see
-    :func:`~dbento_assets.core.run_rules.raw_rules_proof`), so a raw file edited, copied in
-    by hand or written by older code is checked. And while the month's refusal
+    and what it holds. It must carry its identity, with the bars it was written with (its
+    completeness, passed on to the bars, is known from it alone). The loaded raw frame must
+    pass the blocking raw rules: they are run again unless the file's identity proves they
+    passed on exactly these bars (see :func:`~dbento_assets.core.run_rules.raw_rules_proof`).
+    And while the month's refusal
     note lies beside the raw file, its latest download was refused and raw is not fixed yet
     (writing a good raw file clears the note).
     """
@@ -489,8 +489,28 @@ def _refuse_unfit_raw(
                 allow_retries=False,
             )
     found = raw.attrs.get(IDENTITY_ATTR)
-    proven = raw_rules_proven(raw, found if isinstance(found, FileIdentity) else None, month)
-    from_frame = [] if proven else raw_gate(raw, month, instrument)
+    status = raw_proof_status(raw, found if isinstance(found, FileIdentity) else None, month)
+    if source is not None and (status == "changed" or not isinstance(found, FileIdentity)):
+        # Its identity says whether the month is whole or partial and up to when, which the
+        # bars' files then say too: without it, or with bars edited under it, that is unknown.
+        what = (
+            "was changed after it was written (its bars no longer match the fingerprint "
+            "recorded in it)"
+            if status == "changed"
+            else "carries no identity (written by hand, by another tool, or by an earlier "
+            "version; for CSV, its .json note is missing)"
+        )
+        raise Failure(
+            description=(
+                f"The raw file {io_manager.path_for(RAW_KEY, partition)} {what}, so whether "
+                f"it holds the whole of {partition} cannot be known; no bars were built and no "
+                f"file was changed. Materialize raw_1s_bars for {partition} again to rewrite "
+                "it: it is decoded from the DBN cache, without buying the month again, while "
+                "the cache holds the month."
+            ),
+            allow_retries=False,
+        )
+    from_frame = [] if status == "proven" else raw_gate(raw, month, instrument)
     if from_frame:
         raise refusal(
             f"The raw 1-second bars of {partition} fail blocking checks, so no bars were built "

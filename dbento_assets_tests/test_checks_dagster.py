@@ -503,9 +503,13 @@ def test_bars_refuse_a_raw_file_replaced_by_hand_with_a_bar_outside_the_month(
     es_root: Path,
 ) -> None:
     store = BarStore.at(es_root)
-    raw = store.read(store.raw_path("ES", JAN))
+    raw, identity = store.read_with_identity(store.raw_path("ES", JAN))
+    assert identity is not None
     stray = raw.tail(1).assign(ts_event=pd.Timestamp("2024-02-01 00:00:05", tz="UTC"))
-    store.write(pd.concat([raw, stray], ignore_index=True), store.raw_path("ES", JAN))
+    # Its identity kept, without the proof (as a tool writing through BarStore would): the
+    # blocking rules run on it.
+    bars = pd.concat([raw, stray], ignore_index=True)
+    store.write(bars, store.raw_path("ES", JAN), replace(identity, raw_rules=""))
     before = files_under(es_root)
     instance = DagsterInstance.ephemeral()
 
@@ -564,11 +568,12 @@ def test_a_proof_holds_for_its_month_and_its_bars_only(es_root: Path) -> None:
     assert not raw_rules_proven(raw, None, JAN)  # no identity: older code, by hand
 
 
-def test_a_raw_file_edited_under_its_identity_is_checked_again_and_refused(
+def test_a_raw_file_edited_under_its_identity_is_refused_as_changed(
     es_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One price changed in the Parquet file, its footer (the identity and its proof) kept:
-    the proof no longer matches the bars, so the raw rules run and refuse them."""
+    the proof's fingerprint no longer matches the bars, so nothing the identity says holds
+    (the month whole, its coverage) and the file is refused without building anything."""
     calls = counting_raw_gate(monkeypatch)
     store = BarStore.at(es_root)
     path = Path(store.raw_path("ES", JAN).path)
@@ -585,10 +590,29 @@ def test_a_raw_file_edited_under_its_identity_is_checked_again_and_refused(
     result = run(es_root, DagsterInstance.ephemeral(), selection=bars_only())
 
     assert not result.success
-    assert len(calls) == 1
+    assert calls == []
     text = failure_description(result)
-    assert f"The raw 1-second bars of {ES_JAN} fail blocking checks" in text
-    assert "1 bar with impossible prices" in text  # the ohlc_consistent rule
+    assert f"{path} was changed after it was written" in text
+    assert "no bars were built and no file was changed" in text
+    assert files_under(es_root) == before
+
+
+def test_a_raw_file_cut_short_under_its_identity_builds_no_bars_called_complete(
+    es_root: Path,
+) -> None:
+    """The first 20,000 bars kept, the footer too: the bars rules would pass on them (a
+    partial month is not a broken one), but bars built from them would say the month is
+    whole. Refused, and the bar files stay as they were."""
+    store = BarStore.at(es_root)
+    path = Path(store.raw_path("ES", JAN).path)
+    table = pq.read_table(path)
+    pq.write_table(table.slice(0, 20_000).replace_schema_metadata(table.schema.metadata), path)
+    before = files_under(es_root)
+
+    result = run(es_root, DagsterInstance.ephemeral(), selection=bars_only())
+
+    assert not result.success
+    assert f"{path} was changed after it was written" in failure_description(result)
     assert files_under(es_root) == before
 
 

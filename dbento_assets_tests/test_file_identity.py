@@ -195,6 +195,20 @@ def test_csv_mode_refuses_a_foreign_file_with_or_without_its_sidecar(demo_runs, 
     assert_refused(result, root, before, "holds NQ 1s bars of 2024-01", fmt="csv")
 
 
+def test_csv_mode_refuses_a_raw_file_whose_sidecar_is_lost(demo_runs, tmp_path):
+    # The sidecar says whether the month is whole; without it, bars built from the file
+    # would call a partial month complete.
+    root = tmp_path / "data"
+    shutil.copytree(demo_runs["csv"], root)
+    before = aggregate_digests(root, "csv")
+    es = raw_file(root, fmt="csv")
+    es.with_name(es.name + ".json").unlink()
+    result = run(root, "2024-01-01|ES", fmt="csv", selection=BARS)
+    assert_refused(
+        result, root, before, "carries no identity", "its .json note is missing", fmt="csv"
+    )
+
+
 @pytest.mark.parametrize(
     ("damage", "words"),
     [
@@ -214,16 +228,19 @@ def test_unreadable_or_other_columns_are_refused(es_root, damage, words):
     assert_refused(result, es_root, before, words)
 
 
-def test_files_of_older_code_are_judged_by_their_bars(es_root):
-    # Written without identity (as before identities existed): ES bars of January are
-    # accepted, NQ bars are refused as what they hold.
+def test_a_raw_file_without_identity_is_refused_until_raw_is_materialized_again(es_root):
+    # Written without identity (by hand, another tool, an earlier version): whether it
+    # holds the whole month is unknown, so no bars are built from it, even from its own ES
+    # bars of January; foreign bars are named as what they hold.
     store = BarStore.at(es_root)
     es = store.read(store.raw_path("ES", JAN))
     nq = store.read(store.raw_path("NQ", JAN))
+    before = aggregate_digests(es_root)
     store.write(es, store.raw_path("ES", JAN))
     assert pq.read_metadata(raw_file(es_root)).metadata is None
-    assert run(es_root, "2024-01-01|ES", selection=BARS).success
-    before = aggregate_digests(es_root)
+    result = run(es_root, "2024-01-01|ES", selection=BARS)
+    assert_refused(result, es_root, before, "carries no identity", "whole of 2024-01-01|ES")
+    assert "Materialize raw_1s_bars for 2024-01-01|ES again" in failure_text(result)
     store.write(nq, store.raw_path("ES", JAN))
     result = run(es_root, "2024-01-01|ES", selection=BARS)
     assert_refused(result, es_root, before, "holds NQ bars from 2024-01-", "and no identity")
@@ -231,6 +248,9 @@ def test_files_of_older_code_are_judged_by_their_bars(es_root):
     store.write(feb, store.raw_path("ES", JAN))  # another month, told by its bars
     result = run(es_root, "2024-01-01|ES", selection=BARS)
     assert_refused(result, es_root, before, "holds ES bars from 2024-02-", "and no identity")
+    # What the message says mends it.
+    assert run(es_root, "2024-01-01|ES", selection=["raw_1s_bars", *BARS]).success
+    assert store.identity_of(store.raw_path("ES", JAN)) is not None
 
 
 def test_checking_a_foreign_bars_file_on_disk_is_refused(es_root):

@@ -9,6 +9,7 @@ file records once its blocking rules passed, so a later step need not run them a
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Literal
 
 import pandas as pd
 
@@ -55,20 +56,38 @@ def raw_rules_proof(raw: pd.DataFrame, month: Month) -> str:
     edited file, or one written by older code or by hand, has no matching proof and is
     checked).
     """
+    return _proof(fingerprint(raw), month)
+
+
+def _proof(content: str, month: Month) -> str:
     rules = ",".join(RAW_BLOCKING_RULES)
-    return (
-        f"{CODE_VERSION}; raw rules v{RAW_RULES_VERSION} ({rules}); {month}; "
-        f"xxh3-128 {fingerprint(raw)}"
-    )
+    return f"{CODE_VERSION}; raw rules v{RAW_RULES_VERSION} ({rules}); {month}; {_FP}{content}"
+
+
+_FP = "xxh3-128 "  # before the fingerprint, at the end of a proof
+
+ProofStatus = Literal["proven", "changed", "unproven"]
+
+
+def raw_proof_status(raw: pd.DataFrame, identity: FileIdentity | None, month: Month) -> ProofStatus:
+    """What the identity of the file ``raw`` came from says of these bars (the fingerprint
+    is recomputed, ~10 ms a month): ``proven``, the blocking raw rules passed on exactly
+    them for ``month``; ``changed``, the file's bars are not those it was written with (its
+    identity kept through an edit: nothing it says holds); ``unproven``, no proof, or one of
+    other rules or another month (the rules must run)."""
+    if identity is None or not identity.raw_rules:
+        return "unproven"
+    content = fingerprint(raw)
+    if identity.raw_rules == _proof(content, month):
+        return "proven"
+    _, found, recorded = identity.raw_rules.rpartition(_FP)
+    return "changed" if found and recorded != content else "unproven"
 
 
 def raw_rules_proven(raw: pd.DataFrame, identity: FileIdentity | None, month: Month) -> bool:
     """True when the identity of the file ``raw`` came from proves that the blocking raw
-    rules passed on exactly these bars for ``month`` (the fingerprint is recomputed, ~10 ms
-    a month)."""
-    if identity is None or not identity.raw_rules:
-        return False
-    return identity.raw_rules == raw_rules_proof(raw, month)
+    rules passed on exactly these bars for ``month``."""
+    return raw_proof_status(raw, identity, month) == "proven"
 
 
 def run_raw_rules(
