@@ -30,7 +30,7 @@ import zstandard
 from dagster import AssetKey
 
 from dbento_assets.assets import FORCE_TAG
-from dbento_assets.core.catalog import load_catalog
+from dbento_assets.core.catalog import DEFAULT_CATALOG, load_catalog
 from dbento_assets.core.databento_api import DatabentoSource, RetryPolicy
 from dbento_assets.core.dbn import decode_month
 from dbento_assets.core.dbn_cache import DbnCache
@@ -49,6 +49,7 @@ from dbento_assets_tests.test_databento_dagster import (  # noqa: F401 (fixtures
     JAN,
     RAW,
     cache_file,
+    catalog_from,
     clean_env,
     env,
     failure_text,
@@ -290,7 +291,7 @@ RACER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from dbento_assets.core.catalog import load_catalog
+    from dbento_assets.core.catalog import DEFAULT_CATALOG, load_catalog
     from dbento_assets.core.databento_api import DatabentoSource, RetryPolicy
     from dbento_assets.core.months import Month
     from dbento_assets.core.source import FetchRequest
@@ -377,6 +378,41 @@ def test_a_sigkilled_lock_holder_blocks_nobody_and_its_part_file_is_cleaned(gate
     assert gateway.count(GET_RANGE) == 1
     assert not stale.exists() and not list(root.rglob("*.part"))
     assert any(str(stale) in line for line in logs)
+
+
+def test_a_download_bought_for_another_request_symbol_is_not_served(
+    gateway, env, instance, tmp_path, monkeypatch
+):
+    # A typo in the catalog (NQ asking for ES.v.0) bought ES's month under NQ's name. Once the
+    # catalog is corrected, that file must not become NQ's bars: refused before anything is
+    # decoded or bought, until a forced run buys the month for NQ.v.0.
+    typo = catalog_from(tmp_path, "2024-01", **{'symbol = "NQ.v.0"': 'symbol = "ES.v.0"'})
+    monkeypatch.setenv("DBENTO_CATALOG", str(typo.path))
+    assert run(instance, symbol="NQ", catalog=typo, resource=databento_resource_from_env()).success
+    wrong = sha(raw_file(env, "NQ"))
+    fixed = load_catalog(DEFAULT_CATALOG)
+    monkeypatch.setenv("DBENTO_CATALOG", str(fixed.path))
+
+    result = run(instance, symbol="NQ", catalog=fixed, resource=databento_resource_from_env())
+    assert not result.success
+    text = failure_text(result)
+    assert f"{cache_file(env, 'NQ')} was bought for ES.v.0 (continuous)" in text
+    assert "the catalog now asks for NQ.v.0 (continuous)" in text and "with force" in text
+    assert gateway.count(GET_RANGE) == 1  # nothing bought
+    assert sha(raw_file(env, "NQ")) == wrong  # nothing written
+
+    forced = run(
+        instance,
+        symbol="NQ",
+        catalog=fixed,
+        resource=databento_resource_from_env(),
+        tags={FORCE_TAG: "true"},
+    )
+    assert forced.success, failure_text(forced)
+    asked = [c.fields["symbols"] for c in gateway.calls(GET_RANGE) if c.fault is None]
+    assert asked == ["ES.v.0", "NQ.v.0"]
+    assert manifest_of(cache_file(env, "NQ"))["request_symbol"] == "NQ.v.0"
+    assert sha(raw_file(env, "NQ")) != wrong
 
 
 # --------------------------------------------------------------------------- local disk errors

@@ -309,7 +309,7 @@ class DatabentoSource:
         entry = self.cache.entry(inst.symbol, month, schema)
         with self.cache.lock(entry, log):
             if entry.path.is_file() and not request.force:
-                manifest = self.cache.verify(entry, log)
+                manifest = self._verified(entry, inst, log)
                 hit = self._cache_hit_metadata(manifest)
                 fetched = FetchedMonth(payloads=[entry.path], metadata=hit, **_announced(hit))
                 log(f"DBN cache hit for {entry}: {entry.path} (no Databento request)")
@@ -323,7 +323,7 @@ class DatabentoSource:
             # refused tail is bought again.
             refused_piece = self.cache.refused_piece(entry)
             keep = not request.force or (refused_piece is not None and not entry.path.is_file())
-            held = self._held_pieces(entry, log) if keep else []
+            held = self._held_pieces(entry, inst, log) if keep else []
             if request.force and held and not self._pass_alone(held, entry, month, accept, log):
                 held = []
             if held and held[-1][0].piece is not None and held[-1][0].piece[1] >= month.end_ns:
@@ -342,6 +342,26 @@ class DatabentoSource:
                     "bought before it are kept"
                 )
             return self._buy(request, entry, log, accept, held)
+
+    def _verified(self, entry: CacheEntry, inst: Instrument, log: Logger) -> dict[str, Any]:
+        """The manifest of a cached file (see :meth:`DbnCache.verify`), refused when it was
+        bought for another request than the catalog's now (a symbol corrected in the catalog
+        would otherwise be served another instrument's bars)."""
+        manifest = self.cache.verify(entry, log)
+        asked = {"dataset": inst.dataset, "request_symbol": inst.request_symbol}
+        asked["stype_in"] = inst.stype_in
+        bought = {key: manifest.get(key) for key in asked}
+        if all(bought[key] in (None, asked[key]) for key in asked):  # None: an early manifest
+            return manifest
+        raise SourceError(
+            f"The cached DBN file {entry.path} was bought for {bought['request_symbol']} "
+            f"({bought['stype_in']}) on {bought['dataset']}, but the catalog now asks for "
+            f"{inst.request_symbol} ({inst.stype_in}) on {inst.dataset} for {inst.symbol}: "
+            "nothing was decoded from it and nothing was requested. If the catalog is right, "
+            "materialize again with force (dbento build --force, or the run tag "
+            f"dbento/force=true) to buy {entry.month_entry} for {inst.request_symbol}; the "
+            "file is replaced only once the new download passes its checks."
+        )
 
     def _pass_alone(
         self,
@@ -368,7 +388,7 @@ class DatabentoSource:
         return True
 
     def _held_pieces(
-        self, entry: CacheEntry, log: Logger
+        self, entry: CacheEntry, inst: Instrument, log: Logger
     ) -> list[tuple[CacheEntry, dict[str, Any]]]:
         """The verified pieces of a month bought while it was open, with their manifests.
 
@@ -376,7 +396,7 @@ class DatabentoSource:
         first piece quarantined or moved away leaves a hole no later piece would fill, and a
         month assembled from the rest would silently begin late. That is refused before any
         request, naming the files."""
-        held = [(piece, self.cache.verify(piece, log)) for piece in self.cache.pieces(entry)]
+        held = [(piece, self._verified(piece, inst, log)) for piece in self.cache.pieces(entry)]
         if held:
             first, manifest = held[0]
             month = entry.month
