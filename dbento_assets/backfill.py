@@ -54,8 +54,9 @@ from dbento_assets.assets import FORCE_TAG
 from dbento_assets.core.months import Month, month_range
 from dbento_assets.core.settings import read
 from dbento_assets.core.source import origin_of
+from dbento_assets.io_managers import BarFileIOManager
 from dbento_assets.names import RAW_KEY
-from dbento_assets.partitions import MONTH_DIM, SYMBOL_DIM, partition_key
+from dbento_assets.partitions import MONTH_DIM, SYMBOL_DIM, Partition, partition_key
 
 RANGE_TAG = "dbento/range"
 # The machine and process that run a partition's run, so a later build can tell a run whose
@@ -276,7 +277,7 @@ def build_range(
     run_tags = dict(tags or {})
     if force:
         run_tags[FORCE_TAG] = "true"
-    done = _materialized_everywhere(instance, asset_keys) if missing_only else set()
+    done = _built_everywhere(defs, instance, asset_keys) if missing_only else set()
     todo = [name for name in partitions if name not in done]
     for run in cancel_orphaned_runs(instance):
         print(
@@ -650,10 +651,39 @@ def _month(option: str, text: str) -> Month:
         raise UsageError(f"{option} {text!r}: {exc}") from None
 
 
-def _materialized_everywhere(instance: DagsterInstance, asset_keys: Sequence[AssetKey]) -> set[str]:
-    """Partitions in which every asset of ``asset_keys`` has a materialization."""
+def _built_everywhere(
+    defs: Definitions, instance: DagsterInstance, asset_keys: Sequence[AssetKey]
+) -> set[str]:
+    """Partitions in which every asset of ``asset_keys`` has a materialization and its file
+    in the data folder, saying it is that asset's partition. A history that outlived its
+    files (deleted, another data folder or format since, another file copied over) is not a
+    built partition."""
     sets = [set(instance.get_materialized_partitions(key)) for key in asset_keys]
-    return set.intersection(*sets) if sets else set()
+    recorded = set.intersection(*sets) if sets else set()
+    io_manager = dict(defs.resources or {}).get("io_manager")
+    if not isinstance(io_manager, BarFileIOManager):
+        return recorded
+    return {
+        name
+        for name in recorded
+        if all(_file_of(io_manager, key, Partition.from_key(name)) for key in asset_keys)
+    }
+
+
+def _file_of(io_manager: BarFileIOManager, key: AssetKey, partition: Partition) -> bool:
+    """Whether the file of ``key``'s ``partition`` is there and says it is (its footer or
+    sidecar only: the bars are not read)."""
+    path = io_manager.path_for(key, partition)
+    found = io_manager.store.identity_of(path) if path.exists() else None
+    if found is None:
+        return False
+    expected = io_manager.identity_for(key, partition)
+    return (found.symbol, found.month, found.timeframe, found.origin) == (
+        expected.symbol,
+        expected.month,
+        expected.timeframe,
+        expected.origin,
+    )
 
 
 _WARM_UP_PARTITIONS = StaticPartitionsDefinition(["warm-up"])

@@ -121,7 +121,10 @@ def dbento() -> None:
     help="download again even months already in the download cache (costs money)",
 )
 @click.option(
-    "--missing-only", is_flag=True, help="skip partitions where every asset is already built"
+    "--missing-only",
+    is_flag=True,
+    help="skip partitions where every asset is already built (recorded in the history, with "
+    "its file in the data folder)",
 )
 @verbose_option
 @click.pass_obj

@@ -55,6 +55,7 @@ from dbento_assets.core.months import Month
 from dbento_assets.core.storage import BarStore
 from dbento_assets.core.timeframes import parse_timeframe
 from dbento_assets.definitions import build_definitions
+from dbento_assets.io_managers import BarFileIOManager
 from dbento_assets.names import RAW_ASSET
 from dbento_assets.partitions import Partition, partition_key
 from dbento_assets.range_job import JOB_NAME
@@ -607,6 +608,37 @@ def test_ctrl_c_as_a_run_ends_stops_the_build_before_the_next_partition(small_de
     assert "Stopped (interrupted, or its run was cancelled) before 1 partition(s)" in text
     # The month whose run had ended is built and kept; the next one is never started.
     assert [(partition_of(r), r.status.value) for r in runs] == [(ES_JAN, "SUCCESS")]
+
+
+def test_missing_only_builds_again_what_the_data_folder_lost(small_demo_defs, tmp_path):
+    # The history says both months are built; the folder says otherwise for January (a
+    # file deleted, another copied over one), and for both once the format is switched.
+    feb = str(partition_key(Month(2024, 2), "ES"))
+    argv = ["--symbol", "ES", "--start", "2024-01", "--end", "2024-02"]
+    with instance_for_test() as instance:
+        assert run(argv, io.StringIO(), defs=small_demo_defs, instance=instance) == 0
+        store = BarStore.at(str(tmp_path / "data"))
+        minute = parse_timeframe("1min")
+        Path(store.aggregated_path("ES", JAN, minute).path).unlink()
+        again = run_missing_only(argv, small_demo_defs, instance)
+        assert again == [ES_JAN], again
+        thirty = parse_timeframe("30s")
+        feb_30s = Path(store.aggregated_path("ES", FEB, thirty).path)
+        feb_30s.write_bytes(Path(store.aggregated_path("ES", FEB, minute).path).read_bytes())
+        assert run_missing_only(argv, small_demo_defs, instance) == [feb]
+        assert run_missing_only(argv, small_demo_defs, instance) == []
+        resource = small_demo_defs.resources["databento"]
+        csv = build_definitions(
+            databento=resource, io_manager=BarFileIOManager(databento=resource, format="csv")
+        )
+        assert run_missing_only(argv, csv, instance) == [ES_JAN, feb]
+
+
+def run_missing_only(argv: list[str], defs: Any, instance: DagsterInstance) -> list[str]:
+    """``dbento build ARGV --missing-only``; the partitions it built."""
+    out = io.StringIO()
+    assert run([*argv, "--missing-only"], out, defs=defs, instance=instance) == 0, out.getvalue()
+    return [line.split()[0] for line in out.getvalue().splitlines() if " ok " in f"{line} "]
 
 
 def test_without_dagster_home_it_uses_the_project_history(small_demo_defs, tmp_path, monkeypatch):
