@@ -436,7 +436,14 @@ def _bars_on_disk(
     asset's (another symbol, month, origin or timeframe)."""
     io_manager = context.resources.io_manager
     path = io_manager.path_for(key, partition)
-    bars, found = io_manager.store.read_with_identity(path)
+    try:
+        bars, found = io_manager.store.read_with_identity(path)
+    except StorageError as exc:  # missing, unreadable, or a CSV no longer its sidecar's
+        raise Failure(
+            description=f"The {key.to_user_string()} file of {partition} was not checked: "
+            f"{exc}. Materialize {key.to_user_string()} for {partition} to rebuild it.",
+            allow_retries=False,
+        ) from None
     expected = io_manager.identity_for(key, partition, instrument.dataset)
     holds = identity_problem(expected, found, bars)
     if holds is not None:

@@ -279,6 +279,35 @@ def test_checking_a_foreign_bars_file_on_disk_is_refused(es_root):
     assert sha256(es_15s) == digest
 
 
+def test_checking_a_csv_bars_file_edited_after_it_was_written_fails_in_one_sentence(
+    demo_runs, tmp_path
+):
+    root = tmp_path / "data"
+    shutil.copytree(demo_runs["csv"], root)
+    store = BarStore.at(str(root), "csv")
+    es_1min = Path(store.aggregated_path("ES", JAN, parse_timeframe("1min")).path)
+    lines = es_1min.read_text().splitlines()
+    lines[1] = lines[1][: lines[1].rindex(",")] + ",999999"  # one volume changed
+    es_1min.write_text("\n".join(lines) + "\n")
+    result = materialize(
+        build_assets(load_catalog()),
+        selection=AssetSelection.checks_for_assets("bars_1min"),
+        tags={"dagster/partition": "2024-01-01|ES"},
+        resources={
+            "databento": (databento := DatabentoResource(source="demo", data_dir=str(root))),
+            "io_manager": BarFileIOManager(databento=databento, format="csv"),
+        },
+        instance=DagsterInstance.ephemeral(),
+        raise_on_error=False,
+    )
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    error = failure.step_failure_data.error
+    assert error.cls_name == "Failure" and error.cause is None, error.to_string()
+    assert f"The bars_1min file of 2024-01-01|ES was not checked: {es_1min}" in error.message
+    assert "Materialize bars_1min for 2024-01-01|ES to rebuild it." in error.message
+
+
 @pytest.mark.parametrize("fmt", ["parquet", "csv"])
 def test_covered_windows_travel_in_the_identity_and_a_whole_month_writes_none(
     demo_runs, fmt, tmp_path
