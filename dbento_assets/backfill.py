@@ -219,7 +219,8 @@ def check_partition_keys(partitions_def: MultiPartitionsDefinition, keys: Sequen
 def preflight(defs: Definitions) -> str:
     """Fail with one sentence when the settings cannot work for any partition; return the
     data folder. Checks the source (key, DBN folder) and that the data folder holds data of
-    this source's kind (it records the kind in a new folder, as the first file would)."""
+    this source's kind (a new folder is marked by its first bar file, not here: a build that
+    writes nothing leaves it free for any source)."""
     resources: dict[str, Any] = dict(defs.resources or {})
     databento, io_manager = resources.get("databento"), resources.get("io_manager")
     if databento is None or io_manager is None:
@@ -228,7 +229,7 @@ def preflight(defs: Definitions) -> str:
     scan = getattr(source, "scan", None)
     if callable(scan):  # the DBN-files source: the folder must exist and be readable
         scan()
-    io_manager.store.claim(origin_of(databento.source), databento.source)
+    io_manager.store.check_origin(origin_of(databento.source), databento.source)
     return str(io_manager.data_dir)
 
 

@@ -52,7 +52,7 @@ from dbento_assets.backfill import (
 )
 from dbento_assets.cli import run as dbento
 from dbento_assets.core.months import Month
-from dbento_assets.core.storage import BarStore
+from dbento_assets.core.storage import ORIGIN_MARKER, BarStore
 from dbento_assets.core.timeframes import parse_timeframe
 from dbento_assets.definitions import build_definitions
 from dbento_assets.io_managers import BarFileIOManager
@@ -511,6 +511,23 @@ def test_failed_month_resumes_with_missing_only_and_force_downloads_again(gatewa
                 assert mat.metadata["forced"] is True
         assets = [k.to_user_string() for k in gateway_defs.resolve_all_asset_keys()]
         assert_attributed(instance, forced, assets)
+
+
+def test_a_build_that_writes_nothing_leaves_the_data_folder_free(gateway, gateway_defs, tmp_path):
+    # A real-data build whose download fails marks nothing: the folder can still take demo
+    # data (the mark comes with the first bar file).
+    gateway.fail("500", endpoint=GET_RANGE, times=2)
+    data = tmp_path / "data"
+    with instance_for_test() as instance:
+        assert run(["--partition", ES_JAN], io.StringIO(), defs=gateway_defs, instance=instance)
+    assert not (data / ORIGIN_MARKER).exists()
+    demo = DatabentoResource(source="demo", data_dir=str(data), demo_activity=0.02)
+    out = io.StringIO()
+    with instance_for_test() as instance:
+        argv = ["--partition", ES_JAN, "--select", RAW_ASSET]
+        status = run(argv, out, defs=build_definitions(databento=demo), instance=instance)
+    assert status == 0, out.getvalue()
+    assert (data / ORIGIN_MARKER).read_text().strip() == "synthetic"
 
 
 def test_dagster_asset_materialize_one_partition_and_force_it(gateway, tmp_path):
