@@ -280,6 +280,10 @@ def build_range(
         run_tags[FORCE_TAG] = "true"
     done = _built_everywhere(defs, instance, asset_keys) if missing_only else set()
     todo = [name for name in partitions if name not in done]
+    io_manager = dict(defs.resources or {}).get("io_manager")
+    if isinstance(io_manager, BarFileIOManager):
+        for stale in io_manager.store.remove_all_stale_temps():
+            print(f"Removed {stale}, left by a write that was killed.", file=out)
     for run in cancel_orphaned_runs(instance):
         print(
             f"Cancelled run {run.run_id} ({run.tags.get('dagster/partition', 'no partition')}), "

@@ -15,6 +15,7 @@ each a single line.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import logging
@@ -649,6 +650,29 @@ def test_missing_only_builds_again_what_the_data_folder_lost(small_demo_defs, tm
             databento=resource, io_manager=BarFileIOManager(databento=resource, format="csv")
         )
         assert run_missing_only(argv, csv, instance) == [ES_JAN, feb]
+
+
+def test_a_build_removes_what_killed_writes_left_even_of_months_it_skips(small_demo_defs, tmp_path):
+    # A write killed as it ran leaves a temporary file; a month built since is skipped by
+    # --missing-only, so its own next run would never come to remove it.
+    argv = ["--partition", ES_JAN, "--select", RAW_ASSET]
+    with instance_for_test() as instance:
+        assert run(argv, io.StringIO(), defs=small_demo_defs, instance=instance) == 0
+        raw = Path(BarStore.at(str(tmp_path / "data")).raw_path("ES", JAN).path)
+        left = raw.with_name(f".{raw.name}.{uuid.uuid4().hex}.tmp")
+        left.write_bytes(b"half a file")
+        young = raw.with_name(f".{raw.name}.{uuid.uuid4().hex}.tmp")
+        young.write_bytes(b"a write in progress")
+        held = open(young, "rb")  # noqa: SIM115 (its writer's lock, held across the build)
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        an_hour_ago = time.time() - 3600
+        for path in (left, young):
+            os.utime(path, (an_hour_ago, an_hour_ago))
+        out = io.StringIO()
+        assert run([*argv, "--missing-only"], out, defs=small_demo_defs, instance=instance) == 0
+        held.close()
+    assert f"Removed {left}, left by a write that was killed." in out.getvalue()
+    assert not left.exists() and young.exists()
 
 
 def run_missing_only(argv: list[str], defs: Any, instance: DagsterInstance) -> list[str]:

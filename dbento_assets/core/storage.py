@@ -424,6 +424,20 @@ class BarStore:
                 removed += remove_stale_temps_of(name)
         return removed
 
+    def remove_all_stale_temps(self) -> list[str]:
+        """:meth:`remove_stale_temps` for every file of this root that has one (a build's
+        start: a partition already built is not written again, so it would never clear its
+        own)."""
+        if not is_local(self.root):
+            return []
+        targets = {
+            os.path.join(folder, match.group(1))
+            for folder, _, names in os.walk(os.fspath(self.root.path))
+            for name in names
+            if (match := _TEMP_NAME.match(name))
+        }
+        return [path for target in sorted(targets) for path in remove_stale_temps_of(target)]
+
     # -- bar files --------------------------------------------------------------------------
 
     def write(self, frame: pd.DataFrame, path: UPath, identity: FileIdentity | None = None) -> int:
@@ -762,6 +776,9 @@ def fsync_dir(folder: str | os.PathLike[str]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+_TEMP_NAME = re.compile(r"^\.(.+)\.[0-9a-f]{32}\.tmp$")  # write_atomic's, of the file named
 
 
 def remove_stale_temps_of(target: str) -> list[str]:
