@@ -137,6 +137,69 @@ def kill_mid_write(store: BarStore, symbol: str) -> None:
     assert subprocess.run([sys.executable, "-c", script], check=False).returncode == 9
 
 
+CSV_REWRITE = """
+import os, sys
+import dbento_assets.core.storage as s
+from dbento_assets.core.months import Month
+from dbento_assets_tests.test_storage import sample_bars
+
+root, when = sys.argv[1], sys.argv[2]
+replace = os.replace
+
+
+def killed_at(source, target):
+    # The process dies as the CSV takes the old one's place, or as its note then does.
+    if target.endswith(".csv" if when == "file" else ".csv.json"):
+        os._exit(9)
+    replace(source, target)
+
+
+s.os.replace = killed_at
+store = s.BarStore.at(root, "csv")
+month = Month(2024, 1)
+through = "2024-01-20T00:00:00+00:00"
+later = s.FileIdentity("ES", month, "synthetic", "1s", complete=False, through=through)
+store.write(sample_bars().iloc[:2], store.raw_path("ES", month), later)
+"""
+
+
+@pytest.mark.parametrize("when", ["file", "note"])
+def test_a_csv_rewrite_killed_between_file_and_note_leaves_either_whole(tmp_path, when):
+    # A CSV and its note are two files: a process killed after the first is replaced and
+    # before the second is must leave the new bars with their note (or the old with theirs),
+    # never a month refused as "replaced after it was written".
+    store = BarStore.at(tmp_path, "csv")
+    path = store.raw_path("ES", JAN)
+    first = storage.FileIdentity(
+        "ES", JAN, "synthetic", "1s", complete=False, through="2024-01-10T00:00:00+00:00"
+    )
+    store.write(sample_bars(), path, first)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", CSV_REWRITE, str(tmp_path), when], env=env)
+    assert done.returncode == 9
+
+    bars, identity = store.read_with_identity(path)
+    if when == "file":  # killed before the new CSV was in place: the old month, its note
+        assert (
+            len(bars) == 3
+            and identity is not None
+            and identity.through_text.startswith("2024-01-10")
+        )
+    else:  # the new CSV in place, its note still pending
+        assert (
+            len(bars) == 2
+            and identity is not None
+            and identity.through_text.startswith("2024-01-20")
+        )
+    store.write(sample_bars(), path, first)  # the next write clears what was pending
+    names = sorted(p.name for p in Path(path.path).parent.iterdir())
+    # (the killed writer's temporary file stays until it is a minute old)
+    assert [n for n in names if not n.endswith(".tmp")] == [
+        "ES_2024_01.csv",
+        "ES_2024_01.csv.json",
+    ]
+
+
 def test_killed_writer_never_leaves_a_half_file(tmp_path):
     """A process killed in the middle of a write leaves the previous file complete."""
     store = BarStore.at(tmp_path, "parquet")

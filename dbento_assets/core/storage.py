@@ -420,7 +420,7 @@ class BarStore:
             return removed  # object storage has no temporary files
         for path in paths:
             target = os.fspath(path.path)
-            for name in (target, target + SIDECAR_SUFFIX):
+            for name in (target, target + SIDECAR_SUFFIX, target + SIDECAR_SUFFIX + ".pending"):
                 removed += remove_stale_temps_of(name)
         return removed
 
@@ -443,19 +443,36 @@ class BarStore:
     def write(self, frame: pd.DataFrame, path: UPath, identity: FileIdentity | None = None) -> int:
         """Write ``frame`` atomically in this store's format; return the file size in bytes.
 
-        ``identity`` goes into the Parquet footer, or (CSV) into the sidecar written next to
-        the file once it is complete; a CSV written without one loses any old sidecar.
+        ``identity`` goes into the Parquet footer, or (CSV) into the sidecar next to the
+        file, stored as pending before the file is replaced and as the sidecar after it; a
+        CSV written without one loses any old sidecar.
         """
         table = to_arrow(frame)
         pairs = identity.to_metadata() if identity is not None else {}
         if pairs:
             table = table.replace_schema_metadata(pairs)
         hashed = _Hashing()  # the CSV's size and SHA-256, taken as it is written
+        sidecar, pending = _sidecar(path), _pending(path)
+        note_text = ""
+
+        def note_first() -> None:
+            # The new CSV's note is stored (pending) before the CSV replaces the old one: a
+            # write killed between the two still leaves each file with its note.
+            nonlocal note_text
+            if pairs:
+                note = {
+                    **pairs,
+                    "dbento.size_bytes": hashed.size,
+                    "dbento.sha256": hashed.hexdigest(),
+                }
+                note_text = json.dumps(note, indent=2, sort_keys=True) + "\n"
+                write_atomic(pending, lambda f: f.write(note_text.encode()))
+
         try:
             if self.fmt == "parquet":
                 write_atomic(path, lambda f: _write_parquet(table, f))
             else:
-                write_atomic(path, lambda f: _write_csv(table, hashed.wrap(f)))
+                write_atomic(path, lambda f: _write_csv(table, hashed.wrap(f)), note_first)
         except OSError as exc:
             if not is_disk_full(exc):
                 raise
@@ -470,14 +487,11 @@ class BarStore:
         pa.default_memory_pool().release_unused()
         size = path.stat().st_size
         if self.fmt == "csv":
-            sidecar = _sidecar(path)
             if pairs:
-                note = {**pairs, "dbento.size_bytes": size, "dbento.sha256": hashed.hexdigest()}
-                text = json.dumps(note, indent=2, sort_keys=True) + "\n"
-                write_atomic(sidecar, lambda f: f.write(text.encode()))
-            else:
-                with _remote_errors(sidecar, "remove"), contextlib.suppress(FileNotFoundError):
-                    sidecar.unlink()
+                write_atomic(sidecar, lambda f: f.write(note_text.encode()))
+            for gone in (pending,) if pairs else (sidecar, pending):
+                with _remote_errors(gone, "remove"), contextlib.suppress(FileNotFoundError):
+                    gone.unlink()
         return size
 
     def write_claimed(
@@ -562,17 +576,14 @@ class BarStore:
     def _sidecar_pairs(self, path: UPath, read: _Hashing) -> dict[str, str] | None:
         """The identity of a CSV file from its sidecar ({} when it has none, None when the
         sidecar was written for another file)."""
-        sidecar = _sidecar(path)
+        sidecar, pending = _sidecar(path), _pending(path)
+        if pending.exists():  # a write ended between storing the file and its note
+            found = _note_of(pending, read)
+            if found is not None:
+                return found
         if not sidecar.exists():
             return {}
-        try:
-            note = json.loads(sidecar.read_text())
-            size, digest = int(note.pop("dbento.size_bytes")), str(note.pop("dbento.sha256"))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise UnfitFile(f"{sidecar} is not a readable identity note ({exc})") from exc
-        if read.size != size or read.hexdigest() != digest:
-            return None
-        return {str(k): str(v) for k, v in note.items()}
+        return _note_of(sidecar, read)
 
 
 class UnfitFile(StorageError):
@@ -616,6 +627,24 @@ def _refuse_other_origin(root: UPath, found: str | None, origin: str, source_nam
 
 def _sidecar(path: UPath) -> UPath:
     return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def _pending(path: UPath) -> UPath:
+    """The note of a CSV being written, stored before the CSV itself."""
+    return path.with_name(path.name + SIDECAR_SUFFIX + ".pending")
+
+
+def _note_of(note_path: UPath, read: _Hashing) -> dict[str, str] | None:
+    """The identity in a CSV's note, None when the note was written for other bytes than
+    those ``read`` saw."""
+    try:
+        note = json.loads(note_path.read_text())
+        size, digest = int(note.pop("dbento.size_bytes")), str(note.pop("dbento.sha256"))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UnfitFile(f"{note_path} is not a readable identity note ({exc})") from exc
+    if read.size != size or read.hexdigest() != digest:
+        return None
+    return {str(k): str(v) for k, v in note.items()}
 
 
 class _Hashing:
@@ -716,7 +745,11 @@ def describe_bars(frame: pd.DataFrame) -> str:
     return f"{symbols} bars from {first.isoformat()} to {last.isoformat()}"
 
 
-def write_atomic(path: UPath, write: Callable[[BinaryIO], object]) -> None:
+def write_atomic(
+    path: UPath,
+    write: Callable[[BinaryIO], object],
+    before_replace: Callable[[], object] | None = None,
+) -> None:
     """Write a file so that readers see the old file or the complete new one, never a part.
 
     Locally: a temporary file in the same folder, fsync, then ``os.replace``; on failure the
@@ -724,10 +757,14 @@ def write_atomic(path: UPath, write: Callable[[BinaryIO], object]) -> None:
     file is serialized in memory and stored with one ``pipe_file`` call (one PUT, or for
     objects over 100 MB a multipart upload that is completed only after every part arrived),
     so a failure before or during the upload leaves the previous object as it was.
+    ``before_replace`` runs once the new file is complete, before it takes the old one's
+    place.
     """
     if not is_local(path):
         buffer = io.BytesIO()
         write(buffer)
+        if before_replace is not None:
+            before_replace()
         with _remote_errors(path, "write"):
             path.fs.pipe_file(path.path, buffer.getvalue())
         return
@@ -744,6 +781,8 @@ def write_atomic(path: UPath, write: Callable[[BinaryIO], object]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, target)
         fsync_dir(folder)
     except BaseException:
