@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
+import math
 import multiprocessing
 import os
 import queue
@@ -50,7 +52,7 @@ from dagster import (
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-from dbento_assets.assets import FORCE_TAG
+from dbento_assets.assets import DOWNLOAD_POOL, FORCE_TAG
 from dbento_assets.core.months import Month, month_range
 from dbento_assets.core.settings import read
 from dbento_assets.core.source import origin_of
@@ -356,11 +358,43 @@ def _build_each(
         if stopped():
             return
         try:
+            if RAW_KEY in asset_keys and not _download_slot_free(instance, stopped):
+                return
+        except KeyboardInterrupt:
+            return  # before its run: the partition is not started
+        try:
             outcome = _run_one(job, instance, name, asset_keys, tags, log_level)
         except KeyboardInterrupt:
             yield PartitionOutcome(name, False, 0.0, None, INTERRUPTED)
             return
         yield outcome
+
+
+def _download_slot_free(instance: DagsterInstance, stopped: Callable[[], bool]) -> bool:
+    """Wait until the download pool has a free slot (at once, as a rule); False when the
+    build is stopped first. Dagster waits for one inside the run too, but there neither
+    Ctrl-C nor a stop is heard until a slot frees, and nothing says what it waits for."""
+    said = False
+    for waited in itertools.count():
+        info = instance.event_log_storage.get_concurrency_info(DOWNLOAD_POOL)
+        limit = info.limit if info.limit is not None else (info.slot_count or None)
+        if limit is None or len(info.claimed_slots) < limit:
+            return True
+        if stopped():
+            return False
+        if not said:
+            holders = ", ".join(sorted(info.active_run_ids))
+            print(
+                f"Waiting for a download slot: the {DOWNLOAD_POOL} pool's {limit} slot(s) are "
+                f"held by run(s) {holders} (Ctrl-C stops the build).",
+                file=sys.stderr,
+                flush=True,
+            )
+            said = True
+        if waited % 10 == 9:
+            cancel_orphaned_runs(instance)  # a holder killed meanwhile
+        time.sleep(1.0)
+    return False  # not reached: the count has no end
 
 
 @dataclass(frozen=True)
@@ -417,13 +451,23 @@ _STOP_GRACE_SECONDS = 30.0
 
 
 def cancel_orphaned_runs(instance: DagsterInstance) -> list[DagsterRun]:
-    """Cancel the unfinished runs of this machine whose build process is gone (killed, or
-    stopped after a grace), freeing the download slots they hold: the next build would wait
-    for ever for one. Returns them."""
-    unfinished = RunsFilter(statuses=_UNFINISHED, tags={HOST_TAG: socket.gethostname()})
+    """Cancel the unfinished runs whose process is gone (killed, or stopped after a grace),
+    freeing the download slots they hold: the next build would wait for ever for one.
+    Returns them.
+
+    A build's runs name their machine and process (tags). Other runs (``dagster asset
+    materialize``, ``dagster dev``) are judged by the processes their events were logged
+    from, and only with an instance on this machine's disk (SQLite), where every run's
+    process is one of this machine's."""
+    host = socket.gethostname()
+    local = "sqlite" in type(instance.run_storage).__module__
     cancelled = []
-    for run in instance.get_runs(unfinished):
-        if not _process_gone(run.tags):
+    for run in instance.get_runs(RunsFilter(statuses=_UNFINISHED)):
+        if HOST_TAG in run.tags:
+            gone = run.tags[HOST_TAG] == host and _process_gone(run.tags)
+        else:
+            gone = local and _logging_processes_gone(instance, run.run_id)
+        if not gone:
             continue
         instance.report_run_canceled(run, "Stopped: the process building it ended first.")
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
@@ -448,23 +492,39 @@ def _process_tags() -> dict[str, str]:
     }
 
 
-def _process_gone(tags: Mapping[str, str]) -> bool:
-    """Whether the process a run's tags name has ended (a zombie has; so has a process
-    that started at another time under the same pid)."""
-    pid = int(tags.get(PID_TAG) or 0)
-    if pid <= 0:
-        return False  # not a build's run
+def _logging_processes_gone(instance: DagsterInstance, run_id: str) -> bool:
+    """Whether every process that logged an event of the run has ended (False when none
+    did: a run queued, never started, is not judged)."""
+    first_seen: dict[int, float] = {}
+    for entry in instance.all_logs(run_id):
+        pid = entry.dagster_event.pid if entry.dagster_event is not None else None
+        if pid:
+            first_seen[pid] = min(first_seen.get(pid, entry.timestamp), entry.timestamp)
+    return bool(first_seen) and all(
+        _pid_gone(pid, started_by=seen) for pid, seen in first_seen.items()
+    )
+
+
+def _pid_gone(pid: int, *, started_by: float) -> bool:
+    """Whether process ``pid``, known to run at ``started_by`` (a UNIX time), has ended: no
+    such process, a zombie, or one started after that time under the same pid."""
     try:
         process = psutil.Process(pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return True
-        started = tags.get(STARTED_TAG)  # missing on runs of earlier versions
-        # Start times are kept to the clock tick; a second apart is another process.
-        return started is not None and abs(process.create_time() - float(started)) > 1.0
+        return (
+            process.status() == psutil.STATUS_ZOMBIE
+            or process.create_time() > started_by + 1.0  # to the clock tick
+        )
     except psutil.NoSuchProcess:
         return True
     except psutil.AccessDenied:  # another user's process, so alive
         return False
+
+
+def _process_gone(tags: Mapping[str, str]) -> bool:
+    """Whether the process a build's run is tagged with has ended."""
+    pid = int(tags.get(PID_TAG) or 0)
+    started = tags.get(STARTED_TAG)  # missing on runs of earlier versions: the pid alone
+    return pid > 0 and _pid_gone(pid, started_by=math.inf if started is None else float(started))
 
 
 def _build_in_processes(

@@ -20,6 +20,7 @@ import hashlib
 import io
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -43,7 +44,7 @@ from dagster import (
     instance_for_test,
 )
 
-from dbento_assets.assets import FORCE_TAG
+from dbento_assets.assets import DOWNLOAD_POOL, FORCE_TAG
 from dbento_assets.backfill import (
     HOST_TAG,
     PID_TAG,
@@ -416,6 +417,65 @@ def test_only_runs_whose_build_process_is_gone_are_cancelled(tmp_path):
         name: DagsterRunStatus.CANCELED if gone else STARTED
         for name, (*_, gone) in processes.items()
     }
+
+
+def test_a_killed_dagster_asset_materialize_leaves_no_download_slot_held(gateway, tmp_path):
+    # Dagster's own command killed during its download: its run holds the pool's only slot,
+    # and carries no build tags. The next build tells from the run's events that its process
+    # is gone, cancels it and frees the slot; without that it would wait for ever.
+    gateway.gate(GET_RANGE, parties=2, timeout=120)
+    env = gateway_env(tmp_path, pool_limit=1)
+    command = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "dbento_assets"]
+    killed = subprocess.Popen(
+        [*command, "--select", RAW_ASSET, "--partition", ES_JAN],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    held(gateway, killed, 1)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=30)
+    since = let_go(gateway)
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        (left,) = [r.run_id for r in all_runs(instance) if not r.is_finished]
+
+    args = ["--partition", ES_FEB, "--select", RAW_ASSET]
+    code, lines, err = finished(build_command(args, tmp_path, env), timeout=240)
+    assert code == 0, "\n".join(lines) + err
+    assert [line.split()[2] for line in lines if line.startswith("Cancelled run ")] == [left]
+    assert bought(gateway, since) == Counter([ES_FEB])
+
+
+def test_a_build_waiting_for_a_download_slot_says_so_and_stops_on_ctrl_c(gateway, tmp_path):
+    # The pool's only slot is held by a run elsewhere (another machine, another command):
+    # the build says what it waits for and a Ctrl-C stops it before its run starts (Dagster's
+    # own wait for a slot hears no interrupt).
+    env = gateway_env(tmp_path, pool_limit=1)
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        storage = instance.event_log_storage
+        storage.set_concurrency_slots(DOWNLOAD_POOL, 1)
+        claim = storage.claim_concurrency_slot(DOWNLOAD_POOL, "run-elsewhere", "raw")
+        assert claim.is_claimed
+    process = build_command(["--partition", ES_JAN], tmp_path, env)
+    said = ""
+    deadline = time.monotonic() + 120
+    while "Waiting for a download slot" not in said:
+        assert process.poll() is None and time.monotonic() < deadline, said
+        if select.select([process.stderr], [], [], 0.5)[0]:
+            said += process.stderr.readline().decode()
+    os.kill(process.pid, signal.SIGINT)
+    code, lines, err = finished(process, timeout=60)
+
+    assert code == 1, "\n".join(lines) + err
+    assert "slot(s) are held by run(s) run-elsewhere" in said
+    assert "Stopped (interrupted, or its run was cancelled) before 1 partition(s)" in "\n".join(
+        lines
+    )
+    assert gateway.calls(GET_RANGE) == []
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        assert all_runs(instance) == []  # its run never started
 
 
 def gone(pid: int) -> bool:
