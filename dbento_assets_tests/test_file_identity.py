@@ -253,6 +253,22 @@ def test_a_raw_file_without_identity_is_refused_until_raw_is_materialized_again(
     assert store.identity_of(store.raw_path("ES", JAN)) is not None
 
 
+def check_on_disk(root: Path, asset: str, fmt: str = "parquet"):
+    """The checks of ``asset`` alone on ES January's file in ``root``."""
+    return materialize(
+        build_assets(load_catalog()),
+        selection=AssetSelection.checks_for_assets(asset),
+        # a run of checks alone, as the UI launches it (no partitions definition to infer)
+        tags={"dagster/partition": "2024-01-01|ES"},
+        resources={
+            "databento": (databento := DatabentoResource(source="demo", data_dir=str(root))),
+            "io_manager": BarFileIOManager(databento=databento, format=fmt),
+        },
+        instance=DagsterInstance.ephemeral(),
+        raise_on_error=False,
+    )
+
+
 def test_checking_a_foreign_bars_file_on_disk_is_refused(es_root):
     # Only the checks of bars_15s selected: they run on the file on disk, which must be
     # ES's 15s bars of January, not NQ's copied over it.
@@ -261,18 +277,7 @@ def test_checking_a_foreign_bars_file_on_disk_is_refused(es_root):
     es_15s = Path(store.aggregated_path("ES", JAN, tf).path)
     shutil.copyfile(store.aggregated_path("NQ", JAN, tf).path, es_15s)
     digest = sha256(es_15s)
-    result = materialize(
-        build_assets(load_catalog()),
-        selection=AssetSelection.checks_for_assets("bars_15s"),
-        # a run of checks alone, as the UI launches it (no partitions definition to infer)
-        tags={"dagster/partition": "2024-01-01|ES"},
-        resources={
-            "databento": (databento := DatabentoResource(source="demo", data_dir=str(es_root))),
-            "io_manager": BarFileIOManager(databento=databento),
-        },
-        instance=DagsterInstance.ephemeral(),
-        raise_on_error=False,
-    )
+    result = check_on_disk(es_root, "bars_15s")
     assert not result.success
     text = failure_text(result)
     assert f"The bars_15s file {es_15s} holds NQ 15s bars of 2024-01" in text, text
@@ -289,17 +294,7 @@ def test_checking_a_csv_bars_file_edited_after_it_was_written_fails_in_one_sente
     lines = es_1min.read_text().splitlines()
     lines[1] = lines[1][: lines[1].rindex(",")] + ",999999"  # one volume changed
     es_1min.write_text("\n".join(lines) + "\n")
-    result = materialize(
-        build_assets(load_catalog()),
-        selection=AssetSelection.checks_for_assets("bars_1min"),
-        tags={"dagster/partition": "2024-01-01|ES"},
-        resources={
-            "databento": (databento := DatabentoResource(source="demo", data_dir=str(root))),
-            "io_manager": BarFileIOManager(databento=databento, format="csv"),
-        },
-        instance=DagsterInstance.ephemeral(),
-        raise_on_error=False,
-    )
+    result = check_on_disk(root, "bars_1min", "csv")
     assert not result.success
     (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     error = failure.step_failure_data.error
