@@ -37,6 +37,7 @@ from dbento_assets.core.dbn import (
 )
 from dbento_assets.core.dbn_cache import (
     FORCE_HINT,
+    OHLCV_1S,
     CacheEntry,
     DbnCache,
     LocalIOError,
@@ -58,7 +59,7 @@ T = TypeVar("T")
 DEFAULT_GATEWAY = "https://hist.databento.com"
 DEFAULT_MAX_COST_USD = 5.0
 DEFAULT_TIMEOUT_SECONDS = 100.0
-SCHEMA = "ohlcv-1s"  # the pipeline's bars
+SCHEMA = OHLCV_1S  # the pipeline's bars
 VENDOR_SCHEMA = "ohlcv-1m"  # Databento's own 1-minute bars, for the vendor cross-check
 RETRYABLE_STATUS = frozenset({408, 500, 502, 503, 504})
 BAR_INTERVAL = {SCHEMA: "s", VENDOR_SCHEMA: "min"}  # pandas aliases of each schema's bar

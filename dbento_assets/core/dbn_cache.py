@@ -37,6 +37,7 @@ LOCK_SUFFIX = ".lock"
 QUARANTINE = "quarantine"
 LOCKS = ".locks"
 MANIFEST_VERSION = 1
+OHLCV_1S = "ohlcv-1s"  # the pipeline's bars; other schemas serve checks
 LOCK_LOG_SECONDS = 30.0  # how often a run waiting for another one's download says so
 FORCE_HINT = (
     "the run tag dbento/force=true (or the run config force: true) buys it again (a paid request)"
@@ -383,11 +384,13 @@ class DbnCache:
         if note is None:
             return None
         rules = ", ".join(note.get("rules") or []) or "its checks"
+        # A force renews the partition's downloads, not one schema's: say what it costs.
+        also = "" if entry.schema == OHLCV_1S else ", with the month's 1-second data"
         return (
             f"The download of {note.get('entry') or entry} was refused on "
             f"{note.get('refused_at', '?')} by {rules}, and is quarantined at "
             f"{note.get('quarantined', '?')}; nothing was requested this time, and "
-            f"{FORCE_HINT}."
+            f"{FORCE_HINT}{also}."
         )
 
     def _read_json(self, path: Path) -> dict[str, Any] | None:
