@@ -720,9 +720,10 @@ def _built_everywhere(
     defs: Definitions, instance: DagsterInstance, asset_keys: Sequence[AssetKey]
 ) -> set[str]:
     """Partitions in which every asset of ``asset_keys`` has a materialization and its file
-    in the data folder, saying it is that asset's partition. A history that outlived its
-    files (deleted, another data folder or format since, another file copied over) is not a
-    built partition."""
+    in the data folder, saying it is that asset's partition, and the whole month. A history
+    that outlived its files (deleted, another data folder or format since, another file
+    copied over) is not a built partition, nor is a month stored partial (built again, it
+    buys only what it lacks)."""
     sets = [set(instance.get_materialized_partitions(key)) for key in asset_keys]
     recorded = set.intersection(*sets) if sets else set()
     io_manager = dict(defs.resources or {}).get("io_manager")
@@ -736,11 +737,11 @@ def _built_everywhere(
 
 
 def _file_of(io_manager: BarFileIOManager, key: AssetKey, partition: Partition) -> bool:
-    """Whether the file of ``key``'s ``partition`` is there and says it is (its footer or
-    sidecar only: the bars are not read)."""
+    """Whether the file of ``key``'s ``partition`` is there and says it is, whole (its
+    footer or sidecar only: the bars are not read)."""
     path = io_manager.path_for(key, partition)
     found = io_manager.store.identity_of(path) if path.exists() else None
-    if found is None:
+    if found is None or not found.complete:
         return False
     expected = io_manager.identity_for(key, partition)
     return (found.symbol, found.month, found.timeframe, found.origin) == (

@@ -735,6 +735,26 @@ def test_a_build_removes_what_killed_writes_left_even_of_months_it_skips(small_d
     assert not left.exists() and young.exists()
 
 
+def test_missing_only_completes_a_month_stored_partial(tmp_path):
+    # March built on the 10th holds 10 days; once it has closed, --missing-only builds it
+    # again (a top-up), and only then counts it as built.
+    def demo_at(now: str) -> Any:
+        databento = DatabentoResource(
+            source="demo", data_dir=str(tmp_path / "data"), demo_activity=0.02, demo_now=now
+        )
+        return build_definitions(databento=databento)
+
+    march = str(partition_key(Month(2024, 3), "ES"))
+    argv = ["--symbol", "ES", "--start", "2024-03", "--end", "2024-03", "--select", RAW_ASSET]
+    with instance_for_test() as instance:
+        assert run(argv, io.StringIO(), defs=demo_at("2024-03-10"), instance=instance) == 0
+        assert run_missing_only(argv, demo_at("2024-04-05"), instance) == [march]
+        assert run_missing_only(argv, demo_at("2024-04-05"), instance) == []
+    store = BarStore.at(str(tmp_path / "data"))
+    identity = store.identity_of(store.raw_path("ES", Month(2024, 3)))
+    assert identity is not None and identity.complete
+
+
 def run_missing_only(argv: list[str], defs: Any, instance: DagsterInstance) -> list[str]:
     """``dbento build ARGV --missing-only``; the partitions it built."""
     out = io.StringIO()
