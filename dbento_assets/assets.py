@@ -40,6 +40,7 @@ from dbento_assets.checks import (
     vendor_result,
 )
 from dbento_assets.core.aggregate import aggregate_many, built_from
+from dbento_assets.core.bars import bars_before
 from dbento_assets.core.catalog import Catalog, Instrument
 from dbento_assets.core.coverage import IncompleteMonth, Window, require_whole_month
 from dbento_assets.core.dbn import DecodedMonth, decode_month
@@ -355,6 +356,7 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
         refused: list[tuple[str, list[RuleResult]]] = []
         selected = [tf for name, tf in by_name.items() if name in built]
         aggregated = aggregate_many(raw, selected)
+        through_ns = _partial_end(raw)
         plan = built_from(selected)
         # Built bars proven equal to raw's, kept while a coarser timeframe built from them
         # is reconciled against them (a fraction of raw's rows, same proof).
@@ -363,13 +365,17 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
             if name not in built and name not in checked:
                 continue
             key = AssetKey(name)
+            # A month stored partial ends mid-interval: a bar still open at its end would be
+            # stored with part of its trades, so each timeframe ends on its own boundary.
+            cut = None if through_ns is None else through_ns - through_ns % tf.nanos
             finer = None
             if name in built:
-                bars = aggregated.pop(tf)
+                bars = bars_before(aggregated.pop(tf), cut)
                 finer = proven.get(plan[tf]) if plan[tf] is not None else None
+                finer = None if finer is None else bars_before(finer, cut)
             else:  # only checks selected: check the file this asset has on disk
                 bars = _bars_on_disk(context, key, partition, instrument)
-            results = run_aggregated_rules(bars, raw, month, tf, built_from=finer)
+            results = run_aggregated_rules(bars, bars_before(raw, cut), month, tf, built_from=finer)
             if name in built and tf in plan.values() and _reconciled(results):
                 proven[tf] = bars
             if (
@@ -400,10 +406,14 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
             elif failed:
                 yield from selected_results(context, key, results, REFUSED)
             else:
+                whole = through_ns is None
                 yield Output(
                     bars,
                     output_name=name,
-                    metadata={"dataset": instrument.dataset, **_raw_partial(raw, month)},
+                    metadata={
+                        "dataset": instrument.dataset,
+                        **partial_metadata(whole, month.end if whole else _utc(cut)),
+                    },
                 )
                 yield from selected_results(context, key, results, SAVED)
             if failed:
@@ -587,13 +597,16 @@ def _vendor_failure_in_run(store: BarStore, partition: Partition, run_id: str) -
     return f"downloading Databento's 1-minute bars failed in raw_1s_bars of this run ({why})"
 
 
-def _raw_partial(raw: pd.DataFrame, month: Month) -> dict[str, object]:
-    """The raw month's completeness, carried to the bars built from it (a file of older code
-    without identity was a whole month)."""
+def _partial_end(raw: pd.DataFrame) -> int | None:
+    """Where a raw month stored partial ends (UTC nanoseconds, exclusive); None when whole."""
     identity = raw.attrs.get(IDENTITY_ATTR)
     if not isinstance(identity, FileIdentity) or identity.complete:
-        return partial_metadata(True, month.end)
-    return partial_metadata(False, pd.Timestamp(identity.through_text))
+        return None
+    return int(pd.Timestamp(identity.through_text).value)
+
+
+def _utc(ns: int | None) -> pd.Timestamp:
+    return pd.Timestamp(ns, tz="UTC")
 
 
 def _plain(value: object) -> object:

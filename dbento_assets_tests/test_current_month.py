@@ -20,9 +20,11 @@ import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from dagster import AssetKey, DagsterInstance, DefaultScheduleStatus, build_schedule_context
+from pandas.testing import assert_frame_equal
 
 from dbento_assets import report, status
 from dbento_assets.assets import FORCE_TAG
@@ -36,6 +38,7 @@ from dbento_assets.core.dbn_files import DbnFilesSource
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import DownloadRefused, FetchRequest, SourceError
 from dbento_assets.core.storage import BarStore
+from dbento_assets.core.timeframes import parse_timeframe
 from dbento_assets.definitions import build_definitions
 from dbento_assets.history import evaluation_of
 from dbento_assets.partitions import partition_key
@@ -219,6 +222,42 @@ def test_a_month_life_on_the_gateway_pays_each_second_once(gateway, api_env, ins
     assert windows(gateway)[-1] == (MARCH.start_ns, MARCH.end_ns)
     assert bar_files(one_piece) == grown
     assert len(grown) == len(all_assets())
+
+
+def test_a_month_available_to_mid_minute_stores_no_bar_still_open(
+    gateway, api_env, instance, monkeypatch
+):
+    # Databento's data ends between two trades of one minute: that minute's bar (and its
+    # 30s bar) is still open there, so no timeframe stores it. Each file says where its bars
+    # end, and every bar stored equals that of the month once it has closed.
+    data = api_env("mid-minute")
+    monkeypatch.setenv("DBENTO_VENDOR_CHECK", "true")
+    inst = load_catalog().instrument("ES")
+    query = Query(
+        DATASET, (inst.request_symbol,), "ohlcv-1s", inst.stype_in, MARCH.start_ns, MARCH.end_ns
+    )
+    ts = gateway.records_for(query)[0]["ts_event"].astype("int64")
+    minutes = ts // 60_000_000_000
+    later = minutes[ts >= pd.Timestamp("2024-03-12", tz="UTC").value]
+    busy = next(m for m in later if (minutes == m).sum() >= 2)
+    end = pd.Timestamp(np.sort(ts[minutes == busy])[1], tz="UTC")  # after its first trade
+    gateway.set_range(DATASET, DATASET_START, end.isoformat())
+    assert build(instance).success
+    store = BarStore.at(str(data))
+    timeframes = [parse_timeframe(label) for label in ("15s", "30s", "1min")]
+    partial = {
+        tf: store.read_with_identity(store.aggregated_path("ES", MARCH, tf)) for tf in timeframes
+    }
+
+    gateway.set_range(DATASET, DATASET_START, "2024-04-02")
+    assert build(instance).success  # the month closed: bought to its end
+    for tf, (bars, identity) in partial.items():
+        assert identity is not None and not identity.complete
+        ends = pd.Timestamp(identity.through_text)
+        assert ends == end.floor(pd.Timedelta(seconds=tf.seconds)), tf.label
+        assert (bars["ts_event"] + pd.Timedelta(seconds=tf.seconds)).max() <= ends, tf.label
+        closed = store.read(store.aggregated_path("ES", MARCH, tf))
+        assert_frame_equal(bars, closed[closed["ts_event"] < ends], check_exact=True)
 
 
 def test_no_new_data_means_no_purchase_and_the_estimate_prices_only_the_tail(

@@ -90,6 +90,18 @@ def ts_nanos(frame: pd.DataFrame) -> np.ndarray:
     return frame["ts_event"].array.asi8 if len(frame) else np.empty(0, dtype="int64")
 
 
+def bars_before(frame: pd.DataFrame, end_ns: int | None) -> pd.DataFrame:
+    """The bars of ``frame`` opening before ``end_ns`` (all of them for None; no copy of a
+    frame in time order)."""
+    if end_ns is None:
+        return frame
+    ts = ts_nanos(frame)
+    if not in_order(ts):
+        return frame[ts < end_ns]
+    kept = int(np.searchsorted(ts, end_ns))
+    return frame if kept == len(frame) else frame.iloc[:kept]
+
+
 def sort_bars(frame: pd.DataFrame) -> pd.DataFrame:
     """Sort by ``ts_event`` then ``instrument_id`` with a fresh RangeIndex (no copy when the
     frame is already in that order, which decoded DBN almost always is)."""
