@@ -522,8 +522,8 @@ def _refuse_unfit_raw(
                 f"The raw file {io_manager.path_for(RAW_KEY, partition)} {what}, so whether "
                 f"it holds the whole of {partition} cannot be known; no bars were built and no "
                 f"file was changed. Materialize raw_1s_bars for {partition} again to rewrite "
-                "it: it is decoded from the DBN cache, without buying the month again, while "
-                "the cache holds the month."
+                "it from its source (from Databento: out of the DBN cache, without buying the "
+                "month again, while the cache holds it)."
             ),
             allow_retries=False,
         )

@@ -64,7 +64,9 @@ def _proof(content: str, month: Month) -> str:
     return f"{CODE_VERSION}; raw rules v{RAW_RULES_VERSION} ({rules}); {month}; {_FP}{content}"
 
 
-_FP = "xxh3-128 "  # before the fingerprint, at the end of a proof
+# Before the fingerprint, at the end of a proof: the scheme, so that a proof of another
+# scheme (an earlier fingerprint) only makes the rules run again, never a refusal.
+_FP = "fingerprint v2 xxh3-128 "
 
 ProofStatus = Literal["proven", "changed", "unproven"]
 
