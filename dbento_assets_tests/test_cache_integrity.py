@@ -389,11 +389,12 @@ def test_a_download_bought_for_another_request_symbol_is_not_served(
 ):
     # A typo in the catalog (NQ asking for ES.v.0) bought ES's month under NQ's name. Once the
     # catalog is corrected, that file must not become NQ's bars: refused before anything is
-    # decoded or bought, until a forced run buys the month for NQ.v.0.
+    # decoded or bought and moved aside, so the next run buys the month for NQ.v.0.
     typo = catalog_from(tmp_path, "2024-01", **{'symbol = "NQ.v.0"': 'symbol = "ES.v.0"'})
     monkeypatch.setenv("DBENTO_CATALOG", str(typo.path))
     assert run(instance, symbol="NQ", catalog=typo, resource=databento_resource_from_env()).success
     wrong = sha(raw_file(env, "NQ"))
+    bought_for_es = sha(cache_file(env, "NQ"))
     fixed = load_catalog(DEFAULT_CATALOG)
     monkeypatch.setenv("DBENTO_CATALOG", str(fixed.path))
 
@@ -401,18 +402,13 @@ def test_a_download_bought_for_another_request_symbol_is_not_served(
     assert not result.success
     text = failure_text(result)
     assert f"{cache_file(env, 'NQ')} was bought for ES.v.0 (continuous)" in text
-    assert "the catalog now asks for NQ.v.0 (continuous)" in text and "with force" in text
+    assert "the catalog now asks for NQ.v.0 (continuous)" in text
     assert gateway.count(GET_RANGE) == 1  # nothing bought
     assert sha(raw_file(env, "NQ")) == wrong  # nothing written
+    assert [sha(p) for p in quarantined(env)] == [bought_for_es]  # kept, out of the way
 
-    forced = run(
-        instance,
-        symbol="NQ",
-        catalog=fixed,
-        resource=databento_resource_from_env(),
-        tags={FORCE_TAG: "true"},
-    )
-    assert forced.success, failure_text(forced)
+    again = run(instance, symbol="NQ", catalog=fixed, resource=databento_resource_from_env())
+    assert again.success, failure_text(again)
     asked = [c.fields["symbols"] for c in gateway.calls(GET_RANGE) if c.fault is None]
     assert asked == ["ES.v.0", "NQ.v.0"]
     assert manifest_of(cache_file(env, "NQ"))["request_symbol"] == "NQ.v.0"

@@ -345,23 +345,28 @@ class DatabentoSource:
             return self._buy(request, entry, log, accept, held)
 
     def _verified(self, entry: CacheEntry, inst: Instrument, log: Logger) -> dict[str, Any]:
-        """The manifest of a cached file (see :meth:`DbnCache.verify`), refused when it was
-        bought for another request than the catalog's now (a symbol corrected in the catalog
-        would otherwise be served another instrument's bars)."""
+        """The manifest of a cached file (see :meth:`DbnCache.verify`). A file bought for
+        another request than the catalog's now (a symbol corrected in the catalog) is never
+        served as this symbol's data: the month's files are moved to the quarantine folder,
+        so the next run buys the month as the catalog asks."""
         manifest = self.cache.verify(entry, log)
         asked = {"dataset": inst.dataset, "request_symbol": inst.request_symbol}
         asked["stype_in"] = inst.stype_in
         bought = {key: manifest.get(key) for key in asked}
         if all(bought[key] in (None, asked[key]) for key in asked):  # None: an early manifest
             return manifest
+        month = entry.month_entry
+        files = [month] if month.path.is_file() else []
+        files += self.cache.pieces(month, checked=False)
+        moved = [self.cache.quarantine(f.path, f, with_manifest=True) for f in files]
         raise SourceError(
             f"The cached DBN file {entry.path} was bought for {bought['request_symbol']} "
             f"({bought['stype_in']}) on {bought['dataset']}, but the catalog now asks for "
             f"{inst.request_symbol} ({inst.stype_in}) on {inst.dataset} for {inst.symbol}: "
-            "nothing was decoded from it and nothing was requested. If the catalog is right, "
-            "materialize again with force (dbento build --force, or the run tag "
-            f"dbento/force=true) to buy {entry.month_entry} for {inst.request_symbol}; the "
-            "file is replaced only once the new download passes its checks."
+            f"nothing was decoded from it and nothing was requested, and the month's "
+            f"file(s) were moved to {moved[0].parent if moved else 'the quarantine folder'}. "
+            f"Materialize again to buy {month} for {inst.request_symbol} (a paid request); "
+            "if the catalog change was a mistake, move the files back instead."
         )
 
     def _pass_alone(
