@@ -280,7 +280,7 @@ def build_range(
     run_tags = dict(tags or {})
     if force:
         run_tags[FORCE_TAG] = "true"
-    done = _built_everywhere(defs, instance, asset_keys) if missing_only else set()
+    done = _built_everywhere(defs, instance, asset_keys, partitions) if missing_only else set()
     todo = [name for name in partitions if name not in done]
     io_manager = dict(defs.resources or {}).get("io_manager")
     if isinstance(io_manager, BarFileIOManager):
@@ -289,7 +289,7 @@ def build_range(
     for run in cancel_orphaned_runs(instance):
         print(
             f"Cancelled run {run.run_id} ({run.tags.get('dagster/partition', 'no partition')}), "
-            "left unfinished by a build process that was killed; its download slot is free.",
+            "left unfinished by a process that was killed; its download slot is free.",
             file=out,
         )
     parallel = load_defs is not None and stop is None and instance.is_persistent
@@ -377,8 +377,8 @@ def _download_slot_free(instance: DagsterInstance, stopped: Callable[[], bool]) 
     said = False
     for waited in itertools.count():
         info = instance.event_log_storage.get_concurrency_info(DOWNLOAD_POOL)
-        limit = info.limit if info.limit is not None else (info.slot_count or None)
-        if limit is None or len(info.claimed_slots) < limit:
+        limit = info.slot_count or info.limit
+        if not limit or len(info.claimed_slots) < limit:  # no limit (or none Dagster keeps)
             return True
         if stopped():
             return False
@@ -463,10 +463,12 @@ def cancel_orphaned_runs(instance: DagsterInstance) -> list[DagsterRun]:
     local = "sqlite" in type(instance.run_storage).__module__
     cancelled = []
     for run in instance.get_runs(RunsFilter(statuses=_UNFINISHED)):
-        if HOST_TAG in run.tags:
-            gone = run.tags[HOST_TAG] == host and _process_gone(run.tags)
-        else:
-            gone = local and _logging_processes_gone(instance, run.run_id)
+        logged = _logging_processes(instance, run.run_id)
+        tagged = int(run.tags.get(PID_TAG) or 0)
+        if run.tags.get(HOST_TAG) == host and tagged and set(logged) <= {tagged}:
+            gone = _process_gone(run.tags)
+        else:  # not a build's, or re-executed from one (Dagster copies the parent's tags)
+            gone = local and bool(logged) and all(_pid_gone(*seen) for seen in logged.items())
         if not gone:
             continue
         instance.report_run_canceled(run, "Stopped: the process building it ended first.")
@@ -492,20 +494,17 @@ def _process_tags() -> dict[str, str]:
     }
 
 
-def _logging_processes_gone(instance: DagsterInstance, run_id: str) -> bool:
-    """Whether every process that logged an event of the run has ended (False when none
-    did: a run queued, never started, is not judged)."""
+def _logging_processes(instance: DagsterInstance, run_id: str) -> dict[int, float]:
+    """The processes that logged events of the run: pid to the time of its first event."""
     first_seen: dict[int, float] = {}
     for entry in instance.all_logs(run_id):
         pid = entry.dagster_event.pid if entry.dagster_event is not None else None
         if pid:
             first_seen[pid] = min(first_seen.get(pid, entry.timestamp), entry.timestamp)
-    return bool(first_seen) and all(
-        _pid_gone(pid, started_by=seen) for pid, seen in first_seen.items()
-    )
+    return first_seen
 
 
-def _pid_gone(pid: int, *, started_by: float) -> bool:
+def _pid_gone(pid: int, started_by: float) -> bool:
     """Whether process ``pid``, known to run at ``started_by`` (a UNIX time), has ended: no
     such process, a zombie, or one started after that time under the same pid."""
     try:
@@ -524,7 +523,7 @@ def _process_gone(tags: Mapping[str, str]) -> bool:
     """Whether the process a build's run is tagged with has ended."""
     pid = int(tags.get(PID_TAG) or 0)
     started = tags.get(STARTED_TAG)  # missing on runs of earlier versions: the pid alone
-    return pid > 0 and _pid_gone(pid, started_by=math.inf if started is None else float(started))
+    return pid > 0 and _pid_gone(pid, math.inf if started is None else float(started))
 
 
 def _build_in_processes(
@@ -717,7 +716,10 @@ def _month(option: str, text: str) -> Month:
 
 
 def _built_everywhere(
-    defs: Definitions, instance: DagsterInstance, asset_keys: Sequence[AssetKey]
+    defs: Definitions,
+    instance: DagsterInstance,
+    asset_keys: Sequence[AssetKey],
+    partitions: Sequence[str],
 ) -> set[str]:
     """Partitions in which every asset of ``asset_keys`` has a materialization and its file
     in the data folder, saying it is that asset's partition, and the whole month. A history
@@ -725,7 +727,7 @@ def _built_everywhere(
     copied over) is not a built partition, nor is a month stored partial (built again, it
     buys only what it lacks)."""
     sets = [set(instance.get_materialized_partitions(key)) for key in asset_keys]
-    recorded = set.intersection(*sets) if sets else set()
+    recorded = set.intersection(set(partitions), *sets) if sets else set()
     io_manager = dict(defs.resources or {}).get("io_manager")
     if not isinstance(io_manager, BarFileIOManager):
         return recorded

@@ -36,6 +36,7 @@ import psutil
 import pytest
 from dagster import (
     AssetKey,
+    DagsterEvent,
     DagsterEventType,
     DagsterInstance,
     DagsterRun,
@@ -409,6 +410,22 @@ def test_only_runs_whose_build_process_is_gone_are_cancelled(tmp_path):
             instance.add_run(
                 DagsterRun(job_name="build", run_id=str(uuid.uuid4()), tags=tags, status=STARTED)
             )
+        # Re-executed from a killed build's run (Dagster copies its tags), now running here.
+        copied = {HOST_TAG: socket.gethostname(), PID_TAG: str(ended.pid), STARTED_TAG: "0"}
+        processes["a re-execution running here"] = (ended.pid, None, False)
+        running_here = DagsterRun(
+            job_name="build",
+            run_id=str(uuid.uuid4()),
+            tags={**copied, "name": "a re-execution running here"},
+            status=STARTED,
+        )
+        instance.add_run(running_here)
+        instance.report_dagster_event(  # its step, logged by this process
+            DagsterEvent(
+                DagsterEventType.STEP_START.value, "build", step_key="raw_1s_bars", pid=me.pid
+            ),
+            running_here.run_id,
+        )
         cancelled = {run.tags["name"] for run in cancel_orphaned_runs(instance)}
         statuses = {r.tags["name"]: r.status for r in instance.get_runs()}
     zombie.wait()

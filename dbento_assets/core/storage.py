@@ -577,7 +577,8 @@ class BarStore:
         """The identity of a CSV file from its sidecar ({} when it has none, None when the
         sidecar was written for another file)."""
         sidecar, pending = _sidecar(path), _pending(path)
-        if pending.exists():  # a write ended between storing the file and its note
+        # A write that ended between storing the file and its note (or is finishing now).
+        with contextlib.suppress(FileNotFoundError):
             found = _note_of(pending, read)
             if found is not None:
                 return found
@@ -850,6 +851,8 @@ def remove_stale_temps_of(target: str) -> list[str]:
                 removed.append(entry.path)
         except FileNotFoundError:
             continue  # its writer finished (renamed it) or another run removed it
+        except OSError:
+            continue  # not ours to remove (another user's): left as it is
     return removed
 
 
