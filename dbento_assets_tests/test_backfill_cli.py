@@ -727,6 +727,11 @@ def test_missing_only_builds_again_what_the_data_folder_lost(small_demo_defs, tm
             databento=resource, io_manager=BarFileIOManager(databento=resource, format="csv")
         )
         assert run_missing_only(argv, csv, instance) == [ES_JAN, feb]
+        # A CSV copied over another, its note left: the note no longer fits the file.
+        store = BarStore.at(str(tmp_path / "data"), "csv")
+        jan_1min = Path(store.aggregated_path("ES", JAN, minute).path)
+        jan_1min.write_bytes(Path(store.aggregated_path("ES", FEB, minute).path).read_bytes())
+        assert run_missing_only(argv, csv, instance) == [ES_JAN]
 
 
 def test_a_build_removes_what_killed_writes_left_even_of_months_it_skips(small_demo_defs, tmp_path):

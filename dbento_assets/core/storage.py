@@ -512,19 +512,22 @@ class BarStore:
         return self.read_with_identity(path)[0]
 
     def identity_of(self, path: UPath) -> FileIdentity | None:
-        """The identity a bar file carries, read from its Parquet footer or CSV sidecar only
-        (no bars read, nothing verified: for listings such as ``dbento status``); None when
-        the file is missing, of older code, or unreadable."""
+        """The identity a bar file carries, read from its Parquet footer or CSV note only
+        (no bars read: for listings such as ``dbento status``); None when the file is
+        missing, of older code, unreadable, or a CSV of another size than its note says."""
         try:
             if self.fmt == "parquet":
                 with path.open("rb") as f:
                     raw = pq.read_metadata(f).metadata or {}
                 pairs = {k.decode(): v.decode() for k, v in raw.items()}
             else:
-                loaded = json.loads(_sidecar(path).read_text())
+                size = path.stat().st_size
+                # The pending note first: a write may have ended between file and note.
+                notes = (_pending(path), _sidecar(path))
+                loaded = next(n for n in map(_json_or_none, notes) if n and _sized(n, size))
                 pairs = {str(k): str(v) for k, v in loaded.items()}
             return FileIdentity.from_metadata(pairs)
-        except (OSError, ValueError, TypeError, AttributeError, pa.ArrowException):
+        except (OSError, ValueError, TypeError, AttributeError, StopIteration, pa.ArrowException):
             return None
 
     def read_with_identity(self, path: UPath) -> tuple[pd.DataFrame, FileIdentity | None]:
@@ -628,6 +631,19 @@ def _refuse_other_origin(root: UPath, found: str | None, origin: str, source_nam
 
 def _sidecar(path: UPath) -> UPath:
     return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def _json_or_none(path: UPath) -> dict[str, Any] | None:
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def _sized(note: dict[str, Any], size: int) -> bool:
+    """Whether a CSV note was written for a file of ``size`` bytes."""
+    return str(note.get("dbento.size_bytes")) == str(size)
 
 
 def _pending(path: UPath) -> UPath:
