@@ -412,7 +412,9 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
                     output_name=name,
                     metadata={
                         "dataset": instrument.dataset,
-                        **partial_metadata(whole, month.end if whole else _utc(cut)),
+                        **partial_metadata(
+                            whole, month.end if whole else pd.Timestamp(cut, tz="UTC")
+                        ),
                     },
                 )
                 yield from selected_results(context, key, results, SAVED)
@@ -603,10 +605,6 @@ def _partial_end(raw: pd.DataFrame) -> int | None:
     if not isinstance(identity, FileIdentity) or identity.complete:
         return None
     return int(pd.Timestamp(identity.through_text).value)
-
-
-def _utc(ns: int | None) -> pd.Timestamp:
-    return pd.Timestamp(ns, tz="UTC")
 
 
 def _plain(value: object) -> object:

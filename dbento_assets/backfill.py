@@ -280,12 +280,11 @@ def build_range(
     run_tags = dict(tags or {})
     if force:
         run_tags[FORCE_TAG] = "true"
-    done = _built_everywhere(defs, instance, asset_keys, partitions) if missing_only else set()
+    files = _bar_files(defs)
+    done = _built_everywhere(files, instance, asset_keys, partitions) if missing_only else set()
     todo = [name for name in partitions if name not in done]
-    io_manager = dict(defs.resources or {}).get("io_manager")
-    if isinstance(io_manager, BarFileIOManager):
-        for stale in io_manager.store.remove_all_stale_temps():
-            print(f"Removed {stale}, left by a write that was killed.", file=out)
+    for stale in files.store.remove_all_stale_temps() if files is not None else []:
+        print(f"Removed {stale}, left by a write that was killed.", file=out)
     for run in cancel_orphaned_runs(instance):
         print(
             f"Cancelled run {run.run_id} ({run.tags.get('dagster/partition', 'no partition')}), "
@@ -463,9 +462,11 @@ def cancel_orphaned_runs(instance: DagsterInstance) -> list[DagsterRun]:
     local = "sqlite" in type(instance.run_storage).__module__
     cancelled = []
     for run in instance.get_runs(RunsFilter(statuses=_UNFINISHED)):
+        ours = run.tags.get(HOST_TAG) == host and int(run.tags.get(PID_TAG) or 0) > 0
+        if not (ours or local):
+            continue  # its processes cannot be judged from here
         logged = _logging_processes(instance, run.run_id)
-        tagged = int(run.tags.get(PID_TAG) or 0)
-        if run.tags.get(HOST_TAG) == host and tagged and set(logged) <= {tagged}:
+        if ours and set(logged) <= {int(run.tags[PID_TAG])}:
             gone = _process_gone(run.tags)
         else:  # not a build's, or re-executed from one (Dagster copies the parent's tags)
             gone = local and bool(logged) and all(_pid_gone(*seen) for seen in logged.items())
@@ -715,8 +716,14 @@ def _month(option: str, text: str) -> Month:
         raise UsageError(f"{option} {text!r}: {exc}") from None
 
 
+def _bar_files(defs: Definitions) -> BarFileIOManager | None:
+    """The code location's IO manager, when it is this project's (it then names each file)."""
+    io_manager = dict(defs.resources or {}).get("io_manager")
+    return io_manager if isinstance(io_manager, BarFileIOManager) else None
+
+
 def _built_everywhere(
-    defs: Definitions,
+    io_manager: BarFileIOManager | None,
     instance: DagsterInstance,
     asset_keys: Sequence[AssetKey],
     partitions: Sequence[str],
@@ -728,8 +735,7 @@ def _built_everywhere(
     buys only what it lacks)."""
     sets = [set(instance.get_materialized_partitions(key)) for key in asset_keys]
     recorded = set.intersection(set(partitions), *sets) if sets else set()
-    io_manager = dict(defs.resources or {}).get("io_manager")
-    if not isinstance(io_manager, BarFileIOManager):
+    if io_manager is None:
         return recorded
     return {
         name
@@ -741,17 +747,9 @@ def _built_everywhere(
 def _file_of(io_manager: BarFileIOManager, key: AssetKey, partition: Partition) -> bool:
     """Whether the file of ``key``'s ``partition`` is there and says it is, whole (its
     footer or sidecar only: the bars are not read)."""
-    path = io_manager.path_for(key, partition)
-    found = io_manager.store.identity_of(path) if path.exists() else None
-    if found is None or not found.complete:
-        return False
+    found = io_manager.store.identity_of(io_manager.path_for(key, partition))  # None: missing
     expected = io_manager.identity_for(key, partition)
-    return (found.symbol, found.month, found.timeframe, found.origin) == (
-        expected.symbol,
-        expected.month,
-        expected.timeframe,
-        expected.origin,
-    )
+    return found is not None and found.complete and expected.names_the_same_file(found)
 
 
 _WARM_UP_PARTITIONS = StaticPartitionsDefinition(["warm-up"])

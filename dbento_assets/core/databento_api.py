@@ -350,8 +350,11 @@ class DatabentoSource:
         served as this symbol's data: the month's files are moved to the quarantine folder,
         so the next run buys the month as the catalog asks."""
         manifest = self.cache.verify(entry, log)
-        asked = {"dataset": inst.dataset, "request_symbol": inst.request_symbol}
-        asked["stype_in"] = inst.stype_in
+        asked = {
+            "dataset": inst.dataset,
+            "request_symbol": inst.request_symbol,
+            "stype_in": inst.stype_in,
+        }
         bought = {key: manifest.get(key) for key in asked}
         if all(bought[key] in (None, asked[key]) for key in asked):  # None: an early manifest
             return manifest

@@ -47,6 +47,7 @@ from dbento_assets.core.timeframes import Timeframe
 FORMATS = ("parquet", "csv")
 ORIGIN_MARKER = ".dbento_origin"
 SIDECAR_SUFFIX = ".json"  # the identity note of a CSV file: ES_2024_01.csv.json
+PENDING_SUFFIX = SIDECAR_SUFFIX + ".pending"  # its next note, stored before the file
 IDENTITY_PREFIX = "dbento."  # Parquet key-value metadata keys: dbento.symbol, ...
 RAW_TIMEFRAME = "1s"
 ORIGINS = ("synthetic", "databento")
@@ -193,6 +194,17 @@ class FileIdentity:
             through="" if complete else found.get("through", ""),
             covered=windows_from_json(json.loads(found["covered"])) if "covered" in found else (),
             raw_rules=found.get("raw_rules", ""),
+        )
+
+    def names_the_same_file(self, other: FileIdentity) -> bool:
+        """Whether ``other`` names the same file: symbol, month, origin and timeframe (and
+        dataset when both name one)."""
+        return (
+            other.symbol == self.symbol
+            and other.month == self.month
+            and other.origin == self.origin
+            and other.timeframe == self.timeframe
+            and (not other.dataset or not self.dataset or other.dataset == self.dataset)
         )
 
     def describe(self) -> str:
@@ -420,7 +432,7 @@ class BarStore:
             return removed  # object storage has no temporary files
         for path in paths:
             target = os.fspath(path.path)
-            for name in (target, target + SIDECAR_SUFFIX, target + SIDECAR_SUFFIX + ".pending"):
+            for name in (target, target + SIDECAR_SUFFIX, target + PENDING_SUFFIX):
                 removed += remove_stale_temps_of(name)
         return removed
 
@@ -521,14 +533,22 @@ class BarStore:
                     raw = pq.read_metadata(f).metadata or {}
                 pairs = {k.decode(): v.decode() for k, v in raw.items()}
             else:
-                size = path.stat().st_size
-                # The pending note first: a write may have ended between file and note.
-                notes = (_pending(path), _sidecar(path))
-                loaded = next(n for n in map(_json_or_none, notes) if n and _sized(n, size))
-                pairs = {str(k): str(v) for k, v in loaded.items()}
+                pairs = self._sized_note_pairs(path)
             return FileIdentity.from_metadata(pairs)
-        except (OSError, ValueError, TypeError, AttributeError, StopIteration, pa.ArrowException):
+        except (OSError, ValueError, TypeError, AttributeError, pa.ArrowException, UnfitFile):
             return None
+
+    @staticmethod
+    def _sized_note_pairs(path: UPath) -> dict[str, str]:
+        """The identity in the note written for a CSV of this file's size, the pending note
+        first (a write may have ended between file and note); raises OSError without one."""
+        size = path.stat().st_size
+        for note in (_pending(path), _sidecar(path)):
+            with contextlib.suppress(OSError, UnfitFile):
+                pairs, written_size, _ = _parsed_note(note)
+                if written_size == size:
+                    return pairs
+        raise FileNotFoundError(f"no note written for {path} as it is")
 
     def read_with_identity(self, path: UPath) -> tuple[pd.DataFrame, FileIdentity | None]:
         """A bar file and the identity it carries (None for a file of older code).
@@ -633,35 +653,27 @@ def _sidecar(path: UPath) -> UPath:
     return path.with_name(path.name + SIDECAR_SUFFIX)
 
 
-def _json_or_none(path: UPath) -> dict[str, Any] | None:
-    try:
-        loaded = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return loaded if isinstance(loaded, dict) else None
-
-
-def _sized(note: dict[str, Any], size: int) -> bool:
-    """Whether a CSV note was written for a file of ``size`` bytes."""
-    return str(note.get("dbento.size_bytes")) == str(size)
-
-
 def _pending(path: UPath) -> UPath:
     """The note of a CSV being written, stored before the CSV itself."""
-    return path.with_name(path.name + SIDECAR_SUFFIX + ".pending")
+    return path.with_name(path.name + PENDING_SUFFIX)
 
 
 def _note_of(note_path: UPath, read: _Hashing) -> dict[str, str] | None:
     """The identity in a CSV's note, None when the note was written for other bytes than
     those ``read`` saw."""
+    pairs, size, digest = _parsed_note(note_path)
+    return pairs if read.size == size and read.hexdigest() == digest else None
+
+
+def _parsed_note(note_path: UPath) -> tuple[dict[str, str], int, str]:
+    """A CSV note: its identity pairs, and the size and SHA-256 of the file it was written
+    for. Raises :class:`UnfitFile` when it cannot be read as one (OSError when missing)."""
     try:
         note = json.loads(note_path.read_text())
         size, digest = int(note.pop("dbento.size_bytes")), str(note.pop("dbento.sha256"))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UnfitFile(f"{note_path} is not a readable identity note ({exc})") from exc
-    if read.size != size or read.hexdigest() != digest:
-        return None
-    return {str(k): str(v) for k, v in note.items()}
+    return {str(k): str(v) for k, v in note.items()}, size, digest
 
 
 class _Hashing:
@@ -728,16 +740,8 @@ def identity_problem(
     the expected one, and bars in the month (its origin is that of the root it lies in).
     Bars outside the month in a file of this month are for the raw rules to report.
     """
-    if found is not None:
-        same = (
-            found.symbol == expected.symbol
-            and found.month == expected.month
-            and found.origin == expected.origin
-            and found.timeframe == expected.timeframe
-            and (not found.dataset or not expected.dataset or found.dataset == expected.dataset)
-        )
-        if not same:
-            return found.describe()
+    if found is not None and not expected.names_the_same_file(found):
+        return found.describe()
     if frame.empty:
         return None
     symbols = pd.unique(frame["symbol"])
