@@ -369,12 +369,20 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
             # stored with part of its trades, so each timeframe ends on its own boundary.
             cut = None if through_ns is None else through_ns - through_ns % tf.nanos
             finer = None
+            outcome = CHECKED_ON_DISK
             if name in built:
                 bars = bars_before(aggregated.pop(tf), cut)
                 finer = proven.get(plan[tf]) if plan[tf] is not None else None
                 finer = None if finer is None else bars_before(finer, cut)
             else:  # only checks selected: check the file this asset has on disk
-                bars = _bars_on_disk(context, key, partition, instrument)
+                bars, stored = _bars_on_disk(context, key, partition, instrument)
+                # A file stored before raw was topped up is right for what it covers: it
+                # is checked on that, and said to be behind, not failed for the days since.
+                covers = _end_of(stored)
+                if covers is not None and (cut is None or covers < cut):
+                    outcome = _behind(name, partition, covers, cut)
+                    context.log.warning(outcome)
+                    cut = covers
             results = run_aggregated_rules(bars, bars_before(raw, cut), month, tf, built_from=finer)
             if name in built and tf in plan.values() and _reconciled(results):
                 proven[tf] = bars
@@ -402,7 +410,7 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
                     results.append(compared)
             failed = [r for r in results if r.blocking]
             if name not in built:
-                yield from selected_results(context, key, results, CHECKED_ON_DISK)
+                yield from selected_results(context, key, results, outcome)
             elif failed:
                 yield from selected_results(context, key, results, REFUSED)
             else:
@@ -441,11 +449,24 @@ def _reconciled(results: list[RuleResult]) -> bool:
     return any(r.rule == RULE_RECONCILED and r.passed for r in results)
 
 
+def _behind(name: str, partition: Partition, covers: int, raw_covers: int | None) -> str:
+    """The outcome of checks run on a bars file that covers less than raw does now."""
+    raw_end = "the whole month" if raw_covers is None else f"up to {_utc(raw_covers)}"
+    return (
+        f"{CHECKED_ON_DISK} on what it covers, up to {_utc(covers)}; raw_1s_bars now covers "
+        f"{raw_end}: materialize {name} for {partition} to bring it up to date"
+    )
+
+
+def _utc(ns: int) -> str:
+    return pd.Timestamp(ns, tz="UTC").isoformat()
+
+
 def _bars_on_disk(
     context: AssetExecutionContext, key: AssetKey, partition: Partition, instrument: Instrument
-) -> pd.DataFrame:
-    """The file of ``key`` for ``partition``, refused in one sentence when it is not that
-    asset's (another symbol, month, origin or timeframe)."""
+) -> tuple[pd.DataFrame, FileIdentity | None]:
+    """The file of ``key`` for ``partition`` and its identity, refused in one sentence when
+    it is not that asset's (another symbol, month, origin or timeframe)."""
     io_manager = context.resources.io_manager
     path = io_manager.path_for(key, partition)
     try:
@@ -467,7 +488,7 @@ def _bars_on_disk(
             ),
             allow_retries=False,
         )
-    return bars
+    return bars, found
 
 
 def _refuse_unfit_raw(
@@ -602,7 +623,13 @@ def _vendor_failure_in_run(store: BarStore, partition: Partition, run_id: str) -
 def _partial_end(raw: pd.DataFrame) -> int | None:
     """Where a raw month stored partial ends (UTC nanoseconds, exclusive); None when whole."""
     identity = raw.attrs.get(IDENTITY_ATTR)
-    if not isinstance(identity, FileIdentity) or identity.complete:
+    return _end_of(identity if isinstance(identity, FileIdentity) else None)
+
+
+def _end_of(identity: FileIdentity | None) -> int | None:
+    """Where the month of a file stored partial ends (UTC nanoseconds, exclusive); None when
+    it is whole or says nothing."""
+    if identity is None or identity.complete:
         return None
     return int(pd.Timestamp(identity.through_text).value)
 
