@@ -3,12 +3,14 @@
 ``raw_1s_bars`` buys or reads the month through the source in force (in the ``databento``
 pool) and keeps it only when whole and passing its blocking rules; one step builds every
 ``bars_<tf>`` from one read of the raw month and validates each frame before it is written.
-Force a re-download with the run tag ``dbento/force=true`` or the run config ``force: true``.
+Force a re-download with the run tag ``dbento/force=true`` or the run config ``force: true``;
+``dbento/force=vendor-1m`` renews only Databento's 1-minute bars of the vendor cross-check.
 The steps hand each other data through the data root (the raw file's identity, notes beside
 it), never through the event log.
 """
 
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pandas as pd
@@ -87,6 +89,9 @@ from dbento_assets.partitions import Partition, build_partitions
 from dbento_assets.resources import DatabentoResource, refuse_changed_settings
 
 FORCE_TAG = "dbento/force"
+FORCE_VENDOR_1M = "vendor-1m"  # the tag's value that renews only the vendor's 1m bars
+_FORCE_ALL = ("true", "1", "yes")
+_FORCE_NONE = ("", "false", "0", "no")
 VENDOR_ERROR_KEY = "vendor_1m_error"  # raw_1s_bars metadata: the 1m download failed
 DOWNLOAD_POOL = "databento"
 RAW_GROUP = "raw"
@@ -100,10 +105,30 @@ class RawBarsConfig(Config):
     """Download again even if the month is in the DBN cache (costs money)."""
 
 
-def force_requested(context: AssetExecutionContext, config: RawBarsConfig) -> bool:
-    """Force from run config or from the ``dbento/force`` run tag (as the UI sets it)."""
+@dataclass(frozen=True)
+class Forced:
+    """What a run buys again: the month's 1-second data, Databento's 1-minute bars."""
+
+    bars_1s: bool
+    vendor_1m: bool
+
+
+def force_requested(context: AssetExecutionContext, config: RawBarsConfig) -> Forced:
+    """Force from run config or from the ``dbento/force`` run tag (as the UI sets it); a tag
+    value it does not know fails the run before anything is bought (a typo must not pass
+    for a force, nor a force for a typo)."""
     tag = context.run.tags.get(FORCE_TAG, "").strip().lower()
-    return config.force or tag in ("true", "1", "yes")
+    if tag not in (*_FORCE_ALL, *_FORCE_NONE, FORCE_VENDOR_1M):
+        raise Failure(
+            description=f"The run tag {FORCE_TAG}={tag!r} is not understood, so nothing was "
+            f"downloaded. Use {FORCE_TAG}=true to buy the month again (its 1-second data, "
+            "and Databento's 1-minute bars when DBENTO_VENDOR_CHECK is on), or "
+            f"{FORCE_TAG}={FORCE_VENDOR_1M} to buy only the 1-minute bars again; without "
+            "the tag, months already downloaded are not bought again.",
+            allow_retries=False,
+        )
+    whole = config.force or tag in _FORCE_ALL
+    return Forced(bars_1s=whole, vendor_1m=whole or tag == FORCE_VENDOR_1M)
 
 
 def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> AssetsDefinition:
@@ -131,7 +156,15 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
         # Every setting is checked (the data root's origin included) before anything is paid.
         source = check_settings(context, databento, catalog, partition)
         store = bar_store(context, databento)
-        request = FetchRequest(instrument, month, force=force_requested(context, config))
+        forced = force_requested(context, config)
+        if forced.vendor_1m and not forced.bars_1s and not source.vendor_requested:
+            raise Failure(
+                description=f"The run tag {FORCE_TAG}={FORCE_VENDOR_1M} asks to buy "
+                "Databento's 1-minute bars again, but the vendor cross-check is off, so "
+                "nothing was downloaded: set DBENTO_VENDOR_CHECK=true to use it.",
+                allow_retries=False,
+            )
+        request = FetchRequest(instrument, month, force=forced.bars_1s)
 
         def accept(fetched: FetchedMonth) -> tuple[DecodedMonth, list[RuleResult], list[Window]]:
             # Runs on a download before it enters the DBN cache (or on a cached file before
@@ -176,7 +209,8 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
             raise refusal(str(exc), failed) from None
         bars = decoded.bars
         rolls = sorted({int(i) for i in bars["instrument_id"].unique()}) if len(bars) else []
-        vendor = _prefetch_vendor_1m(source, request, context.log.info)
+        vendor_request = replace(request, force=forced.vendor_1m)
+        vendor = _prefetch_vendor_1m(source, vendor_request, context.log.info)
         if VENDOR_ERROR_KEY in vendor:
             # For the bars step of this run, which then does not pay for a second round of
             # retries (a later run's bars step tries again).
@@ -193,6 +227,7 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
                 "records_decoded": decoded.records_read,
                 "instrument_ids": ", ".join(map(str, rolls)) or "none",
                 "forced": request.force,
+                "vendor_1m_forced": vendor_request.force and source.vendor_requested,
                 **partial_metadata(fetched.complete, _through(fetched) or month.end),
                 COVERAGE_KEY: windows_json(covered),
                 # Its blocking rules passed on exactly these bars (accept refuses otherwise):
@@ -645,7 +680,7 @@ def _prefetch_vendor_1m(source: MonthSource, request: FetchRequest, log: Logger)
     """Buy Databento's ohlcv-1m of the partition in the download step, when it is wanted.
 
     ``raw_1s_bars`` runs in the ``databento`` pool, so the paid 1-minute request shares the
-    pool's limit with the 1-second one, and a forced download (``request.force``) renews both;
+    pool's limit with the 1-second one, and ``request.force`` renews the 1-minute bars;
     ``bars_1min``'s check then finds the file in the cache. A failure never fails the data:
     it is returned as ``vendor_1m_error`` (the check of this run then says why it compared
     nothing). Returns the metadata to add to the raw materialization (empty when not asked).

@@ -52,7 +52,7 @@ from dagster import (
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-from dbento_assets.assets import DOWNLOAD_POOL, FORCE_TAG
+from dbento_assets.assets import DOWNLOAD_POOL, FORCE_TAG, FORCE_VENDOR_1M
 from dbento_assets.core.months import Month, month_range
 from dbento_assets.core.settings import read
 from dbento_assets.core.source import origin_of
@@ -250,6 +250,7 @@ def build_range(
     *,
     select: str | None = None,
     force: bool = False,
+    force_tag: str = "true",
     missing_only: bool = False,
     tags: dict[str, str] | None = None,
     log_level: str = "CRITICAL",
@@ -265,21 +266,23 @@ def build_range(
     Every run is recorded in ``instance`` in full; ``log_level`` only sets what Dagster's
     console logger prints while it runs. A progress bar goes to ``progress`` when that is a
     terminal. ``stop`` is asked before each partition; when it says so, no further run is
-    started. With ``workers`` above one and ``load_defs`` (a module-level function giving
-    ``defs``, for new processes to load), the partitions are shared among that many
-    processes. Raises :class:`UsageError` for options that contradict each other or select
-    nothing, and :class:`RangeFailed` (with the same text) when a partition failed or the
-    build was stopped.
+    started. ``force`` tags each run ``dbento/force=<force_tag>``. With ``workers`` above
+    one and ``load_defs`` (a module-level function giving ``defs``, for new processes to
+    load), the partitions are shared among that many processes. Raises
+    :class:`UsageError` for options that contradict each other or select nothing, and
+    :class:`RangeFailed` (with the same text) when a partition failed or the build was
+    stopped.
     """
     if force and missing_only:
-        raise UsageError("--force and --missing-only contradict each other; choose one")
+        option = "--force-vendor-1m" if force_tag == FORCE_VENDOR_1M else "--force"
+        raise UsageError(f"{option} and --missing-only contradict each other; choose one")
     asset_keys = selected_assets(defs, select)
     data_dir = preflight(defs)
     out = out or sys.stdout
     progress = progress or sys.stderr
     run_tags = dict(tags or {})
     if force:
-        run_tags[FORCE_TAG] = "true"
+        run_tags[FORCE_TAG] = force_tag
     files = _bar_files(defs)
     done = _built_everywhere(files, instance, asset_keys, partitions) if missing_only else set()
     todo = [name for name in partitions if name not in done]

@@ -121,6 +121,12 @@ def dbento() -> None:
     help="download again even months already in the download cache (costs money)",
 )
 @click.option(
+    "--force-vendor-1m",
+    is_flag=True,
+    help="download again only Databento's 1-minute bars of the vendor cross-check (costs "
+    "money; needs DBENTO_VENDOR_CHECK=true)",
+)
+@click.option(
     "--missing-only",
     is_flag=True,
     help="skip partitions where every asset is already built (recorded in the history, with "
@@ -136,6 +142,7 @@ def build(
     partitions: tuple[str, ...],
     select: str | None,
     force: bool,
+    force_vendor_1m: bool,
     missing_only: bool,
     verbose: bool,
 ) -> int:
@@ -146,9 +153,14 @@ def build(
 
     Exit status: 0 all built, 1 some partition failed, 2 a set-up or option error.
     """
-    from dbento_assets import backfill
+    from dbento_assets import assets, backfill
 
     def action() -> int:
+        if force and force_vendor_1m:
+            raise backfill.UsageError(
+                "--force already downloads the 1-minute bars again with the month; give "
+                "--force or --force-vendor-1m"
+            )
         if bool(start) == bool(partitions):
             raise backfill.UsageError(
                 "give either --start YYYY-MM (with --end and --symbol) or --partition "
@@ -173,7 +185,8 @@ def build(
                     instance,
                     keys,
                     select=select,
-                    force=force,
+                    force=force or force_vendor_1m,
+                    force_tag=assets.FORCE_VENDOR_1M if force_vendor_1m else "true",
                     missing_only=missing_only,
                     tags={backfill.RANGE_TAG: label},
                     log_level="DEBUG" if verbose else "CRITICAL",

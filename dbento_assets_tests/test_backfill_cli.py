@@ -591,6 +591,39 @@ def test_failed_month_resumes_with_missing_only_and_force_downloads_again(gatewa
         assert_attributed(instance, forced, assets)
 
 
+def test_force_vendor_1m_buys_only_the_1_minute_bars_again(gateway, tmp_path):
+    resource = DatabentoResource(
+        source="databento",
+        api_key=TEST_KEY,
+        gateway=gateway.url,
+        data_dir=str(tmp_path / "data"),
+        vendor_check=True,
+    )
+    defs = build_definitions(databento=resource)
+
+    def schemas() -> Counter[str]:
+        return Counter(c.fields.get("schema") for c in gateway.calls(GET_RANGE))
+
+    with instance_for_test() as instance:
+        for argv, words in (
+            (["--force", "--force-vendor-1m"], "give --force or --force-vendor-1m"),
+            (["--force-vendor-1m", "--missing-only"], "--force-vendor-1m and --missing-only"),
+        ):
+            err = io.StringIO()
+            status = run(["--partition", ES_JAN, *argv], io.StringIO(), err, defs=defs)
+            assert status == 2 and words in err.getvalue(), err.getvalue()
+        assert run(["--partition", ES_JAN], io.StringIO(), defs=defs, instance=instance) == 0
+        assert schemas() == Counter({"ohlcv-1s": 1, "ohlcv-1m": 1})
+
+        out = io.StringIO()
+        argv = ["--partition", ES_JAN, "--force-vendor-1m"]
+        assert run(argv, out, defs=defs, instance=instance) == 0, out.getvalue()
+        assert schemas() == Counter({"ohlcv-1s": 1, "ohlcv-1m": 2})
+        (forced,) = [r for r in all_runs(instance) if r.tags.get(FORCE_TAG) == "vendor-1m"]
+        (raw,) = [m for m in materializations(instance, [forced.run_id]) if m.asset == RAW_ASSET]
+        assert raw.metadata["forced"] is False and raw.metadata["vendor_1m_forced"] is True
+
+
 def test_a_build_that_writes_nothing_leaves_the_data_folder_free(gateway, gateway_defs, tmp_path):
     # A real-data build whose download fails marks nothing: the folder can still take demo
     # data (the mark comes with the first bar file).

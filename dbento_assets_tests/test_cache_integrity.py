@@ -47,6 +47,7 @@ from dbento_assets_tests.test_databento_dagster import (  # noqa: F401 (fixtures
     BARS_1MIN,
     FAILED,
     JAN,
+    PASSED,
     RAW,
     cache_file,
     catalog_from,
@@ -262,11 +263,47 @@ def test_a_refused_vendor_1m_download_is_remembered_and_the_check_is_a_warning(
     record, found = vendor_check(instance, again)
     assert record.status == FAILED and found["severity"] == "WARN"
     assert "was refused" in found["skipped_because"]
-    # A force renews the partition's downloads: the hint says it buys the 1s month too.
+    # dbento/force=true renews the partition's downloads: the hint says it buys the 1s month
+    # too, and names the force that buys only the 1-minute bars.
     assert (
-        "buys it again (a paid request), with the month's 1-second data"
-        in (found["skipped_because"])
+        "buys it again (a paid request), with the month's 1-second data; "
+        "dbento/force=vendor-1m buys only these 1-minute bars again" in found["skipped_because"]
     )
+
+    # That force, once Databento serves good 1m data: one request, the 1m month alone.
+    serve_good_data(gateway)
+    cached_1s = sha(next((env / "dbn" / "ES").glob("ES_*.ohlcv-1s.dbn.zst")))
+    forced = run(
+        instance,
+        resource=databento_resource_from_env(),
+        assets=[RAW, BARS_1MIN],
+        tags={FORCE_TAG: " Vendor-1m "},
+    )
+
+    assert forced.success, failure_text(forced)
+    assert gateway.schemas(GET_RANGE) == ["ohlcv-1s", "ohlcv-1m", "ohlcv-1m"]
+    meta = raw_metadata(forced)
+    assert meta["forced"] is False and meta["vendor_1m_forced"] is True
+    assert meta["source_dbn_cache"] == "hit" and meta["vendor_1m_dbn_cache"] == "forced"
+    assert sha(next((env / "dbn" / "ES").glob("ES_*.ohlcv-1s.dbn.zst"))) == cached_1s
+    record, found = vendor_check(instance, forced)
+    assert record.status == PASSED and found["violations"] == 0
+
+
+def test_a_force_tag_it_does_not_know_fails_before_any_request(gateway, env, instance, monkeypatch):
+    # A typo must not pass for "no force" (the user believes the month was bought again),
+    # nor for a force (paid). The vendor-only force without the cross-check buys nothing.
+    for tag, words in (
+        ("on", "dbento/force='on' is not understood"),
+        ("vendor-1m", "but the vendor cross-check is off"),
+    ):
+        result = run(instance, resource=databento_resource_from_env(), tags={FORCE_TAG: tag})
+        assert not result.success
+        assert words in failure_text(result) and "nothing was downloaded" in failure_text(result)
+    assert gateway.count() == 0
+    for tag in ("", "TRUE", "no"):  # the values it knows, any case
+        assert run(instance, resource=databento_resource_from_env(), tags={FORCE_TAG: tag}).success
+    assert gateway.schemas(GET_RANGE) == ["ohlcv-1s", "ohlcv-1s"]  # bought, forced, cache hit
 
 
 # --------------------------------------------------------------------------- one download at a time

@@ -384,8 +384,12 @@ class DbnCache:
         if note is None:
             return None
         rules = ", ".join(note.get("rules") or []) or "its checks"
-        # A force renews the partition's downloads, not one schema's: say what it costs.
-        also = "" if entry.schema == OHLCV_1S else ", with the month's 1-second data"
+        also = (
+            ""
+            if entry.schema == OHLCV_1S
+            else ", with the month's 1-second data; dbento/force=vendor-1m buys only these "
+            "1-minute bars again"
+        )
         return (
             f"The download of {note.get('entry') or entry} was refused on "
             f"{note.get('refused_at', '?')} by {rules}, and is quarantined at "
