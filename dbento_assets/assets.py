@@ -90,6 +90,9 @@ from dbento_assets.resources import DatabentoResource, refuse_changed_settings
 
 FORCE_TAG = "dbento/force"
 FORCE_VENDOR_1M = "vendor-1m"  # the tag's value that renews only the vendor's 1m bars
+# On a run that must store its month whole (the monthly schedule's): a month a source holds
+# only part of fails instead of being stored partial.
+WHOLE_MONTH_TAG = "dbento/whole-month"
 _FORCE_ALL = ("true", "1", "yes")
 _FORCE_NONE = ("", "false", "0", "no")
 VENDOR_ERROR_KEY = "vendor_1m_error"  # raw_1s_bars metadata: the 1m download failed
@@ -164,7 +167,8 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
                 "nothing was downloaded: set DBENTO_VENDOR_CHECK=true to use it.",
                 allow_retries=False,
             )
-        request = FetchRequest(instrument, month, force=forced.bars_1s)
+        whole = context.run.tags.get(WHOLE_MONTH_TAG, "").strip().lower() == "true"
+        request = FetchRequest(instrument, month, force=forced.bars_1s, whole=whole)
 
         def accept(fetched: FetchedMonth) -> tuple[DecodedMonth, list[RuleResult], list[Window]]:
             # Runs on a download before it enters the DBN cache (or on a cached file before
@@ -207,6 +211,14 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
                 },
             )
             raise refusal(str(exc), failed) from None
+        if whole and not fetched.complete:  # a source without a price: checked once read
+            raise Failure(
+                description=f"{partition}: the source holds {month} only up to "
+                f"{_through(fetched)}, and this run asks for the whole month (as the monthly "
+                "schedule does), so nothing was written. Re-execute it once the source holds "
+                "the whole month.",
+                allow_retries=False,
+            )
         bars = decoded.bars
         rolls = sorted({int(i) for i in bars["instrument_id"].unique()}) if len(bars) else []
         vendor_request = replace(request, force=forced.vendor_1m)

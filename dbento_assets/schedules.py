@@ -24,7 +24,7 @@ from dagster import (
     schedule,
 )
 
-from dbento_assets.assets import build_assets
+from dbento_assets.assets import WHOLE_MONTH_TAG, build_assets
 from dbento_assets.core.catalog import Catalog
 from dbento_assets.core.months import Month
 from dbento_assets.partitions import partition_key
@@ -70,16 +70,22 @@ def last_available_month(at: datetime) -> Month:
 
 
 def monthly_run_requests(catalog: Catalog, at: datetime) -> list[RunRequest] | SkipReason:
-    """One run request per catalog symbol for :func:`last_available_month` of ``at``."""
+    """One run request per catalog symbol for :func:`last_available_month` of ``at``, each
+    asking for the month whole: a month Databento is late with fails (nothing bought) rather
+    than being stored partial by a green run no schedule would come back to."""
     month = last_available_month(at)
-    return _run_requests(catalog, month, SCHEDULE_NAME, month.key)
+    return _run_requests(catalog, month, SCHEDULE_NAME, month.key, {WHOLE_MONTH_TAG: "true"})
 
 
 def _run_requests(
-    catalog: Catalog, month: Month, schedule_name: str, key: str
+    catalog: Catalog,
+    month: Month,
+    schedule_name: str,
+    key: str,
+    tags: dict[str, str] | None = None,
 ) -> list[RunRequest] | SkipReason:
     """One run per catalog symbol for ``month``, keyed ``<key>|<SYMBOL>`` (a tick evaluated
-    twice asks once)."""
+    twice asks once), with ``tags``."""
     if month < catalog.start_month:
         return SkipReason(
             f"{month} is before the catalog's start_month {catalog.start_month}; nothing to do"
@@ -88,7 +94,12 @@ def _run_requests(
         RunRequest(
             run_key=f"{key}|{symbol}",
             partition_key=partition_key(month, symbol),
-            tags={SCHEDULE_TAG: schedule_name, MONTH_TAG: str(month), SYMBOL_TAG: symbol},
+            tags={
+                SCHEDULE_TAG: schedule_name,
+                MONTH_TAG: str(month),
+                SYMBOL_TAG: symbol,
+                **(tags or {}),
+            },
         )
         for symbol in catalog.symbols
     ]

@@ -245,6 +245,60 @@ def test_a_month_life_on_the_gateway_pays_each_second_once(gateway, api_env, ins
     assert len(grown) == len(all_assets())
 
 
+def closing_tags(month: Month = MARCH, symbol: str = "ES") -> dict[str, str]:
+    """The tags of the monthly schedule's run of ``month`` (its tick on the 2nd after it)."""
+    defs = build_definitions(databento=DatabentoResource(source="demo", data_dir="./data"))
+    tick = pd.Timestamp(month.end) + pd.Timedelta(days=1, hours=6)
+    result = defs.resolve_schedule_def(SCHEDULE_NAME).evaluate_tick(
+        build_schedule_context(
+            scheduled_execution_time=tick.to_pydatetime(), repository_def=defs.get_repository_def()
+        )
+    )
+    (request,) = [r for r in result.run_requests if str(r.partition_key).endswith(f"|{symbol}")]
+    assert str(request.partition_key) == partition_key(month, symbol)
+    return dict(request.tags)
+
+
+def test_the_monthly_close_of_a_month_databento_is_late_with_buys_nothing_and_fails(
+    gateway, api_env, instance
+):
+    # March has closed but Databento has published it only to the 31st, 22:17 (late). The
+    # monthly schedule's run fails without buying (a green partial month would never be
+    # visited again); what the daily top-ups stored stays; the run once Databento has the
+    # whole month buys only the rest.
+    data = api_env("late")
+    gateway.set_range(DATASET, DATASET_START, "2024-03-18")
+    assert build(instance).success  # a daily top-up: stored partial
+    before = bar_files(data)
+    gateway.set_range(DATASET, DATASET_START, "2024-03-31T22:17:33")
+
+    closing = build(instance, tags=closing_tags())
+
+    assert not closing.success
+    text = failure_text(closing)
+    assert "not fully available yet" in text and "Nothing was downloaded or written" in text
+    assert "re-execute it once Databento has published the rest" in text
+    assert len(windows(gateway)) == 1  # nothing bought
+    assert bar_files(data) == before
+
+    gateway.set_range(DATASET, DATASET_START, "2024-04-02")
+    again = build(instance, tags=closing_tags())
+    assert again.success, failure_text(again)
+    assert raw_metadata(again)["complete"] is True
+    asked = windows(gateway)
+    assert len(asked) == 2 and follow_one_another(asked)  # the rest, once
+
+
+def test_the_monthly_close_of_a_demo_month_not_over_writes_nothing(
+    clean, tmp_path, monkeypatch, instance
+):
+    data = tmp_path / "closing"
+    result = build(instance, resource=demo(data, now="2024-03-17"), tags=closing_tags())
+    assert not result.success
+    assert "holds 2024-03 only up to 2024-03-17" in failure_text(result)
+    assert not list(data.rglob("*.parquet"))
+
+
 def test_a_month_available_to_mid_minute_stores_no_bar_still_open(
     gateway, api_env, instance, monkeypatch
 ):
@@ -622,6 +676,7 @@ def test_the_daily_topup_extends_the_month_of_the_newest_served_day(at, month):
     day = at.strftime("%Y-%m-%d")
     assert [r.run_key for r in result.run_requests] == [f"topup|{day}|{s}" for s in symbols]
     assert all("dbento/force" not in r.tags for r in result.run_requests)
+    assert all("dbento/whole-month" not in r.tags for r in result.run_requests)  # grows it
 
 
 def test_the_partitions_include_the_current_month():

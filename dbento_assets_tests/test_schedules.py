@@ -19,7 +19,7 @@ from dagster import (
 )
 from dagster._core.scheduler.instigation import InstigatorStatus
 
-from dbento_assets.assets import build_assets
+from dbento_assets.assets import WHOLE_MONTH_TAG, build_assets
 from dbento_assets.core.catalog import DEFAULT_CATALOG, load_catalog
 from dbento_assets.core.months import Month
 from dbento_assets.core.storage import BarStore
@@ -85,6 +85,7 @@ def test_a_tick_asks_for_the_month_that_just_closed_once_per_symbol(at, month):
         assert request.tags[MONTH_TAG] == month[:7]
         assert request.tags[SYMBOL_TAG] == symbol
         assert "dbento/force" not in request.tags  # a schedule never pays twice for a month
+        assert request.tags[WHOLE_MONTH_TAG] == "true"  # never stored partial by the close
         assert request.job_name in (None, JOB_NAME)
 
 

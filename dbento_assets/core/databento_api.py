@@ -472,6 +472,14 @@ class DatabentoSource:
             inst.dataset, inst, month, schema, use_cache=False, log=log
         )
         window = self._window(inst, month, availability)
+        if request.whole and window.end < month.end:
+            raise SourceError(
+                _not_fully_available(
+                    f"{inst.symbol} {month} ({inst.dataset} {schema})", window.end, month
+                )
+                + " This run asks for the whole month (as the monthly schedule does): "
+                "re-execute it once Databento has published the rest."
+            )
         if window.partial_reason:
             log(window.partial_reason)
         if held:
@@ -763,10 +771,8 @@ class DatabentoSource:
             )
         if month.end > avail.end:
             raise SourceError(
-                f"{what}: the month is not fully available yet: Databento has data up to "
-                f"{avail.end.isoformat()} (exclusive) and the month ends "
-                f"{month.end.isoformat()}. Nothing was downloaded or written; materialize it "
-                "once the month is complete."
+                _not_fully_available(what, avail.end, month)
+                + " Materialize it once the month is complete."
             )
         if avail.start > month.start:
             return MonthWindow(
@@ -963,3 +969,11 @@ def _retry_after(headers: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def _not_fully_available(what: str, end: pd.Timestamp, month: Month) -> str:
+    return (
+        f"{what}: the month is not fully available yet: Databento has data up to "
+        f"{end.isoformat()} (exclusive) and the month ends {month.end.isoformat()}. Nothing "
+        "was downloaded or written."
+    )

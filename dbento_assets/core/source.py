@@ -59,6 +59,9 @@ class FetchRequest:
     instrument: Instrument
     month: Month
     force: bool = False
+    # Store the month only whole: a source holding part of it (Databento late with a month
+    # that has closed) refuses it, buying nothing, instead of storing it partial.
+    whole: bool = False
 
 
 @dataclass
