@@ -136,6 +136,8 @@ def force_requested(context: AssetExecutionContext, config: RawBarsConfig) -> Fo
 
 def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> AssetsDefinition:
     """The ``raw_1s_bars`` asset for a catalog, with its checks."""
+    # Databento's 1-minute bars are bought only for a cross-check that will compare them.
+    compared = any(tf.seconds == 60 for tf in catalog.timeframes)
 
     @asset(
         name=RAW_ASSET,
@@ -160,11 +162,15 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
         source = check_settings(context, databento, catalog, partition)
         store = bar_store(context, databento)
         forced = force_requested(context, config)
-        if forced.vendor_1m and not forced.bars_1s and not source.vendor_requested:
+        if forced.vendor_1m and not forced.bars_1s and not (source.vendor_requested and compared):
+            why = (
+                "the vendor cross-check is off (DBENTO_VENDOR_CHECK=true turns it on)"
+                if compared
+                else "the catalog has no 1min timeframe for the cross-check to compare"
+            )
             raise Failure(
                 description=f"The run tag {FORCE_TAG}={FORCE_VENDOR_1M} asks to buy "
-                "Databento's 1-minute bars again, but the vendor cross-check is off, so "
-                "nothing was downloaded: set DBENTO_VENDOR_CHECK=true to use it.",
+                f"Databento's 1-minute bars again, but {why}, so nothing was downloaded.",
                 allow_retries=False,
             )
         whole = context.run.tags.get(WHOLE_MONTH_TAG, "").strip().lower() == "true"
@@ -222,7 +228,7 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
         bars = decoded.bars
         rolls = sorted({int(i) for i in bars["instrument_id"].unique()}) if len(bars) else []
         vendor_request = replace(request, force=forced.vendor_1m)
-        vendor = _prefetch_vendor_1m(source, vendor_request, context.log.info)
+        vendor = _prefetch_vendor_1m(source, vendor_request, context.log.info, compared)
         if VENDOR_ERROR_KEY in vendor:
             # For the bars step of this run, which then does not pay for a second round of
             # retries (a later run's bars step tries again).
@@ -239,7 +245,7 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
                 "records_decoded": decoded.records_read,
                 "instrument_ids": ", ".join(map(str, rolls)) or "none",
                 "forced": request.force,
-                "vendor_1m_forced": vendor_request.force and source.vendor_requested,
+                "vendor_1m_forced": vendor_request.force and source.vendor_requested and compared,
                 **partial_metadata(fetched.complete, _through(fetched) or month.end),
                 COVERAGE_KEY: windows_json(covered),
                 # Its blocking rules passed on exactly these bars (accept refuses otherwise):
@@ -688,16 +694,26 @@ def _plain(value: object) -> object:
     return str(value)
 
 
-def _prefetch_vendor_1m(source: MonthSource, request: FetchRequest, log: Logger) -> dict[str, Any]:
+def _prefetch_vendor_1m(
+    source: MonthSource, request: FetchRequest, log: Logger, compared: bool
+) -> dict[str, Any]:
     """Buy Databento's ohlcv-1m of the partition in the download step, when it is wanted.
 
     ``raw_1s_bars`` runs in the ``databento`` pool, so the paid 1-minute request shares the
     pool's limit with the 1-second one, and ``request.force`` renews the 1-minute bars;
     ``bars_1min``'s check then finds the file in the cache. A failure never fails the data:
     it is returned as ``vendor_1m_error`` (the check of this run then says why it compared
-    nothing). Returns the metadata to add to the raw materialization (empty when not asked).
+    nothing). Returns the metadata to add to the raw materialization (empty when not asked,
+    or when the catalog has no 1min timeframe to compare: not ``compared``).
     """
     if not source.vendor_requested:
+        return {}
+    if not compared:
+        log(
+            "DBENTO_VENDOR_CHECK is on, but the catalog has no 1min timeframe to compare with "
+            'Databento\'s 1-minute bars, so they were not bought; add "1min" to timeframes '
+            "to use the cross-check"
+        )
         return {}
     found = source.vendor_bars(request, log)
     if isinstance(found, str):

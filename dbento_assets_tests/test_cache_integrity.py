@@ -290,12 +290,34 @@ def test_a_refused_vendor_1m_download_is_remembered_and_the_check_is_a_warning(
     assert record.status == PASSED and found["violations"] == 0
 
 
+def test_a_catalog_without_1min_buys_no_vendor_bars_it_cannot_compare(
+    gateway, env, instance, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("DBENTO_VENDOR_CHECK", "true")
+    catalog = catalog_from(tmp_path, **{'"1min"]': '"5min"]'})
+    assert [tf.label for tf in catalog.timeframes] == ["15s", "30s", "5min"]
+    result = run(instance, catalog=catalog, resource=databento_resource_from_env())
+    assert result.success, failure_text(result)
+    assert gateway.schemas(GET_RANGE) == ["ohlcv-1s"]
+    logged = [r.user_message for r in instance.all_logs(result.run_id)]
+    assert any("no 1min timeframe to compare" in m for m in logged)
+    forced = run(
+        instance,
+        catalog=catalog,
+        resource=databento_resource_from_env(),
+        tags={FORCE_TAG: "vendor-1m"},
+    )
+    assert not forced.success
+    assert "the catalog has no 1min timeframe" in failure_text(forced)
+    assert gateway.schemas(GET_RANGE) == ["ohlcv-1s"]
+
+
 def test_a_force_tag_it_does_not_know_fails_before_any_request(gateway, env, instance, monkeypatch):
     # A typo must not pass for "no force" (the user believes the month was bought again),
     # nor for a force (paid). The vendor-only force without the cross-check buys nothing.
     for tag, words in (
         ("on", "dbento/force='on' is not understood"),
-        ("vendor-1m", "but the vendor cross-check is off"),
+        ("vendor-1m", "but the vendor cross-check is off (DBENTO_VENDOR_CHECK=true"),
     ):
         result = run(instance, resource=databento_resource_from_env(), tags={FORCE_TAG: tag})
         assert not result.success
