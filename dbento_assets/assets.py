@@ -20,6 +20,7 @@ from dagster import (
     AssetExecutionContext,
     AssetIn,
     AssetKey,
+    AssetObservation,
     AssetOut,
     AssetsDefinition,
     Config,
@@ -62,10 +63,8 @@ from dbento_assets.core.source import (
     Logger,
     MonthSource,
     fetch_accepted,
-    origin_of,
 )
 from dbento_assets.core.storage import (
-    RAW_TIMEFRAME,
     REFUSED_NOTE,
     VENDOR_NOTE,
     BarStore,
@@ -81,6 +80,7 @@ from dbento_assets.io_managers import (
     COVERAGE_KEY,
     IDENTITY_ATTR,
     RAW_RULES_KEY,
+    REQUEST_KEY,
     THROUGH_KEY,
     BarFileIOManager,
 )
@@ -96,6 +96,8 @@ WHOLE_MONTH_TAG = "dbento/whole-month"
 _FORCE_ALL = ("true", "1", "yes")
 _FORCE_NONE = ("", "false", "0", "no")
 VENDOR_ERROR_KEY = "vendor_1m_error"  # raw_1s_bars metadata: the 1m download failed
+VENDOR_COST_KEY = "vendor_1m_cost_usd"  # raw_1s_bars metadata: what the 1m download cost
+REFUSED_COST_KEY = "refused_download_cost_usd"  # an observation: a download paid and refused
 DOWNLOAD_POOL = "databento"
 RAW_GROUP = "raw"
 BARS_GROUP = "aggregated"
@@ -201,6 +203,15 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
                 source, request, context.log.info, accept
             )
         except DownloadRefused as exc:
+            if exc.paid_usd:  # bought, then refused: still paid, and the build says so
+                context.log_event(
+                    AssetObservation(
+                        asset_key=RAW_KEY,
+                        partition=context.partition_key,
+                        description="Downloaded, paid for and refused (not stored)",
+                        metadata={REFUSED_COST_KEY: exc.paid_usd},
+                    )
+                )
             if exc.results is None:  # refused by the file check: no rule results to show
                 raise
             yield from selected_results(context, RAW_KEY, exc.results, REFUSED)
@@ -240,7 +251,7 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
             bars,
             metadata={
                 "dataset": instrument.dataset,
-                "request_symbol": f"{instrument.request_symbol} ({instrument.stype_in})",
+                REQUEST_KEY: instrument.request,
                 "window": f"[{month.start.isoformat()}, {month.end.isoformat()})",
                 "records_decoded": decoded.records_read,
                 "instrument_ids": ", ".join(map(str, rolls)) or "none",
@@ -473,6 +484,7 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
                     output_name=name,
                     metadata={
                         "dataset": instrument.dataset,
+                        REQUEST_KEY: instrument.request,
                         **partial_metadata(
                             whole, month.end if whole else pd.Timestamp(cut, tz="UTC")
                         ),
@@ -530,7 +542,9 @@ def _bars_on_disk(
             f"{exc}. Materialize {key.to_user_string()} for {partition} to rebuild it.",
             allow_retries=False,
         ) from None
-    expected = io_manager.identity_for(key, partition, instrument.dataset)
+    expected = io_manager.identity_for(
+        key, partition, instrument.dataset, request=instrument.request
+    )
     holds = identity_problem(expected, found, bars)
     if holds is not None:
         raise Failure(
@@ -568,7 +582,9 @@ def _refuse_unfit_raw(
     io_manager = context.resources.io_manager
     source = io_manager.source if isinstance(io_manager, BarFileIOManager) else None
     if source is not None:
-        expected = FileIdentity(symbol, month, origin_of(source), RAW_TIMEFRAME, instrument.dataset)
+        expected = io_manager.identity_for(
+            RAW_KEY, partition, instrument.dataset, request=instrument.request
+        )
         found = raw.attrs.get(IDENTITY_ATTR)
         holds = identity_problem(expected, found, raw)
         if holds is not None:

@@ -52,13 +52,26 @@ from dagster import (
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-from dbento_assets.assets import DOWNLOAD_POOL, FORCE_TAG, FORCE_VENDOR_1M
+from dbento_assets.assets import (
+    DOWNLOAD_POOL,
+    FORCE_TAG,
+    FORCE_VENDOR_1M,
+    REFUSED_COST_KEY,
+    VENDOR_COST_KEY,
+)
+from dbento_assets.core.catalog import Catalog, load_catalog
 from dbento_assets.core.months import Month, month_range
 from dbento_assets.core.settings import read
 from dbento_assets.core.source import origin_of
 from dbento_assets.io_managers import BarFileIOManager
-from dbento_assets.names import RAW_KEY
-from dbento_assets.partitions import MONTH_DIM, SYMBOL_DIM, Partition, partition_key
+from dbento_assets.names import CATALOG_METADATA_KEY, RAW_KEY
+from dbento_assets.partitions import (
+    MONTH_DIM,
+    PARTITION_TAG,
+    SYMBOL_DIM,
+    Partition,
+    partition_key,
+)
 
 RANGE_TAG = "dbento/range"
 # The machine and process that run a partition's run, so a later build can tell a run whose
@@ -199,9 +212,10 @@ def plan_partitions(
             "move start_month in the catalog to backfill earlier months"
         )
     if last > latest:
+        option = "--end" if end else "--start"
         raise UsageError(
-            f"--end {last} has not closed yet (or is in the future); the latest month "
-            f"you can materialize is {latest}"
+            f"{option} {last} is in the future; the latest month you can materialize is "
+            f"{latest} (the month in progress, stored partial until it closes)"
         )
     return [str(partition_key(m, s)) for s in wanted for m in month_range(first, last)]
 
@@ -284,13 +298,17 @@ def build_range(
     if force:
         run_tags[FORCE_TAG] = force_tag
     files = _bar_files(defs)
-    done = _built_everywhere(files, instance, asset_keys, partitions) if missing_only else set()
+    done = (
+        _built_everywhere(files, instance, asset_keys, partitions, catalog_of(defs))
+        if missing_only
+        else set()
+    )
     todo = [name for name in partitions if name not in done]
     for stale in files.store.remove_all_stale_temps() if files is not None else []:
         print(f"Removed {stale}, left by a write that was killed.", file=out)
     for run in cancel_orphaned_runs(instance):
         print(
-            f"Cancelled run {run.run_id} ({run.tags.get('dagster/partition', 'no partition')}), "
+            f"Cancelled run {run.run_id} ({run.tags.get(PARTITION_TAG, 'no partition')}), "
             "left unfinished by a process that was killed; its download slot is free.",
             file=out,
         )
@@ -730,29 +748,32 @@ def _built_everywhere(
     instance: DagsterInstance,
     asset_keys: Sequence[AssetKey],
     partitions: Sequence[str],
+    catalog: Catalog,
 ) -> set[str]:
     """Partitions in which every asset of ``asset_keys`` has a materialization and its file
-    in the data folder, saying it is that asset's partition, and the whole month. A history
-    that outlived its files (deleted, another data folder or format since, another file
-    copied over) is not a built partition, nor is a month stored partial (built again, it
-    buys only what it lacks)."""
+    in the data folder, saying it is that asset's partition, of the instrument the catalog
+    asks for, and the whole month. A history that outlived its files (deleted, another data
+    folder or format since, another file copied over, the symbol asked for otherwise since)
+    is not a built partition, nor is a month stored partial (built again, it buys only what
+    it lacks)."""
     sets = [set(instance.get_materialized_partitions(key)) for key in asset_keys]
     recorded = set.intersection(set(partitions), *sets) if sets else set()
     if io_manager is None:
         return recorded
-    return {
-        name
-        for name in recorded
-        if all(_file_of(io_manager, key, Partition.from_key(name)) for key in asset_keys)
-    }
+    built = set()
+    for name in recorded:
+        partition = Partition.from_key(name)
+        instrument = catalog.instrument(partition.symbol)
+        found = [io_manager.stored_identity(key, partition, instrument) for key in asset_keys]
+        if all(identity is not None and identity.complete for identity in found):
+            built.add(name)
+    return built
 
 
-def _file_of(io_manager: BarFileIOManager, key: AssetKey, partition: Partition) -> bool:
-    """Whether the file of ``key``'s ``partition`` is there and says it is, whole (its
-    footer or sidecar only: the bars are not read)."""
-    found = io_manager.store.identity_of(io_manager.path_for(key, partition))  # None: missing
-    expected = io_manager.identity_for(key, partition)
-    return found is not None and found.complete and expected.names_the_same_file(found)
+def catalog_of(defs: Definitions) -> Catalog:
+    """The catalog the code location was built from (the one in force if it does not say)."""
+    path = dict(defs.metadata or {}).get(CATALOG_METADATA_KEY)
+    return load_catalog(str(getattr(path, "value", path))) if path is not None else load_catalog()
 
 
 _WARM_UP_PARTITIONS = StaticPartitionsDefinition(["warm-up"])
@@ -864,15 +885,21 @@ def _run_one(
 
 
 def _written(result: ExecuteInProcessResult) -> tuple[int, int, float]:
-    """(rows, files, Databento cost) of the run's materializations."""
+    """(rows, files, Databento cost) of the run: what its materializations wrote, and what
+    it paid Databento, the 1-minute bars of the cross-check and refused downloads included."""
     rows, files, cost = 0, 0, 0.0
     for event in result.get_asset_materialization_events():
         materialization = event.step_materialization_data.materialization
         metadata = {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}
         rows += int(metadata.get("dagster/row_count") or 0)
         files += "path" in metadata
-        if materialization.asset_key == RAW_KEY:
-            cost += float(metadata.get("source_cost_usd") or 0.0)  # 0 for a cached month
+        if materialization.asset_key == RAW_KEY:  # 0 for a cached month
+            cost += float(metadata.get("source_cost_usd") or 0.0)
+            cost += float(metadata.get(VENDOR_COST_KEY) or 0.0)
+    for event in result.get_asset_observation_events():
+        observation = event.asset_observation_data.asset_observation
+        paid = observation.metadata.get(REFUSED_COST_KEY)
+        cost += float(getattr(paid, "value", paid) or 0.0)
     return rows, files, cost
 
 

@@ -146,7 +146,7 @@ def refusal(head: str, failed: Sequence[v.RuleResult], *, files_unchanged: bool 
             head,
             *lines,
             tail + "The first violating rows are in each check's metadata and in the report "
-            "(python -m dbento_assets.report).",
+            "(dbento report).",
         ]
     )
     return Failure(

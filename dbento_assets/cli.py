@@ -48,8 +48,17 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from dbento_assets.core.catalog import CatalogError
     from dbento_assets.core.source import SourceError
     from dbento_assets.core.storage import StorageError
+    from dbento_assets.executors import ExecutorChoiceError
 
-    return (UsageError, ProjectError, SourceError, CatalogError, StorageError, click.UsageError)
+    return (
+        UsageError,
+        ProjectError,
+        SourceError,
+        CatalogError,
+        StorageError,
+        ExecutorChoiceError,
+        click.UsageError,
+    )
 
 
 def one_line(exc: BaseException) -> str:
@@ -244,11 +253,10 @@ def check_key(streams: Streams, verbose: bool) -> int:
         instrument = catalog.instrument(catalog.symbols[0])
         month = catalog.start_month  # long published, so Databento can price it
         api = databento_resource_from_env().api_source()
-        est = api.estimate(instrument, month)
+        # Asked even for a month in the download cache: only Databento's answer proves a key.
+        est = api.estimate(instrument, month, ask=True)
         what = (
-            "the month is in the download cache, so nothing was asked"
-            if est.cached
-            else f"{instrument.symbol} {month} would cost ${est.cost_usd or 0:,.2f}"
+            f"{instrument.symbol} {month} would cost ${est.cost_usd or 0:,.4f}"
             if est.cost_usd is not None
             else est.note
         )
@@ -259,7 +267,9 @@ def check_key(streams: Streams, verbose: bool) -> int:
 
 
 @dbento.command(short_help="Files on disk and check status, symbol x month.")
-@click.option("--symbol", "symbols", multiple=True, help="only these symbols (repeatable)")
+@click.option(
+    "--symbol", "symbols", multiple=True, help="only these symbols (comma-separated, repeatable)"
+)
 @verbose_option
 @click.pass_obj
 def status(streams: Streams, symbols: tuple[str, ...], verbose: bool) -> int:
@@ -269,7 +279,10 @@ def status(streams: Streams, symbols: tuple[str, ...], verbose: bool) -> int:
         from dbento_assets import status as module
 
         with _instance(streams) as instance:
-            print(module.render(instance, list(symbols) or None), file=streams.out)
+            from dbento_assets.backfill import split_symbols
+
+            wanted = split_symbols(symbols) or None  # ES,NQ as dbento build takes them
+            print(module.render(instance, wanted), file=streams.out)
         return EXIT_OK
 
     return guarded(streams, verbose, action)

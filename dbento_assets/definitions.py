@@ -13,6 +13,7 @@ from dbento_assets.assets import build_assets
 from dbento_assets.core.catalog import Catalog, load_catalog
 from dbento_assets.executors import executor_from_env
 from dbento_assets.io_managers import BarFileIOManager, io_manager_from_env
+from dbento_assets.names import CATALOG_METADATA_KEY
 from dbento_assets.range_job import build_range_job
 from dbento_assets.resources import DatabentoResource, databento_resource_from_env
 from dbento_assets.schedules import build_schedules
@@ -36,6 +37,7 @@ def build_definitions(
             "databento": databento,
             "io_manager": io_manager or io_manager_from_env(databento),
         },
+        metadata={CATALOG_METADATA_KEY: str(catalog.path)},
     )
     return Definitions.merge(assets, Definitions(jobs=[build_range_job(assets)]))
 

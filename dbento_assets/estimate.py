@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from dbento_assets.core.catalog import CatalogError, load_catalog
-from dbento_assets.core.databento_api import CostEstimate
+from dbento_assets.core.databento_api import CostEstimate, format_usd
 from dbento_assets.core.months import Month, month_range
 from dbento_assets.core.source import SourceError
 from dbento_assets.resources import databento_resource_from_env
@@ -28,7 +28,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Estimate the Databento cost of downloading ohlcv-1s months (free calls).",
     )
     parser.add_argument(
-        "--symbols", help="comma-separated catalog symbols (default: every catalog symbol)"
+        "--symbols",
+        "--symbol",  # as dbento build and dbento status spell it
+        dest="symbols",
+        help="comma-separated catalog symbols (default: every catalog symbol)",
     )
     parser.add_argument("--start", help="first month, YYYY-MM (default: the catalog's start_month)")
     parser.add_argument("--end", help="last month, YYYY-MM, inclusive (default: --start)")
@@ -82,6 +85,11 @@ def run(
         last = Month.parse(args.end) if args.end else first
         if last < first:
             raise ValueError(f"--end {last} is before --start {first}")
+        if first < catalog.start_month:  # months dbento build refuses are not priced
+            raise ValueError(
+                f"--start {first} is before the catalog's start_month {catalog.start_month}; "
+                "move start_month in the catalog to price earlier months"
+            )
         resource = databento_resource_from_env()
         if not (resource.api_key or ""):
             raise SourceError(_no_key_advice(resource.source))
@@ -117,7 +125,7 @@ def run(
     )
     if counts["above"]:
         print(
-            f"{counts['above']} partition(s) above the ceiling of ${api.max_cost_usd:,.2f} "
+            f"{counts['above']} partition(s) above the ceiling of {format_usd(api.max_cost_usd)} "
             "(DBENTO_MAX_COST_USD) would be refused",
             file=out,
         )

@@ -8,37 +8,56 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from dagster import AssetCheckKey, AssetRecordsFilter, DagsterInstance
-
-from dbento_assets.names import RAW_KEY
+from dagster import (
+    AssetCheckKey,
+    AssetKey,
+    AssetRecordsFilter,
+    DagsterInstance,
+    DagsterRunStatus,
+)
 
 COMPLETED = frozenset({"SUCCEEDED", "FAILED"})  # a check record's status once it has run
 HISTORY_PAGE = 500
 
 
-def latest_raw_materialization(instance: DagsterInstance, partition: str) -> Any:
-    """The newest materialization record of ``raw_1s_bars`` for one partition, or None."""
+def latest_materialization(instance: DagsterInstance, key: AssetKey, partition: str) -> Any:
+    """The newest materialization record of an asset for one partition, or None."""
     records = instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=RAW_KEY, asset_partitions=[partition]), limit=1
+        AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
     ).records
     return records[0] if records else None
 
 
-def completed_evaluations(instance: DagsterInstance, key: AssetCheckKey) -> Iterator[Any]:
-    """Every completed (passed or failed) execution record of a check, newest first.
+def execution_records(instance: DagsterInstance, key: AssetCheckKey) -> Iterator[Any]:
+    """Every execution record of a check (planned, passed, failed...), newest first.
 
     Dagster 1.13 has no public name for the record's status or a partition filter, so the
-    instance's check history is read page by page and filtered here.
+    instance's check history is read page by page and filtered by the callers.
     """
     cursor = None
     while True:
         page = instance.event_log_storage.get_asset_check_execution_history(
             key, limit=HISTORY_PAGE, cursor=cursor
         )
-        yield from (record for record in page if record.status.value in COMPLETED)
+        yield from page
         if len(page) < HISTORY_PAGE:
             return
         cursor = page[-1].id
+
+
+def completed_evaluations(instance: DagsterInstance, key: AssetCheckKey) -> Iterator[Any]:
+    """Every completed (passed or failed) execution record of a check, newest first."""
+    return (r for r in execution_records(instance, key) if r.status.value in COMPLETED)
+
+
+def skipped_by_a_finished_run(instance: DagsterInstance, record: Any) -> bool:
+    """Whether a check record that never completed was left so by a run that succeeded:
+    the check was skipped (Dagster shows it so) on the files that run wrote, so no older
+    result speaks for them. A failed run changed no file: older results still do."""
+    if record.status.value in COMPLETED:
+        return False
+    run = instance.get_run_by_id(record.run_id)
+    return run is not None and run.status == DagsterRunStatus.SUCCESS
 
 
 def evaluation_of(record: Any) -> Any:

@@ -27,6 +27,7 @@ from pydantic import Field
 from upath import UPath
 
 from dbento_assets.core.bars import COLUMNS, DTYPES
+from dbento_assets.core.catalog import Instrument
 from dbento_assets.core.settings import Flag, read
 from dbento_assets.core.source import SYNTHETIC, origin_of
 from dbento_assets.core.storage import (
@@ -47,6 +48,7 @@ from dbento_assets.resources import DatabentoResource, refuse_changed_settings
 IDENTITY_ATTR = "dbento_identity"  # frame.attrs key: the identity of the file it came from
 # Output metadata of a month that may be partial (the current month): written into the file.
 COMPLETE_KEY = "complete"
+REQUEST_KEY = "request_symbol"  # output metadata: what was asked of the source for the symbol
 THROUGH_KEY = "through"
 COVERAGE_KEY = "covered"  # raw_1s_bars output metadata: the windows its DBN data covers
 # raw_1s_bars output metadata: the proof that its blocking rules passed on these bars
@@ -120,14 +122,17 @@ class BarFileIOManager(ConfigurableIOManager):
         partition: Partition,
         dataset: str = "",
         *,
+        request: str = "",
         complete: bool = True,
         through: str = "",
         covered: tuple[Window, ...] = (),
         raw_rules: str = "",
     ) -> FileIdentity:
-        """What the file of one asset partition must hold (``complete``/``through``: a month
-        that has not closed yet, stored partial; ``covered``: the windows its DBN covered;
-        ``raw_rules``: the proof that the blocking raw rules passed on its bars)."""
+        """What the file of one asset partition must hold (``dataset``/``request``: the
+        instrument's, see :class:`~dbento_assets.core.catalog.Instrument`;
+        ``complete``/``through``: a month that has not closed yet, stored partial;
+        ``covered``: the windows its DBN covered; ``raw_rules``: the proof that the blocking
+        raw rules passed on its bars)."""
         timeframe = timeframe_of(asset_key.path[-1])
         return FileIdentity(
             partition.symbol,
@@ -135,11 +140,24 @@ class BarFileIOManager(ConfigurableIOManager):
             origin_of(self.source),
             RAW_TIMEFRAME if timeframe is None else timeframe.label,
             dataset,
+            request=request,
             complete=complete,
             through="" if complete else through,
             covered=covered,
             raw_rules=raw_rules if timeframe is None else "",
         )
+
+    def stored_identity(
+        self, asset_key: AssetKey, partition: Partition, instrument: Instrument
+    ) -> FileIdentity | None:
+        """The identity of the file of ``asset_key``'s ``partition`` when that file is there
+        and says it is that asset partition's, of ``instrument`` as the catalog asks for it
+        now; else None (its footer or sidecar only: the bars are not read)."""
+        found = self.store.identity_of(self.path_for(asset_key, partition))
+        expected = self.identity_for(
+            asset_key, partition, instrument.dataset, request=instrument.request
+        )
+        return found if found is not None and expected.names_the_same_file(found) else None
 
     def handle_output(self, context: OutputContext, obj: pd.DataFrame) -> None:
         store = self.store
@@ -150,6 +168,7 @@ class BarFileIOManager(ConfigurableIOManager):
             context.asset_key,
             partition,
             str(meta.get("dataset") or ""),
+            request=str(meta.get(REQUEST_KEY) or ""),
             complete=meta.get(COMPLETE_KEY) is not False,
             through=str(meta.get(THROUGH_KEY) or ""),
             covered=windows_from_json(meta.get(COVERAGE_KEY) or []),

@@ -13,6 +13,7 @@ from dbento_assets.core.timeframes import Timeframe, parse_timeframe
 RAW_ASSET = "raw_1s_bars"
 RAW_KEY = AssetKey(RAW_ASSET)
 BARS_PREFIX = "bars_"
+CATALOG_METADATA_KEY = "dbento/catalog"  # the Definitions' metadata: its catalog file
 
 
 def bars_asset_name(timeframe: Timeframe) -> str:

@@ -22,6 +22,7 @@ from dbento_assets.core.months import Month
 
 MONTH_DIM = "month"
 SYMBOL_DIM = "symbol"
+PARTITION_TAG = "dagster/partition"  # the tag Dagster gives a run of one partition
 
 
 def build_partitions(catalog: Catalog) -> MultiPartitionsDefinition:

@@ -18,11 +18,19 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from dagster import AssetCheckKey, AssetCheckSeverity, DagsterInstance
+from upath import UPath
 
 from dbento_assets.checks import all_check_keys
 from dbento_assets.core.catalog import Catalog, CatalogError, load_catalog
 from dbento_assets.core.rules import RULE_TITLES
-from dbento_assets.history import completed_evaluations, evaluation_of, latest_raw_materialization
+from dbento_assets.core.storage import write_atomic
+from dbento_assets.history import (
+    COMPLETED,
+    evaluation_of,
+    execution_records,
+    latest_materialization,
+    skipped_by_a_finished_run,
+)
 from dbento_assets.io_managers import COMPLETE_KEY, THROUGH_KEY
 from dbento_assets.partitions import Partition
 from dbento_assets.project import project_instance
@@ -66,22 +74,31 @@ class Collected:
     outcomes: list[Outcome] = field(default_factory=list)
     symbols: list[str] = field(default_factory=list)
     unpartitioned: int = 0  # completed evaluations without a partition
-    # {(month, symbol): through date} of partitions whose latest raw_1s_bars is partial (the
-    # month had not closed): their cells never read as a whole month.
+    # {(month, symbol): through date} of partitions an asset of which was last stored partial
+    # (the month had not closed): their cells never read as a whole month.
     partial: dict[tuple[str, str], str] = field(default_factory=dict)
+    # {(month, symbol): assets} of partitions with results, but none for these assets (a
+    # timeframe added to the catalog since): "pass" says nothing of them.
+    unchecked: dict[tuple[str, str], list[str]] = field(default_factory=dict)
 
 
 def latest_per_partition(
     instance: DagsterInstance, key: AssetCheckKey
 ) -> tuple[dict[str, Any], int]:
     """{partition: newest completed execution record} of one check, and how many completed
-    records had no partition."""
+    records had no partition. A partition whose newest record is a check skipped by a run
+    that succeeded has none: as in the UI, no older result speaks for the files it wrote."""
     latest: dict[str, Any] = {}
+    skipped: set[str] = set()
     unpartitioned = 0
-    for record in completed_evaluations(instance, key):  # newest first
-        if record.partition is None:
+    for record in execution_records(instance, key):  # newest first
+        if record.status.value not in COMPLETED:
+            first = record.partition not in latest and record.partition not in skipped
+            if first and skipped_by_a_finished_run(instance, record):
+                skipped.add(record.partition)
+        elif record.partition is None:
             unpartitioned += 1
-        else:
+        elif record.partition not in skipped:
             latest.setdefault(record.partition, record)
     return latest, unpartitioned
 
@@ -124,13 +141,25 @@ def collect(
                     run_id=record.run_id,
                 )
             )
+    assets = list(dict.fromkeys(key.asset_key for key in check_keys))
+    checked: dict[tuple[str, str], set[str]] = {}
+    for o in found.outcomes:
+        checked.setdefault((o.month, o.symbol), set()).add(o.asset)
+    for cell, names in checked.items():
+        missing = [a.to_user_string() for a in assets if a.to_user_string() not in names]
+        if missing:
+            found.unchecked[cell] = missing
     for partition, cell in {(o.partition, (o.month, o.symbol)) for o in found.outcomes}:
-        record = latest_raw_materialization(instance, partition)
-        materialization = record.asset_materialization if record is not None else None
-        meta = materialization.metadata if materialization is not None else {}
-        complete = getattr(meta.get(COMPLETE_KEY), "value", True)
-        if complete is False:
-            found.partial[cell] = str(getattr(meta.get(THROUGH_KEY), "value", ""))[:10]
+        # Partial while any of its assets is (raw topped up alone leaves the bars behind).
+        ends = []
+        for asset in assets:
+            record = latest_materialization(instance, asset, partition)
+            materialization = record.asset_materialization if record is not None else None
+            meta = materialization.metadata if materialization is not None else {}
+            if getattr(meta.get(COMPLETE_KEY), "value", True) is False:
+                ends.append(str(getattr(meta.get(THROUGH_KEY), "value", ""))[:10])
+        if ends:
+            found.partial[cell] = min(ends)
     order = {(k.asset_key.to_user_string(), k.name): i for i, k in enumerate(check_keys)}
     found.outcomes.sort(key=lambda o: (o.symbol, o.month, order[(o.asset, o.check)]))
     return found
@@ -187,6 +216,12 @@ def render(found: Collected, source: str, now: dt.datetime | None = None) -> str
                     if (month, symbol) in found.partial
                     else ""
                 )
+                + (  # a FAIL says enough: what comes after a refused step never ran
+                    f", {', '.join(found.unchecked[(month, symbol)])} not checked"
+                    if (month, symbol) in found.unchecked
+                    and cells.get((month, symbol), (FAIL,))[0] != FAIL
+                    else ""
+                )
                 for symbol in found.symbols
             ]
             lines.append(f"| {month} | " + " | ".join(row) + " |")
@@ -199,6 +234,12 @@ def render(found: Collected, source: str, now: dt.datetime | None = None) -> str
                 " partial to D: the month had not closed; its data ends at D (exclusive), "
                 "it is not a whole month yet."
                 if found.partial
+                else ""
+            )
+            + (
+                " X not checked: the asset X has no check result for that month (a timeframe "
+                "added since); the verdict is about the others."
+                if found.unchecked
                 else ""
             ),
             "",
@@ -261,12 +302,13 @@ def _short(value: Any) -> str:
     return text if len(text) <= _VALUE_CHARS else text[: _VALUE_CHARS - 3] + "..."
 
 
-def write_report(text: str, out: Path) -> None:
-    """Write the report whole (a temporary file renamed over the old one)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    part = out.with_name(f".{out.name}.part")
-    part.write_text(text, encoding="utf-8")
-    os.replace(part, out)
+def write_report(text: str, out: Path) -> Path:
+    """Write the report whole (see :func:`~dbento_assets.core.storage.write_atomic`), into
+    ``out``, or into a file of the default name when ``out`` is a folder; the file written."""
+    if out.is_dir():
+        out = out / DEFAULT_OUT.name
+    write_atomic(UPath(out), lambda f: f.write(text.encode("utf-8")))
+    return out
 
 
 def main(
@@ -285,8 +327,10 @@ def main(
     )
     parser.add_argument(
         "--symbol",
+        "--symbols",  # as dbento estimate spells it
+        dest="symbol",
         action="append",
-        help="only this catalog symbol (repeat for several); default: every symbol",
+        help="only these catalog symbols (comma-separated, repeatable); default: every symbol",
     )
     parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help=f"report file (default {DEFAULT_OUT})"
@@ -297,7 +341,8 @@ def main(
     except CatalogError as exc:
         print(f"error: {exc}", file=err)
         return EXIT_UNUSABLE
-    symbols = args.symbol or catalog.symbols
+    symbols = [s.strip() for item in args.symbol or [] for s in item.split(",") if s.strip()]
+    symbols = symbols or catalog.symbols
     unknown = [s for s in symbols if s not in catalog.instruments]
     if unknown:
         print(
@@ -308,17 +353,26 @@ def main(
         return EXIT_UNUSABLE
     if instance is None:
         with project_instance() as project:
-            return _write(project, catalog, symbols, args.out, out)
-    return _write(instance, catalog, symbols, args.out, out)
+            return _write(project, catalog, symbols, args.out, out, err)
+    return _write(instance, catalog, symbols, args.out, out, err)
 
 
 def _write(
-    instance: DagsterInstance, catalog: Catalog, symbols: Sequence[str], path: Path, out: TextIO
+    instance: DagsterInstance,
+    catalog: Catalog,
+    symbols: Sequence[str],
+    path: Path,
+    out: TextIO,
+    err: TextIO,
 ) -> int:
     home = os.environ.get("DAGSTER_HOME", "")
     source = f"the Dagster instance in {home}" if home else "the Dagster instance"
     found = collect(instance, all_check_keys(catalog), symbols)
-    write_report(render(found, source), path)
+    try:
+        path = write_report(render(found, source), path)
+    except OSError as exc:
+        print(f"error: the report cannot be written to {path}: {exc.strerror or exc}", file=err)
+        return EXIT_UNUSABLE
     cells = matrix(found)
     failed = sum(status == FAIL for status, _ in cells.values())
     warned = sum(status == WARN for status, _ in cells.values())

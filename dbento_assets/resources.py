@@ -28,15 +28,16 @@ from dbento_assets.core.dbn_files import DbnFilesSource
 from dbento_assets.core.demo import DemoSource
 from dbento_assets.core.months import Month
 from dbento_assets.core.settings import Flag, load_settings, read
-from dbento_assets.core.source import FetchRequest, Logger, MonthSource, SourceError, origin_of
+from dbento_assets.core.source import (
+    NO_KEY_MESSAGE,
+    FetchRequest,
+    Logger,
+    MonthSource,
+    SourceError,
+    origin_of,
+)
 
 API_KEY_VARIABLE = "DATABENTO_API_KEY"
-NO_KEY_MESSAGE = (
-    "DBENTO_SOURCE=databento needs a Databento API key and none is set. Put "
-    "DATABENTO_API_KEY=db-... in the dbento.env file of the project folder (or in the "
-    "environment), then reload the code location; or try the pipeline without an account "
-    "with DBENTO_SOURCE=demo (synthetic data)."
-)
 
 
 class DatabentoResource(ConfigurableResource):

@@ -14,12 +14,14 @@ import datetime as dt
 import os
 from collections.abc import Sequence
 
-from dagster import DagsterInstance
+from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
 
 from dbento_assets.checks import all_check_keys
 from dbento_assets.core.catalog import load_catalog
 from dbento_assets.core.months import Month, month_range
 from dbento_assets.io_managers import io_manager_from_env
+from dbento_assets.names import RAW_KEY, bars_asset_name
+from dbento_assets.partitions import PARTITION_TAG, Partition
 from dbento_assets.report import collect, matrix
 from dbento_assets.resources import databento_resource_from_env
 
@@ -30,37 +32,44 @@ def render(instance: DagsterInstance, symbols: Sequence[str] | None = None) -> s
     wanted = list(symbols) if symbols else catalog.symbols
     for symbol in wanted:
         catalog.instrument(symbol)  # a CatalogError naming the known symbols
-    store = io_manager_from_env(databento_resource_from_env()).store
+    io_manager = io_manager_from_env(databento_resource_from_env())
+    store = io_manager.store
     cells = matrix(collect(instance, all_check_keys(catalog), wanted))
-    per_month = 1 + len(catalog.timeframes)
+    keys = [RAW_KEY, *(AssetKey(bars_asset_name(tf)) for tf in catalog.timeframes)]
     last = current_month()
     rows: list[list[str]] = []
     for month in month_range(catalog.start_month, max(last, catalog.start_month)):
         row = [str(month)]
         for symbol in wanted:
-            files = int(store.raw_path(symbol, month).exists()) + sum(
-                store.aggregated_path(symbol, month, tf).exists() for tf in catalog.timeframes
-            )
+            # Only a file saying it is this asset partition's, of the instrument the catalog
+            # asks for now, counts: not one left by another symbol, request or month.
+            partition = Partition(month, symbol)
+            instrument = catalog.instrument(symbol)
+            found = [io_manager.stored_identity(key, partition, instrument) for key in keys]
+            files = sum(identity is not None for identity in found)
             checked = cells.get((str(month), symbol))
             status = "unchecked" if checked is None else _status(*checked)
-            identity = store.identity_of(store.raw_path(symbol, month)) if files else None
-            partial = (
-                f", partial to {identity.through_text[:10]}"
-                if identity is not None and not identity.complete
-                else ""
-            )
-            row.append(
-                "-"
-                if files == 0 and checked is None
-                else f"{files}/{per_month} files{partial}, {status}"
-            )
+            if checked is not None and files < len(keys):
+                status = f"incomplete (last checks: {status})"  # not the files' verdict
+            # Partial while any of its files is (raw topped up alone leaves the bars behind).
+            ends = sorted(i.through_text for i in found if i is not None and not i.complete)
+            partial = f", partial to {ends[0][:10]}" if ends else ""
+            if files == 0 and checked is None:
+                # Never checked: never tried, or its run failed before any check (a download
+                # that failed), which must not look the same.
+                tried = instance.get_runs(RunsFilter(tags={PARTITION_TAG: str(partition)}), limit=1)
+                failed = bool(tried) and tried[0].status == DagsterRunStatus.FAILURE
+                row.append(f"0/{len(keys)} files, last run failed" if failed else "-")
+            else:
+                row.append(f"{files}/{len(keys)} files{partial}, {status}")
         if any(cell != "-" for cell in row[1:]):
             rows.append(row)
     history = os.environ.get("DAGSTER_HOME", "")
     head = f"Data folder {store.root} ({store.fmt} files); history in {history}"
     if not rows:
         return (
-            f"{head}\nNothing built yet: try dbento build --symbol ES --start {catalog.start_month}"
+            f"{head}\nNothing built yet from {catalog.start_month}: try dbento build --symbol "
+            f"{wanted[0]} --start {catalog.start_month}"
         )
     table = [["month", *wanted], *rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]

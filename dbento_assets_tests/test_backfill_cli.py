@@ -54,6 +54,7 @@ from dbento_assets.backfill import (
     cancel_orphaned_runs,
 )
 from dbento_assets.cli import run as dbento
+from dbento_assets.core.catalog import Catalog, load_catalog
 from dbento_assets.core.months import Month
 from dbento_assets.core.storage import ORIGIN_MARKER, BarStore
 from dbento_assets.core.timeframes import parse_timeframe
@@ -63,6 +64,7 @@ from dbento_assets.names import RAW_ASSET
 from dbento_assets.partitions import Partition, partition_key
 from dbento_assets.range_job import JOB_NAME
 from dbento_assets.resources import DatabentoResource
+from dbento_assets.status import render as status_table
 from dbento_assets_tests.deployment import (
     DeploymentConfig,
     check_evaluations,
@@ -72,10 +74,14 @@ from dbento_assets_tests.deployment import (
 )
 from dbento_assets_tests.gateway import (
     GET_RANGE,
+    RECORD_BYTES,
     TEST_KEY,
     FakeGateway,
+    Query,
     RecordedRequest,
 )
+from dbento_assets_tests.test_cache_integrity import serve_bad_data
+from dbento_assets_tests.test_databento_dagster import catalog_from
 
 JAN, FEB = Month(2024, 1), Month(2024, 2)
 ES_JAN, ES_FEB = str(partition_key(JAN, "ES")), str(partition_key(FEB, "ES"))
@@ -549,7 +555,9 @@ def get_ranges(gateway: FakeGateway) -> Counter[str]:
     )
 
 
-def test_failed_month_resumes_with_missing_only_and_force_downloads_again(gateway, gateway_defs):
+def test_failed_month_resumes_with_missing_only_and_force_downloads_again(
+    gateway, gateway_defs, tmp_path, monkeypatch
+):
     argv = ["--symbol", "ES", "--start", "2024-01", "--end", "2024-02"]
     with instance_for_test() as instance:
         # Both attempts of the first download fail: that month fails, the next one succeeds.
@@ -568,6 +576,18 @@ def test_failed_month_resumes_with_missing_only_and_force_downloads_again(gatewa
         assert "1 built, 0 skipped (already built), 1 failed" in lines[3]
         assert lines[4].startswith(f"Failed: {ES_JAN}.") and "--missing-only" in lines[4]
         assert get_ranges(gateway) == Counter({"2024-02": 1})
+        # dbento status: the month that failed before any check is not shown as never tried.
+        monkeypatch.setenv("DBENTO_SOURCE", "databento")
+        monkeypatch.setenv("DBENTO_DATA_DIR", str(tmp_path / "data"))
+        table = status_table(instance, ["ES"]).splitlines()
+        assert next(li for li in table if li.startswith("2024-01")).split()[1:] == [
+            "0/4",
+            "files,",
+            "last",
+            "run",
+            "failed",
+        ]
+        assert "4/4 files, pass" in next(li for li in table if li.startswith("2024-02"))
 
         out = io.StringIO()
         status = run([*argv, "--missing-only"], out, defs=gateway_defs, instance=instance)
@@ -622,6 +642,40 @@ def test_force_vendor_1m_buys_only_the_1_minute_bars_again(gateway, tmp_path):
         (forced,) = [r for r in all_runs(instance) if r.tags.get(FORCE_TAG) == "vendor-1m"]
         (raw,) = [m for m in materializations(instance, [forced.run_id]) if m.asset == RAW_ASSET]
         assert raw.metadata["forced"] is False and raw.metadata["vendor_1m_forced"] is True
+
+
+def test_the_summary_counts_every_dollar_paid(gateway, tmp_path):
+    # The 1-minute bars of the cross-check, and a download paid for and then refused by its
+    # checks, are money spent too: the summary's cost is what the gateway charged.
+    resource = DatabentoResource(
+        source="databento",
+        api_key=TEST_KEY,
+        gateway=gateway.url,
+        data_dir=str(tmp_path / "data"),
+        vendor_check=True,
+        retry_attempts=2,
+        retry_backoff_seconds=0.0,
+    )
+    defs = build_definitions(databento=resource)
+    es = load_catalog().instrument("ES")
+
+    def charged(month: Month, schema: str) -> float:
+        query = Query(
+            es.dataset, (es.request_symbol,), schema, es.stype_in, month.start_ns, month.end_ns
+        )
+        return len(gateway.answer(query)[0]) * RECORD_BYTES / 2**30 * gateway.price_per_gb
+
+    with instance_for_test() as instance:
+        out = io.StringIO()
+        assert run(["--partition", ES_JAN], out, defs=defs, instance=instance) == 0
+        paid = charged(JAN, "ohlcv-1s") + charged(JAN, "ohlcv-1m")
+        assert f"Databento cost ${paid:,.4f}." in out.getvalue(), out.getvalue()
+
+        serve_bad_data(gateway)  # February's 1-second bars fail their checks
+        out = io.StringIO()
+        assert run(["--partition", ES_FEB], out, defs=defs, instance=instance) == 1
+        assert gateway.schemas(GET_RANGE)[-1] == "ohlcv-1s"  # bought, then refused
+        assert f"Databento cost ${charged(FEB, 'ohlcv-1s'):,.4f}." in out.getvalue()
 
 
 def test_a_build_that_writes_nothing_leaves_the_data_folder_free(gateway, gateway_defs, tmp_path):
@@ -765,6 +819,71 @@ def test_missing_only_builds_again_what_the_data_folder_lost(small_demo_defs, tm
         jan_1min = Path(store.aggregated_path("ES", JAN, minute).path)
         jan_1min.write_bytes(Path(store.aggregated_path("ES", FEB, minute).path).read_bytes())
         assert run_missing_only(argv, csv, instance) == [ES_JAN]
+        # A CSV edited in place, its size kept: one bar's high and low swapped.
+        jan_30s = Path(store.aggregated_path("ES", JAN, thirty).path)
+        lines = jan_30s.read_text().splitlines(keepends=True)
+        header = lines[0].rstrip("\n").split(",")
+        high, low = header.index("high"), header.index("low")
+        row = next(
+            i for i, li in enumerate(lines[1:], 1) if li.split(",")[high] != li.split(",")[low]
+        )
+        fields = lines[row].rstrip("\n").split(",")
+        fields[high], fields[low] = fields[low], fields[high]
+        size = jan_30s.stat().st_size
+        jan_30s.write_text("".join([*lines[:row], ",".join(fields) + "\n", *lines[row + 1 :]]))
+        assert jan_30s.stat().st_size == size
+        assert run_missing_only(argv, csv, instance) == [ES_JAN]
+        assert run_missing_only(argv, csv, instance) == []  # rewritten: its note fits it
+
+
+def test_files_of_a_symbol_asked_for_otherwise_are_not_counted_as_built(
+    gateway, tmp_path, monkeypatch
+):
+    # ES bought as ES.v.0, then the catalog asks for NQ.v.0 (a typo, or its fix): the files
+    # on disk are another instrument's bars. dbento status does not count them, the bars
+    # step refuses the old raw file, and --missing-only builds the month again, buying the
+    # new request once.
+    def defs_for(catalog: Catalog) -> Any:
+        resource = DatabentoResource(
+            source="databento",
+            api_key=TEST_KEY,
+            gateway=gateway.url,
+            data_dir=str(tmp_path / "data"),
+            retry_attempts=2,
+            retry_backoff_seconds=0.0,
+        )
+        return build_definitions(catalog=catalog, databento=resource)
+
+    c0 = catalog_from(tmp_path, start_month="2024-01", **{'"ES.v.0"': '"NQ.v.0"'})
+    argv = ["--partition", ES_JAN]
+    monkeypatch.setenv("DBENTO_SOURCE", "databento")
+    monkeypatch.setenv("DBENTO_DATA_DIR", str(tmp_path / "data"))
+    with instance_for_test() as instance:
+        assert run(argv, io.StringIO(), defs=defs_for(load_catalog()), instance=instance) == 0
+        assert run_missing_only(argv, defs_for(load_catalog()), instance) == []
+        monkeypatch.setenv("DBENTO_CATALOG", str(c0.path))
+        cell = next(li for li in status_table(instance, ["ES"]).splitlines() if "2024-01" in li)
+        assert "0/4 files, incomplete (last checks: pass)" in cell, cell
+
+        out = io.StringIO()
+        bars_only = [*argv, "--select", "bars_1min"]
+        assert run(bars_only, out, defs=defs_for(c0), instance=instance) == 1
+        assert "ES.v.0 (continuous)" in out.getvalue(), out.getvalue()
+
+        # The first run moves the cached ES.v.0 month aside without paying (a catalog edit
+        # made by mistake costs nothing yet), the next one buys NQ.v.0.
+        out = io.StringIO()
+        assert run([*argv, "--missing-only"], out, defs=defs_for(c0), instance=instance) == 1
+        assert "was bought for ES.v.0 (continuous)" in out.getvalue(), out.getvalue()
+        assert run_missing_only(argv, defs_for(c0), instance) == [ES_JAN]
+        asked = [c.fields["symbols"] for c in gateway.calls(GET_RANGE) if c.fault is None]
+        assert asked == ["ES.v.0", "NQ.v.0"]
+        assert run_missing_only(argv, defs_for(c0), instance) == []
+        cell = next(li for li in status_table(instance, ["ES"]).splitlines() if "2024-01" in li)
+        assert "4/4 files, pass" in cell, cell
+        out = io.StringIO()  # the command takes symbols as dbento build does
+        assert dbento(["status", "--symbol", "ES,NQ"], out, instance=instance) == 0
+        assert out.getvalue().splitlines()[1].split() == ["month", "ES", "NQ"], out.getvalue()
 
 
 def test_a_build_removes_what_killed_writes_left_even_of_months_it_skips(small_demo_defs, tmp_path):
@@ -845,7 +964,8 @@ def test_without_dagster_home_it_uses_the_project_history(small_demo_defs, tmp_p
         (["--start", "2024-13"], "--start '2024-13': month must be 1..12"),
         (["--start", "2024-01", "--end", "Jan"], "--end 'Jan': month 'Jan' is not YYYY-MM"),
         (["--start", "2023-12"], "before the catalog's start_month 2024-01"),
-        (["--start", "2099-01"], "has not closed yet"),
+        (["--start", "2099-01"], "--start 2099-01 is in the future"),
+        (["--start", "2024-01", "--end", "2099-01"], "--end 2099-01 is in the future"),
         (["--start", "2024-01", "--force", "--missing-only"], "contradict each other"),
         (["--start", "2024-01", "--select", "no_such_asset"], "--select 'no_such_asset'"),
         (["--partition", "2024-01|ES"], "'2024-01|ES' is not a partition of this code location"),
@@ -937,6 +1057,20 @@ def test_the_build_range_job_shares_a_range_among_its_workers(monkeypatch, tmp_p
     assert built == Counter(keys) and all(r.status.value == "SUCCESS" for r in runs)
     for index, key in enumerate(keys):  # the i-th partition went to share i mod 3
         assert any(step == shares[index % 3] and key in text for step, text in logged)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("DBENTO_EXECUTOR", "foo"), ("DBENTO_DEMO_ACTIVITY", "0")]
+)
+def test_a_setting_typo_is_one_sentence_not_a_bug_report(tmp_path, name, value):
+    # The command as a user starts it (its code location loads the settings).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DBENTO_", "DAGSTER_"))}
+    env.update({"DBENTO_SOURCE": "demo", name: value})
+    command = [str(Path(sys.executable).parent / "dbento"), "build", "--partition", ES_JAN]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"error: {name}"), done.stderr
+    assert "unexpected" not in done.stderr and len(done.stderr.splitlines()) == 1
 
 
 @pytest.mark.parametrize("value", ["0", "65", "two"])

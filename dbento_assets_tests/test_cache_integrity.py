@@ -13,6 +13,7 @@ prove "paid once"; SHA-256 of files before and after proves "nothing lost".
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import signal
@@ -36,6 +37,7 @@ from dbento_assets.core.dbn import decode_month
 from dbento_assets.core.dbn_cache import DbnCache
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import FetchRequest, SourceError
+from dbento_assets.estimate import run as estimate
 from dbento_assets.resources import databento_resource_from_env
 from dbento_assets_tests.gateway import (
     GET_RANGE,
@@ -448,7 +450,8 @@ def test_a_download_bought_for_another_request_symbol_is_not_served(
 ):
     # A typo in the catalog (NQ asking for ES.v.0) bought ES's month under NQ's name. Once the
     # catalog is corrected, that file must not become NQ's bars: refused before anything is
-    # decoded or bought and moved aside, so the next run buys the month for NQ.v.0.
+    # decoded or bought and parked under its request, so the next run buys the month for
+    # NQ.v.0; the typo made again, the parked month is used again without buying.
     typo = catalog_from(tmp_path, "2024-01", **{'symbol = "NQ.v.0"': 'symbol = "ES.v.0"'})
     monkeypatch.setenv("DBENTO_CATALOG", str(typo.path))
     assert run(instance, symbol="NQ", catalog=typo, resource=databento_resource_from_env()).success
@@ -464,7 +467,8 @@ def test_a_download_bought_for_another_request_symbol_is_not_served(
     assert "the catalog now asks for NQ.v.0 (continuous)" in text
     assert gateway.count(GET_RANGE) == 1  # nothing bought
     assert sha(raw_file(env, "NQ")) == wrong  # nothing written
-    assert [sha(p) for p in quarantined(env)] == [bought_for_es]  # kept, out of the way
+    parked = sorted((env / "dbn" / "by_request").rglob("*.dbn.zst"))
+    assert [sha(p) for p in parked] == [bought_for_es] and quarantined(env) == []
 
     again = run(instance, symbol="NQ", catalog=fixed, resource=databento_resource_from_env())
     assert again.success, failure_text(again)
@@ -472,6 +476,73 @@ def test_a_download_bought_for_another_request_symbol_is_not_served(
     assert asked == ["ES.v.0", "NQ.v.0"]
     assert manifest_of(cache_file(env, "NQ"))["request_symbol"] == "NQ.v.0"
     assert sha(raw_file(env, "NQ")) != wrong
+
+    monkeypatch.setenv("DBENTO_CATALOG", str(typo.path))  # the typo again: NQ.v.0 parked,
+    parks = run(instance, symbol="NQ", catalog=typo, resource=databento_resource_from_env())
+    assert not parks.success
+    back = run(instance, symbol="NQ", catalog=typo, resource=databento_resource_from_env())
+    assert back.success, failure_text(back)  # and ES.v.0's month back, not bought again
+    assert gateway.count(GET_RANGE) == 2 and sha(cache_file(env, "NQ")) == bought_for_es
+
+
+def test_a_catalog_typo_and_its_fix_buy_nothing(gateway, env, instance, tmp_path, monkeypatch):
+    # ES bought as ES.v.0; the catalog then mistyped (NQ.v.0, another request) and fixed:
+    # the typo's run buys nothing and parks the month, the fixed catalog's run uses it
+    # again. dbento estimate prices the typo's month and says the fixed one is bought.
+    assert run(instance, resource=databento_resource_from_env()).success
+    paid = sha(cache_file(env))
+    typo = catalog_from(tmp_path, "2024-01", **{'symbol = "ES.v.0"': 'symbol = "NQ.v.0"'})
+    monkeypatch.setenv("DBENTO_CATALOG", str(typo.path))
+    priced, err = io.StringIO(), io.StringIO()
+    assert estimate(["--symbols", "ES", "--start", "2024-01"], priced, err) == 0, err.getvalue()
+    assert "bought again for NQ.v.0 (continuous)" in priced.getvalue(), priced.getvalue()
+    assert not run(instance, catalog=typo, resource=databento_resource_from_env()).success
+
+    monkeypatch.setenv("DBENTO_CATALOG", str(DEFAULT_CATALOG))
+    priced = io.StringIO()
+    assert estimate(["--symbols", "ES", "--start", "2024-01"], priced) == 0
+    assert "total: $0.0000" in priced.getvalue() and "1 cached" in priced.getvalue()
+    fixed = run(instance, resource=databento_resource_from_env())
+    assert fixed.success, failure_text(fixed)
+    assert gateway.count(GET_RANGE) == 1 and sha(cache_file(env)) == paid
+    assert raw_metadata(fixed)["source_dbn_cache"] == "hit"
+
+
+def test_a_symbol_renamed_in_the_catalog_buys_nothing(
+    gateway, env, instance, tmp_path, monkeypatch
+):
+    # [instruments.ES] renamed [instruments.ESV], still ES.v.0: ES's month is ESV's too.
+    assert run(instance, resource=databento_resource_from_env()).success
+    renamed = catalog_from(tmp_path, "2024-01", **{"[instruments.ES]": "[instruments.ESV]"})
+    monkeypatch.setenv("DBENTO_CATALOG", str(renamed.path))
+    priced = io.StringIO()
+    assert estimate(["--symbols", "ESV", "--start", "2024-01"], priced) == 0
+    assert "total: $0.0000" in priced.getvalue(), priced.getvalue()
+    result = run(instance, symbol="ESV", catalog=renamed, resource=databento_resource_from_env())
+    assert result.success, failure_text(result)
+    assert gateway.count(GET_RANGE) == 1
+    assert sha(cache_file(env, "ESV")) == sha(cache_file(env, "ES"))
+
+
+def test_a_request_symbol_spelled_otherwise_is_the_same_request(
+    gateway, env, instance, tmp_path, monkeypatch
+):
+    # The client sends "es.V.0 " as ES.v.0: the catalog written so is the same request, so
+    # the month bought before is served from the cache, and its files are still its own.
+    respelled = catalog_from(tmp_path, "2024-01", **{'symbol = "ES.v.0"': 'symbol = " es.V.0"'})
+    assert run(instance, catalog=load_catalog(DEFAULT_CATALOG), assets=[RAW, BARS_1MIN]).success
+    cached, stored = sha(cache_file(env)), sha(raw_file(env))
+    monkeypatch.setenv("DBENTO_CATALOG", str(respelled.path))
+    again = run(
+        instance,
+        catalog=respelled,
+        resource=databento_resource_from_env(),
+        assets=[RAW, BARS_1MIN],
+    )
+    assert again.success, failure_text(again)
+    assert gateway.count(GET_RANGE) == 1 and quarantined(env) == []
+    assert sha(cache_file(env)) == cached and sha(raw_file(env)) == stored
+    assert raw_metadata(again)["request_symbol"] == "ES.v.0 (continuous)"
 
 
 # --------------------------------------------------------------------------- local disk errors

@@ -602,6 +602,28 @@ def test_a_vendor_1m_mismatch_in_the_partial_month_fails_the_check(
     assert hashlib.sha256(bars_1min.read_bytes()).hexdigest() == kept
 
 
+def test_a_check_skipped_by_a_later_run_no_longer_speaks_for_the_files(
+    gateway, api_env, instance, monkeypatch
+):
+    # bars_1min fails the vendor cross-check (not saved); built again without the
+    # cross-check, it is saved and that check skipped. Like the UI, the report and dbento
+    # status then show no failure: the old one was about bars that were never stored.
+    api_env("skipped_later")
+    monkeypatch.setenv("DBENTO_VENDOR_CHECK", "true")
+    gateway.set_range(DATASET, DATASET_START, "2024-04-02")
+    gateway.corrupt_vendor_bar(3)
+    assert not build(instance).success
+    found = report.collect(instance, all_check_keys(load_catalog()), ["ES"])
+    assert report.matrix(found)[("2024-03", "ES")][0] == report.FAIL
+
+    monkeypatch.setenv("DBENTO_VENDOR_CHECK", "false")
+    assert build(instance).success
+    found = report.collect(instance, all_check_keys(load_catalog()), ["ES"])
+    assert report.matrix(found)[("2024-03", "ES")] == (report.PASS, 0)
+    line = next(li for li in status.render(instance, ["ES"]).splitlines() if "2024-03" in li)
+    assert "4/4 files, pass" in line, line
+
+
 def test_a_dbn_folder_holding_part_of_the_current_months_1m_gives_a_partial_vendor_month(
     tmp_path,
 ):
@@ -714,6 +736,15 @@ def test_a_partial_month_is_never_shown_complete(clean, tmp_path, monkeypatch, i
     text = report.render(found, "test")
     line = next(li for li in text.splitlines() if li.startswith("| 2024-03 "))
     assert "partial to 2024-03-17" in line
+    # Raw topped up alone once the month closed: its bars still end on the 17th.
+    raw_only = build(instance, resource=demo(data, now="2024-04-05"), assets=[RAW])
+    assert raw_only.success and raw_metadata(raw_only)["complete"] is True
+    line = next(li for li in status.render(instance, ["ES"]).splitlines() if "2024-03" in li)
+    assert "partial to 2024-03-17" in line, line
+    found = report.collect(instance, all_check_keys(load_catalog()), ["ES"])
+    text = report.render(found, "test")
+    line = next(li for li in text.splitlines() if li.startswith("| 2024-03 "))
+    assert "partial to 2024-03-17" in line, line
 
 
 # --------------------------------------------------------------------------- DBN files
@@ -759,7 +790,7 @@ def test_dbento_build_accepts_the_current_month():
     assert plan_partitions(partitions, ["ES"], current, None) == [
         f"{Month(now.year, now.month).key}|ES"
     ]
-    with pytest.raises(UsageError, match="has not closed yet"):
+    with pytest.raises(UsageError, match="is in the future"):
         plan_partitions(partitions, ["ES"], str(Month(now.year, now.month).next()), None)
 
 

@@ -490,9 +490,21 @@ def test_cost_above_the_ceiling_is_refused_before_any_download(gateway, tmp_path
         fetch(make_source(gateway, tmp_path, max_cost_usd=5.0))
     message = str(info.value)
     assert "above the ceiling of $5.00" in message and "DBENTO_MAX_COST_USD" in message
+    assert "`dbento estimate`" in message
     assert gateway.count("metadata.get_cost") == 1
     assert gateway.count(GET_RANGE) == 0
     assert files_under(tmp_path) == []
+
+
+def test_a_price_just_above_the_ceiling_does_not_read_as_the_ceiling(gateway, tmp_path):
+    gateway.price_per_gb = 1.0
+    cost = make_source(gateway, tmp_path).estimate(ES, JAN).cost_usd
+    assert cost is not None and 0 < cost < 0.005  # a fraction of a cent
+    ceiling = cost / 2  # both under a cent: "$0.00 above $0.00" before
+    with pytest.raises(SourceError) as info:
+        fetch(make_source(gateway, tmp_path, max_cost_usd=ceiling))
+    assert f"estimates ${cost:,.4f} for this partition, above the ceiling of " in str(info.value)
+    assert f"${cost:,.4f}" != f"${ceiling:,.4f}"
 
 
 def test_cost_just_under_the_ceiling_is_downloaded(gateway, tmp_path):

@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 import databento
@@ -171,7 +171,7 @@ def test_more_activity_gives_a_denser_month_with_the_same_calendar() -> None:
 
 @pytest.mark.parametrize("activity", [0, -1.0, float("nan"), float("inf")])
 def test_bad_activity_is_refused(activity: float) -> None:
-    with pytest.raises(ValueError, match="activity"):
+    with pytest.raises(SourceError, match="DBENTO_DEMO_ACTIVITY="):
         DemoSource(activity=activity)
     with pytest.raises(ValueError, match="activity"):
         generate_month_records(INSTRUMENTS["ES"], Month(2024, 1), activity=activity)
@@ -506,3 +506,14 @@ def test_the_demo_follows_the_exchange_calendar() -> None:
         (calendar,) = [r for r in results if r.rule == RULE_CALENDAR]
         assert calendar.passed, (symbol, month, calendar.description)
         assert calendar.extra["calendar"] == calendar_for(instrument)
+
+
+@pytest.mark.parametrize(("calendar", "dataset"), [("none", "GLBX.MDP3"), (None, "IFEU.IMPACT")])
+def test_an_instrument_without_a_calendar_still_gets_demo_bars(calendar, dataset) -> None:
+    # calendar = "none" or a venue without one (the check then says it was skipped): the demo
+    # trades on the kind's usual days instead of failing.
+    es = replace(INSTRUMENTS["ES"], dataset=dataset, calendar=calendar)
+    assert calendar_for(es) is None
+    records = generate_month_records(es, Month(2024, 1), activity=0.05)
+    expected = generate_month_records(replace(es, calendar="CMES"), Month(2024, 1), activity=0.05)
+    assert len(records) > 0 and np.array_equal(records, expected)

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from dbento_assets.cli import run as dbento
 from dbento_assets.core.catalog import load_catalog
 from dbento_assets.core.databento_api import DatabentoSource, RetryPolicy
 from dbento_assets.core.demo import generate_month_records
 from dbento_assets.core.months import Month
-from dbento_assets.core.source import FetchRequest
+from dbento_assets.core.source import DownloadRefused, FetchRequest
 from dbento_assets.estimate import format_size, run
 from dbento_assets_tests.gateway import (
     GET_RANGE,
@@ -121,7 +122,7 @@ def test_unavailable_months_and_the_ceiling_are_called_out(gateway, env, monkeyp
     assert "n/a" in rows[("ES", "2024-04")]
     assert "above the ceiling" in rows[("ES", "2024-01")]
     assert "1 not available" in text
-    assert "3 partition(s) above the ceiling of $0.00 (DBENTO_MAX_COST_USD)" in text
+    assert "3 partition(s) above the ceiling of $0.0000 (DBENTO_MAX_COST_USD)" in text
     assert gateway.count("metadata.get_cost") == 3
 
 
@@ -161,7 +162,7 @@ def test_the_settings_file_never_overrides_the_shell(gateway, env, monkeypatch, 
     out = io.StringIO()
     assert run(["--symbols", "ES", "--start", "2024-01"], out) == 0
     assert gateway.calls("metadata.get_cost")[0].auth_user == TEST_KEY  # the shell's key
-    assert "above the ceiling of $0.00 (DBENTO_MAX_COST_USD)" in out.getvalue()  # the file's
+    assert "above the ceiling of $0.0000 (DBENTO_MAX_COST_USD)" in out.getvalue()  # the file's
 
 
 def test_a_demo_user_without_a_key_is_not_told_to_use_the_demo(gateway, env, monkeypatch, capsys):
@@ -207,3 +208,42 @@ def test_vendor_check_adds_the_one_minute_bars_to_the_estimate(gateway, env, mon
     )
     assert cost_schemas == ["ohlcv-1m", "ohlcv-1m", "ohlcv-1s", "ohlcv-1s"]
     assert not [c for c in calls if c.endpoint == GET_RANGE]
+
+
+def test_check_key_asks_databento_even_for_a_month_in_the_download_cache(gateway, env, monkeypatch):
+    # check-key prices the catalog's first month: cached or not, only an answer proves a key.
+    first = CATALOG.instrument(CATALOG.symbols[0])
+    cached = DatabentoSource(TEST_KEY, env, gateway=gateway.url, retry=RetryPolicy())
+    cached.fetch(FetchRequest(first, CATALOG.start_month), lambda _: None)
+    before = gateway.count("metadata.get_cost")
+    out = io.StringIO()
+    assert dbento(["check-key"], out, io.StringIO()) == 0
+    assert out.getvalue().startswith("The key works: Databento answered (ES 2024-01 would cost $")
+    assert gateway.count("metadata.get_cost") == before + 1
+
+    monkeypatch.setenv("DATABENTO_API_KEY", "db-" + "W" * 29)
+    out, err = io.StringIO(), io.StringIO()
+    assert dbento(["check-key"], out, err) != 0
+    assert "The key works" not in out.getvalue()
+    assert "rejected the API key" in err.getvalue(), err.getvalue()
+
+
+def test_months_the_build_refuses_are_not_priced_as_downloads(gateway, env):
+    # Before start_month: dbento build refuses them, so the estimate does too.
+    err = io.StringIO()
+    assert run(["--symbols", "ES", "--start", "2023-12"], io.StringIO(), err) == 2
+    assert "--start 2023-12 is before the catalog's start_month 2024-01" in err.getvalue()
+    # A month whose download was refused by its checks: only a forced run buys it.
+    source = DatabentoSource(TEST_KEY, env, gateway=gateway.url, retry=RetryPolicy())
+
+    def refuse(_fetched: object) -> None:
+        raise DownloadRefused("refused for the test", rules=["ohlc_consistent"])
+
+    with pytest.raises(DownloadRefused):
+        source.fetch_accepted(FetchRequest(CATALOG.instrument("ES"), Month(2024, 1)), print, refuse)
+    out = io.StringIO()  # --symbol, as dbento build spells it, works too
+    assert run(["--symbol", "ES", "--start", "2024-01"], out) == 0
+    assert (
+        "refused before: bought only by a forced run (--force)"
+        in lines_of(out.getvalue())[("ES", "2024-01")]
+    )

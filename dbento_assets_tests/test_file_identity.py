@@ -120,6 +120,7 @@ def test_identity_is_in_the_footer_and_readable_by_pyarrow_and_duckdb(demo_runs)
         "dbento.origin": "synthetic",
         "dbento.timeframe": "1s",
         "dbento.dataset": "GLBX.MDP3",
+        "dbento.request": "ES.v.0 (continuous)",  # what the symbol was asked for as
         "dbento.version": CODE_VERSION,
         "dbento.complete": "true",  # a closed month (issue 13: the current month says false)
         "dbento.through": "2024-02-01T00:00:00+00:00",
@@ -131,6 +132,7 @@ def test_identity_is_in_the_footer_and_readable_by_pyarrow_and_duckdb(demo_runs)
     found = dict(rows)
     assert found["dbento.timeframe"] == "15s" and found["dbento.symbol"] == "ES"
     assert found["dbento.origin"] == "synthetic" and found["dbento.month"] == "2024-01"
+    assert found["dbento.request"] == "ES.v.0 (continuous)"
     # and the data still reads as plain bars with DuckDB
     count = duckdb.sql(f"SELECT count(*) FROM read_parquet('{raw}')").fetchall()[0][0]
     assert count == pq.read_metadata(raw).num_rows > 0
@@ -148,7 +150,9 @@ def test_csv_sidecar_matches_its_file(demo_runs):
     )
     # The proof of the raw rules holds for the bars read back from CSV too (issue 12).
     proof = raw_rules_proof(bars, JAN)
-    assert identity == FileIdentity("ES", JAN, "synthetic", "1s", "GLBX.MDP3", raw_rules=proof)
+    assert identity == FileIdentity(
+        "ES", JAN, "synthetic", "1s", "GLBX.MDP3", request="ES.v.0 (continuous)", raw_rules=proof
+    )
 
 
 def test_nq_raw_file_over_es_is_refused_in_one_sentence(es_root):

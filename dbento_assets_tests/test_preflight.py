@@ -9,6 +9,7 @@ a ``chmod 500`` folder otherwise.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -17,9 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dagster import DagsterInstance, materialize
+from dagster import DagsterInstance, instance_for_test, materialize
 
 from dbento_assets.assets import build_assets
+from dbento_assets.cli import run as dbento
 from dbento_assets.core.catalog import Catalog, load_catalog
 from dbento_assets.core.months import Month
 from dbento_assets.core.storage import (
@@ -134,6 +136,14 @@ def test_an_unwritable_data_folder_is_refused_before_any_request(gateway, tmp_pa
         assert not result.success
         text = failure_text(result)
         assert f"The data folder {data} is not writable" in text and "DBENTO_DATA_DIR" in text
+        # dbento build prints that sentence too, not the OSError beneath it.
+        out = io.StringIO()
+        defs = build_definitions(databento=paid_source(gateway, data, cache_dir=str(tmp_path)))
+        with instance_for_test() as instance:
+            argv = ["build", "--partition", PARTITION]
+            assert dbento(argv, out, io.StringIO(), defs=defs, instance=instance) != 0
+        assert f"The data folder {data} is not writable" in out.getvalue(), out.getvalue()
+        assert "OSError" not in out.getvalue()
         assert gateway.count() == 0
     assert not (tmp_path / "cache").exists()
 

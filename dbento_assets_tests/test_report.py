@@ -21,6 +21,8 @@ import pytest
 from dagster import DagsterInstance
 
 from dbento_assets import report
+from dbento_assets.checks import all_check_keys
+from dbento_assets.core.catalog import DEFAULT_CATALOG, load_catalog
 from dbento_assets.resources import DatabentoResource
 from dbento_assets_tests.test_checks_dagster import (
     ES_FEB,
@@ -95,6 +97,21 @@ def test_matrix_details_and_exit_code_for_a_mix_of_partitions(
     assert f"- missing_sessions: {MISSING_DAY}" in warnings
 
 
+def test_a_timeframe_added_since_is_said_not_checked(
+    instance: DagsterInstance, tmp_path: Path
+) -> None:
+    text = DEFAULT_CATALOG.read_text()
+    added = tmp_path / "catalog.toml"
+    added.write_text(text.replace('"1min"]', '"1min", "5min"]'))
+    keys = all_check_keys(load_catalog(added))
+    found = report.collect(instance, keys, ["ES", "SPY"])
+    rendered = report.render(found, "test")
+    assert "| 2024-01 | pass, bars_5min not checked | WARN (1), bars_5min not checked |" in (
+        rendered
+    )
+    assert "| 2024-02 | FAIL (1) | - |" in rendered
+
+
 def test_symbol_filter_decides_the_exit_code(instance: DagsterInstance, tmp_path: Path) -> None:
     code, text = write(instance, tmp_path, "--symbol", "SPY")
     assert code == report.EXIT_OK
@@ -103,6 +120,9 @@ def test_symbol_filter_decides_the_exit_code(instance: DagsterInstance, tmp_path
     code, text = write(instance, tmp_path, "--symbol", "ES")
     assert code == report.EXIT_ERRORS
     assert "| 2024-01 | pass |" in text and "| 2024-02 | FAIL (1) |" in text
+    # spelled as dbento estimate and dbento build take symbols
+    code, text = write(instance, tmp_path, "--symbols", "ES,SPY")
+    assert code == report.EXIT_ERRORS and "| month | ES | SPY |" in text
 
 
 def test_fixing_the_failed_partition_clears_the_exit_code(tmp_path: Path) -> None:
@@ -131,6 +151,12 @@ def test_bad_arguments_exit_2_and_without_dagster_home_it_reads_the_project_hist
     assert report.main(["--out", str(out)]) == report.EXIT_OK
     assert f"the Dagster instance in {tmp_path / '.dagster_home'}" in out.read_text()
     assert "r.md: 0 partitions checked" in capsys.readouterr().out
+    # --out a folder: the report goes into it under its usual name, nothing else is left.
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    assert report.main(["--out", str(folder)]) == report.EXIT_OK
+    assert [p.name for p in folder.iterdir()] == ["validation_report.md"]
+    assert f"{folder / 'validation_report.md'}: 0 partitions" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -123,6 +123,31 @@ GOOD_ES = (
             'start_month="2024-01"\ntimeframes=["1min"]\n' + GOOD_ES + "calendar=3\n",
             "calendar must be a calendar name",
         ),
+        # A typo must not do nothing silently, nor a value of the wrong type load.
+        (
+            'start_month="2024-01"\ntimeframes=["1min"]\n' + GOOD_ES + 'calender="none"\n',
+            "unknown key\\(s\\) 'calender'; the keys are dataset, symbol, stype_in",
+        ),
+        ('start_month="2024-01"\ntimefrmes=["1min"]\n' + GOOD_ES, "unknown key\\(s\\) 'timefrmes'"),
+        ('start_month="2024-01"\ntimeframes=15\n' + GOOD_ES, "timeframes must be a list"),
+        ('start_month="2024-01"\ntimeframes="1min"\n' + GOOD_ES, "timeframes must be a list"),
+        (
+            'start_month="2024-01"\ntimeframes=["1min"]\n'
+            + GOOD_ES.replace('symbol="ES.v.0"', 'symbol=["ES.v.0"]'),
+            "symbol must be a text",
+        ),
+        (
+            'start_month="2024-01"\ntimeframes=["1min"]\n' + GOOD_ES.replace('"GLBX.MDP3"', "5"),
+            "dataset must be a text",
+        ),
+        (
+            'start_month="2024-01"\ntimeframes=["1min"]\n' + GOOD_ES.replace("0.25", "inf"),
+            "tick must be a positive number",
+        ),
+        (
+            'start_month="2024-01"\ntimeframes=["1min"]\n' + GOOD_ES.replace("0.25", "true"),
+            "tick must be a positive number",
+        ),
     ],
 )
 def test_bad_catalog_is_reported_with_file_and_entry(tmp_path, body, message):
@@ -130,6 +155,14 @@ def test_bad_catalog_is_reported_with_file_and_entry(tmp_path, body, message):
     with pytest.raises(CatalogError, match=message) as info:
         load_catalog(path)
     assert str(path) in str(info.value)
+
+
+def test_a_catalog_saved_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "catalog.toml"  # as Windows Notepad saves UTF-8
+    path.write_bytes(
+        b"\xef\xbb\xbf" + ('start_month="2024-01"\ntimeframes=["1min"]\n' + GOOD_ES).encode()
+    )
+    assert load_catalog(path).symbols == ["ES"]
 
 
 def test_catalog_override_by_env(tmp_path, monkeypatch):

@@ -663,7 +663,13 @@ def test_calendar_lists_every_missing_session_and_skips_sessions_after_asof() ->
     assert result.extra["missing_sessions"] == [*later, "2024-01-29", "2024-01-30", "2024-01-31"]
     assert result.violations == 8 and "2024-01-22, 2024-01-23" in result.description
     asof = pd.Timestamp("2024-01-20", tz="UTC")
-    assert check_calendar(early, JANUARY, "XNYS", asof=asof).passed
+    partial = check_calendar(early, JANUARY, "XNYS", asof=asof)
+    assert partial.passed
+    # It says which sessions it judged: not "all sessions of the month".
+    assert partial.description == (
+        "Bars were found in all 13 XNYS trading sessions of 2024-01 closed by "
+        "2024-01-20 00:00:00 UTC."
+    )
 
 
 def test_off_grid_raw_bars_are_refused_by_the_timeframe_alignment_rule() -> None:

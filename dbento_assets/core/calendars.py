@@ -19,7 +19,7 @@ import pandas as pd
 from dbento_assets.core.bars import in_order
 from dbento_assets.core.catalog import Instrument, no_calendar_reason
 from dbento_assets.core.months import Month
-from dbento_assets.core.rendering import SAMPLE_ROWS, few
+from dbento_assets.core.rendering import SAMPLE_ROWS, few, utc_text
 from dbento_assets.core.rules import (
     LISTED,
     NAT_NS,
@@ -116,9 +116,11 @@ def check_calendar(
     # session is counted in exactly one month.
     opens = np.maximum(sessions["open"].array.as_unit("ns").asi8, month.start_ns)
     closes = np.minimum(sessions["close"].array.as_unit("ns").asi8, month.end_ns)
+    upto = ""  # a month stored partial: only the sessions over by then are judged
     if asof is not None:
         over = closes <= pd.Timestamp(asof).tz_convert("UTC").value
         sessions, opens, closes = sessions[over], opens[over], closes[over]
+        upto = f" closed by {utc_text(pd.Timestamp(asof).tz_convert('UTC').value)} UTC"
     ts = ts_column(bars)
     ts = ts[ts != NAT_NS]
     if not in_order(ts):
@@ -136,9 +138,9 @@ def check_calendar(
     return make_result(
         RULE_CALENDAR,
         len(missing),
-        f"Bars were found in all {len(sessions)} {calendar} trading sessions of {month}.",
-        f"{len(missing)} of {len(sessions)} {calendar} trading sessions in {month} without "
-        f"any bar: {few(labels)}.",
+        f"Bars were found in all {len(sessions)} {calendar} trading sessions of {month}{upto}.",
+        f"{len(missing)} of {len(sessions)} {calendar} trading sessions in {month}{upto} "
+        f"without any bar: {few(labels)}.",
         sample,
         {
             "calendar": calendar,

@@ -8,6 +8,7 @@ reported with the file and the entry rather than as a failed download later.
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from dataclasses import dataclass
@@ -95,6 +96,24 @@ class Instrument:
     kind: str
     calendar: str | None = None  # as written in the catalog; None: the dataset's default
 
+    @property
+    def request(self) -> str:
+        """What is asked of Databento, as files record it: ``ES.v.0 (continuous)``."""
+        return f"{sent_symbol(self.request_symbol, self.stype_in)} ({self.stype_in})"
+
+
+def sent_symbol(symbol: str, stype_in: str) -> str:
+    """A request symbol as the databento client sends it, so two spellings of one request
+    (``brk.b`` and ``BRK.B``; ``es.v.0`` and ``ES.v.0``) are known as one: stripped and upper
+    case, except the roll rule of a ``ROOT.RULE.RANK`` smart symbol, which is lower case."""
+    text = symbol.strip()
+    if stype_in not in ("parent", "continuous"):
+        return text.upper()
+    tokens = text.upper().split(".")
+    if len(tokens) == 3:
+        tokens[1] = tokens[1].lower()
+    return ".".join(tokens)
+
 
 @dataclass(frozen=True)
 class Catalog:
@@ -153,7 +172,8 @@ def load_catalog(path: Path | str | None = None) -> Catalog:
     """Read and validate a catalog file (default: :func:`catalog_path`)."""
     file = Path(path) if path is not None else catalog_path()
     try:
-        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+        # utf-8-sig: a file saved by Windows Notepad starts with a byte-order mark.
+        raw = tomllib.loads(file.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise CatalogError(f"catalog file {file} does not exist (check DBENTO_CATALOG)") from None
     except tomllib.TOMLDecodeError as exc:
@@ -161,14 +181,34 @@ def load_catalog(path: Path | str | None = None) -> Catalog:
     return parse_catalog(raw, file)
 
 
+_TOP_KEYS = ("start_month", "timeframes", "instruments")
+_INSTRUMENT_KEYS = ("dataset", "symbol", "stype_in", "tick", "kind", "calendar")
+
+
+def _unknown(found: dict[str, Any], known: tuple[str, ...], where: str) -> None:
+    """Refuse keys a catalog does not read: a mistyped one would silently do nothing."""
+    extra = [key for key in found if key not in known]
+    if extra:
+        raise CatalogError(
+            f"{where}: unknown key(s) {', '.join(map(repr, extra))}; the keys are "
+            f"{', '.join(known)}"
+        )
+
+
 def parse_catalog(raw: dict[str, Any], file: Path) -> Catalog:
     """Validate the decoded TOML of a catalog file."""
+    _unknown(raw, _TOP_KEYS, str(file))
     try:
         start = Month.parse(str(raw.get("start_month", "")))
     except ValueError as exc:
         raise CatalogError(f"{file}: start_month: {exc}") from None
+    labels = raw.get("timeframes", [])
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        raise CatalogError(
+            f'{file}: timeframes must be a list of labels such as ["15s", "1min"], got {labels!r}'
+        )
     try:
-        timeframes = parse_timeframes(list(raw.get("timeframes", [])))
+        timeframes = parse_timeframes(labels)
     except TimeframeError as exc:
         raise CatalogError(f"{file}: timeframes: {exc}") from None
     if not timeframes:
@@ -186,15 +226,21 @@ def _instrument(symbol: str, spec: Any, file: Path) -> Instrument:
         raise CatalogError(f"{where}: symbol must be letters, digits, '.', '_' or '-'")
     if not isinstance(spec, dict):
         raise CatalogError(f"{where} must be a table")
+    _unknown(spec, _INSTRUMENT_KEYS, where)
     missing = [k for k in ("dataset", "symbol", "stype_in", "tick", "kind") if k not in spec]
     if missing:
         raise CatalogError(f"{where} is missing {', '.join(missing)}")
+    for key, example in (("dataset", "GLBX.MDP3"), ("symbol", "ES.v.0")):
+        if not isinstance(spec[key], str) or not spec[key].strip():
+            raise CatalogError(
+                f'{where}: {key} must be a text such as "{example}", got {spec[key]!r}'
+            )
     if spec["stype_in"] not in STYPES:
         raise CatalogError(f"{where}: stype_in {spec['stype_in']!r} is not one of {STYPES}")
     if spec["kind"] not in KINDS:
         raise CatalogError(f"{where}: kind {spec['kind']!r} is not one of {KINDS}")
     tick = spec["tick"]
-    if not isinstance(tick, int | float) or not tick > 0:
+    if isinstance(tick, bool) or not isinstance(tick, int | float) or not 0 < tick < math.inf:
         raise CatalogError(f"{where}: tick must be a positive number, got {tick!r}")
     calendar = spec.get("calendar")
     if calendar is not None:

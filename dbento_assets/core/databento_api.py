@@ -25,7 +25,7 @@ import requests
 import tenacity
 from databento import BentoClientError, BentoError, BentoServerError
 
-from dbento_assets.core.catalog import Instrument, catalog_path
+from dbento_assets.core.catalog import Instrument, catalog_path, sent_symbol
 from dbento_assets.core.coverage import VendorMonth, dbn_coverage
 from dbento_assets.core.dbn import (
     OHLCV_RTYPES,
@@ -47,6 +47,7 @@ from dbento_assets.core.dbn_cache import (
 from dbento_assets.core.frame_rules import check_ohlc
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import (
+    NO_KEY_MESSAGE,
     DownloadRefused,
     FetchedMonth,
     FetchRequest,
@@ -212,10 +213,7 @@ class DatabentoSource:
         rng: random.Random | None = None,
     ) -> None:
         if not api_key or not api_key.strip() or api_key.strip() == "YOUR_API_KEY":
-            raise SourceError(
-                "No Databento API key: put DATABENTO_API_KEY=db-... in the .env file next to "
-                "where you start Dagster, or try DBENTO_SOURCE=demo"
-            )
+            raise SourceError(NO_KEY_MESSAGE)
         if max_cost_usd < 0:
             raise SourceError(f"DBENTO_MAX_COST_USD must not be negative, got {max_cost_usd}")
         if timeout_seconds <= 0:
@@ -309,6 +307,8 @@ class DatabentoSource:
         inst, month = request.instrument, request.month
         entry = self.cache.entry(inst.symbol, month, schema)
         with self.cache.lock(entry, log):
+            if not request.force:
+                self._reuse_bought(entry, inst, log)
             if entry.path.is_file() and not request.force:
                 manifest = self._verified(entry, inst, log)
                 hit = self._cache_hit_metadata(manifest)
@@ -346,31 +346,46 @@ class DatabentoSource:
 
     def _verified(self, entry: CacheEntry, inst: Instrument, log: Logger) -> dict[str, Any]:
         """The manifest of a cached file (see :meth:`DbnCache.verify`). A file bought for
-        another request than the catalog's now (a symbol corrected in the catalog) is never
-        served as this symbol's data: the month's files are moved to the quarantine folder,
-        so the next run buys the month as the catalog asks."""
+        another request than the catalog's now (a symbol corrected in the catalog, or
+        mistyped) is never served as this symbol's data: the month's files are parked under
+        the request they were bought for (``by_request/``), where a catalog asking for that
+        request again finds them, so that the next run buys the month as the catalog asks."""
         manifest = self.cache.verify(entry, log)
-        asked = {
-            "dataset": inst.dataset,
-            "request_symbol": inst.request_symbol,
-            "stype_in": inst.stype_in,
-        }
-        bought = {key: manifest.get(key) for key in asked}
-        if all(bought[key] in (None, asked[key]) for key in asked):  # None: an early manifest
+        if _same_request(manifest, inst):
             return manifest
+        bought = _request_of(manifest, inst)
         month = entry.month_entry
         files = [month] if month.path.is_file() else []
         files += self.cache.pieces(month, checked=False)
-        moved = [self.cache.quarantine(f.path, f, with_manifest=True) for f in files]
+        moved = [self.cache.park(f, bought) for f in files]
         raise SourceError(
-            f"The cached DBN file {entry.path} was bought for {bought['request_symbol']} "
-            f"({bought['stype_in']}) on {bought['dataset']}, but the catalog now asks for "
-            f"{inst.request_symbol} ({inst.stype_in}) on {inst.dataset} for {inst.symbol}: "
-            f"nothing was decoded from it and nothing was requested, and the month's "
-            f"file(s) were moved to {moved[0].parent if moved else 'the quarantine folder'}. "
-            f"Materialize again to buy {month} for {inst.request_symbol} (a paid request); "
-            "if the catalog change was a mistake, move the files back instead."
+            f"The cached DBN file {entry.path} was bought for {bought[1]} ({bought[2]}) on "
+            f"{bought[0]}, but the catalog now asks for {inst.request} on {inst.dataset} for "
+            f"{inst.symbol}: nothing was decoded from it and nothing was requested. The "
+            f"month's file(s) were moved to {moved[0].parent if moved else 'by_request/'}, "
+            f"where they are used again, without buying, if the catalog asks for "
+            f"{bought[1]} again. Materialize again to buy {month} for {inst.request_symbol} "
+            "(a paid request)."
         )
+
+    def _reuse_bought(self, entry: CacheEntry, inst: Instrument, log: Logger) -> None:
+        """Before buying a month this symbol has no file of: the files bought for the same
+        request parked by a catalog change (a typo and its fix), else a whole month another
+        catalog symbol bought for the same request (a symbol renamed), become this entry."""
+        if entry.path.is_file() or self.cache.pieces(entry, checked=False):
+            return
+        restored = self.cache.unpark(entry, _asked(inst))
+        if restored:
+            log(
+                f"DBN cache: {entry} restored from {restored[0].parent}: bought before for "
+                f"{inst.request}; nothing is bought"
+            )
+            return
+        if self.cache.bought_elsewhere(entry, lambda found: _same_request(found, inst)):
+            log(
+                f"DBN cache: {entry} was bought before for {inst.request} under another "
+                "catalog symbol; that file is used, nothing is bought"
+            )
 
     def _pass_alone(
         self,
@@ -502,10 +517,10 @@ class DatabentoSource:
         cost = float(cost)
         if cost > self.max_cost_usd:
             raise SourceError(
-                f"{what}: Databento estimates ${cost:,.2f} for this partition, "
-                f"above the ceiling of ${self.max_cost_usd:,.2f} (DBENTO_MAX_COST_USD). Nothing "
-                "was downloaded. Raise DBENTO_MAX_COST_USD if the price is expected, and check "
-                "the total first with `python -m dbento_assets.estimate`."
+                f"{what}: Databento estimates {format_usd(cost)} for this partition, above the "
+                f"ceiling of {format_usd(self.max_cost_usd)} (DBENTO_MAX_COST_USD). Nothing was "
+                "downloaded. Raise DBENTO_MAX_COST_USD if the price is expected, and check the "
+                "total first with `dbento estimate`."
             )
         billable = int(
             self._call(
@@ -537,9 +552,13 @@ class DatabentoSource:
                 f"[instruments.{inst.symbol}] entry in {self._catalog_file()}."
             )
         target = entry.with_piece(window.start.value, window.end.value) if grows else entry
-        part, check, attempts = self._download(
-            inst, month, window, entry, target, expected, billable, log
-        )
+        try:
+            part, check, attempts = self._download(
+                inst, month, window, entry, target, expected, billable, log
+            )
+        except DownloadRefused as exc:  # a file that arrived, paid for, and was refused
+            exc.paid_usd = cost
+            raise
         try:
             metadata: dict[str, Any] = {
                 "source": self.name,
@@ -570,6 +589,7 @@ class DatabentoSource:
                     held, (part, metadata), through_ns, month, accept
                 )
             except DownloadRefused as exc:
+                exc.paid_usd = cost
                 self._refuse(entry, part, exc, cached=False, piece=target, held=len(held))
                 raise
             try:
@@ -627,14 +647,36 @@ class DatabentoSource:
             f"runs fail at once without paying again, and {FORCE_HINT}."
         )
 
-    def estimate(self, instrument: Instrument, month: Month, schema: str = SCHEMA) -> CostEstimate:
-        """Price one partition without downloading it (free calls only; cached: no call)."""
+    def estimate(
+        self, instrument: Instrument, month: Month, schema: str = SCHEMA, *, ask: bool = False
+    ) -> CostEstimate:
+        """Price one partition without downloading it (free calls only; cached: no call,
+        unless ``ask``: then Databento prices it even so, as proof that the key works)."""
         final = self.cache_path(instrument.symbol, month, schema)
-        if final.is_file():  # a price, not a read: the run that uses it verifies it
-            return CostEstimate(instrument.symbol, month, cached=True, note=f"cached: {final}")
         entry = self.cache.entry(instrument.symbol, month, schema)
+        other = ""  # a cached file bought for another request than the catalog's now
+        if final.is_file() and not ask:  # a price, not a read: the run using it verifies it
+            manifest = self.cache.manifest_of(entry) or {}
+            if _same_request(manifest, instrument):
+                return CostEstimate(instrument.symbol, month, cached=True, note=f"cached: {final}")
+            bought = _request_of(manifest, instrument)
+            other = f"cached for {bought[1]} ({bought[2]}), bought again for {instrument.request}"
+        elif not ask:
+            whole = f"_{month.tag}.{schema}.dbn.zst"
+            parked = [
+                p for p in self.cache.parked(entry, _asked(instrument)) if p.name.endswith(whole)
+            ]
+            reused = (
+                parked[0]
+                if parked
+                else self.cache.elsewhere(entry, lambda found: _same_request(found, instrument))
+            )
+            if reused is not None:  # the run uses that file: nothing is bought
+                return CostEstimate(
+                    instrument.symbol, month, cached=True, note=f"bought before: {reused}"
+                )
         try:
-            pieces = self.cache.pieces(entry)
+            pieces = [] if ask or other else self.cache.pieces(entry)
         except SourceError as exc:
             return CostEstimate(instrument.symbol, month, cached=False, note=str(exc))
         through = (
@@ -676,10 +718,13 @@ class DatabentoSource:
                 lambda: self._client_().metadata.get_billable_size(**query),
             )
         )
-        note = window.partial_reason or ""
+        refused = "" if ask or other else self.cache.refused_message(entry)
+        if refused:  # a run fails at once without buying it; only a forced one pays
+            refused = "refused before: bought only by a forced run (--force)"
+        note = "; ".join(text for text in (other, refused, window.partial_reason or "") if text)
         if cost > self.max_cost_usd:
             note = (note + "; " if note else "") + (
-                f"above the ceiling ${self.max_cost_usd:,.2f} (DBENTO_MAX_COST_USD)"
+                f"above the ceiling {format_usd(self.max_cost_usd)} (DBENTO_MAX_COST_USD)"
             )
         return CostEstimate(instrument.symbol, month, False, cost, size, note)
 
@@ -915,8 +960,9 @@ class DatabentoSource:
         if status in (401, 403):
             raise SourceError(
                 f"Databento rejected the API key (HTTP {status}: {detail}) during {what}. "
-                "Check DATABENTO_API_KEY in your .env (the key is not shown here), that it is "
-                "active, and that it is entitled to the dataset. Not retried."
+                "Check DATABENTO_API_KEY in the project's dbento.env (or your environment; the "
+                "key is not shown here), that it is active, and that it is entitled to the "
+                "dataset. Not retried."
             ) from None
         raise SourceError(
             f"Databento refused {what} for {inst.symbol} {month} (HTTP {status}: {detail}): "
@@ -977,3 +1023,29 @@ def _not_fully_available(what: str, end: pd.Timestamp, month: Month) -> str:
         f"{end.isoformat()} (exclusive) and the month ends {month.end.isoformat()}. Nothing "
         "was downloaded or written."
     )
+
+
+def format_usd(amount: float) -> str:
+    """Dollars: whole cents as such, any other amount to 1/100 of a cent (Databento prices
+    small requests in fractions of a cent), so a price just above a ceiling never reads as
+    the ceiling itself."""
+    return f"${amount:,.2f}" if amount >= 1 and round(amount, 2) == amount else f"${amount:,.4f}"
+
+
+def _request_of(manifest: dict[str, Any], inst: Instrument) -> tuple[str, str, str]:
+    """(dataset, symbol as sent, stype_in) a cached file was bought for (an early manifest
+    without them: the instrument's)."""
+    stype = str(manifest.get("stype_in") or inst.stype_in)
+    symbol = str(manifest.get("request_symbol") or inst.request_symbol)
+    return str(manifest.get("dataset") or inst.dataset), sent_symbol(symbol, stype), stype
+
+
+def _asked(inst: Instrument) -> tuple[str, str, str]:
+    """(dataset, symbol as sent, stype_in): what the catalog asks Databento for ``inst``."""
+    return inst.dataset, sent_symbol(inst.request_symbol, inst.stype_in), inst.stype_in
+
+
+def _same_request(manifest: dict[str, Any], inst: Instrument) -> bool:
+    """Whether a cached file was bought for what the catalog asks for ``inst``, compared as
+    Databento reads it (a symbol spelled otherwise is the same request)."""
+    return _request_of(manifest, inst) == _asked(inst)

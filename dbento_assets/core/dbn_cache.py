@@ -2,9 +2,10 @@
 
 Under ``<cache root>/dbn/``: entries with their manifests (size, SHA-256, counts, cost,
 gateway), refusal notes (``<entry>.refused.json``: not bought again without force),
-``quarantine/`` (refused or broken files, never deleted) and ``.locks/`` (one ``filelock`` per
-entry, dropped by the kernel when its holder dies). Every read verifies an entry against its
-manifest; a download becomes an entry only by :meth:`DbnCache.commit`.
+``quarantine/`` (refused or broken files, never deleted), ``by_request/`` (good files bought
+for a request the catalog no longer makes, kept to be used again) and ``.locks/`` (one
+``filelock`` per entry, dropped by the kernel when its holder dies). Every read verifies an
+entry against its manifest; a download becomes an entry only by :meth:`DbnCache.commit`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import hashlib
 import itertools
 import json
 import os
+import re
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,8 +38,10 @@ REFUSED_SUFFIX = ".refused.json"
 PART_SUFFIX = ".part"
 LOCK_SUFFIX = ".lock"
 QUARANTINE = "quarantine"
+PARKED = "by_request"
 LOCKS = ".locks"
 MANIFEST_VERSION = 1
+Request = tuple[str, str, str]  # (dataset, request symbol as sent, stype_in)
 OHLCV_1S = "ohlcv-1s"  # the pipeline's bars; other schemas serve checks
 LOCK_LOG_SECONDS = 30.0  # how often a run waiting for another one's download says so
 FORCE_HINT = (
@@ -355,6 +360,82 @@ class DbnCache:
         fsync_dir(target.parent)
         return target
 
+    # ------------------------------------------------------------------ other requests
+
+    def request_folder(self, request: Request) -> Path:
+        """Where files bought for ``request`` wait while the catalog asks for another."""
+        slug = "__".join(re.sub(r"[^A-Za-z0-9.-]", "_", part) for part in request)
+        return self.folder / PARKED / slug
+
+    def park(self, entry: CacheEntry, request: Request) -> Path:
+        """Move ``entry`` (with its manifest), bought for ``request``, out of the way of a
+        symbol the catalog now asks for otherwise; :meth:`unpark` brings it back."""
+        target = self.request_folder(request) / entry.path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if entry.manifest_path.exists():
+            os.replace(entry.manifest_path, target.with_name(target.name + MANIFEST_SUFFIX))
+        os.replace(entry.path, target)
+        fsync_dir(target.parent)
+        return target
+
+    def parked(self, entry: CacheEntry, request: Request) -> list[Path]:
+        """The files of ``entry``'s month and schema parked for ``request`` (under whatever
+        symbol they were bought)."""
+        mark = f"_{entry.month.tag}.{entry.schema}."
+        return sorted(self.request_folder(request).glob(f"*{mark}*dbn.zst"))
+
+    def unpark(self, entry: CacheEntry, request: Request) -> list[Path]:
+        """Bring back the files :meth:`parked` for ``request``, as ``entry``'s; the paths
+        restored."""
+        mark = f"_{entry.month.tag}.{entry.schema}."
+        restored = []
+        for path in self.parked(entry, request):
+            target = entry.path.parent / f"{entry.stem}.{path.name.split(mark, 1)[1]}"
+            if target.exists():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            manifest = path.with_name(path.name + MANIFEST_SUFFIX)
+            if manifest.exists():
+                os.replace(manifest, target.with_name(target.name + MANIFEST_SUFFIX))
+            os.replace(path, target)
+            restored.append(target)
+        if restored:
+            fsync_dir(entry.path.parent)
+        return restored
+
+    def elsewhere(self, entry: CacheEntry, same: Callable[[dict[str, Any]], bool]) -> Path | None:
+        """A whole month of ``entry``'s month and schema that another catalog symbol's entry
+        holds, its manifest ``same`` request (a symbol renamed in the catalog, or two names
+        for one request)."""
+        for manifest in sorted(
+            self.folder.glob(f"*/*_{entry.month.tag}.{entry.schema}.dbn.zst.json")
+        ):
+            if manifest.parent.name in (QUARANTINE, PARKED, LOCKS, entry.symbol):
+                continue
+            data = manifest.with_name(manifest.name.removesuffix(MANIFEST_SUFFIX))
+            loaded = self._read_json(manifest)
+            if loaded is not None and data.is_file() and same(loaded):
+                return data
+        return None
+
+    def bought_elsewhere(self, entry: CacheEntry, same: Callable[[dict[str, Any]], bool]) -> bool:
+        """Link into ``entry`` the month :meth:`elsewhere` finds; whether there was one. The
+        data file is shared (a hard link, else a copy), the manifest copied."""
+        data = self.elsewhere(entry, same)
+        if data is None:
+            return False
+        text = data.with_name(data.name + MANIFEST_SUFFIX).read_bytes()
+        entry.path.parent.mkdir(parents=True, exist_ok=True)
+        part = entry.path.with_name(f".{entry.path.name}.{uuid.uuid4().hex}.link")
+        try:
+            os.link(data, part)
+        except OSError:
+            shutil.copyfile(data, part)
+        write_atomic(UPath(entry.manifest_path), lambda f: f.write(text))
+        os.replace(part, entry.path)
+        fsync_dir(entry.path.parent)
+        return True
+
     # ------------------------------------------------------------------ refusals
 
     def remember_refused(self, entry: CacheEntry, refusal: DownloadRefused, moved: Path) -> None:
@@ -396,6 +477,10 @@ class DbnCache:
             f"{note.get('quarantined', '?')}; nothing was requested this time, and "
             f"{FORCE_HINT}{also}."
         )
+
+    def manifest_of(self, entry: CacheEntry) -> dict[str, Any] | None:
+        """The manifest of ``entry`` as written, unverified (None: none readable)."""
+        return self._read_json(entry.manifest_path)
 
     def _read_json(self, path: Path) -> dict[str, Any] | None:
         try:

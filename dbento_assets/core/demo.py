@@ -154,9 +154,10 @@ def generate_month_records(
     profile_p, profile_rth = _profile_arrays(instrument.kind)
 
     # 1. Which seconds trade: every second of every trading piece, kept with probability p.
-    starts, lengths, tod0, day_index, n_days = _trading_pieces(
-        instrument.kind, month, calendar_for(instrument)
-    )
+    # Without a calendar for the venue (calendar = "none", a dataset without one), the
+    # demo still trades on its kind's usual days: CME's for futures, NYSE's for equities.
+    calendar = calendar_for(instrument) or ("CMES" if instrument.kind == "future" else "XNYS")
+    starts, lengths, tod0, day_index, n_days = _trading_pieces(instrument.kind, month, calendar)
     rng_days = _rng(instrument, month, "days")
     day_mult = 0.85 + 0.3 * _uniform(rng_days, n_days)  # busier and quieter days
     total = int(lengths.sum())
@@ -262,7 +263,10 @@ class DemoSource:
         self, activity: float = 1.0, compress: bool = False, now: pd.Timestamp | None = None
     ) -> None:
         if not (isinstance(activity, int | float) and math.isfinite(activity) and activity > 0):
-            raise ValueError(f"demo activity must be a positive finite number, got {activity!r}")
+            raise SourceError(
+                f"DBENTO_DEMO_ACTIVITY={activity!r}: the demo's activity must be a positive "
+                "number (1 gives about a million bars for an ES month)"
+            )
         self.activity = float(activity)
         self.compress = compress
         self.now = now

@@ -40,16 +40,25 @@ class DownloadRefused(SourceError):
     """Data that must not become a cache entry or a month (raised by an ``accept`` callable or
     by the file check). ``rules`` names what refused it; ``results`` carries whatever the
     caller wants back (the asset's check results); the cache adds ``outcome``, a sentence on
-    where the data went."""
+    where the data went, and ``paid_usd``, what the refused download cost (0: none bought)."""
 
     def __init__(self, message: str, rules: list[str], results: Any = None) -> None:
         super().__init__(message)
         self.rules = rules
         self.results = results
         self.outcome = ""
+        self.paid_usd = 0.0
 
     def __str__(self) -> str:
         return f"{self.args[0]} {self.outcome}".strip()
+
+
+NO_KEY_MESSAGE = (
+    "DBENTO_SOURCE=databento needs a Databento API key and none is set. Put "
+    "DATABENTO_API_KEY=db-... in the dbento.env file of the project folder (or in the "
+    "environment), then reload the code location; or try the pipeline without an account "
+    "with DBENTO_SOURCE=demo (synthetic data)."
+)
 
 
 @dataclass(frozen=True)

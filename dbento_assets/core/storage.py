@@ -117,6 +117,9 @@ class FileIdentity:
     origin: str  # "synthetic" (demo) or "databento" (real market data)
     timeframe: str = RAW_TIMEFRAME  # "1s" for raw bars, else the aggregated label
     dataset: str = ""  # the Databento dataset ("" when the writer did not know it)
+    # What was asked of the source for the symbol, e.g. ``ES.v.0 (continuous)`` (see
+    # :attr:`~dbento_assets.core.catalog.Instrument.request`); "" in files of older code.
+    request: str = ""
     version: str = CODE_VERSION  # the code that wrote the file
     # A month that has not closed yet is stored partial: its bars end before ``through``
     # (exclusive, ISO 8601 UTC). A complete month's ``through`` is "" (the month's end).
@@ -155,6 +158,7 @@ class FileIdentity:
             "origin": self.origin,
             "timeframe": self.timeframe,
             "dataset": self.dataset,
+            "request": self.request,
             "version": self.version,
             "complete": "true" if self.complete else "false",
             "through": self.through_text,
@@ -188,6 +192,7 @@ class FileIdentity:
             origin=found["origin"],
             timeframe=found["timeframe"],
             dataset=found.get("dataset", ""),
+            request=found.get("request", ""),
             version=found.get("version", ""),
             # Files written before partial months existed were always whole months.
             complete=complete,
@@ -198,18 +203,21 @@ class FileIdentity:
 
     def names_the_same_file(self, other: FileIdentity) -> bool:
         """Whether ``other`` names the same file: symbol, month, origin and timeframe (and
-        dataset when both name one)."""
+        dataset and request when both name them: a symbol asked for otherwise since, say
+        ``ES.c.0`` for ``ES.v.0``, is another instrument's bars)."""
         return (
             other.symbol == self.symbol
             and other.month == self.month
             and other.origin == self.origin
             and other.timeframe == self.timeframe
             and (not other.dataset or not self.dataset or other.dataset == self.dataset)
+            and (not other.request or not self.request or other.request == self.request)
         )
 
     def describe(self) -> str:
-        """``ES 1s bars of 2024-01 (real Databento market data, GLBX.MDP3)``."""
-        where = f", {self.dataset}" if self.dataset else ""
+        """``ES 1s bars of 2024-01 (real Databento market data, GLBX.MDP3, ES.v.0
+        (continuous))``."""
+        where = "".join(f", {text}" for text in (self.dataset, self.request) if text)
         partial = "" if self.complete else f" up to {self.through_text} (partial)"
         return (
             f"{self.symbol} {self.timeframe} bars of {self.month}{partial} "
@@ -467,7 +475,7 @@ class BarStore:
         sidecar, pending = _sidecar(path), _pending(path)
         note_text = ""
 
-        def note_first() -> None:
+        def note_first(written: str | None) -> None:
             # The new CSV's note is stored (pending) before the CSV replaces the old one: a
             # write killed between the two still leaves each file with its note.
             nonlocal note_text
@@ -477,6 +485,8 @@ class BarStore:
                     "dbento.size_bytes": hashed.size,
                     "dbento.sha256": hashed.hexdigest(),
                 }
+                if written is not None:  # kept by the rename: an edit since changes it
+                    note[_MTIME_KEY] = os.stat(written).st_mtime_ns
                 note_text = json.dumps(note, indent=2, sort_keys=True) + "\n"
                 write_atomic(pending, lambda f: f.write(note_text.encode()))
 
@@ -540,13 +550,24 @@ class BarStore:
 
     @staticmethod
     def _sized_note_pairs(path: UPath) -> dict[str, str]:
-        """The identity in the note written for a CSV of this file's size, the pending note
-        first (a write may have ended between file and note); raises OSError without one."""
-        size = path.stat().st_size
+        """The identity in the note written for this CSV as it is, the pending note first (a
+        write may have ended between file and note); raises OSError without one.
+
+        As it is: of the note's size and, locally, of its modification time (kept by the
+        rename that stored it); when that time differs (an edit, even one keeping the size,
+        or a copy), of the note's SHA-256. On object storage the size alone is compared, so
+        as not to download every file to list it."""
+        stat = path.stat()
+        hashed: str | None = None
         for note in (_pending(path), _sidecar(path)):
             with contextlib.suppress(OSError, UnfitFile):
-                pairs, written_size, _ = _parsed_note(note)
-                if written_size == size:
+                pairs, written_size, digest = _parsed_note(note)
+                if written_size != stat.st_size:
+                    continue
+                if not is_local(path) or pairs.get(_MTIME_KEY) == str(stat.st_mtime_ns):
+                    return pairs
+                hashed = hashed or _sha256_of(path)
+                if hashed == digest:
                     return pairs
         raise FileNotFoundError(f"no note written for {path} as it is")
 
@@ -633,9 +654,10 @@ def check_local_folder(folder: str | os.PathLike[str], what: str, fix: str) -> N
         with tempfile.TemporaryFile(dir=existing, prefix=".dbento_write_check"):
             pass
     except OSError as exc:
+        # from None: the reason is in the sentence, and a build prints the innermost error.
         raise StorageError(
             f"{what} is not writable ({existing}: {exc.strerror or exc}): {fix}."
-        ) from exc
+        ) from None
 
 
 def _refuse_other_origin(root: UPath, found: str | None, origin: str, source_name: str) -> None:
@@ -663,6 +685,17 @@ def _note_of(note_path: UPath, read: _Hashing) -> dict[str, str] | None:
     those ``read`` saw."""
     pairs, size, digest = _parsed_note(note_path)
     return pairs if read.size == size and read.hexdigest() == digest else None
+
+
+_MTIME_KEY = "dbento.mtime_ns"  # a CSV note: the file's modification time once written
+
+
+def _sha256_of(path: UPath) -> str:
+    read = _Hashing()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            read.update(chunk)
+    return read.hexdigest()
 
 
 def _parsed_note(note_path: UPath) -> tuple[dict[str, str], int, str]:
@@ -735,7 +768,7 @@ def identity_problem(
     or None when it is.
 
     A file with an identity must match it in symbol, month, origin and timeframe (and
-    dataset when both name one), and its bars must be of that symbol. A file without an
+    dataset and request when both name them), and its bars must be of that symbol. A file without an
     identity (written before identities existed) is judged by its bars alone: one symbol,
     the expected one, and bars in the month (its origin is that of the root it lies in).
     Bars outside the month in a file of this month are for the raw rules to report.
@@ -769,7 +802,7 @@ def describe_bars(frame: pd.DataFrame) -> str:
 def write_atomic(
     path: UPath,
     write: Callable[[BinaryIO], object],
-    before_replace: Callable[[], object] | None = None,
+    before_replace: Callable[[str | None], object] | None = None,
 ) -> None:
     """Write a file so that readers see the old file or the complete new one, never a part.
 
@@ -779,13 +812,13 @@ def write_atomic(
     objects over 100 MB a multipart upload that is completed only after every part arrived),
     so a failure before or during the upload leaves the previous object as it was.
     ``before_replace`` runs once the new file is complete, before it takes the old one's
-    place.
+    place, given the complete file's temporary path (None on object storage).
     """
     if not is_local(path):
         buffer = io.BytesIO()
         write(buffer)
         if before_replace is not None:
-            before_replace()
+            before_replace(None)
         with _remote_errors(path, "write"):
             path.fs.pipe_file(path.path, buffer.getvalue())
         return
@@ -803,7 +836,7 @@ def write_atomic(
             f.flush()
             os.fsync(f.fileno())
         if before_replace is not None:
-            before_replace()
+            before_replace(tmp)
         os.replace(tmp, target)
         fsync_dir(folder)
     except BaseException:
