@@ -45,7 +45,12 @@ from dbento_assets.checks import (
 from dbento_assets.core.aggregate import aggregate_many, built_from
 from dbento_assets.core.bars import bars_before
 from dbento_assets.core.catalog import Catalog, Instrument
-from dbento_assets.core.coverage import IncompleteMonth, Window, require_whole_month
+from dbento_assets.core.coverage import (
+    IncompleteMonth,
+    Window,
+    intersect_windows,
+    require_whole_month,
+)
 from dbento_assets.core.dbn import DecodedMonth, decode_month
 from dbento_assets.core.months import Month
 from dbento_assets.core.preflight import preflight
@@ -93,8 +98,8 @@ FORCE_VENDOR_1M = "vendor-1m"  # the tag's value that renews only the vendor's 1
 # On a run that must store its month whole (the monthly schedule's): a month a source holds
 # only part of fails instead of being stored partial.
 WHOLE_MONTH_TAG = "dbento/whole-month"
-_FORCE_ALL = ("true", "1", "yes")
-_FORCE_NONE = ("", "false", "0", "no")
+_FORCE_ALL = ("true", "1", "yes")  # how a yes/no run tag may say yes
+_FORCE_NONE = ("", "false", "0", "no")  # and no
 VENDOR_ERROR_KEY = "vendor_1m_error"  # raw_1s_bars metadata: the 1m download failed
 VENDOR_COST_KEY = "vendor_1m_cost_usd"  # raw_1s_bars metadata: what the 1m download cost
 REFUSED_COST_KEY = "refused_download_cost_usd"  # an observation: a download paid and refused
@@ -175,7 +180,14 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
                 f"Databento's 1-minute bars again, but {why}, so nothing was downloaded.",
                 allow_retries=False,
             )
-        whole = context.run.tags.get(WHOLE_MONTH_TAG, "").strip().lower() == "true"
+        whole_tag = context.run.tags.get(WHOLE_MONTH_TAG, "").strip().lower()
+        if whole_tag not in (*_FORCE_ALL, *_FORCE_NONE):  # a typo must not store it partial
+            raise Failure(
+                description=f"The run tag {WHOLE_MONTH_TAG}={whole_tag!r} is not understood, "
+                "so nothing was downloaded: use true (the month whole, or nothing) or false.",
+                allow_retries=False,
+            )
+        whole = whole_tag in _FORCE_ALL
         request = FetchRequest(instrument, month, force=forced.bars_1s, whole=whole)
 
         def accept(fetched: FetchedMonth) -> tuple[DecodedMonth, list[RuleResult], list[Window]]:
@@ -238,7 +250,11 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
             )
         bars = decoded.bars
         rolls = sorted({int(i) for i in bars["instrument_id"].unique()}) if len(bars) else []
-        vendor_request = replace(request, force=forced.vendor_1m)
+        # A force of the 1-minute bars alone renews them whole, pieces bought while the month
+        # was open included; a force of the month keeps those and buys their new part.
+        vendor_request = replace(
+            request, force=forced.vendor_1m, renew_pieces=forced.vendor_1m and not forced.bars_1s
+        )
         vendor = _prefetch_vendor_1m(source, vendor_request, context.log.info, compared)
         if VENDOR_ERROR_KEY in vendor:
             # For the bars step of this run, which then does not pay for a second round of
@@ -465,7 +481,11 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
                 compared = vendor_result(
                     bars,
                     vendor,
-                    _raw_coverage(raw, month),
+                    # What raw covers, up to where these bars end (a file behind raw).
+                    intersect_windows(
+                        _raw_coverage(raw, month),
+                        [(month.start_ns, month.end_ns if cut is None else cut)],
+                    ),
                     month,
                     requested=requested,
                     log=context.log.info,

@@ -13,7 +13,6 @@ from dagster import (
     AssetKey,
     AssetRecordsFilter,
     DagsterInstance,
-    DagsterRunStatus,
 )
 
 COMPLETED = frozenset({"SUCCEEDED", "FAILED"})  # a check record's status once it has run
@@ -50,14 +49,15 @@ def completed_evaluations(instance: DagsterInstance, key: AssetCheckKey) -> Iter
     return (r for r in execution_records(instance, key) if r.status.value in COMPLETED)
 
 
-def skipped_by_a_finished_run(instance: DagsterInstance, record: Any) -> bool:
-    """Whether a check record that never completed was left so by a run that succeeded:
-    the check was skipped (Dagster shows it so) on the files that run wrote, so no older
-    result speaks for them. A failed run changed no file: older results still do."""
-    if record.status.value in COMPLETED:
+def skipped_on_the_file_it_wrote(instance: DagsterInstance, record: Any) -> bool:
+    """Whether a check record that never completed (planned, skipped) belongs to the run
+    that wrote the asset partition's current file: no older result speaks for that file.
+    Other runs (one that failed, one that ran checks alone) changed no file: older results
+    still do."""
+    if record.status.value in COMPLETED or record.partition is None:
         return False
-    run = instance.get_run_by_id(record.run_id)
-    return run is not None and run.status == DagsterRunStatus.SUCCESS
+    latest = latest_materialization(instance, record.key.asset_key, record.partition)
+    return latest is not None and latest.run_id == record.run_id
 
 
 def evaluation_of(record: Any) -> Any:

@@ -29,7 +29,7 @@ from dbento_assets.history import (
     evaluation_of,
     execution_records,
     latest_materialization,
-    skipped_by_a_finished_run,
+    skipped_on_the_file_it_wrote,
 )
 from dbento_assets.io_managers import COMPLETE_KEY, THROUGH_KEY
 from dbento_assets.partitions import Partition
@@ -86,15 +86,15 @@ def latest_per_partition(
     instance: DagsterInstance, key: AssetCheckKey
 ) -> tuple[dict[str, Any], int]:
     """{partition: newest completed execution record} of one check, and how many completed
-    records had no partition. A partition whose newest record is a check skipped by a run
-    that succeeded has none: as in the UI, no older result speaks for the files it wrote."""
+    records had no partition. A partition whose newest record is a check skipped by the run
+    that wrote its file has none: as in the UI, no older result speaks for that file."""
     latest: dict[str, Any] = {}
     skipped: set[str] = set()
     unpartitioned = 0
     for record in execution_records(instance, key):  # newest first
         if record.status.value not in COMPLETED:
             first = record.partition not in latest and record.partition not in skipped
-            if first and skipped_by_a_finished_run(instance, record):
+            if first and skipped_on_the_file_it_wrote(instance, record):
                 skipped.add(record.partition)
         elif record.partition is None:
             unpartitioned += 1

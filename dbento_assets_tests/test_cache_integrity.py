@@ -524,6 +524,33 @@ def test_a_symbol_renamed_in_the_catalog_buys_nothing(
     assert sha(cache_file(env, "ESV")) == sha(cache_file(env, "ES"))
 
 
+def test_another_symbols_month_is_never_reused_unless_it_says_it_is_this_request(
+    gateway, env, instance
+):
+    # ES's month, its manifest lost (adopted again as a file of earlier versions): NQ, which
+    # has no January, must buy its own, not link ES's bars as NQ's.
+    assert run(instance, resource=databento_resource_from_env()).success
+    manifest = cache_file(env).with_name(cache_file(env).name + ".json")
+    manifest.unlink()
+    assert run(instance, resource=databento_resource_from_env()).success  # adopted
+    adopted = manifest_of(cache_file(env))
+    assert (adopted["dataset"], adopted["request_symbol"], adopted["stype_in"]) == (
+        "GLBX.MDP3",
+        "ES.v.0",
+        "continuous",
+    )
+    # A manifest that does not say what it was bought for (its header named several
+    # symbols, say) is no reason to reuse it either.
+    for key in ("dataset", "request_symbol", "stype_in"):
+        adopted.pop(key)
+    manifest.write_text(json.dumps(adopted))
+    result = run(instance, symbol="NQ", resource=databento_resource_from_env())
+    assert result.success, failure_text(result)
+    asked = [c.fields["symbols"] for c in gateway.calls(GET_RANGE) if c.fault is None]
+    assert asked == ["ES.v.0", "NQ.v.0"]
+    assert sha(cache_file(env, "NQ")) != sha(cache_file(env))
+
+
 def test_a_request_symbol_spelled_otherwise_is_the_same_request(
     gateway, env, instance, tmp_path, monkeypatch
 ):

@@ -35,6 +35,7 @@ from pandas.testing import assert_frame_equal
 
 from dbento_assets import report, status
 from dbento_assets.assets import FORCE_TAG
+from dbento_assets.assets import WHOLE_MONTH_TAG as WHOLE
 from dbento_assets.backfill import UsageError, plan_partitions
 from dbento_assets.checks import all_check_keys
 from dbento_assets.core.catalog import load_catalog
@@ -297,6 +298,12 @@ def test_the_monthly_close_of_a_demo_month_not_over_writes_nothing(
     assert not result.success
     assert "holds 2024-03 only up to 2024-03-17" in failure_text(result)
     assert not list(data.rglob("*.parquet"))
+    # The tag as a user may type it: yes means yes, a typo is refused, never ignored.
+    typed = build(instance, resource=demo(data, now="2024-03-17"), tags={WHOLE: "Yes"})
+    assert "holds 2024-03 only up to 2024-03-17" in failure_text(typed)
+    typo = build(instance, resource=demo(data, now="2024-03-17"), tags={WHOLE: "ture"})
+    assert "dbento/whole-month='ture' is not understood" in failure_text(typo)
+    assert not list(data.rglob("*.parquet"))
 
 
 def test_a_month_available_to_mid_minute_stores_no_bar_still_open(
@@ -335,11 +342,15 @@ def test_a_month_available_to_mid_minute_stores_no_bar_still_open(
         assert_frame_equal(bars, closed[closed["ts_event"] < ends], check_exact=True)
 
 
-def test_bars_stored_before_a_topup_are_checked_on_what_they_cover(gateway, api_env, instance):
+def test_bars_stored_before_a_topup_are_checked_on_what_they_cover(
+    gateway, api_env, instance, monkeypatch
+):
     # Bars stored on the 12th, raw topped up alone on the 18th: the bars files are right for
     # what they cover. Run alone, their checks judge them on that (not as missing the days
-    # since), say that raw_1s_bars now covers more, and leave the files as they are.
+    # since; the vendor cross-check too), say that raw_1s_bars now covers more, and leave
+    # the files as they are.
     data = api_env("behind")
+    monkeypatch.setenv("DBENTO_VENDOR_CHECK", "true")
     gateway.set_range(DATASET, DATASET_START, "2024-03-12")
     assert build(instance).success
     gateway.set_range(DATASET, DATASET_START, "2024-03-18")
@@ -350,9 +361,8 @@ def test_bars_stored_before_a_topup_are_checked_on_what_they_cover(gateway, api_
     assert result.success, failure_text(result)
     assert bar_files(data) == before
     checks = [k for k in all_check_keys(load_catalog()) if k.asset_key in bars_assets]
+    assert VENDOR_CHECK in checks
     for key in checks:
-        if key == VENDOR_CHECK:  # not asked for (DBENTO_VENDOR_CHECK unset): left unevaluated
-            continue
         record = latest_evaluation(instance, key, partition_key(MARCH, "ES"))
         assert record is not None and record.run_id == result.run_id, key
         assert record.status == PASSED, key
@@ -462,6 +472,25 @@ def test_forcing_a_refused_tail_never_buys_the_1m_pieces_again(
     day3, day17 = (pd.Timestamp(d, tz="UTC").value for d in ["2024-03-04", "2024-03-18"])
     # The force retried the refused 1s tail; the 1m bought on day 3 was not bought again.
     assert windows(gateway, VENDOR_SCHEMA) == [(MARCH.start_ns, day3), (day3, day17)]
+    assert vendor_evaluation(instance, forced)[0].status == PASSED
+
+
+def test_forcing_the_1m_bars_alone_renews_a_month_held_in_pieces(
+    gateway, api_env, instance, monkeypatch
+):
+    # March grown by two top-ups, then closed: its 1m bars are three pieces. The force of the
+    # 1-minute bars alone buys them again whole, one request, and no 1-second data.
+    api_env("forced_1m_pieces")
+    monkeypatch.setenv("DBENTO_VENDOR_CHECK", "true")
+    for day in ("2024-03-04", "2024-03-18", "2024-04-02"):
+        gateway.set_range(DATASET, DATASET_START, day)
+        assert build(instance).success
+    seconds = windows(gateway)
+    assert len(windows(gateway, VENDOR_SCHEMA)) == 3
+    forced = build(instance, tags={FORCE_TAG: "vendor-1m"})
+    assert forced.success, failure_text(forced)
+    assert windows(gateway) == seconds  # no 1-second request
+    assert windows(gateway, VENDOR_SCHEMA)[3:] == [(MARCH.start_ns, MARCH.end_ns)]
     assert vendor_evaluation(instance, forced)[0].status == PASSED
 
 

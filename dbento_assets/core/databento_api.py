@@ -273,6 +273,7 @@ class DatabentoSource:
             # nothing, never a failure of the 1-second month already bought.
             if (
                 request.force
+                and not request.renew_pieces
                 and self.cache.pieces(entry)
                 and self.cache.refused_piece(entry) is None
             ):
@@ -372,16 +373,19 @@ class DatabentoSource:
         """Before buying a month this symbol has no file of: the files bought for the same
         request parked by a catalog change (a typo and its fix), else a whole month another
         catalog symbol bought for the same request (a symbol renamed), become this entry."""
-        if entry.path.is_file() or self.cache.pieces(entry, checked=False):
+        if entry.path.is_file():
             return
+        # Every parked file missing here (a restore killed halfway is finished now).
         restored = self.cache.unpark(entry, _asked(inst))
         if restored:
             log(
-                f"DBN cache: {entry} restored from {restored[0].parent}: bought before for "
-                f"{inst.request}; nothing is bought"
+                f"DBN cache: {entry} restored from {self.cache.request_folder(_asked(inst))}: "
+                f"bought before for {inst.request}; nothing is bought"
             )
             return
-        if self.cache.bought_elsewhere(entry, lambda found: _same_request(found, inst)):
+        if self.cache.pieces(entry, checked=False):
+            return
+        if self.cache.bought_elsewhere(entry, lambda found: _bought_for(found, inst)):
             log(
                 f"DBN cache: {entry} was bought before for {inst.request} under another "
                 "catalog symbol; that file is used, nothing is bought"
@@ -669,7 +673,7 @@ class DatabentoSource:
             reused = (
                 parked[0]
                 if parked
-                else self.cache.elsewhere(entry, lambda found: _same_request(found, instrument))
+                else self.cache.elsewhere(entry, lambda found: _bought_for(found, instrument))
             )
             if reused is not None:  # the run uses that file: nothing is bought
                 return CostEstimate(
@@ -1043,6 +1047,14 @@ def _request_of(manifest: dict[str, Any], inst: Instrument) -> tuple[str, str, s
 def _asked(inst: Instrument) -> tuple[str, str, str]:
     """(dataset, symbol as sent, stype_in): what the catalog asks Databento for ``inst``."""
     return inst.dataset, sent_symbol(inst.request_symbol, inst.stype_in), inst.stype_in
+
+
+def _bought_for(manifest: dict[str, Any], inst: Instrument) -> bool:
+    """Whether another symbol's cached file says it was bought for exactly what the catalog
+    asks for ``inst``: a manifest that does not say (a file of earlier versions) never is."""
+    if not all(manifest.get(key) for key in ("dataset", "request_symbol", "stype_in")):
+        return False
+    return _same_request(manifest, inst)
 
 
 def _same_request(manifest: dict[str, Any], inst: Instrument) -> bool:

@@ -28,7 +28,7 @@ import pandas as pd
 from filelock import FileLock, Timeout
 from upath import UPath
 
-from dbento_assets.core.dbn import DbnError, check_dbn_file
+from dbento_assets.core.dbn import DbnError, check_dbn_file, open_store
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import DownloadRefused, SourceError
 from dbento_assets.core.storage import disk_full_text, fsync_dir, is_disk_full, write_atomic
@@ -175,6 +175,21 @@ def local_io_message(error: OSError, path: Path, needed_bytes: int | None = None
     )
 
 
+def _requested(path: Path) -> dict[str, str]:
+    """The dataset, ``stype_in`` and (single) request symbol a DBN file's header names; what
+    it cannot tell is left out."""
+    try:
+        meta = open_store(path, None).metadata
+    except (DbnError, OSError, ValueError):
+        return {}
+    found = {
+        "dataset": str(meta.dataset or ""),
+        "stype_in": str(getattr(meta.stype_in, "value", meta.stype_in) or ""),
+        "request_symbol": str(meta.symbols[0]) if len(meta.symbols or []) == 1 else "",
+    }
+    return {key: value for key, value in found.items() if value and value != "None"}
+
+
 def _parse_stamp(text: str) -> int:
     stamp = pd.Timestamp(pd.to_datetime(text, format=_STAMP, utc=True))
     return int(stamp.value)
@@ -307,6 +322,7 @@ class DbnCache:
         if isinstance(expected, int) and check.records != expected:
             return sidecar, f"{check.records:,} records decoded, {expected:,} when downloaded"
         manifest = {
+            **_requested(entry.path),  # what it was bought for, as its DBN header says
             **sidecar,
             "request_start": start,
             "request_end": end,
@@ -372,9 +388,11 @@ class DbnCache:
         symbol the catalog now asks for otherwise; :meth:`unpark` brings it back."""
         target = self.request_folder(request) / entry.path.name
         target.parent.mkdir(parents=True, exist_ok=True)
+        # The data first: killed in between, no file without its manifest stays at the entry
+        # (it would be adopted as a file of earlier versions, of unknown request).
+        os.replace(entry.path, target)
         if entry.manifest_path.exists():
             os.replace(entry.manifest_path, target.with_name(target.name + MANIFEST_SUFFIX))
-        os.replace(entry.path, target)
         fsync_dir(target.parent)
         return target
 
@@ -395,7 +413,7 @@ class DbnCache:
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             manifest = path.with_name(path.name + MANIFEST_SUFFIX)
-            if manifest.exists():
+            if manifest.exists():  # the manifest first: data never lies there without it
                 os.replace(manifest, target.with_name(target.name + MANIFEST_SUFFIX))
             os.replace(path, target)
             restored.append(target)
@@ -419,21 +437,34 @@ class DbnCache:
         return None
 
     def bought_elsewhere(self, entry: CacheEntry, same: Callable[[dict[str, Any]], bool]) -> bool:
-        """Link into ``entry`` the month :meth:`elsewhere` finds; whether there was one. The
-        data file is shared (a hard link, else a copy), the manifest copied."""
+        """Link into ``entry`` the month :meth:`elsewhere` finds, when it is still the file its
+        manifest describes (size and SHA-256); whether it was. The data file is shared (a
+        hard link, else a copy), the manifest copied. Anything that goes wrong (the other
+        entry moved meanwhile, a full disk) only means nothing is reused."""
         data = self.elsewhere(entry, same)
         if data is None:
             return False
-        text = data.with_name(data.name + MANIFEST_SUFFIX).read_bytes()
-        entry.path.parent.mkdir(parents=True, exist_ok=True)
-        part = entry.path.with_name(f".{entry.path.name}.{uuid.uuid4().hex}.link")
+        # A name _clean_parts removes: a copy cut short by a kill is not left behind.
+        part = entry.path.with_name(f".{entry.path.name}.{uuid.uuid4().hex}{PART_SUFFIX}")
         try:
-            os.link(data, part)
-        except OSError:
-            shutil.copyfile(data, part)
-        write_atomic(UPath(entry.manifest_path), lambda f: f.write(text))
-        os.replace(part, entry.path)
-        fsync_dir(entry.path.parent)
+            text = data.with_name(data.name + MANIFEST_SUFFIX).read_bytes()
+            manifest = json.loads(text)
+            if data.stat().st_size != manifest.get("dbn_file_bytes") or sha256_of(
+                data
+            ) != manifest.get("sha256"):
+                return False
+            entry.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(data, part)
+            except OSError:
+                shutil.copyfile(data, part)
+            write_atomic(UPath(entry.manifest_path), lambda f: f.write(text))
+            os.replace(part, entry.path)
+            fsync_dir(entry.path.parent)
+        except (OSError, ValueError):
+            return False
+        finally:
+            part.unlink(missing_ok=True)
         return True
 
     # ------------------------------------------------------------------ refusals

@@ -71,6 +71,9 @@ class FetchRequest:
     # Store the month only whole: a source holding part of it (Databento late with a month
     # that has closed) refuses it, buying nothing, instead of storing it partial.
     whole: bool = False
+    # A force that renews even a month held in pieces none of which was refused (asked for
+    # the vendor's 1-minute bars alone); otherwise such a force keeps them, buys the rest.
+    renew_pieces: bool = False
 
 
 @dataclass
