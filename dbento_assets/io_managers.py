@@ -9,6 +9,7 @@ when a good raw file is written, and records what the UI shows for each material
 # No ``from __future__ import annotations`` here: Dagster reads the IO manager's
 # ``ResourceDependency`` annotation when the class is created, and a string would hide it.
 import os
+from dataclasses import replace
 
 import pandas as pd
 from dagster import (
@@ -148,16 +149,27 @@ class BarFileIOManager(ConfigurableIOManager):
         )
 
     def stored_identity(
-        self, asset_key: AssetKey, partition: Partition, instrument: Instrument
+        self,
+        asset_key: AssetKey,
+        partition: Partition,
+        instrument: Instrument,
+        *,
+        any_origin: bool = False,
     ) -> FileIdentity | None:
         """The identity of the file of ``asset_key``'s ``partition`` when that file is there
         and says it is that asset partition's, of ``instrument`` as the catalog asks for it
-        now; else None (its footer or sidecar only: the bars are not read)."""
+        now; else None (its footer or sidecar only: the bars are not read). ``any_origin``:
+        demo or market data alike, as a listing shows whatever the folder holds (a data
+        folder holds one kind only), whichever source is in force."""
         found = self.store.identity_of(self.path_for(asset_key, partition))
+        if found is None:
+            return None
         expected = self.identity_for(
             asset_key, partition, instrument.dataset, request=instrument.request
         )
-        return found if found is not None and expected.names_the_same_file(found) else None
+        if any_origin:
+            expected = replace(expected, origin=found.origin)
+        return found if expected.names_the_same_file(found) else None
 
     def handle_output(self, context: OutputContext, obj: pd.DataFrame) -> None:
         store = self.store

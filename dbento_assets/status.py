@@ -45,7 +45,10 @@ def render(instance: DagsterInstance, symbols: Sequence[str] | None = None) -> s
             # asks for now, counts: not one left by another symbol, request or month.
             partition = Partition(month, symbol)
             instrument = catalog.instrument(symbol)
-            found = [io_manager.stored_identity(key, partition, instrument) for key in keys]
+            found = [
+                io_manager.stored_identity(key, partition, instrument, any_origin=True)
+                for key in keys
+            ]
             files = sum(identity is not None for identity in found)
             checked = cells.get((str(month), symbol))
             status = "unchecked" if checked is None else _status(*checked)

@@ -535,15 +535,20 @@ def test_build_processes_of_a_command_killed_alone_start_no_other_partition(gate
 
 @pytest.fixture
 def gateway_defs(gateway: FakeGateway, tmp_path):
-    resource = DatabentoResource(
+    return build_definitions(databento=gateway_resource(gateway, tmp_path))
+
+
+def gateway_resource(gateway: FakeGateway, tmp_path: Path, **settings: Any) -> DatabentoResource:
+    """The Databento source on the test gateway, data under ``tmp_path/data``, two attempts."""
+    return DatabentoResource(
         source="databento",
         api_key=TEST_KEY,
         gateway=gateway.url,
         data_dir=str(tmp_path / "data"),
         retry_attempts=2,
         retry_backoff_seconds=0.0,
+        **settings,
     )
-    return build_definitions(databento=resource)
 
 
 def get_ranges(gateway: FakeGateway) -> Counter[str]:
@@ -612,14 +617,7 @@ def test_failed_month_resumes_with_missing_only_and_force_downloads_again(
 
 
 def test_force_vendor_1m_buys_only_the_1_minute_bars_again(gateway, tmp_path):
-    resource = DatabentoResource(
-        source="databento",
-        api_key=TEST_KEY,
-        gateway=gateway.url,
-        data_dir=str(tmp_path / "data"),
-        vendor_check=True,
-    )
-    defs = build_definitions(databento=resource)
+    defs = build_definitions(databento=gateway_resource(gateway, tmp_path, vendor_check=True))
 
     def schemas() -> Counter[str]:
         return Counter(c.fields.get("schema") for c in gateway.calls(GET_RANGE))
@@ -647,16 +645,7 @@ def test_force_vendor_1m_buys_only_the_1_minute_bars_again(gateway, tmp_path):
 def test_the_summary_counts_every_dollar_paid(gateway, tmp_path):
     # The 1-minute bars of the cross-check, and a download paid for and then refused by its
     # checks, are money spent too: the summary's cost is what the gateway charged.
-    resource = DatabentoResource(
-        source="databento",
-        api_key=TEST_KEY,
-        gateway=gateway.url,
-        data_dir=str(tmp_path / "data"),
-        vendor_check=True,
-        retry_attempts=2,
-        retry_backoff_seconds=0.0,
-    )
-    defs = build_definitions(databento=resource)
+    defs = build_definitions(databento=gateway_resource(gateway, tmp_path, vendor_check=True))
     es = load_catalog().instrument("ES")
 
     def charged(month: Month, schema: str) -> float:
@@ -844,15 +833,7 @@ def test_files_of_a_symbol_asked_for_otherwise_are_not_counted_as_built(
     # step refuses the old raw file, and --missing-only builds the month again, buying the
     # new request once.
     def defs_for(catalog: Catalog) -> Any:
-        resource = DatabentoResource(
-            source="databento",
-            api_key=TEST_KEY,
-            gateway=gateway.url,
-            data_dir=str(tmp_path / "data"),
-            retry_attempts=2,
-            retry_backoff_seconds=0.0,
-        )
-        return build_definitions(catalog=catalog, databento=resource)
+        return build_definitions(catalog=catalog, databento=gateway_resource(gateway, tmp_path))
 
     c0 = catalog_from(tmp_path, start_month="2024-01", **{'"ES.v.0"': '"NQ.v.0"'})
     argv = ["--partition", ES_JAN]
