@@ -314,6 +314,8 @@ def build_range(
         )
     parallel = load_defs is not None and stop is None and instance.is_persistent
     shares = min(workers, len(todo)) if parallel else 1
+    if shares > 1:
+        _settle_download_pool(instance)
     summary = Summary()
     started = time.monotonic()
     with _progress_bar(len(partitions), progress) as bar:
@@ -388,6 +390,17 @@ def _build_each(
             yield PartitionOutcome(name, False, 0.0, None, INTERRUPTED)
             return
         yield outcome
+
+
+def _settle_download_pool(instance: DagsterInstance) -> None:
+    """Give the download pool its slots (the instance's default limit) before several build
+    processes claim one: on a new instance each would otherwise set them up as it first
+    claims, at the same moment. A limit already set (``dagster instance concurrency set``) is
+    left as it is."""
+    storage = instance.event_log_storage
+    info = storage.get_concurrency_info(DOWNLOAD_POOL)
+    if not info.slot_count and (info.limit is None or info.using_default_limit):
+        storage.initialize_concurrency_limit_to_default(DOWNLOAD_POOL)
 
 
 def _download_slot_free(instance: DagsterInstance, stopped: Callable[[], bool]) -> bool:

@@ -51,6 +51,7 @@ from dbento_assets.backfill import (
     PID_TAG,
     RANGE_TAG,
     STARTED_TAG,
+    _settle_download_pool,
     cancel_orphaned_runs,
 )
 from dbento_assets.cli import run as dbento
@@ -274,6 +275,20 @@ def test_build_processes_keep_to_the_download_pools_limit(gateway, tmp_path):
     with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
         pids = process_ids(instance, all_runs(instance))
     assert len(set.union(*pids.values())) == 2  # built by two processes all the same
+
+
+def test_the_download_pool_gets_its_slots_before_build_processes_claim_them(tmp_path):
+    # On a new instance Dagster sets a pool's slots up when a step first claims one; build
+    # processes claiming at the same moment would each do it. The command does it first,
+    # and leaves a limit set by hand as it is.
+    write_dagster_yaml(tmp_path / "new", DeploymentConfig(databento_pool_limit=1))
+    with DagsterInstance.from_config(str(tmp_path / "new")) as instance:
+        assert instance.event_log_storage.get_concurrency_info(DOWNLOAD_POOL).slot_count == 0
+        _settle_download_pool(instance)
+        assert instance.event_log_storage.get_concurrency_info(DOWNLOAD_POOL).slot_count == 1
+        instance.event_log_storage.set_concurrency_slots(DOWNLOAD_POOL, 3)
+        _settle_download_pool(instance)
+        assert instance.event_log_storage.get_concurrency_info(DOWNLOAD_POOL).slot_count == 3
 
 
 def held(gateway: FakeGateway, process: Any, downloads: int) -> None:
