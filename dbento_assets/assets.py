@@ -98,8 +98,8 @@ FORCE_VENDOR_1M = "vendor-1m"  # the tag's value that renews only the vendor's 1
 # On a run that must store its month whole (the monthly schedule's): a month a source holds
 # only part of fails instead of being stored partial.
 WHOLE_MONTH_TAG = "dbento/whole-month"
-_FORCE_ALL = ("true", "1", "yes")  # how a yes/no run tag may say yes
-_FORCE_NONE = ("", "false", "0", "no")  # and no
+_YES = ("true", "1", "yes")  # how a yes/no run tag may say yes
+_NO = ("", "false", "0", "no")  # and no (or not set)
 VENDOR_ERROR_KEY = "vendor_1m_error"  # raw_1s_bars metadata: the 1m download failed
 VENDOR_COST_KEY = "vendor_1m_cost_usd"  # raw_1s_bars metadata: what the 1m download cost
 REFUSED_COST_KEY = "refused_download_cost_usd"  # an observation: a download paid and refused
@@ -127,18 +127,31 @@ def force_requested(context: AssetExecutionContext, config: RawBarsConfig) -> Fo
     """Force from run config or from the ``dbento/force`` run tag (as the UI sets it); a tag
     value it does not know fails the run before anything is bought (a typo must not pass
     for a force, nor a force for a typo)."""
-    tag = context.run.tags.get(FORCE_TAG, "").strip().lower()
-    if tag not in (*_FORCE_ALL, *_FORCE_NONE, FORCE_VENDOR_1M):
+    tag = run_tag(
+        context,
+        FORCE_TAG,
+        (*_YES, *_NO, FORCE_VENDOR_1M),
+        f". Use {FORCE_TAG}=true to buy the month again (its 1-second data, and Databento's "
+        f"1-minute bars when DBENTO_VENDOR_CHECK is on), or {FORCE_TAG}={FORCE_VENDOR_1M} to "
+        "buy only the 1-minute bars again; without the tag, months already downloaded are not "
+        "bought again.",
+    )
+    whole = config.force or tag in _YES
+    return Forced(bars_1s=whole, vendor_1m=whole or tag == FORCE_VENDOR_1M)
+
+
+def run_tag(context: AssetExecutionContext, name: str, known: tuple[str, ...], remedy: str) -> str:
+    """The run tag ``name``'s value (lower case, "" when not set). A value not ``known``
+    fails the run before anything is bought, its sentence ended by ``remedy``: a typo must
+    pass neither for yes nor for no."""
+    value = context.run.tags.get(name, "").strip().lower()
+    if value not in known:
         raise Failure(
-            description=f"The run tag {FORCE_TAG}={tag!r} is not understood, so nothing was "
-            f"downloaded. Use {FORCE_TAG}=true to buy the month again (its 1-second data, "
-            "and Databento's 1-minute bars when DBENTO_VENDOR_CHECK is on), or "
-            f"{FORCE_TAG}={FORCE_VENDOR_1M} to buy only the 1-minute bars again; without "
-            "the tag, months already downloaded are not bought again.",
+            description=f"The run tag {name}={value!r} is not understood, so nothing was "
+            f"downloaded{remedy}",
             allow_retries=False,
         )
-    whole = config.force or tag in _FORCE_ALL
-    return Forced(bars_1s=whole, vendor_1m=whole or tag == FORCE_VENDOR_1M)
+    return value
 
 
 def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> AssetsDefinition:
@@ -180,14 +193,8 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
                 f"Databento's 1-minute bars again, but {why}, so nothing was downloaded.",
                 allow_retries=False,
             )
-        whole_tag = context.run.tags.get(WHOLE_MONTH_TAG, "").strip().lower()
-        if whole_tag not in (*_FORCE_ALL, *_FORCE_NONE):  # a typo must not store it partial
-            raise Failure(
-                description=f"The run tag {WHOLE_MONTH_TAG}={whole_tag!r} is not understood, "
-                "so nothing was downloaded: use true (the month whole, or nothing) or false.",
-                allow_retries=False,
-            )
-        whole = whole_tag in _FORCE_ALL
+        remedy = ": use true (the month whole, or nothing) or false."
+        whole = run_tag(context, WHOLE_MONTH_TAG, (*_YES, *_NO), remedy) in _YES
         request = FetchRequest(instrument, month, force=forced.bars_1s, whole=whole)
 
         def accept(fetched: FetchedMonth) -> tuple[DecodedMonth, list[RuleResult], list[Window]]:
