@@ -362,6 +362,7 @@ RACER = textwrap.dedent(
     from dbento_assets.core.source import FetchRequest
 
     gateway, root, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    symbol = sys.argv[4] if len(sys.argv) > 4 else "ES"
     source = DatabentoSource(
         "{key}", root, gateway=gateway, retry=RetryPolicy(max_attempts=1)
     )
@@ -369,24 +370,34 @@ RACER = textwrap.dedent(
     while not go.exists():
         time.sleep(0.01)
     fetched = source.fetch(
-        FetchRequest(load_catalog().instrument("ES"), Month(2024, 1)), lambda line: None
+        FetchRequest(load_catalog().instrument(symbol), Month(2024, 1)), lambda line: None
     )
     print(fetched.metadata["dbn_cache"], flush=True)
     """
 ).format(key=TEST_KEY)
 
 
-def test_two_processes_on_one_partition_make_one_request(gateway, tmp_path):
+@pytest.mark.parametrize(
+    "symbols", [("ES", "ES"), ("ES", "ESV")], ids=["one symbol", "two symbols, one request"]
+)
+def test_two_processes_on_one_partition_make_one_request(gateway, tmp_path, symbols):
+    # ESV is a second catalog name for ES.v.0: the same purchase, whichever name asks.
+    catalog = catalog_from(tmp_path, "2024-01")
+    text = catalog.path.read_text(encoding="utf-8")
+    es = text[text.index("[instruments.ES]") : text.index("[instruments.NQ]")]
+    catalog.path.write_text(text + "\n" + es.replace("[instruments.ES]", "[instruments.ESV]"))
     gateway.gate(GET_RANGE, parties=2, timeout=1.5)
     go = tmp_path / "go"
+    env = {**os.environ, "DBENTO_CATALOG": str(catalog.path)}
     racers = [
         subprocess.Popen(
-            [sys.executable, "-c", RACER, gateway.url, str(tmp_path / "data"), str(go)],
+            [sys.executable, "-c", RACER, gateway.url, str(tmp_path / "data"), str(go), symbol],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env=env,
         )
-        for _ in range(2)
+        for symbol in symbols
     ]
     for racer in racers:
         assert racer.stdout.readline().strip() == "ready"

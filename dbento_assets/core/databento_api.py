@@ -307,7 +307,7 @@ class DatabentoSource:
         """
         inst, month = request.instrument, request.month
         entry = self.cache.entry(inst.symbol, month, schema)
-        with self.cache.lock(entry, log):
+        with self.cache.lock(entry, log, _asked(inst)):
             if not request.force:
                 self._reuse_bought(entry, inst, log)
             if entry.path.is_file() and not request.force:

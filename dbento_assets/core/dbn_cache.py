@@ -115,6 +115,18 @@ def _stamp(ns: int) -> str:
     return pd.Timestamp(ns, tz="UTC").strftime(_STAMP)
 
 
+def _acquired(path: Path, what: str, log: Callable[[str], None]) -> FileLock:
+    """``path``'s file lock, held: waits as long as another run holds it, saying so."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path, thread_local=False)
+    while True:
+        try:
+            lock.acquire(timeout=LOCK_LOG_SECONDS)
+            return lock
+        except Timeout:
+            log(f"waiting for another run that holds {path} ({what})")
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -232,27 +244,40 @@ class DbnCache:
     # ------------------------------------------------------------------ lock and leftovers
 
     @contextlib.contextmanager
-    def lock(self, entry: CacheEntry, log: Callable[[str], None]) -> Iterator[None]:
+    def lock(
+        self, entry: CacheEntry, log: Callable[[str], None], request: Request | None = None
+    ) -> Iterator[None]:
         """Hold the entry's lock (waiting for another run's download, saying so), clean the
-        temporary files a killed holder left, and clean this run's on the way out."""
+        temporary files a killed holder left, and clean this run's on the way out.
+
+        With ``request``, also the lock of that request's month: two catalog symbols asking
+        Databento for the same thing then buy it once, the second one waiting and reusing
+        the first one's file. Always taken second, so two holders never wait on each other.
+        """
         try:
-            entry.lock_path.parent.mkdir(parents=True, exist_ok=True)
             entry.path.parent.mkdir(parents=True, exist_ok=True)
-            lock = FileLock(entry.lock_path, thread_local=False)
-            while True:
-                try:
-                    lock.acquire(timeout=LOCK_LOG_SECONDS)
-                    break
-                except Timeout:
-                    log(f"waiting for another run that holds {entry.lock_path} ({entry})")
+            held = [_acquired(entry.lock_path, str(entry), log)]
         except OSError as exc:
             raise LocalIOError(local_io_message(exc, entry.lock_path)) from None
         try:
+            if request is not None:
+                path = self.request_lock_path(entry, request)
+                try:
+                    held.append(_acquired(path, f"{entry.month_entry} of {request[1]}", log))
+                except OSError as exc:
+                    raise LocalIOError(local_io_message(exc, path)) from None
             self._clean_parts(entry, log)  # we hold the lock: any part left is stale
             yield
         finally:
             self._clean_parts(entry, None)
-            lock.release()
+            for lock in reversed(held):
+                lock.release()
+
+    def request_lock_path(self, entry: CacheEntry, request: Request) -> Path:
+        """The lock of ``entry``'s month and schema as bought for ``request``, whatever
+        catalog symbol asks for it."""
+        stem = f"{self.request_folder(request).name}_{entry.month.tag}.{entry.schema}"
+        return self.folder / LOCKS / PARKED / (stem + LOCK_SUFFIX)
 
     def new_part(self, entry: CacheEntry) -> Path:
         return entry.path.with_name(
