@@ -243,6 +243,36 @@ def test_a_refused_download_is_quarantined_and_not_bought_again_without_force(
     assert gateway.count(GET_RANGE) == 2
 
 
+def test_a_month_refused_under_a_catalog_typo_is_bought_once_the_typo_is_fixed(
+    gateway, env, instance, tmp_path, monkeypatch
+):
+    # ES mistyped as NQ.v.0, whose data fails the checks: refused and remembered for NQ.v.0.
+    # Fixed, the catalog asks for ES.v.0, which nobody refused: bought without force; the
+    # typo made again parks ES.v.0's month, then is still refused at once; nothing is paid again.
+    typo = catalog_from(tmp_path, "2024-01", **{'symbol = "ES.v.0"': 'symbol = "NQ.v.0"'})
+    monkeypatch.setenv("DBENTO_CATALOG", str(typo.path))
+    serve_bad_data(gateway)
+    assert not run(instance, catalog=typo, resource=databento_resource_from_env()).success
+    assert gateway.count(GET_RANGE) == 1 and len(quarantined(env)) == 1
+
+    serve_good_data(gateway)
+    monkeypatch.setenv("DBENTO_CATALOG", str(DEFAULT_CATALOG))
+    fixed = run(instance, resource=databento_resource_from_env())
+    assert fixed.success, failure_text(fixed)
+    asked = [c.fields["symbols"] for c in gateway.calls(GET_RANGE) if c.fault is None]
+    assert asked == ["NQ.v.0", "ES.v.0"]
+    assert manifest_of(cache_file(env))["request_symbol"] == "ES.v.0"
+
+    monkeypatch.setenv("DBENTO_CATALOG", str(typo.path))
+    parks = run(instance, catalog=typo, resource=databento_resource_from_env())
+    assert "was bought for ES.v.0" in failure_text(parks)
+    refused = run(instance, catalog=typo, resource=databento_resource_from_env())
+    assert "was refused" in failure_text(refused)
+    monkeypatch.setenv("DBENTO_CATALOG", str(DEFAULT_CATALOG))
+    assert run(instance, resource=databento_resource_from_env()).success
+    assert gateway.count(GET_RANGE) == 2
+
+
 def test_a_refused_vendor_1m_download_is_remembered_and_the_check_is_a_warning(
     gateway, env, instance, monkeypatch
 ):

@@ -41,6 +41,7 @@ from dbento_assets.core.dbn_cache import (
     CacheEntry,
     DbnCache,
     LocalIOError,
+    Request,
     local_io_message,
     local_os_error,
 )
@@ -275,7 +276,7 @@ class DatabentoSource:
                 request.force
                 and not request.renew_pieces
                 and self.cache.pieces(entry)
-                and self.cache.refused_piece(entry) is None
+                and self.cache.refused_piece(entry, _asked(request.instrument)) is None
             ):
                 # A force on a growing month is about its 1-second data (a refused tail, most
                 # often): the 1m pieces already bought are kept, only the new 1m tail is bought.
@@ -318,12 +319,12 @@ class DatabentoSource:
                 try:
                     return fetched, accept(fetched)
                 except DownloadRefused as exc:
-                    self._refuse(entry, entry.path, exc, cached=True)
+                    self._refuse(entry, entry.path, exc, _asked(inst), cached=True)
                     raise
             # A forced run buys the month again in one piece, except after a refused piece
             # of a growing month: then the verified pieces before it are kept, and only the
             # refused tail is bought again.
-            refused_piece = self.cache.refused_piece(entry)
+            refused_piece = self.cache.refused_piece(entry, _asked(inst))
             keep = not request.force or (refused_piece is not None and not entry.path.is_file())
             held = self._held_pieces(entry, inst, log) if keep else []
             if request.force and held and not self._pass_alone(held, entry, month, accept, log):
@@ -333,7 +334,7 @@ class DatabentoSource:
                 log(f"DBN cache hit for {entry}: {len(held)} pieces (no Databento request)")
                 return self._assemble(held, None, None, month, accept)
             if not request.force:
-                refused = self.cache.refused_message(entry)
+                refused = self.cache.refused_message(entry, _asked(inst))
                 if refused:
                     raise SourceError(refused)
             if request.force and entry.path.is_file():
@@ -594,10 +595,12 @@ class DatabentoSource:
                 )
             except DownloadRefused as exc:
                 exc.paid_usd = cost
-                self._refuse(entry, part, exc, cached=False, piece=target, held=len(held))
+                self._refuse(
+                    entry, part, exc, _asked(inst), cached=False, piece=target, held=len(held)
+                )
                 raise
             try:
-                metadata = self.cache.commit(part, target, metadata, check.sha256)
+                metadata = self.cache.commit(part, target, metadata, check.sha256, _asked(inst))
             except OSError as exc:
                 raise LocalIOError(local_io_message(exc, target.path, billable)) from None
             if request.force:  # the accepted download replaces every piece it covers
@@ -621,6 +624,7 @@ class DatabentoSource:
         entry: CacheEntry,
         data: Path,
         exc: DownloadRefused,
+        request: Request,
         *,
         cached: bool,
         piece: CacheEntry | None = None,
@@ -638,7 +642,7 @@ class DatabentoSource:
                 "was kept unchanged."
             )
             return
-        self.cache.remember_refused(named, exc, moved)
+        self.cache.remember_refused(named, exc, moved, request)
         what = "cached file" if cached else "download"
         kept = (
             f"; the {held} piece(s) bought before it are kept, and the month stored so far "
@@ -722,7 +726,7 @@ class DatabentoSource:
                 lambda: self._client_().metadata.get_billable_size(**query),
             )
         )
-        refused = "" if ask or other else self.cache.refused_message(entry)
+        refused = "" if ask or other else self.cache.refused_message(entry, _asked(instrument))
         if refused:  # a run fails at once without buying it; only a forced one pays
             refused = "refused before: bought only by a forced run (--force)"
         note = "; ".join(text for text in (other, refused, window.partial_reason or "") if text)
@@ -886,7 +890,9 @@ class DatabentoSource:
                         rules=["the DBN file check"],
                     )
                     held = len(self.cache.pieces(entry, checked=False)) if target.piece else 0
-                    self._refuse(entry, part, refusal, cached=False, piece=target, held=held)
+                    self._refuse(
+                        entry, part, refusal, _asked(inst), cached=False, piece=target, held=held
+                    )
                     raise refusal from None
                 if check.records < expected:
                     raise _Transient(

@@ -376,18 +376,25 @@ class DbnCache:
         return manifest
 
     def commit(
-        self, part: Path, entry: CacheEntry, manifest: dict[str, Any], sha256: str
+        self,
+        part: Path,
+        entry: CacheEntry,
+        manifest: dict[str, Any],
+        sha256: str,
+        request: Request,
     ) -> dict[str, Any]:
-        """Make an accepted download the entry; ``sha256`` is the hash of ``part``'s bytes,
-        taken by the file check's pass. The old manifest goes first: a crash before the
-        new one is written leaves an entry without manifest, which the next read verifies in
-        full, never a manifest describing another file."""
+        """Make an accepted download for ``request`` the entry; ``sha256`` is the hash of
+        ``part``'s bytes, taken by the file check's pass. The old manifest goes first: a crash
+        before the new one is written leaves an entry without manifest, which the next read
+        verifies in full, never a manifest describing another file. A refusal of the month
+        for another request (a catalog typo since fixed) is kept for that request."""
         fsync_file(part)
         entry.manifest_path.unlink(missing_ok=True)
         os.replace(part, entry.path)
         fsync_dir(entry.path.parent)
         written = self.write_manifest(entry, manifest, sha256)
-        entry.refused_path.unlink(missing_ok=True)
+        if self._refusal(entry, request) is not None:
+            entry.refused_path.unlink(missing_ok=True)
         return written
 
     def quarantine(self, path: Path, entry: CacheEntry, *, with_manifest: bool = False) -> Path:
@@ -494,12 +501,16 @@ class DbnCache:
 
     # ------------------------------------------------------------------ refusals
 
-    def remember_refused(self, entry: CacheEntry, refusal: DownloadRefused, moved: Path) -> None:
+    def remember_refused(
+        self, entry: CacheEntry, refusal: DownloadRefused, moved: Path, request: Request
+    ) -> None:
         """Remember a refused download of ``entry`` (a month, or one piece of a growing month:
-        its window is kept, so that only that piece is bought again when forced)."""
+        its window is kept, so that only that piece is bought again when forced), bought for
+        ``request``."""
         note: dict[str, Any] = {
             "refused_at": pd.Timestamp.now(tz="UTC").isoformat(),
             "entry": str(entry),
+            "request": list(request),
             "rules": refusal.rules,
             "reason": refusal.args[0],
             "quarantined": str(moved),
@@ -508,16 +519,25 @@ class DbnCache:
             note["piece"] = list(entry.piece)
         atomic_write_text(entry.refused_path, json.dumps(note, indent=2))
 
-    def refused_piece(self, entry: CacheEntry) -> tuple[int, int] | None:
+    def _refusal(self, entry: CacheEntry, request: Request) -> dict[str, Any] | None:
+        """The refusal note of ``entry``'s month when it concerns ``request``: a month refused
+        as the catalog asked for it before (a typo, fixed since) is not refused as it asks
+        now. A note that does not say (written by earlier versions) concerns any request."""
+        note = self._read_json(entry.refused_path)
+        if note is None or note.get("request") in (None, list(request)):
+            return note
+        return None
+
+    def refused_piece(self, entry: CacheEntry, request: Request) -> tuple[int, int] | None:
         """The window of the refused piece of ``entry``'s month, when a piece was refused."""
-        piece = (self._read_json(entry.refused_path) or {}).get("piece")
+        piece = (self._refusal(entry, request) or {}).get("piece")
         if isinstance(piece, list) and len(piece) == 2 and all(isinstance(n, int) for n in piece):
             return piece[0], piece[1]
         return None
 
-    def refused_message(self, entry: CacheEntry) -> str | None:
-        """Why this entry must not be bought again without force, or None."""
-        note = self._read_json(entry.refused_path)
+    def refused_message(self, entry: CacheEntry, request: Request) -> str | None:
+        """Why this entry must not be bought again for ``request`` without force, or None."""
+        note = self._refusal(entry, request)
         if note is None:
             return None
         rules = ", ".join(note.get("rules") or []) or "its checks"
