@@ -52,6 +52,7 @@ from dbento_assets.core.coverage import (
     require_whole_month,
 )
 from dbento_assets.core.dbn import DecodedMonth, decode_month
+from dbento_assets.core.dbn_cache import DBN_FILE_KEY
 from dbento_assets.core.months import Month
 from dbento_assets.core.preflight import preflight
 from dbento_assets.core.rules import RULE_RECONCILED, RULE_VENDOR, RuleResult
@@ -80,6 +81,7 @@ from dbento_assets.core.storage import (
     windows_json,
 )
 from dbento_assets.core.timeframes import Timeframe
+from dbento_assets.history import latest_materialization
 from dbento_assets.io_managers import (
     COMPLETE_KEY,
     COVERAGE_KEY,
@@ -195,7 +197,13 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
             )
         remedy = ": use true (the month whole, or nothing) or false."
         whole = run_tag(context, WHOLE_MONTH_TAG, (*_YES, *_NO), remedy) in _YES
-        request = FetchRequest(instrument, month, force=forced.bars_1s, whole=whole)
+        request = FetchRequest(
+            instrument,
+            month,
+            force=forced.bars_1s,
+            whole=whole,
+            bought_before=_bought_before(context),
+        )
 
         def accept(fetched: FetchedMonth) -> tuple[DecodedMonth, list[RuleResult], list[Window]]:
             # Runs on a download before it enters the DBN cache (or on a cached file before
@@ -293,6 +301,18 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
         yield from selected_results(context, RAW_KEY, results, SAVED)
 
     return raw_1s_bars
+
+
+def _bought_before(context: AssetExecutionContext) -> tuple[str, ...]:
+    """The DBN file this partition's latest raw file was decoded from, as its run recorded it:
+    after the data folder changed (another working directory, DBENTO_DATA_DIR or
+    DBENTO_CACHE_DIR), the download cache uses that file, verified, instead of buying the
+    month again."""
+    record = latest_materialization(context.instance, RAW_KEY, context.partition_key)
+    if record is None or record.asset_materialization is None:
+        return ()
+    found = record.asset_materialization.metadata.get(f"source_{DBN_FILE_KEY}")
+    return (str(found.value),) if found is not None else ()
 
 
 def check_settings(

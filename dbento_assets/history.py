@@ -1,6 +1,7 @@
 """What the Dagster instance remembers of this project's runs: read by the report and tests.
 
-Nothing here feeds a step: steps pass data through files (see :mod:`dbento_assets.assets`).
+Nothing here feeds a step: steps pass data through files (see :mod:`dbento_assets.assets`);
+the raw step only asks where its month's download was recorded, so as not to buy it again.
 """
 
 from __future__ import annotations

@@ -565,6 +565,33 @@ def test_a_symbol_renamed_in_the_catalog_buys_nothing(
     assert sha(cache_file(env, "ESV")) == sha(cache_file(env, "ES"))
 
 
+def test_a_month_bought_into_another_data_folder_is_not_bought_again(
+    gateway, env, instance, tmp_path, monkeypatch
+):
+    # Run from another working directory (or with DBENTO_DATA_DIR changed), the same
+    # instance: the new folder has no cache, but the instance recorded where the month went.
+    assert run(instance, resource=databento_resource_from_env()).success
+    paid = sha(cache_file(env))
+    moved = tmp_path / "elsewhere"
+    monkeypatch.setenv("DBENTO_DATA_DIR", str(moved))
+    result = run(instance, resource=databento_resource_from_env())
+    assert result.success, failure_text(result)
+    assert gateway.count(GET_RANGE) == 1
+    assert sha(cache_file(moved)) == paid and raw_file(moved).is_file()
+    assert manifest_of(cache_file(moved))["dbn_file"] == str(cache_file(moved))
+    logs = "\n".join(e.user_message for e in instance.all_logs(result.run_id))
+    assert f"{cache_file(env)} is used, after checking its size and SHA-256" in logs
+
+    # A recorded file that is no longer what its manifest says is never used: bought again.
+    data = bytearray(cache_file(moved).read_bytes())
+    data[-1] ^= 0xFF
+    cache_file(moved).write_bytes(bytes(data))
+    again = tmp_path / "again"
+    monkeypatch.setenv("DBENTO_DATA_DIR", str(again))
+    assert run(instance, resource=databento_resource_from_env()).success
+    assert gateway.count(GET_RANGE) == 2 and sha(cache_file(again)) == paid
+
+
 def test_another_symbols_month_is_never_reused_unless_it_says_it_is_this_request(
     gateway, env, instance
 ):

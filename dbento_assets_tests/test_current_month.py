@@ -95,10 +95,10 @@ def clean(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path / "work")
 
 
-@pytest.fixture(scope="module")
-def instance(tmp_path_factory) -> DagsterInstance:
-    with DagsterInstance.local_temp(str(tmp_path_factory.mktemp("dagster_home"))) as inst:
-        yield inst
+@pytest.fixture
+def instance(fresh_instance: DagsterInstance) -> DagsterInstance:
+    """The test's own instance: runs of other tests recorded nothing in it."""
+    return fresh_instance
 
 
 def all_assets() -> list[AssetKey]:

@@ -99,11 +99,10 @@ def home(tmp_path, monkeypatch) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def instance(tmp_path_factory) -> DagsterInstance:
-    """One on-disk instance for the module's runs (creating one takes seconds)."""
-    with DagsterInstance.local_temp(str(tmp_path_factory.mktemp("dagster_home"))) as inst:
-        yield inst
+@pytest.fixture
+def instance(fresh_instance: DagsterInstance) -> DagsterInstance:
+    """The test's own instance: runs of other tests recorded nothing in it."""
+    return fresh_instance
 
 
 @pytest.fixture

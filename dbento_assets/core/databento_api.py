@@ -310,7 +310,7 @@ class DatabentoSource:
         entry = self.cache.entry(inst.symbol, month, schema)
         with self.cache.lock(entry, log, _asked(inst)):
             if not request.force:
-                self._reuse_bought(entry, inst, log)
+                self._reuse_bought(entry, inst, log, request.bought_before)
             if entry.path.is_file() and not request.force:
                 manifest = self._verified(entry, inst, log)
                 hit = self._cache_hit_metadata(manifest)
@@ -370,10 +370,13 @@ class DatabentoSource:
             "(a paid request)."
         )
 
-    def _reuse_bought(self, entry: CacheEntry, inst: Instrument, log: Logger) -> None:
+    def _reuse_bought(
+        self, entry: CacheEntry, inst: Instrument, log: Logger, bought_before: tuple[str, ...]
+    ) -> None:
         """Before buying a month this symbol has no file of: the files bought for the same
-        request parked by a catalog change (a typo and its fix), else a whole month another
-        catalog symbol bought for the same request (a symbol renamed), become this entry."""
+        request parked by a catalog change (a typo and its fix), else a whole month bought for
+        the same request where an earlier run recorded it (``bought_before``: another data
+        folder) or under another catalog symbol (a symbol renamed), become this entry."""
         if entry.path.is_file():
             return
         # Every parked file missing here (a restore killed halfway is finished now).
@@ -386,10 +389,17 @@ class DatabentoSource:
             return
         if self.cache.pieces(entry, checked=False):
             return
-        if self.cache.bought_elsewhere(entry, lambda found: _bought_for(found, inst)):
+        found = self.cache.bought_elsewhere(entry, lambda m: _bought_for(m, inst), bought_before)
+        if found is not None:
+            where = (
+                "in another data or cache folder (DBENTO_DATA_DIR, DBENTO_CACHE_DIR or the "
+                "working directory changed since)"
+                if found.parent.parent != self.cache.folder
+                else "under another catalog symbol"
+            )
             log(
-                f"DBN cache: {entry} was bought before for {inst.request} under another "
-                "catalog symbol; that file is used, nothing is bought"
+                f"DBN cache: {entry} was bought before for {inst.request} {where}: {found} "
+                "is used, after checking its size and SHA-256; nothing is bought"
             )
 
     def _pass_alone(

@@ -41,6 +41,7 @@ QUARANTINE = "quarantine"
 PARKED = "by_request"
 LOCKS = ".locks"
 MANIFEST_VERSION = 1
+DBN_FILE_KEY = "dbn_file"  # the manifest field naming the file it describes
 Request = tuple[str, str, str]  # (dataset, request symbol as sent, stype_in)
 OHLCV_1S = "ohlcv-1s"  # the pipeline's bars; other schemas serve checks
 LOCK_LOG_SECONDS = 30.0  # how often a run waiting for another one's download says so
@@ -368,7 +369,7 @@ class DbnCache:
         manifest = {
             **manifest,
             "manifest_version": MANIFEST_VERSION,
-            "dbn_file": str(entry.path),
+            DBN_FILE_KEY: str(entry.path),
             "dbn_file_bytes": entry.path.stat().st_size,
             "sha256": sha256,
         }
@@ -453,14 +454,30 @@ class DbnCache:
             fsync_dir(entry.path.parent)
         return restored
 
-    def elsewhere(self, entry: CacheEntry, same: Callable[[dict[str, Any]], bool]) -> Path | None:
-        """A whole month of ``entry``'s month and schema that another catalog symbol's entry
-        holds, its manifest ``same`` request (a symbol renamed in the catalog, or two names
-        for one request)."""
-        for manifest in sorted(
-            self.folder.glob(f"*/*_{entry.month.tag}.{entry.schema}.dbn.zst.json")
-        ):
-            if manifest.parent.name in (QUARANTINE, PARKED, LOCKS, entry.symbol):
+    def elsewhere(
+        self,
+        entry: CacheEntry,
+        same: Callable[[dict[str, Any]], bool],
+        also: tuple[str, ...] = (),
+    ) -> Path | None:
+        """A whole month of ``entry``'s month and schema, its manifest ``same`` request, that
+        one of the files ``also`` names holds (where a run bought it before: another data
+        folder or cache folder), else another catalog symbol's entry (a symbol renamed in
+        the catalog, or two names for one request)."""
+        whole = f"_{entry.month.tag}.{entry.schema}.dbn.zst"
+        named = [
+            Path(f + MANIFEST_SUFFIX)
+            for f in also
+            if f.endswith(whole) and Path(f).resolve() != entry.path.resolve()
+        ]
+        siblings = sorted(self.folder.glob(f"*/*{whole}{MANIFEST_SUFFIX}"))
+        for manifest in named + siblings:
+            if manifest in siblings and manifest.parent.name in (
+                QUARANTINE,
+                PARKED,
+                LOCKS,
+                entry.symbol,
+            ):
                 continue
             data = manifest.with_name(manifest.name.removesuffix(MANIFEST_SUFFIX))
             loaded = self._read_json(manifest)
@@ -468,14 +485,19 @@ class DbnCache:
                 return data
         return None
 
-    def bought_elsewhere(self, entry: CacheEntry, same: Callable[[dict[str, Any]], bool]) -> bool:
+    def bought_elsewhere(
+        self,
+        entry: CacheEntry,
+        same: Callable[[dict[str, Any]], bool],
+        also: tuple[str, ...] = (),
+    ) -> Path | None:
         """Link into ``entry`` the month :meth:`elsewhere` finds, when it is still the file its
-        manifest describes (size and SHA-256); whether it was. The data file is shared (a
-        hard link, else a copy), the manifest copied. Anything that goes wrong (the other
-        entry moved meanwhile, a full disk) only means nothing is reused."""
-        data = self.elsewhere(entry, same)
+        manifest describes (size and SHA-256); the file it was, or None. The data file is
+        shared (a hard link, else a copy), the manifest copied. Anything that goes wrong (the
+        other entry moved meanwhile, a full disk) only means nothing is reused."""
+        data = self.elsewhere(entry, same, also)
         if data is None:
-            return False
+            return None
         # A name _clean_parts removes: a copy cut short by a kill is not left behind.
         part = entry.path.with_name(f".{entry.path.name}.{uuid.uuid4().hex}{PART_SUFFIX}")
         try:
@@ -484,20 +506,26 @@ class DbnCache:
             if data.stat().st_size != manifest.get("dbn_file_bytes") or sha256_of(
                 data
             ) != manifest.get("sha256"):
-                return False
+                return None
             entry.path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.link(data, part)
             except OSError:
                 shutil.copyfile(data, part)
+            # It now describes this entry, and says where it came from.
+            text = json.dumps(
+                {**manifest, DBN_FILE_KEY: str(entry.path), "copied_from": str(data)},
+                indent=2,
+                sort_keys=True,
+            ).encode()
             write_atomic(UPath(entry.manifest_path), lambda f: f.write(text))
             os.replace(part, entry.path)
             fsync_dir(entry.path.parent)
         except (OSError, ValueError):
-            return False
+            return None
         finally:
             part.unlink(missing_ok=True)
-        return True
+        return data
 
     # ------------------------------------------------------------------ refusals
 

@@ -74,6 +74,9 @@ class FetchRequest:
     # A force that renews even a month held in pieces none of which was refused (asked for
     # the vendor's 1-minute bars alone); otherwise such a force keeps them, buys the rest.
     renew_pieces: bool = False
+    # DBN files an earlier run recorded buying this month into (another data or cache
+    # folder, say): used again, once verified, instead of buying the month again.
+    bought_before: tuple[str, ...] = ()
 
 
 @dataclass
