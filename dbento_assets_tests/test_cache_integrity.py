@@ -486,6 +486,61 @@ def test_a_sigkilled_lock_holder_blocks_nobody_and_its_part_file_is_cleaned(gate
     assert any(str(stale) in line for line in logs)
 
 
+JUDGE_SLOWLY = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from dbento_assets.core.catalog import load_catalog
+    from dbento_assets.core.databento_api import DatabentoSource, RetryPolicy
+    from dbento_assets.core.months import Month
+    from dbento_assets.core.source import FetchRequest
+
+    def judge(fetched):  # the rules take their time: the run is stopped meanwhile
+        print("judging", flush=True)
+        time.sleep(120)
+
+    source = DatabentoSource(
+        "{key}", Path(sys.argv[2]), gateway=sys.argv[1], retry=RetryPolicy(max_attempts=1)
+    )
+    request = FetchRequest(load_catalog().instrument("ES"), Month(2024, 1))
+    source.fetch_accepted(request, lambda line: None, judge)
+    """
+).format(key=TEST_KEY)
+
+
+@pytest.mark.parametrize("stop", ["kill", "ctrl-c", "changed since"])
+def test_a_paid_download_outlives_a_run_stopped_while_its_rules_run(gateway, tmp_path, stop):
+    # Every byte arrived and was paid for; the run dies while the rules judge the month. The
+    # next run judges that download, buying nothing, unless it is no longer what was paid for.
+    root = tmp_path / "data"
+    judged = subprocess.Popen(
+        [sys.executable, "-c", JUDGE_SLOWLY, gateway.url, str(root)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert judged.stdout.readline().strip() == "judging"
+        judged.send_signal(signal.SIGINT if stop == "ctrl-c" else signal.SIGKILL)
+        judged.wait(timeout=30)
+    finally:
+        if judged.poll() is None:
+            judged.kill()
+    assert gateway.count(GET_RANGE) == 1
+    (held,) = (root / "dbn" / "ES").glob("*.pending")
+    paid = sha(held)
+    if stop == "changed since":
+        held.write_bytes(held.read_bytes()[:-1] + b"x")
+    logs: list[str] = []
+    fetched = source_for(gateway, root).fetch(FetchRequest(CATALOG_ES, JAN), logs.append)
+    assert gateway.count(GET_RANGE) == (2 if stop == "changed since" else 1)
+    assert sha(fetched.payloads[0]) == paid and sha(cache_file(root)) == paid
+    assert not list(root.rglob("*.pending*")) and not list(root.rglob("*.part"))
+    if stop == "changed since":
+        assert len(quarantined(root)) == 1
+    else:
+        assert any("a stopped run paid for" in line for line in logs), logs
+
+
 def test_a_download_bought_for_another_request_symbol_is_not_served(
     gateway, env, instance, tmp_path, monkeypatch
 ):

@@ -75,7 +75,7 @@ def fetch(source: DatabentoSource, inst: Instrument = ES, month: Month = JAN, fo
 def files_under(root: Path) -> list[Path]:
     """The files under ``root`` but the cache's lock files (``dbn/.locks``: an OS file lock
     needs a file, which stays empty and harmless after the lock is released)."""
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.parent.name != ".locks")
+    return sorted(p for p in root.rglob("*") if p.is_file() and ".locks" not in p.parts)
 
 
 def expected_records(gw: FakeGateway, inst: Instrument, month: Month) -> np.ndarray:

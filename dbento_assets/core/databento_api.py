@@ -521,6 +521,70 @@ class DatabentoSource:
             window = replace(window, start=through)
             log(f"{what}: {len(held)} piece(s) held up to {through.isoformat()}; buying the rest")
         grows = window.end < month.end or bool(held)  # stored as a piece of the month
+        left = self.cache.held_download(
+            entry, _asked(inst), window.start.value, window.end.value, log
+        )
+        if left is not None:  # paid for by a run stopped before it was judged
+            pending, target, metadata = left
+            cost = float(metadata.get("cost_usd") or 0.0)
+            log(
+                f"{what}: using the download of {target} a stopped run paid for and left at "
+                f"{pending} (its size and SHA-256 checked); nothing is bought"
+            )
+        else:
+            pending, target, metadata, cost = self._pay(
+                request, entry, window, availability, grows, held, log
+            )
+        through_ns = (
+            None
+            if pd.Timestamp(metadata["request_end"]) >= month.end
+            else int(pd.Timestamp(metadata["request_end"]).value)
+        )
+        try:
+            fetched, accepted = self._assemble(held, (pending, metadata), through_ns, month, accept)
+        except DownloadRefused as exc:
+            exc.paid_usd = cost
+            self._refuse(
+                entry, pending, exc, _asked(inst), cached=False, piece=target, held=len(held)
+            )
+            self.cache.release(pending)
+            raise
+        try:
+            metadata = self.cache.commit(
+                pending, target, metadata, str(metadata["sha256"]), _asked(inst)
+            )
+        except OSError as exc:
+            raise LocalIOError(local_io_message(exc, target.path)) from None
+        self.cache.release(pending)
+        if request.force:  # the accepted download replaces every piece it covers
+            kept = {piece for piece, _ in held} | {target}
+            for old in self.cache.pieces(entry, checked=False):
+                if old not in kept:
+                    old.path.unlink(missing_ok=True)
+                    old.manifest_path.unlink(missing_ok=True)
+        log(
+            f"stored {target.path} ({metadata['records_downloaded']:,} records, "
+            f"{metadata['dbn_file_bytes']:,} bytes)"
+        )
+        fetched.payloads[-1] = target.path
+        fetched.metadata.update(metadata)
+        return fetched, accepted
+
+    def _pay(
+        self,
+        request: FetchRequest,
+        entry: CacheEntry,
+        window: MonthWindow,
+        availability: Any,
+        grows: bool,
+        held: list[tuple[CacheEntry, dict[str, Any]]],
+        log: Logger,
+    ) -> tuple[Path, CacheEntry, dict[str, Any], float]:
+        """Buy ``window`` of the month: price it (refusing above the ceiling), download it,
+        prove the file whole, and hold it (see :meth:`DbnCache.hold`) under the entry it is
+        to become. Returns the held file, that entry, its metadata and the price paid."""
+        inst, month, schema = request.instrument, request.month, entry.schema
+        what = str(entry)
         query = self._query(inst, window, schema)
         cost = self._call(
             "metadata.get_cost",
@@ -574,60 +638,35 @@ class DatabentoSource:
         except DownloadRefused as exc:  # a file that arrived, paid for, and was refused
             exc.paid_usd = cost
             raise
+        metadata: dict[str, Any] = {
+            "source": self.name,
+            "dbn_cache": "forced" if request.force else "miss",
+            "dataset": inst.dataset,
+            "request_symbol": inst.request_symbol,
+            "stype_in": inst.stype_in,
+            "schema": schema,
+            "request_start": window.start.isoformat(),
+            "request_end": window.end.isoformat(),
+            "available_start": availability.start.isoformat(),
+            "available_end": availability.end.isoformat(),
+            "partial_month": window.partial_reason is not None,
+            "cost_usd": cost,
+            "max_cost_usd": self.max_cost_usd,
+            "billable_size_bytes": billable,
+            "record_count": expected,
+            "records_downloaded": check.records,
+            "download_attempts": attempts,
+            "downloaded_at": pd.Timestamp.now(tz="UTC").isoformat(),
+            "gateway": self.gateway,
+        }
+        if window.partial_reason:
+            metadata["partial_month_reason"] = window.partial_reason
+        metadata["sha256"] = check.sha256
         try:
-            metadata: dict[str, Any] = {
-                "source": self.name,
-                "dbn_cache": "forced" if request.force else "miss",
-                "dataset": inst.dataset,
-                "request_symbol": inst.request_symbol,
-                "stype_in": inst.stype_in,
-                "schema": schema,
-                "request_start": window.start.isoformat(),
-                "request_end": window.end.isoformat(),
-                "available_start": availability.start.isoformat(),
-                "available_end": availability.end.isoformat(),
-                "partial_month": window.partial_reason is not None,
-                "cost_usd": cost,
-                "max_cost_usd": self.max_cost_usd,
-                "billable_size_bytes": billable,
-                "record_count": expected,
-                "records_downloaded": check.records,
-                "download_attempts": attempts,
-                "downloaded_at": pd.Timestamp.now(tz="UTC").isoformat(),
-                "gateway": self.gateway,
-            }
-            if window.partial_reason:
-                metadata["partial_month_reason"] = window.partial_reason
-            through_ns = None if window.end >= month.end else int(window.end.value)
-            try:
-                fetched, accepted = self._assemble(
-                    held, (part, metadata), through_ns, month, accept
-                )
-            except DownloadRefused as exc:
-                exc.paid_usd = cost
-                self._refuse(
-                    entry, part, exc, _asked(inst), cached=False, piece=target, held=len(held)
-                )
-                raise
-            try:
-                metadata = self.cache.commit(part, target, metadata, check.sha256, _asked(inst))
-            except OSError as exc:
-                raise LocalIOError(local_io_message(exc, target.path, billable)) from None
-            if request.force:  # the accepted download replaces every piece it covers
-                kept = {piece for piece, _ in held} | {target}
-                for old in self.cache.pieces(entry, checked=False):
-                    if old not in kept:
-                        old.path.unlink(missing_ok=True)
-                        old.manifest_path.unlink(missing_ok=True)
-        finally:
-            part.unlink(missing_ok=True)
-        log(
-            f"stored {target.path} ({check.records:,} records, "
-            f"{metadata['dbn_file_bytes']:,} bytes)"
-        )
-        fetched.payloads[-1] = target.path
-        fetched.metadata.update(metadata)
-        return fetched, accepted
+            pending = self.cache.hold(part, target, metadata, check.sha256)
+        except OSError as exc:  # the .part goes when the entry's lock is released
+            raise LocalIOError(local_io_message(exc, target.path, billable)) from None
+        return pending, target, metadata, cost
 
     def _refuse(
         self,

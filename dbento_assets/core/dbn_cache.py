@@ -28,6 +28,7 @@ import pandas as pd
 from filelock import FileLock, Timeout
 from upath import UPath
 
+from dbento_assets.core.catalog import sent_symbol
 from dbento_assets.core.dbn import DbnError, check_dbn_file, open_store
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import DownloadRefused, SourceError
@@ -36,6 +37,7 @@ from dbento_assets.core.storage import disk_full_text, fsync_dir, is_disk_full, 
 MANIFEST_SUFFIX = ".json"  # the name of the sidecar earlier versions wrote, now a manifest
 REFUSED_SUFFIX = ".refused.json"
 PART_SUFFIX = ".part"
+PENDING_SUFFIX = ".pending"  # a paid, checked download waiting for the rules' verdict
 LOCK_SUFFIX = ".lock"
 QUARANTINE = "quarantine"
 PARKED = "by_request"
@@ -126,6 +128,16 @@ def _acquired(path: Path, what: str, log: Callable[[str], None]) -> FileLock:
             return lock
         except Timeout:
             log(f"waiting for another run that holds {path} ({what})")
+
+
+def _manifest_of(path: Path) -> Path:
+    return path.with_name(path.name + MANIFEST_SUFFIX)
+
+
+def _sent(note: dict[str, Any], request: Request) -> bool:
+    """Whether a held download's request symbol is ``request``'s as Databento reads it."""
+    symbol = note.get("request_symbol")
+    return isinstance(symbol, str) and sent_symbol(symbol, request[2]) == request[1]
 
 
 def sha256_of(path: Path) -> str:
@@ -526,6 +538,76 @@ class DbnCache:
         finally:
             part.unlink(missing_ok=True)
         return data
+
+    # ------------------------------------------------------------------ paid, not yet accepted
+
+    def hold(self, part: Path, target: CacheEntry, metadata: dict[str, Any], sha256: str) -> Path:
+        """Keep a download whose file check passed (every byte arrived, paid for) under a
+        name that outlives this run, while the rules judge it: a run stopped meanwhile (Ctrl-C,
+        a kill) leaves it for the next run, which uses it instead of buying it again. Its
+        manifest goes first, so the data never waits without one."""
+        pending = target.path.with_name(target.path.name + PENDING_SUFFIX)
+        note = {
+            **metadata,
+            "sha256": sha256,
+            "dbn_file_bytes": part.stat().st_size,
+            "piece": list(target.piece) if target.piece else None,
+        }
+        fsync_file(part)
+        atomic_write_text(_manifest_of(pending), json.dumps(note, indent=2, sort_keys=True))
+        os.replace(part, pending)
+        fsync_dir(pending.parent)
+        return pending
+
+    def release(self, pending: Path) -> None:
+        """Forget a held download once it was committed or quarantined."""
+        _manifest_of(pending).unlink(missing_ok=True)
+        pending.unlink(missing_ok=True)
+
+    def held_download(
+        self,
+        entry: CacheEntry,
+        request: Request,
+        start_ns: int,
+        end_ns: int,
+        log: Callable[[str], None],
+    ) -> tuple[Path, CacheEntry, dict[str, Any]] | None:
+        """A download of ``entry``'s month an earlier run paid for and held (see :meth:`hold`)
+        but never finished judging, when it is what this run would buy: bought for
+        ``request``, from ``start_ns`` and up to at most ``end_ns``, still the bytes its
+        manifest describes. Returns its path, the entry it becomes and its metadata. One
+        that does not fit is moved to the quarantine folder (kept, never deleted)."""
+        found = None
+        for note_path in sorted(entry.path.parent.glob(f"{entry.stem}*{PENDING_SUFFIX}.json")):
+            data = note_path.with_name(note_path.name.removesuffix(MANIFEST_SUFFIX))
+            note = self._read_json(note_path)
+            if not data.is_file():  # stopped between its manifest and its data
+                note_path.unlink(missing_ok=True)
+                continue
+            piece = (note or {}).get("piece")
+            target = entry.month_entry.with_piece(*piece) if piece else entry.month_entry
+            fits = (
+                found is None
+                and note is not None
+                and note.get("schema") == entry.schema
+                and (note.get("dataset"), note.get("stype_in")) == (request[0], request[2])
+                and _sent(note, request)
+                and pd.Timestamp(note.get("request_start")).value == start_ns
+                and pd.Timestamp(note.get("request_end")).value <= end_ns
+                and data.stat().st_size == note.get("dbn_file_bytes")
+                and sha256_of(data) == note.get("sha256")
+            )
+            if fits and note is not None:
+                metadata = {k: v for k, v in note.items() if k not in ("piece", "dbn_file_bytes")}
+                found = (data, target, metadata)
+                continue
+            moved = self.quarantine(data, target)
+            note_path.unlink(missing_ok=True)
+            log(
+                f"a download of {target} held by an earlier run is not what this run buys "
+                f"(another request or window, or changed since): moved to {moved}"
+            )
+        return found
 
     # ------------------------------------------------------------------ refusals
 
