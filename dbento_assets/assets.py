@@ -203,6 +203,7 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
             force=forced.bars_1s,
             whole=whole,
             bought_before=_bought_before(context),
+            lineage=context.run.root_run_id or context.run.run_id,
         )
 
         def accept(fetched: FetchedMonth) -> tuple[DecodedMonth, list[RuleResult], list[Window]]:

@@ -28,7 +28,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zstandard
-from dagster import AssetKey
+from dagster import (
+    AssetKey,
+    Definitions,
+    ReexecutionOptions,
+    define_asset_job,
+    execute_job,
+    reconstructable,
+)
 
 from dbento_assets.assets import FORCE_TAG
 from dbento_assets.core.catalog import DEFAULT_CATALOG, load_catalog
@@ -37,7 +44,9 @@ from dbento_assets.core.dbn import decode_month
 from dbento_assets.core.dbn_cache import DbnCache
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import FetchRequest, SourceError
+from dbento_assets.definitions import build_definitions
 from dbento_assets.estimate import run as estimate
+from dbento_assets.partitions import PARTITION_TAG, partition_key
 from dbento_assets.resources import databento_resource_from_env
 from dbento_assets_tests.gateway import (
     GET_RANGE,
@@ -271,6 +280,38 @@ def test_a_month_refused_under_a_catalog_typo_is_bought_once_the_typo_is_fixed(
     monkeypatch.setenv("DBENTO_CATALOG", str(DEFAULT_CATALOG))
     assert run(instance, resource=databento_resource_from_env()).success
     assert gateway.count(GET_RANGE) == 2
+
+
+def raw_job():  # for reconstructable(): a job Dagster can re-execute
+    raw_only = Definitions(jobs=[define_asset_job("raw_only", selection=[RAW])])
+    return Definitions.merge(build_definitions(), raw_only).resolve_job_def("raw_only")
+
+
+def test_re_executing_a_forced_run_does_not_buy_the_month_again(gateway, env, instance):
+    # A forced run pays for the month again, then fails writing the raw file (its name taken
+    # by a folder). Re-executed from failure (the UI copies the force tag, as do the
+    # daemon's retries), it uses what its parent bought; a new forced run still buys.
+    assert run(instance, resource=databento_resource_from_env()).success
+    raw_file(env).unlink()
+    raw_file(env).mkdir()
+    tags = {PARTITION_TAG: str(partition_key(JAN, "ES")), FORCE_TAG: "true"}
+    job = reconstructable(raw_job)
+    forced = execute_job(job, instance, tags=tags, raise_on_error=False)
+    assert not forced.success and gateway.count(GET_RANGE) == 2
+    bought = sha(cache_file(env))
+    raw_file(env).rmdir()
+
+    again = execute_job(
+        job,
+        instance,
+        tags=tags,
+        raise_on_error=False,
+        reexecution_options=ReexecutionOptions.from_failure(forced.run_id, instance),
+    )
+    assert again.success and gateway.count(GET_RANGE) == 2
+    assert sha(cache_file(env)) == bought
+    assert run(instance, resource=databento_resource_from_env(), tags={FORCE_TAG: "true"}).success
+    assert gateway.count(GET_RANGE) == 3
 
 
 def test_a_refused_vendor_1m_download_is_remembered_and_the_check_is_a_warning(

@@ -309,6 +309,12 @@ class DatabentoSource:
         inst, month = request.instrument, request.month
         entry = self.cache.entry(inst.symbol, month, schema)
         with self.cache.lock(entry, log, _asked(inst)):
+            if request.force and self._forced_already(entry, request.lineage):
+                log(
+                    f"force: {entry} was bought again by run {request.lineage} or one of its "
+                    "re-executions already; this re-execution uses that download"
+                )
+                request = replace(request, force=False, renew_pieces=False)
             if not request.force:
                 self._reuse_bought(entry, inst, log, request.bought_before)
             if entry.path.is_file() and not request.force:
@@ -345,6 +351,18 @@ class DatabentoSource:
                     "bought before it are kept"
                 )
             return self._buy(request, entry, log, accept, held)
+
+    def _forced_already(self, entry: CacheEntry, lineage: str | None) -> bool:
+        """Whether a forced run of ``lineage`` bought ``entry``'s month (or a piece of it)
+        that is still the cache's: its re-execution must not pay for it once more."""
+        if lineage is None:
+            return False
+        files = [entry.month_entry, *self.cache.pieces(entry, checked=False)]
+        return any(
+            (self.cache.manifest_of(f) or {}).get(FORCED_IN_KEY) == lineage
+            for f in files
+            if f.path.is_file()
+        )
 
     def _verified(self, entry: CacheEntry, inst: Instrument, log: Logger) -> dict[str, Any]:
         """The manifest of a cached file (see :meth:`DbnCache.verify`). A file bought for
@@ -659,6 +677,8 @@ class DatabentoSource:
             "downloaded_at": pd.Timestamp.now(tz="UTC").isoformat(),
             "gateway": self.gateway,
         }
+        if request.force and request.lineage:
+            metadata[FORCED_IN_KEY] = request.lineage
         if window.partial_reason:
             metadata["partial_month_reason"] = window.partial_reason
         metadata["sha256"] = check.sha256
@@ -1050,6 +1070,9 @@ class DatabentoSource:
             metadata["original_cost_usd"] = metadata["cost_usd"]
         metadata.update({"source": self.name, "dbn_cache": "hit", "cost_usd": 0.0})
         return metadata
+
+
+FORCED_IN_KEY = "forced_in_run"  # the root run of the forced run that bought a file
 
 
 def _utc(value: Any) -> pd.Timestamp:

@@ -77,6 +77,9 @@ class FetchRequest:
     # DBN files an earlier run recorded buying this month into (another data or cache
     # folder, say): used again, once verified, instead of buying the month again.
     bought_before: tuple[str, ...] = ()
+    # The runs a force belongs to (Dagster's root run id): a re-execution or retry of a
+    # forced run does not buy again what a run of the same lineage bought already.
+    lineage: str | None = None
 
 
 @dataclass
