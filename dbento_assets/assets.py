@@ -57,6 +57,7 @@ from dbento_assets.core.months import Month
 from dbento_assets.core.preflight import preflight
 from dbento_assets.core.rules import RULE_RECONCILED, RULE_VENDOR, RuleResult
 from dbento_assets.core.run_rules import (
+    raw_content,
     raw_proof_status,
     raw_rules_proof,
     run_aggregated_rules,
@@ -83,6 +84,7 @@ from dbento_assets.core.storage import (
 from dbento_assets.core.timeframes import Timeframe
 from dbento_assets.history import latest_materialization
 from dbento_assets.io_managers import (
+    BUILT_FROM_KEY,
     COMPLETE_KEY,
     COVERAGE_KEY,
     IDENTITY_ATTR,
@@ -533,6 +535,8 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
                     metadata={
                         "dataset": instrument.dataset,
                         REQUEST_KEY: instrument.request,
+                        # Which raw bars: a raw month rebuilt alone since leaves it behind.
+                        BUILT_FROM_KEY: _raw_content_of(raw),
                         **partial_metadata(
                             whole, month.end if whole else pd.Timestamp(cut, tz="UTC")
                         ),
@@ -741,6 +745,12 @@ def _partial_end(raw: pd.DataFrame) -> int | None:
     """Where a raw month stored partial ends (UTC nanoseconds, exclusive); None when whole."""
     identity = raw.attrs.get(IDENTITY_ATTR)
     return _end_of(identity if isinstance(identity, FileIdentity) else None)
+
+
+def _raw_content_of(raw: pd.DataFrame) -> str:
+    """The fingerprint of the raw bars, as their file's identity proves it ("" unknown)."""
+    identity = raw.attrs.get(IDENTITY_ATTR)
+    return raw_content(identity.raw_rules) if isinstance(identity, FileIdentity) else ""
 
 
 def _end_of(identity: FileIdentity | None) -> int | None:

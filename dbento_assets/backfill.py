@@ -61,6 +61,7 @@ from dbento_assets.assets import (
 )
 from dbento_assets.core.catalog import Catalog, load_catalog
 from dbento_assets.core.months import Month, month_range
+from dbento_assets.core.run_rules import built_from_older_raw
 from dbento_assets.core.settings import read
 from dbento_assets.core.source import origin_of
 from dbento_assets.io_managers import BarFileIOManager
@@ -768,7 +769,7 @@ def _built_everywhere(
     asks for, and the whole month. A history that outlived its files (deleted, another data
     folder or format since, another file copied over, the symbol asked for otherwise since)
     is not a built partition, nor is a month stored partial (built again, it buys only what
-    it lacks)."""
+    it lacks), nor bars built from other raw bars than the raw file's now."""
     sets = [set(instance.get_materialized_partitions(key)) for key in asset_keys]
     recorded = set.intersection(set(partitions), *sets) if sets else set()
     if io_manager is None:
@@ -778,7 +779,11 @@ def _built_everywhere(
         partition = Partition.from_key(name)
         instrument = catalog.instrument(partition.symbol)
         found = [io_manager.stored_identity(key, partition, instrument) for key in asset_keys]
-        if all(identity is not None and identity.complete for identity in found):
+        raw = io_manager.stored_identity(RAW_KEY, partition, instrument)
+        if all(
+            identity is not None and identity.complete and not built_from_older_raw(raw, identity)
+            for identity in found
+        ):
             built.add(name)
     return built
 

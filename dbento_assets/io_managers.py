@@ -54,6 +54,7 @@ THROUGH_KEY = "through"
 COVERAGE_KEY = "covered"  # raw_1s_bars output metadata: the windows its DBN data covers
 # raw_1s_bars output metadata: the proof that its blocking rules passed on these bars
 RAW_RULES_KEY = "raw_rules_proof"
+BUILT_FROM_KEY = "built_from_raw"  # bars output metadata: the raw bars' fingerprint
 BAR_SCHEMA = TableSchema(
     columns=[TableColumn(name, str(DTYPES[name])) for name in COLUMNS],
 )
@@ -128,6 +129,7 @@ class BarFileIOManager(ConfigurableIOManager):
         through: str = "",
         covered: tuple[Window, ...] = (),
         raw_rules: str = "",
+        built_from: str = "",
     ) -> FileIdentity:
         """What the file of one asset partition must hold (``dataset``/``request``: the
         instrument's, see :class:`~dbento_assets.core.catalog.Instrument`;
@@ -146,6 +148,7 @@ class BarFileIOManager(ConfigurableIOManager):
             through="" if complete else through,
             covered=covered,
             raw_rules=raw_rules if timeframe is None else "",
+            built_from="" if timeframe is None else built_from,
         )
 
     def stored_identity(
@@ -185,6 +188,7 @@ class BarFileIOManager(ConfigurableIOManager):
             through=str(meta.get(THROUGH_KEY) or ""),
             covered=windows_from_json(meta.get(COVERAGE_KEY) or []),
             raw_rules=str(meta.get(RAW_RULES_KEY) or ""),
+            built_from=str(meta.get(BUILT_FROM_KEY) or ""),
         )
         for stale in store.remove_stale_temps([path]):
             context.log.info(f"Removed {stale}, left by a write that was killed")

@@ -19,6 +19,7 @@ from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
 from dbento_assets.checks import all_check_keys
 from dbento_assets.core.catalog import load_catalog
 from dbento_assets.core.months import Month, month_range
+from dbento_assets.core.run_rules import built_from_older_raw
 from dbento_assets.io_managers import io_manager_from_env
 from dbento_assets.names import RAW_KEY, bars_asset_name
 from dbento_assets.partitions import PARTITION_TAG, Partition
@@ -49,11 +50,20 @@ def render(instance: DagsterInstance, symbols: Sequence[str] | None = None) -> s
                 io_manager.stored_identity(key, partition, instrument, any_origin=True)
                 for key in keys
             ]
+            # Bars built from other raw bars than the raw file's now (raw rebuilt alone since)
+            # are not this month's files: the checks that passed them judged other data.
+            behind = sum(built_from_older_raw(found[0], i) for i in found[1:])
+            found = [
+                found[0],
+                *(None if built_from_older_raw(found[0], i) else i for i in found[1:]),
+            ]
             files = sum(identity is not None for identity in found)
             checked = cells.get((str(month), symbol))
             status = "unchecked" if checked is None else _status(*checked)
             if checked is not None and files < len(keys):
                 status = f"incomplete (last checks: {status})"  # not the files' verdict
+            if behind:
+                status += f"; {behind} bar file(s) built from an older raw file"
             # Partial while any of its files is (raw topped up alone leaves the bars behind).
             ends = sorted(i.through_text for i in found if i is not None and not i.complete)
             partial = f", partial to {ends[0][:10]}" if ends else ""

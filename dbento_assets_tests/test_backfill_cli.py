@@ -840,6 +840,32 @@ def test_missing_only_builds_again_what_the_data_folder_lost(small_demo_defs, tm
         assert run_missing_only(argv, csv, instance) == []  # rewritten: its note fits it
 
 
+def test_bars_built_from_an_older_raw_month_are_not_counted_as_built(
+    small_demo_defs, tmp_path, monkeypatch
+):
+    # The raw month rebuilt alone with other bars (Databento republished it, a DBN folder
+    # fixed): the bar files, and the checks that passed them, speak for the old raw bars.
+    # dbento status says so, and --missing-only builds them again from the raw file's bars.
+    monkeypatch.setenv("DBENTO_SOURCE", "demo")
+    monkeypatch.setenv("DBENTO_DATA_DIR", str(tmp_path / "data"))
+    argv = ["--partition", ES_JAN]
+    republished = build_definitions(
+        databento=DatabentoResource(
+            source="demo", data_dir=str(tmp_path / "data"), demo_activity=0.03
+        )
+    )
+    with instance_for_test() as instance:
+        assert run(argv, io.StringIO(), defs=small_demo_defs, instance=instance) == 0
+        assert "4/4 files, pass" in status_table(instance, ["ES"])
+        raw_alone = [*argv, "--select", RAW_ASSET, "--force"]
+        assert run(raw_alone, io.StringIO(), defs=republished, instance=instance) == 0
+        table = status_table(instance, ["ES"])
+        assert "1/4 files" in table and "3 bar file(s) built from an older raw file" in table
+        assert run_missing_only(argv, republished, instance) == [ES_JAN]
+        assert "4/4 files, pass" in status_table(instance, ["ES"])
+        assert run_missing_only(argv, republished, instance) == []
+
+
 def test_files_of_a_symbol_asked_for_otherwise_are_not_counted_as_built(
     gateway, tmp_path, monkeypatch
 ):

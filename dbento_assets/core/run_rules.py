@@ -59,6 +59,21 @@ def raw_rules_proof(raw: pd.DataFrame, month: Month) -> str:
     return _proof(fingerprint(raw), month)
 
 
+def raw_content(proof: str) -> str:
+    """The fingerprint of the bars a raw rules proof was made on ("" when it has none):
+    what an aggregated file records of the raw bars it was built from."""
+    return proof[proof.index(_FP) :] if _FP in proof else ""
+
+
+def built_from_older_raw(raw: FileIdentity | None, bars: FileIdentity | None) -> bool:
+    """Whether ``bars`` (an aggregated file's identity) says it was built from other raw bars
+    than the raw file's now (a raw month rebuilt alone since). Unknown either way: False."""
+    if raw is None or bars is None or not bars.built_from:
+        return False
+    now = raw_content(raw.raw_rules)
+    return bool(now) and now != bars.built_from
+
+
 def _proof(content: str, month: Month) -> str:
     rules = ",".join(RAW_BLOCKING_RULES)
     return f"{CODE_VERSION}; raw rules v{RAW_RULES_VERSION} ({rules}); {month}; {_FP}{content}"

@@ -131,6 +131,10 @@ class FileIdentity:
     # A raw file's proof that the blocking raw rules passed on exactly its bars (see
     # :func:`~dbento_assets.core.run_rules.raw_rules_proof`); "" when none was recorded.
     raw_rules: str = ""
+    # An aggregated file's: the fingerprint of the raw bars it was built from (see
+    # :func:`~dbento_assets.core.run_rules.raw_content`); "" when not recorded. A raw month
+    # rebuilt since with other bars leaves this file behind it.
+    built_from: str = ""
 
     def __post_init__(self) -> None:
         windows = tuple((int(s), int(e)) for s, e in self.covered)
@@ -167,6 +171,8 @@ class FileIdentity:
             fields["covered"] = json.dumps(windows_json(self.covered))
         if self.raw_rules:
             fields["raw_rules"] = self.raw_rules
+        if self.built_from:
+            fields["built_from"] = self.built_from
         return {IDENTITY_PREFIX + key: value for key, value in fields.items()}
 
     @classmethod
@@ -199,6 +205,7 @@ class FileIdentity:
             through="" if complete else found.get("through", ""),
             covered=windows_from_json(json.loads(found["covered"])) if "covered" in found else (),
             raw_rules=found.get("raw_rules", ""),
+            built_from=found.get("built_from", ""),
         )
 
     def names_the_same_file(self, other: FileIdentity) -> bool:
