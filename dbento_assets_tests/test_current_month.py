@@ -858,12 +858,22 @@ def test_force_on_a_growing_month_buys_it_again_in_one_piece(gateway, api_env):
         gateway.set_range(DATASET, DATASET_START, end)
         source.fetch(FetchRequest(es, MARCH), lambda _: None)
     folder = data / "dbn" / "ES"
-    assert len(list(folder.glob("ES_2024_03.ohlcv-1s.*-*.dbn.zst"))) == 2
+    old = {p: p.read_bytes() for p in folder.glob("ES_2024_03.ohlcv-1s.*-*.dbn.zst*")}
+    assert len(old) == 4  # two pieces, their manifests
     fetched = source.fetch(FetchRequest(es, MARCH, force=True), lambda _: None)
     end = pd.Timestamp("2024-03-08", tz="UTC").value
     assert windows(gateway)[-1] == (MARCH.start_ns, end)
     (piece,) = folder.glob("ES_2024_03.ohlcv-1s.*-*.dbn.zst")
     assert fetched.payloads == [piece] and fetched.through_ns == end
+
+    # Stopped between its commit and removing the pieces it covers: the next run finishes
+    # that, and uses the forced piece, without a request.
+    for path, data_bytes in old.items():
+        path.write_bytes(data_bytes)
+    requests = len(windows(gateway))
+    again = source.fetch(FetchRequest(es, MARCH), lambda _: None)
+    assert again.payloads == [piece] and len(windows(gateway)) == requests
+    assert sorted(folder.glob("ES_2024_03.ohlcv-1s.*-*.dbn.zst")) == [piece]
 
 
 def no_inverted_bar(fetched) -> None:

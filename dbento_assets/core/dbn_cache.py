@@ -246,6 +246,8 @@ class DbnCache:
                 continue
             found.append(entry.month_entry.with_piece(*window))
         found.sort(key=lambda e: e.piece or (0, 0))
+        if checked:
+            found = self._without_covered(found)
         for before, after in itertools.pairwise(found if checked else []):
             if before.piece and after.piece and before.piece[1] != after.piece[0]:
                 raise SourceError(
@@ -253,6 +255,27 @@ class DbnCache:
                     "do not follow one another; move them aside (nothing was requested)."
                 )
         return found
+
+    @staticmethod
+    def _without_covered(found: list[CacheEntry]) -> list[CacheEntry]:
+        """``found`` without the pieces another piece's window covers, which are removed: only
+        a forced run writes such a piece, after it passed the checks, and then removes the
+        ones it covers; a run stopped in between leaves them, and this finishes its work."""
+        kept = []
+        for entry in found:
+            window = entry.piece or (0, 0)
+            if any(
+                other.piece != entry.piece
+                and other.piece is not None
+                and other.piece[0] <= window[0]
+                and window[1] <= other.piece[1]
+                for other in found
+            ):
+                entry.path.unlink(missing_ok=True)
+                entry.manifest_path.unlink(missing_ok=True)
+            else:
+                kept.append(entry)
+        return kept
 
     # ------------------------------------------------------------------ lock and leftovers
 
