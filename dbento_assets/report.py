@@ -22,6 +22,7 @@ from upath import UPath
 
 from dbento_assets.checks import all_check_keys
 from dbento_assets.core.catalog import Catalog, CatalogError, load_catalog
+from dbento_assets.core.months import instant_text
 from dbento_assets.core.rules import RULE_TITLES
 from dbento_assets.core.storage import write_atomic
 from dbento_assets.history import (
@@ -157,9 +158,9 @@ def collect(
             materialization = record.asset_materialization if record is not None else None
             meta = materialization.metadata if materialization is not None else {}
             if getattr(meta.get(COMPLETE_KEY), "value", True) is False:
-                ends.append(str(getattr(meta.get(THROUGH_KEY), "value", ""))[:10])
+                ends.append(str(getattr(meta.get(THROUGH_KEY), "value", "")))
         if ends:
-            found.partial[cell] = min(ends)
+            found.partial[cell] = instant_text(min(ends))
     order = {(k.asset_key.to_user_string(), k.name): i for i, k in enumerate(check_keys)}
     found.outcomes.sort(key=lambda o: (o.symbol, o.month, order[(o.asset, o.check)]))
     return found
@@ -231,7 +232,8 @@ def render(found: Collected, source: str, now: dt.datetime | None = None) -> str
             "failing checks, at least one an ERROR: that data was refused and not saved. "
             "-: never checked."
             + (
-                " partial to D: the month had not closed; its data ends at D (exclusive), "
+                " partial to D: the month had not closed; its data ends at D (exclusive; a "
+                "date alone is midnight UTC), "
                 "it is not a whole month yet."
                 if found.partial
                 else ""

@@ -18,7 +18,7 @@ from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
 
 from dbento_assets.checks import all_check_keys
 from dbento_assets.core.catalog import load_catalog
-from dbento_assets.core.months import Month, month_range
+from dbento_assets.core.months import Month, instant_text, month_range
 from dbento_assets.core.run_rules import built_from_older_raw
 from dbento_assets.io_managers import io_manager_from_env
 from dbento_assets.names import RAW_KEY, bars_asset_name
@@ -53,11 +53,7 @@ def render(instance: DagsterInstance, symbols: Sequence[str] | None = None) -> s
             # Bars built from other raw bars than the raw file's now (raw rebuilt alone since)
             # are not this month's files: the checks that passed them judged other data.
             behind = sum(built_from_older_raw(found[0], i) for i in found[1:])
-            found = [
-                found[0],
-                *(None if built_from_older_raw(found[0], i) else i for i in found[1:]),
-            ]
-            files = sum(identity is not None for identity in found)
+            files = sum(i is not None for i in found) - behind
             checked = cells.get((str(month), symbol))
             status = "unchecked" if checked is None else _status(*checked)
             if checked is not None and files < len(keys):
@@ -66,7 +62,7 @@ def render(instance: DagsterInstance, symbols: Sequence[str] | None = None) -> s
                 status += f"; {behind} bar file(s) built from an older raw file"
             # Partial while any of its files is (raw topped up alone leaves the bars behind).
             ends = sorted(i.through_text for i in found if i is not None and not i.complete)
-            partial = f", partial to {ends[0][:10]}" if ends else ""
+            partial = f", partial to {instant_text(ends[0])}" if ends else ""
             if files == 0 and checked is None:
                 # Never checked: never tried, or its run failed before any check (a download
                 # that failed), which must not look the same.

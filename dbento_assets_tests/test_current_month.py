@@ -43,7 +43,7 @@ from dbento_assets.core.coverage import IncompleteMonth, VendorMonth, require_wh
 from dbento_assets.core.databento_api import VENDOR_SCHEMA, DatabentoSource
 from dbento_assets.core.dbn import decode_month
 from dbento_assets.core.dbn_files import DbnFilesSource
-from dbento_assets.core.months import Month
+from dbento_assets.core.months import Month, instant_text
 from dbento_assets.core.source import DownloadRefused, FetchRequest, SourceError
 from dbento_assets.core.storage import BarStore
 from dbento_assets.core.timeframes import parse_timeframe
@@ -960,3 +960,16 @@ def test_a_lost_first_piece_never_makes_a_month_that_starts_late(gateway, api_en
     assert "2024-03-01" in failure_text(again) and "2024-03-04" in failure_text(again)
     assert bar_files(data) == stored  # the whole month stored so far is kept
     assert gateway.count(GET_RANGE) == paid  # nothing bought onto a month with a hole
+
+
+@pytest.mark.parametrize(
+    ("through", "shown"),
+    [
+        ("2024-03-17T00:00:00+00:00", "2024-03-17"),
+        # Hours of the day are held: a date alone would read as "nothing of that day".
+        ("2026-12-01T14:45:30+00:00", "2026-12-01 14:45:30 UTC"),
+        ("2026-12-01T09:45:30-05:00", "2026-12-01 14:45:30 UTC"),
+    ],
+)
+def test_a_partial_months_end_is_shown_to_the_second_unless_midnight(through, shown):
+    assert instant_text(through) == shown

@@ -79,3 +79,18 @@ def month_range(first: Month, last: Month) -> list[Month]:
         out.append(current)
         current = current.next()
     return out
+
+
+def instant_text(iso: str) -> str:
+    """An instant (ISO 8601) as a listing shows it: ``2024-03-17`` at midnight UTC, else
+    ``2026-12-01 14:45:30 UTC`` (a date alone would hide the hours a file holds)."""
+    try:
+        stamp = pd.Timestamp(iso)
+    except ValueError:
+        return iso
+    if stamp is pd.NaT:
+        return iso or "?"
+    stamp = stamp.tz_convert("UTC") if stamp.tzinfo else stamp.tz_localize("UTC")
+    if stamp == stamp.normalize():
+        return stamp.strftime("%Y-%m-%d")
+    return stamp.strftime("%Y-%m-%d %H:%M:%S UTC")
