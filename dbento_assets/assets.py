@@ -493,7 +493,14 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
                     outcome = _behind(name, partition, covers, cut)
                     context.log.warning(outcome)
                     cut = covers
-            results = run_aggregated_rules(bars, bars_before(raw, cut), month, tf, built_from=finer)
+            results = run_aggregated_rules(
+                bars,
+                bars_before(raw, cut),
+                month,
+                tf,
+                built_from=finer,
+                negative_prices=instrument.negative_prices,
+            )
             if name in built and tf in plan.values() and _reconciled(results):
                 proven[tf] = bars
             if (

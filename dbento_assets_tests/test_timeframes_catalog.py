@@ -148,6 +148,10 @@ GOOD_ES = (
             'start_month="2024-01"\ntimeframes=["1min"]\n' + GOOD_ES.replace("0.25", "true"),
             "tick must be a positive number",
         ),
+        (
+            'start_month="2024-01"\ntimeframes=["1min"]\n' + GOOD_ES + 'negative_prices="yes"\n',
+            "negative_prices must be true or false",
+        ),
     ],
 )
 def test_bad_catalog_is_reported_with_file_and_entry(tmp_path, body, message):

@@ -804,3 +804,30 @@ def test_a_calendar_named_in_the_catalog_is_the_one_checked() -> None:
     result = by_rule(run_raw_rules(every_ten_minutes(MARCH), MARCH, london))[RULE_CALENDAR]
     assert result.passed and result.extra["calendar"] == "XLON"
     assert "XLON trading sessions of 2024-03" in result.description
+
+
+def test_negative_prices_are_refused_unless_the_catalog_says_they_are_real():
+    # Crude oil on 2020-04-20 settled at -37.63: right data, which the schema rule takes for
+    # corrupt unless the instrument's catalog entry says it trades at or below zero.
+    cl = dataclasses.replace(ES, symbol="CL", request_symbol="CL.c.0", tick=0.01)
+    month = Month(2020, 4)
+    start = pd.Timestamp("2020-04-20 18:29:00", tz="UTC").value
+    ts = start + np.arange(30, dtype=np.int64) * 1_000_000_000
+    price = np.linspace(-37.50, -37.63, 30).round(2)
+    ids = np.ones(30, dtype=np.uint32)
+    raw = make_bars(ts, "CL", ids, price, price, price, price, np.full(30, 5, dtype=np.uint64))
+
+    (refused,) = [r for r in run_raw_rules(raw, month, cl) if r.blocking]
+    assert refused.rule == RULE_SCHEMA and "open not above 0 (30)" in refused.description
+    assert "set negative_prices = true in its catalog entry" in refused.description
+
+    real = dataclasses.replace(cl, negative_prices=True)
+    assert not [r for r in run_raw_rules(raw, month, real) if r.blocking]
+    bars = aggregate_bars(raw, parse_timeframe("15s"))
+    results = run_aggregated_rules(bars, raw, month, parse_timeframe("15s"), negative_prices=True)
+    assert [r.rule for r in results if not r.passed] == []
+    # Anything else the rule checks still fails: a missing price is not a negative one.
+    broken = raw.copy()
+    broken.loc[3, "close"] = np.nan
+    (schema,) = [r for r in run_raw_rules(broken, month, real) if r.rule == RULE_SCHEMA]
+    assert not schema.passed and "close missing values (1)" in schema.description

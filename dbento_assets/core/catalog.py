@@ -95,6 +95,9 @@ class Instrument:
     tick: float
     kind: str
     calendar: str | None = None  # as written in the catalog; None: the dataset's default
+    # Prices at or below zero are real for it (crude oil in April 2020, spreads): the schema
+    # rule then accepts them; otherwise such a price is taken for corrupt data and refused.
+    negative_prices: bool = False
 
     @property
     def request(self) -> str:
@@ -182,7 +185,7 @@ def load_catalog(path: Path | str | None = None) -> Catalog:
 
 
 _TOP_KEYS = ("start_month", "timeframes", "instruments")
-_INSTRUMENT_KEYS = ("dataset", "symbol", "stype_in", "tick", "kind", "calendar")
+_INSTRUMENT_KEYS = ("dataset", "symbol", "stype_in", "tick", "kind", "calendar", "negative_prices")
 
 
 def _unknown(found: dict[str, Any], known: tuple[str, ...], where: str) -> None:
@@ -245,6 +248,9 @@ def _instrument(symbol: str, spec: Any, file: Path) -> Instrument:
     calendar = spec.get("calendar")
     if calendar is not None:
         _check_calendar(calendar, where)
+    negative = spec.get("negative_prices", False)
+    if not isinstance(negative, bool):
+        raise CatalogError(f"{where}: negative_prices must be true or false, got {negative!r}")
     return Instrument(
         symbol=symbol,
         dataset=str(spec["dataset"]),
@@ -253,6 +259,7 @@ def _instrument(symbol: str, spec: Any, file: Path) -> Instrument:
         tick=float(tick),
         kind=str(spec["kind"]),
         calendar=None if calendar is None else str(calendar),
+        negative_prices=negative,
     )
 
 

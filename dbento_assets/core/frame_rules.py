@@ -42,25 +42,36 @@ _CHECK_WORDS: dict[str, str] = {
 }
 
 
-def check_schema(frame: pd.DataFrame, *, aggregated: bool = False) -> RuleResult:
-    """Columns, dtypes, no nulls, finite prices > 0, volume >= 0, ``ts_event`` in UTC.
+def check_schema(
+    frame: pd.DataFrame, *, aggregated: bool = False, negative_prices: bool = False
+) -> RuleResult:
+    """Columns, dtypes, no nulls, finite prices > 0 (any finite price with
+    ``negative_prices``: an instrument the catalog says trades at or below zero), volume >= 0,
+    ``ts_event`` in UTC.
 
     Pandera runs lazily, so every failure is counted: one violation per failing value, plus
     one per wrong dtype, missing column or unexpected column.
     """
     schema = AggregatedBarsSchema if aggregated else RawBarsSchema
+    prices = "finite" if negative_prices else "positive and finite"
+    passed = make_result(
+        RULE_SCHEMA,
+        0,
+        f"All columns are present with the right types, nothing is missing, prices are "
+        f"{prices}, volumes are whole numbers and times are in UTC.",
+        "",
+    )
     try:
         schema.validate(frame, lazy=True, inplace=True)
     except pa.errors.SchemaErrors as exc:
         cases = exc.failure_cases
     else:
-        return make_result(
-            RULE_SCHEMA,
-            0,
-            "All columns are present with the right types, nothing is missing, prices are "
-            "positive and finite, volumes are whole numbers and times are in UTC.",
-            "",
-        )
+        return passed
+    if negative_prices:
+        real = (cases["check"] == "greater_than(0)") & cases["column"].isin(PRICE_COLUMNS)
+        cases = cases[~real]
+        if cases.empty:
+            return passed
     kinds = cases.groupby(["column", "check"], sort=False, dropna=False).size()
     parts = [
         _describe_check(str(column), str(check), count, cases)
@@ -71,7 +82,13 @@ def check_schema(frame: pd.DataFrame, *, aggregated: bool = False) -> RuleResult
         RULE_SCHEMA,
         len(cases),
         "",
-        f"{plural(len(cases), 'problem')} with columns, types or values: {few(parts)}.",
+        f"{plural(len(cases), 'problem')} with columns, types or values: {few(parts)}."
+        + (
+            " If this instrument really trades at or below zero (crude oil in April 2020, "
+            "spreads), set negative_prices = true in its catalog entry."
+            if not negative_prices and (cases["check"] == "greater_than(0)").any()
+            else ""
+        ),
         sample.head(SAMPLE_ROWS).reset_index(drop=True),
         {"failures": {f"{c}: {k}": int(n) for (c, k), n in kinds.items()}},
     )

@@ -125,7 +125,7 @@ def run_raw_rules(
     if unknown:
         raise ValueError(f"not raw rules: {', '.join(sorted(unknown))}")
     runners: dict[str, Callable[[], RuleResult]] = {
-        RULE_SCHEMA: lambda: check_schema(raw),
+        RULE_SCHEMA: lambda: check_schema(raw, negative_prices=instrument.negative_prices),
         RULE_TIME_ORDER: lambda: check_time_order(raw),
         RULE_OHLC: lambda: check_ohlc(raw),
         RULE_IN_MONTH: lambda: check_inside_month(raw, month),
@@ -147,15 +147,17 @@ def run_aggregated_rules(
     timeframe: Timeframe,
     *,
     built_from: pd.DataFrame | None = None,
+    negative_prices: bool = False,
 ) -> list[RuleResult]:
     """All rules for an aggregated partition, in :data:`AGGREGATED_RULES` order.
 
     Calendar completeness is a raw-only rule: reconciliation proves the aggregated frame
     covers the same sessions. ``built_from``: the finer bars ``agg`` was built from, already
-    reconciled with ``raw`` (see :func:`~.comparison.check_reconciliation`).
+    reconciled with ``raw`` (see :func:`~.comparison.check_reconciliation`);
+    ``negative_prices``: the instrument's (see :class:`~.catalog.Instrument`).
     """
     return [
-        check_schema(agg, aggregated=True),
+        check_schema(agg, aggregated=True, negative_prices=negative_prices),
         check_time_order(agg),
         check_ohlc(agg),
         check_inside_month(agg, month),
