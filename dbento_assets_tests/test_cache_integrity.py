@@ -38,12 +38,12 @@ from dagster import (
 )
 
 from dbento_assets.assets import FORCE_TAG
-from dbento_assets.core.catalog import DEFAULT_CATALOG, load_catalog
+from dbento_assets.core.catalog import DEFAULT_CATALOG, Catalog, load_catalog
 from dbento_assets.core.databento_api import DatabentoSource, RetryPolicy
 from dbento_assets.core.dbn import decode_month
 from dbento_assets.core.dbn_cache import DbnCache
 from dbento_assets.core.months import Month
-from dbento_assets.core.source import FetchRequest, SourceError
+from dbento_assets.core.source import DownloadRefused, FetchRequest, SourceError
 from dbento_assets.definitions import build_definitions
 from dbento_assets.estimate import run as estimate
 from dbento_assets.partitions import PARTITION_TAG, partition_key
@@ -448,15 +448,42 @@ RACER = textwrap.dedent(
 ).format(key=TEST_KEY)
 
 
+def alias_catalog(tmp_path: Path) -> Catalog:
+    """The packaged catalog plus ESV: a second name for ES's request (ES.v.0)."""
+    catalog = catalog_from(tmp_path, "2024-01")
+    text = catalog.path.read_text(encoding="utf-8")
+    es = text[text.index("[instruments.ES]") : text.index("[instruments.NQ]")]
+    catalog.path.write_text(text + "\n" + es.replace("[instruments.ES]", "[instruments.ESV]"))
+    return load_catalog(catalog.path)
+
+
+def test_a_month_refused_under_one_name_is_not_bought_again_under_another(gateway, tmp_path):
+    # ES and ESV ask Databento for the same thing: ES's refused month is ESV's too (the same
+    # data, refused again once paid); only a forced run buys it.
+    catalog = alias_catalog(tmp_path)
+
+    def refuse(fetched: object) -> None:
+        raise DownloadRefused("a bar has its high below its low", rules=["ohlc_consistent"])
+
+    source = source_for(gateway, tmp_path / "data")
+    for symbol in ("ES", "ESV"):
+        request = FetchRequest(catalog.instrument(symbol), JAN)
+        with pytest.raises((DownloadRefused, SourceError)) as info:
+            source.fetch_accepted(request, lambda line: None, refuse)
+    assert gateway.count(GET_RANGE) == 1
+    assert type(info.value) is SourceError  # refused before buying, naming why
+    assert "was refused" in str(info.value) and "ohlc_consistent" in str(info.value)
+    forced = FetchRequest(catalog.instrument("ESV"), JAN, force=True)
+    source.fetch_accepted(forced, lambda line: None, lambda fetched: None)
+    assert gateway.count(GET_RANGE) == 2
+
+
 @pytest.mark.parametrize(
     "symbols", [("ES", "ES"), ("ES", "ESV")], ids=["one symbol", "two symbols, one request"]
 )
 def test_two_processes_on_one_partition_make_one_request(gateway, tmp_path, symbols):
     # ESV is a second catalog name for ES.v.0: the same purchase, whichever name asks.
-    catalog = catalog_from(tmp_path, "2024-01")
-    text = catalog.path.read_text(encoding="utf-8")
-    es = text[text.index("[instruments.ES]") : text.index("[instruments.NQ]")]
-    catalog.path.write_text(text + "\n" + es.replace("[instruments.ES]", "[instruments.ESV]"))
+    catalog = alias_catalog(tmp_path)
     gateway.gate(GET_RANGE, parties=2, timeout=1.5)
     go = tmp_path / "go"
     env = {**os.environ, "DBENTO_CATALOG": str(catalog.path)}

@@ -668,9 +668,21 @@ class DbnCache:
             return piece[0], piece[1]
         return None
 
+    def _refused_elsewhere(self, entry: CacheEntry, request: Request) -> dict[str, Any] | None:
+        """A whole month's refusal of the same request under another catalog symbol (two
+        names for one request): the same data, which would be refused again once paid."""
+        pattern = f"*/*_{entry.month.tag}.{entry.schema}.dbn.zst{REFUSED_SUFFIX}"
+        for path in sorted(self.folder.glob(pattern)):
+            if path.parent.name in (QUARANTINE, PARKED, LOCKS, entry.symbol):
+                continue
+            note = self._read_json(path)
+            if note is not None and note.get("request") == list(request) and not note.get("piece"):
+                return note
+        return None
+
     def refused_message(self, entry: CacheEntry, request: Request) -> str | None:
         """Why this entry must not be bought again for ``request`` without force, or None."""
-        note = self._refusal(entry, request)
+        note = self._refusal(entry, request) or self._refused_elsewhere(entry, request)
         if note is None:
             return None
         rules = ", ".join(note.get("rules") or []) or "its checks"
