@@ -20,6 +20,7 @@ import databento
 import numpy as np
 import pandas as pd
 import pytest
+import zstandard
 
 from dbento_assets.core.aggregate import aggregate_bars
 from dbento_assets.core.catalog import Instrument, load_catalog
@@ -313,6 +314,34 @@ def test_a_month_file_spanning_the_boundary_keeps_only_the_month(tmp_path):
     assert len(bars) == 5 * 3  # March 1..5
     assert fetched.metadata["first_day_covered"] == "2024-03-01"
     assert fetched.metadata["last_day_covered"] == "2024-03-05"
+
+
+def test_the_same_data_twice_in_the_folder_is_refused_naming_both_files(tmp_path):
+    # `zstd -d` keeps the original: a month's file and its decompressed copy side by side
+    # would give every bar twice.
+    month_days = [dt.date(2024, 3, 1) + dt.timedelta(days=k) for k in range(31)]
+    records = np.concatenate([records_for(day, [100], base=1000) for day in month_days])
+    payload = encode_ohlcv(
+        records,
+        dataset="GLBX.MDP3",
+        symbols=["ES.v.0"],
+        stype_in="continuous",
+        start_ns=MAR24.start_ns,
+        end_ns=MAR24.end_ns,
+        mappings={
+            "ES.v.0": [
+                {"start_date": month_days[0], "end_date": dt.date(2024, 4, 1), "symbol": "100"}
+            ]
+        },
+    )
+    (tmp_path / "march.ohlcv-1s.dbn.zst").write_bytes(payload)
+    assert len(
+        decode_month(fetch(DbnFilesSource(tmp_path), ES, MAR24)[0].payloads, "ES", MAR24).bars
+    )
+    (tmp_path / "march.ohlcv-1s.dbn").write_bytes(zstandard.decompress(payload))
+    with pytest.raises(SourceError, match="the same data twice") as info:
+        fetch(DbnFilesSource(tmp_path), ES, MAR24)
+    assert "march.ohlcv-1s.dbn and march.ohlcv-1s.dbn.zst" in str(info.value)
 
 
 # --------------------------------------------------------------------------- filtered coverage

@@ -10,6 +10,7 @@ month in progress may be held in part and is then stored partial.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +143,7 @@ class DbnFilesSource:
             log(f"ignoring DBN files that are not {SCHEMA}: {', '.join(skipped)}")
         if not chosen:
             raise SourceError(self._nothing_matches(inst, month, infos))
+        self._refuse_overlaps(chosen, inst, month)
 
         wanted = _wanted(chosen)
         payloads: list[DbnPayload] = []
@@ -260,6 +262,23 @@ class DbnFilesSource:
             }
             chosen.append(_Chosen(info, ours, others))
         return chosen, skipped
+
+    def _refuse_overlaps(self, chosen: list[_Chosen], inst: Instrument, month: Month) -> None:
+        """Two files holding the same hours (a file next to its decompressed copy, a month's
+        file next to its daily ones) would give every bar twice: refused naming them."""
+        spans = sorted(
+            (c.info for c in chosen if c.info.end_ns is not None), key=lambda i: i.start_ns
+        )
+        for before, after in itertools.pairwise(spans):
+            if before.end_ns is not None and after.start_ns < before.end_ns:
+                raise SourceError(
+                    f"{_relative(before.path, self.dbn_dir)} and "
+                    f"{_relative(after.path, self.dbn_dir)} in {self.dbn_dir} both hold "
+                    f"{inst.request_symbol} from {_day(after.start_ns).isoformat()} (the same "
+                    "data twice: a file and its decompressed copy, or a month's file and its "
+                    f"daily files?): keep one of them there. Nothing of {inst.symbol} {month} "
+                    "was stored."
+                )
 
     def _nothing_matches(self, inst: Instrument, month: Month, infos: list[DbnFileInfo]) -> str:
         shown = [info.describe(self.dbn_dir) for info in infos[:12]]
