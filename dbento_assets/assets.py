@@ -307,15 +307,16 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
 
 
 def _bought_before(context: AssetExecutionContext) -> tuple[str, ...]:
-    """The DBN file this partition's latest raw file was decoded from, as its run recorded it:
-    after the data folder changed (another working directory, DBENTO_DATA_DIR or
-    DBENTO_CACHE_DIR), the download cache uses that file, verified, instead of buying the
-    month again."""
+    """The DBN files this partition's latest raw file was decoded from (and the vendor's
+    1-minute bars bought with it), as its run recorded them: after the data folder changed
+    (another working directory, DBENTO_DATA_DIR or DBENTO_CACHE_DIR), the download cache uses
+    those files, verified, instead of buying the month again."""
     record = latest_materialization(context.instance, RAW_KEY, context.partition_key)
     if record is None or record.asset_materialization is None:
         return ()
-    found = record.asset_materialization.metadata.get(f"source_{DBN_FILE_KEY}")
-    return (str(found.value),) if found is not None else ()
+    metadata = record.asset_materialization.metadata
+    keys = (f"source_{DBN_FILE_KEY}", f"vendor_1m_{DBN_FILE_KEY}")
+    return tuple(str(metadata[k].value) for k in keys if metadata.get(k) is not None)
 
 
 def check_settings(
@@ -802,6 +803,6 @@ def _prefetch_vendor_1m(
         return {VENDOR_ERROR_KEY: found}
     return {
         f"vendor_1m_{key}": found.metadata[key]
-        for key in ("dbn_cache", "dbn_file", "cost_usd", "record_count")
+        for key in ("dbn_cache", DBN_FILE_KEY, "cost_usd", "record_count")
         if found.metadata.get(key) is not None
     }

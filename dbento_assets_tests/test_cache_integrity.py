@@ -609,6 +609,41 @@ def test_a_paid_download_outlives_a_run_stopped_while_its_rules_run(gateway, tmp
         assert any("a stopped run paid for" in line for line in logs), logs
 
 
+def stopped_while_judging(fetched: object) -> None:
+    raise RuntimeError("the run stopped while the rules judged the month")
+
+
+def test_a_forced_run_that_judges_a_held_download_buys_once_for_its_lineage(gateway, tmp_path):
+    # A paid download left held; a forced run judges it (no request) and, re-executed, does
+    # not buy the month again: the held file became the lineage's purchase.
+    root = tmp_path / "data"
+    source = source_for(gateway, root)
+    with pytest.raises(RuntimeError):
+        source.fetch_accepted(FetchRequest(CATALOG_ES, JAN), print, stopped_while_judging)
+    forced = FetchRequest(CATALOG_ES, JAN, force=True, lineage="root-run-1")
+    source.fetch(forced, print)
+    assert manifest_of(cache_file(root))["forced_in_run"] == "root-run-1"
+    source.fetch(forced, print)  # its re-execution
+    assert gateway.count(GET_RANGE) == 1
+
+
+def test_a_held_piece_of_a_month_that_has_closed_since_is_not_served_as_the_month(
+    gateway, tmp_path
+):
+    # Held while March was open to the 4th; March has closed since: the whole month is
+    # bought, never the piece stored as if it were March (the held file is quarantined).
+    root = tmp_path / "data"
+    source = source_for(gateway, root)
+    march = Month(2024, 3)
+    gateway.set_range("GLBX.MDP3", "2010-06-06", "2024-03-04")
+    with pytest.raises(RuntimeError):
+        source.fetch_accepted(FetchRequest(CATALOG_ES, march), print, stopped_while_judging)
+    gateway.set_range("GLBX.MDP3", "2010-06-06", "2024-04-02")
+    fetched = source.fetch(FetchRequest(CATALOG_ES, march, whole=True), print)
+    assert fetched.complete and fetched.through_ns is None
+    assert gateway.count(GET_RANGE) == 2 and len(quarantined(root)) == 1
+
+
 def test_a_download_bought_for_another_request_symbol_is_not_served(
     gateway, env, instance, tmp_path, monkeypatch
 ):
@@ -713,6 +748,25 @@ def test_a_month_bought_into_another_data_folder_is_not_bought_again(
     monkeypatch.setenv("DBENTO_DATA_DIR", str(again))
     assert run(instance, resource=databento_resource_from_env()).success
     assert gateway.count(GET_RANGE) == 2 and sha(cache_file(again)) == paid
+
+
+def test_a_month_bought_from_another_working_directory_is_not_bought_again(
+    gateway, env, instance, tmp_path, monkeypatch
+):
+    # The default ./data, the same instance, a command started from another folder: neither
+    # the 1-second month nor the vendor's 1-minute bars bought with it are bought again.
+    monkeypatch.setenv("DBENTO_DATA_DIR", "data")
+    monkeypatch.setenv("DBENTO_VENDOR_CHECK", "true")
+    for folder in ("first", "second"):
+        (tmp_path / folder).mkdir()
+        monkeypatch.chdir(tmp_path / folder)
+        result = run(instance, resource=databento_resource_from_env())
+        assert result.success, failure_text(result)
+        schemas = sorted(c.fields["schema"] for c in gateway.calls(GET_RANGE) if c.fault is None)
+        assert schemas == ["ohlcv-1m", "ohlcv-1s"]
+    assert sha(cache_file(tmp_path / "second" / "data")) == sha(
+        cache_file(tmp_path / "first" / "data")
+    )
 
 
 def test_another_symbols_month_is_never_reused_unless_it_says_it_is_this_request(

@@ -12,6 +12,7 @@ runs on the demo source, whose "now" is ``DBENTO_DEMO_NOW``.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import itertools
@@ -973,3 +974,28 @@ def test_a_lost_first_piece_never_makes_a_month_that_starts_late(gateway, api_en
 )
 def test_a_partial_months_end_is_shown_to_the_second_unless_midnight(through, shown):
     assert instant_text(through) == shown
+
+
+def test_pieces_of_two_requests_in_one_folder_are_never_deleted(gateway, api_env):
+    # A growing month bought as ES.v.0, then under a typo (its pieces parked, NQ.v.0's bought
+    # over a longer window), then as ES.v.0 again: ES.v.0's piece comes back next to NQ.v.0's,
+    # which covers its window. Neither was forced: nothing paid for may be deleted.
+    data = api_env("two_requests")
+    es = load_catalog().instrument("ES")
+    typo = dataclasses.replace(es, request_symbol="NQ.v.0")
+    source = DatabentoSource(TEST_KEY, data, gateway=gateway.url)
+    gateway.set_range(DATASET, DATASET_START, "2024-03-04")
+    source.fetch(FetchRequest(es, MARCH), lambda _: None)
+    with pytest.raises(SourceError):
+        source.fetch(FetchRequest(typo, MARCH), lambda _: None)  # parks ES.v.0's piece
+    gateway.set_range(DATASET, DATASET_START, "2024-03-12")
+    source.fetch(FetchRequest(typo, MARCH), lambda _: None)
+    paid = {_sha(p) for p in (data / "dbn").rglob("*.dbn.zst")}
+    assert len(paid) == 2
+    with pytest.raises(SourceError):
+        source.fetch(FetchRequest(es, MARCH), lambda _: None)
+    assert paid <= {_sha(p) for p in (data / "dbn").rglob("*.dbn.zst*") if p.suffix != ".json"}
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -453,7 +453,8 @@ class DatabentoSource:
         first piece quarantined or moved away leaves a hole no later piece would fill, and a
         month assembled from the rest would silently begin late. That is refused before any
         request, naming the files."""
-        held = [(piece, self._verified(piece, inst, log)) for piece in self.cache.pieces(entry)]
+        pieces = self.cache.pieces(entry, settle=True)
+        held = [(piece, self._verified(piece, inst, log)) for piece in pieces]
         if held:
             first, manifest = held[0]
             month = entry.month
@@ -545,6 +546,10 @@ class DatabentoSource:
         if left is not None:  # paid for by a run stopped before it was judged
             pending, target, metadata = left
             cost = float(metadata.get("cost_usd") or 0.0)
+            if request.force:  # a forced run's purchase now, its re-executions' too
+                metadata["dbn_cache"] = "forced"
+                if request.lineage:
+                    metadata[FORCED_IN_KEY] = request.lineage
             log(
                 f"{what}: using the download of {target} a stopped run paid for and left at "
                 f"{pending} (its size and SHA-256 checked); nothing is bought"

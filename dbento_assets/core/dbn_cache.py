@@ -130,6 +130,12 @@ def _acquired(path: Path, what: str, log: Callable[[str], None]) -> FileLock:
             log(f"waiting for another run that holds {path} ({what})")
 
 
+def _request_fields(manifest: dict[str, Any]) -> tuple[Any, ...] | None:
+    """What a manifest says its file was bought for; None when it does not say."""
+    fields = tuple(manifest.get(k) for k in ("dataset", "request_symbol", "stype_in"))
+    return fields if all(fields) else None
+
+
 def _manifest_of(path: Path) -> Path:
     return path.with_name(path.name + MANIFEST_SUFFIX)
 
@@ -224,12 +230,15 @@ class DbnCache:
     """The DBN cache under one local folder (its ``dbn/`` subfolder)."""
 
     def __init__(self, root: Path | str) -> None:
-        self.folder = Path(root) / "dbn"
+        # Absolute: manifests and runs record where a file is, read from any working directory.
+        self.folder = Path(root).expanduser().absolute() / "dbn"
 
     def entry(self, symbol: str, month: Month, schema: str) -> CacheEntry:
         return CacheEntry(self.folder, symbol, month, schema)
 
-    def pieces(self, entry: CacheEntry, *, checked: bool = True) -> list[CacheEntry]:
+    def pieces(
+        self, entry: CacheEntry, *, checked: bool = True, settle: bool = False
+    ) -> list[CacheEntry]:
         """The pieces of a month bought while it was open, in window order.
 
         They must follow one another without gap or overlap from the first (each starts
@@ -246,7 +255,7 @@ class DbnCache:
                 continue
             found.append(entry.month_entry.with_piece(*window))
         found.sort(key=lambda e: e.piece or (0, 0))
-        if checked:
+        if settle:  # under the entry's lock only
             found = self._without_covered(found)
         for before, after in itertools.pairwise(found if checked else []):
             if before.piece and after.piece and before.piece[1] != after.piece[0]:
@@ -256,23 +265,26 @@ class DbnCache:
                 )
         return found
 
-    @staticmethod
-    def _without_covered(found: list[CacheEntry]) -> list[CacheEntry]:
-        """``found`` without the pieces another piece's window covers, which are removed: only
-        a forced run writes such a piece, after it passed the checks, and then removes the
-        ones it covers; a run stopped in between leaves them, and this finishes its work."""
+    def _without_covered(self, found: list[CacheEntry]) -> list[CacheEntry]:
+        """``found`` without the pieces a forced piece of the same request covers, which go to
+        the quarantine folder: a forced run removes them once its piece is stored, and a run
+        stopped in between leaves them. Any other overlap is left for :meth:`pieces` to
+        refuse, naming the files."""
+        manifests = {e: self._read_json(e.manifest_path) or {} for e in found}
         kept = []
         for entry in found:
             window = entry.piece or (0, 0)
             if any(
-                other.piece != entry.piece
-                and other.piece is not None
+                other.piece is not None
+                and other.piece != entry.piece
                 and other.piece[0] <= window[0]
                 and window[1] <= other.piece[1]
+                and manifests[other].get("dbn_cache") == "forced"
+                and _request_fields(manifests[other]) is not None
+                and _request_fields(manifests[other]) == _request_fields(manifests[entry])
                 for other in found
             ):
-                entry.path.unlink(missing_ok=True)
-                entry.manifest_path.unlink(missing_ok=True)
+                self.quarantine(entry.path, entry, with_manifest=True)
             else:
                 kept.append(entry)
         return kept
@@ -597,9 +609,11 @@ class DbnCache:
     ) -> tuple[Path, CacheEntry, dict[str, Any]] | None:
         """A download of ``entry``'s month an earlier run paid for and held (see :meth:`hold`)
         but never finished judging, when it is what this run would buy: bought for
-        ``request``, from ``start_ns`` and up to at most ``end_ns``, still the bytes its
+        ``request``, for exactly [``start_ns``, ``end_ns``), still the bytes its
         manifest describes. Returns its path, the entry it becomes and its metadata. One
-        that does not fit is moved to the quarantine folder (kept, never deleted)."""
+        that does not fit (another request, or a window that no longer is this run's, such
+        as a growing month's piece after the month closed) is moved to the quarantine folder
+        (kept, never deleted)."""
         found = None
         for note_path in sorted(entry.path.parent.glob(f"{entry.stem}*{PENDING_SUFFIX}.json")):
             data = note_path.with_name(note_path.name.removesuffix(MANIFEST_SUFFIX))
@@ -616,7 +630,7 @@ class DbnCache:
                 and (note.get("dataset"), note.get("stype_in")) == (request[0], request[2])
                 and _sent(note, request)
                 and pd.Timestamp(note.get("request_start")).value == start_ns
-                and pd.Timestamp(note.get("request_end")).value <= end_ns
+                and pd.Timestamp(note.get("request_end")).value == end_ns
                 and data.stat().st_size == note.get("dbn_file_bytes")
                 and sha256_of(data) == note.get("sha256")
             )
