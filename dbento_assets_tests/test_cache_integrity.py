@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import zstandard
 from dagster import (
@@ -280,6 +281,39 @@ def test_a_month_refused_under_a_catalog_typo_is_bought_once_the_typo_is_fixed(
     monkeypatch.setenv("DBENTO_CATALOG", str(DEFAULT_CATALOG))
     assert run(instance, resource=databento_resource_from_env()).success
     assert gateway.count(GET_RANGE) == 2
+
+
+def test_a_month_refused_for_negative_prices_is_judged_again_once_the_catalog_allows_them(
+    gateway, env, instance, tmp_path, monkeypatch
+):
+    # The first minute trades below zero (as crude oil did in April 2020): refused by the
+    # schema rule, whose message says to set negative_prices. Once set, the quarantined
+    # copy is judged again and stored: the month is paid for once, without a force.
+    def below_zero(query: Query):
+        records, mappings = gateway._demo_provider(query)
+        records = records.copy()
+        minute = records["ts_event"] // (60 * 10**9)
+        for price in ("open", "high", "low", "close"):
+            records[price][minute == minute[0]] *= -1
+        low, high = records["low"].copy(), records["high"].copy()
+        first = minute == minute[0]
+        records["low"][first], records["high"][first] = high[first], low[first]
+        return records, mappings
+
+    gateway.provider = below_zero
+    gateway.reset_data()
+    refused = run(instance, resource=databento_resource_from_env())
+    assert not refused.success and "set negative_prices = true" in failure_text(refused)
+    es_entry = 'kind = "future"\n\n[instruments.NQ]'
+    allowed = catalog_from(
+        tmp_path, "2024-01", **{es_entry: es_entry.replace("\n\n", "\nnegative_prices = true\n\n")}
+    )
+    assert allowed.instrument("ES").negative_prices
+    monkeypatch.setenv("DBENTO_CATALOG", str(allowed.path))
+    stored = run(instance, catalog=allowed, resource=databento_resource_from_env())
+    assert stored.success, failure_text(stored)
+    assert gateway.count(GET_RANGE) == 1 and quarantined(env) == []
+    assert (pd.read_parquet(raw_file(env))["low"] < 0).any()
 
 
 def raw_job():  # for reconstructable(): a job Dagster can re-execute

@@ -38,6 +38,7 @@ from dbento_assets.core.dbn import (
 from dbento_assets.core.dbn_cache import (
     FORCE_HINT,
     OHLCV_1S,
+    PENDING_SUFFIX,
     CacheEntry,
     DbnCache,
     LocalIOError,
@@ -325,7 +326,7 @@ class DatabentoSource:
                 try:
                     return fetched, accept(fetched)
                 except DownloadRefused as exc:
-                    self._refuse(entry, entry.path, exc, _asked(inst), cached=True)
+                    self._refuse(entry, entry.path, exc, _asked(inst), _settings(inst), cached=True)
                     raise
             # A forced run buys the month again in one piece, except after a refused piece
             # of a growing month: then the verified pieces before it are kept, and only the
@@ -339,6 +340,10 @@ class DatabentoSource:
                 # Every piece of a month that has closed since is here: no request at all.
                 log(f"DBN cache hit for {entry}: {len(held)} pieces (no Databento request)")
                 return self._assemble(held, None, None, month, accept)
+            if not request.force and self.cache.judge_again(
+                entry, _asked(inst), _settings(inst), log
+            ):
+                return self._buy(request, entry, log, accept, held)
             if not request.force:
                 refused = self.cache.refused_message(entry, _asked(inst))
                 if refused:
@@ -568,7 +573,14 @@ class DatabentoSource:
         except DownloadRefused as exc:
             exc.paid_usd = cost
             self._refuse(
-                entry, pending, exc, _asked(inst), cached=False, piece=target, held=len(held)
+                entry,
+                pending,
+                exc,
+                _asked(inst),
+                _settings(inst),
+                cached=False,
+                piece=target,
+                held=len(held),
             )
             self.cache.release(pending)
             raise
@@ -699,6 +711,7 @@ class DatabentoSource:
         data: Path,
         exc: DownloadRefused,
         request: Request,
+        settings: dict[str, Any],
         *,
         cached: bool,
         piece: CacheEntry | None = None,
@@ -709,14 +722,15 @@ class DatabentoSource:
         refused ``piece`` of a growing month is quarantined and remembered as that piece
         (its window): the ``held`` pieces bought before it stay as they were."""
         named = piece if piece is not None and piece.piece is not None else entry
-        moved = self.cache.quarantine(data, named, with_manifest=cached)
+        judged = data.name.endswith(PENDING_SUFFIX)  # kept with its manifest, to judge again
+        moved = self.cache.quarantine(data, named, with_manifest=cached or judged)
         if not cached and entry.path.is_file():
             exc.outcome = (
                 f"The new download was quarantined at {moved}; the cached file {entry.path} "
                 "was kept unchanged."
             )
             return
-        self.cache.remember_refused(named, exc, moved, request)
+        self.cache.remember_refused(named, exc, moved, request, settings)
         what = "cached file" if cached else "download"
         kept = (
             f"; the {held} piece(s) bought before it are kept, and the month stored so far "
@@ -965,7 +979,14 @@ class DatabentoSource:
                     )
                     held = len(self.cache.pieces(entry, checked=False)) if target.piece else 0
                     self._refuse(
-                        entry, part, refusal, _asked(inst), cached=False, piece=target, held=held
+                        entry,
+                        part,
+                        refusal,
+                        _asked(inst),
+                        _settings(inst),
+                        cached=False,
+                        piece=target,
+                        held=held,
                     )
                     raise refusal from None
                 if check.records < expected:
@@ -1125,6 +1146,12 @@ def _request_of(manifest: dict[str, Any], inst: Instrument) -> tuple[str, str, s
     stype = str(manifest.get("stype_in") or inst.stype_in)
     symbol = str(manifest.get("request_symbol") or inst.request_symbol)
     return str(manifest.get("dataset") or inst.dataset), sent_symbol(symbol, stype), stype
+
+
+def _settings(inst: Instrument) -> dict[str, Any]:
+    """The catalog settings a month is judged under, besides its request: a refusal under
+    others is judged again (see :meth:`DbnCache.judge_again`)."""
+    return {"negative_prices": inst.negative_prices}
 
 
 def _asked(inst: Instrument) -> tuple[str, str, str]:

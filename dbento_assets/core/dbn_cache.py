@@ -42,6 +42,7 @@ LOCK_SUFFIX = ".lock"
 QUARANTINE = "quarantine"
 PARKED = "by_request"
 LOCKS = ".locks"
+NOT_ENTRIES = (QUARANTINE, PARKED, LOCKS)  # folders of dbn/ that are no catalog symbol's
 MANIFEST_VERSION = 1
 DBN_FILE_KEY = "dbn_file"  # the manifest field naming the file it describes
 Request = tuple[str, str, str]  # (dataset, request symbol as sent, stype_in)
@@ -451,8 +452,10 @@ class DbnCache:
         target = self.folder / QUARANTINE / entry.symbol / f"{entry.path.name}.{stamp}"
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, target)
-        if with_manifest and entry.manifest_path.exists():
-            os.replace(entry.manifest_path, target.with_name(target.name + MANIFEST_SUFFIX))
+        # A held download's manifest is its own (see hold); an entry's sits beside it.
+        manifest = _manifest_of(path) if path.name.endswith(PENDING_SUFFIX) else entry.manifest_path
+        if with_manifest and manifest.exists():
+            os.replace(manifest, _manifest_of(target))
         fsync_dir(target.parent)
         return target
 
@@ -519,12 +522,7 @@ class DbnCache:
         ]
         siblings = sorted(self.folder.glob(f"*/*{whole}{MANIFEST_SUFFIX}"))
         for manifest in named + siblings:
-            if manifest in siblings and manifest.parent.name in (
-                QUARANTINE,
-                PARKED,
-                LOCKS,
-                entry.symbol,
-            ):
+            if manifest in siblings and manifest.parent.name in (*NOT_ENTRIES, entry.symbol):
                 continue
             data = manifest.with_name(manifest.name.removesuffix(MANIFEST_SUFFIX))
             loaded = self._read_json(manifest)
@@ -649,15 +647,21 @@ class DbnCache:
     # ------------------------------------------------------------------ refusals
 
     def remember_refused(
-        self, entry: CacheEntry, refusal: DownloadRefused, moved: Path, request: Request
+        self,
+        entry: CacheEntry,
+        refusal: DownloadRefused,
+        moved: Path,
+        request: Request,
+        settings: dict[str, Any],
     ) -> None:
         """Remember a refused download of ``entry`` (a month, or one piece of a growing month:
         its window is kept, so that only that piece is bought again when forced), bought for
-        ``request``."""
+        ``request`` and judged under the catalog's rule ``settings``."""
         note: dict[str, Any] = {
             "refused_at": pd.Timestamp.now(tz="UTC").isoformat(),
             "entry": str(entry),
             "request": list(request),
+            "settings": settings,
             "rules": refusal.rules,
             "reason": refusal.args[0],
             "quarantined": str(moved),
@@ -682,12 +686,46 @@ class DbnCache:
             return piece[0], piece[1]
         return None
 
+    def judge_again(
+        self,
+        entry: CacheEntry,
+        request: Request,
+        settings: dict[str, Any],
+        log: Callable[[str], None],
+    ) -> bool:
+        """Whether the download of ``entry``'s month refused for ``request`` under other rule
+        settings than the catalog's now (``negative_prices`` set since, say) was put back as
+        a held download (see :meth:`hold`), for this run to judge without buying it again:
+        its refusal is then forgotten. False when there is none, or its quarantined copy (with
+        its manifest) is gone."""
+        note = self._refusal(entry, request)
+        if note is None or note.get("settings") in (None, settings):
+            return False
+        moved = Path(str(note.get("quarantined", "")))
+        held = self._read_json(_manifest_of(moved))
+        if held is None or not moved.is_file():
+            return False
+        piece = held.get("piece")
+        target = entry.month_entry.with_piece(*piece) if piece else entry.month_entry
+        pending = target.path.with_name(target.path.name + PENDING_SUFFIX)
+        # The manifest first: stopped in between, no held data is left without one.
+        os.replace(_manifest_of(moved), _manifest_of(pending))
+        os.replace(moved, pending)
+        fsync_dir(pending.parent)
+        entry.refused_path.unlink(missing_ok=True)
+        log(
+            f"{target} was refused on {note.get('refused_at', '?')} under other catalog settings "
+            f"({note.get('settings')}, now {settings}): its copy {moved} is judged again; "
+            "nothing is bought"
+        )
+        return True
+
     def _refused_elsewhere(self, entry: CacheEntry, request: Request) -> dict[str, Any] | None:
         """A whole month's refusal of the same request under another catalog symbol (two
         names for one request): the same data, which would be refused again once paid."""
         pattern = f"*/*_{entry.month.tag}.{entry.schema}.dbn.zst{REFUSED_SUFFIX}"
         for path in sorted(self.folder.glob(pattern)):
-            if path.parent.name in (QUARANTINE, PARKED, LOCKS, entry.symbol):
+            if path.parent.name in (*NOT_ENTRIES, entry.symbol):
                 continue
             note = self._read_json(path)
             if note is not None and note.get("request") == list(request) and not note.get("piece"):
