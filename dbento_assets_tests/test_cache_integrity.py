@@ -630,6 +630,8 @@ def test_a_paid_download_outlives_a_run_stopped_while_its_rules_run(gateway, tmp
     assert gateway.count(GET_RANGE) == 1
     (held,) = (root / "dbn" / "ES").glob("*.pending")
     paid = sha(held)
+    priced = source_for(gateway, root).estimate(CATALOG_ES, JAN)
+    assert priced.cached and str(held) in priced.note  # what the run will use: $0
     if stop == "changed since":
         held.write_bytes(held.read_bytes()[:-1] + b"x")
     logs: list[str] = []

@@ -767,6 +767,7 @@ class DatabentoSource:
                 if parked
                 else self.cache.elsewhere(entry, lambda found: _bought_for(found, instrument))
             )
+            reused = reused or next(iter(self.cache.held_for(entry, _asked(instrument))), None)
             if reused is not None:  # the run uses that file: nothing is bought
                 return CostEstimate(
                     instrument.symbol, month, cached=True, note=f"bought before: {reused}"

@@ -141,10 +141,14 @@ def _manifest_of(path: Path) -> Path:
     return path.with_name(path.name + MANIFEST_SUFFIX)
 
 
-def _sent(note: dict[str, Any], request: Request) -> bool:
-    """Whether a held download's request symbol is ``request``'s as Databento reads it."""
+def _bought_for(note: dict[str, Any], request: Request) -> bool:
+    """Whether a held download's manifest names ``request``, as Databento reads it."""
     symbol = note.get("request_symbol")
-    return isinstance(symbol, str) and sent_symbol(symbol, request[2]) == request[1]
+    return (
+        isinstance(symbol, str)
+        and (note.get("dataset"), note.get("stype_in")) == (request[0], request[2])
+        and sent_symbol(symbol, request[2]) == request[1]
+    )
 
 
 def sha256_of(path: Path) -> str:
@@ -597,6 +601,17 @@ class DbnCache:
         _manifest_of(pending).unlink(missing_ok=True)
         pending.unlink(missing_ok=True)
 
+    def held_for(self, entry: CacheEntry, request: Request) -> list[Path]:
+        """The downloads of ``entry``'s month held for ``request`` (see :meth:`hold`), as
+        they are listed: for a price, not for use (:meth:`held_download` checks them)."""
+        found = []
+        for note_path in sorted(entry.path.parent.glob(f"{entry.stem}*{PENDING_SUFFIX}.json")):
+            note = self._read_json(note_path) or {}
+            data = note_path.with_name(note_path.name.removesuffix(MANIFEST_SUFFIX))
+            if data.is_file() and _bought_for(note, request):
+                found.append(data)
+        return found
+
     def held_download(
         self,
         entry: CacheEntry,
@@ -625,8 +640,7 @@ class DbnCache:
                 found is None
                 and note is not None
                 and note.get("schema") == entry.schema
-                and (note.get("dataset"), note.get("stype_in")) == (request[0], request[2])
-                and _sent(note, request)
+                and _bought_for(note, request)
                 and pd.Timestamp(note.get("request_start")).value == start_ns
                 and pd.Timestamp(note.get("request_end")).value == end_ns
                 and data.stat().st_size == note.get("dbn_file_bytes")
