@@ -779,7 +779,11 @@ def _built_everywhere(
         partition = Partition.from_key(name)
         instrument = catalog.instrument(partition.symbol)
         found = [io_manager.stored_identity(key, partition, instrument) for key in asset_keys]
-        raw = io_manager.stored_identity(RAW_KEY, partition, instrument)
+        raw = (  # its footer read once
+            found[list(asset_keys).index(RAW_KEY)]
+            if RAW_KEY in asset_keys
+            else io_manager.stored_identity(RAW_KEY, partition, instrument)
+        )
         if all(
             identity is not None and identity.complete and not built_from_older_raw(raw, identity)
             for identity in found

@@ -601,16 +601,20 @@ class DbnCache:
         _manifest_of(pending).unlink(missing_ok=True)
         pending.unlink(missing_ok=True)
 
-    def held_for(self, entry: CacheEntry, request: Request) -> list[Path]:
-        """The downloads of ``entry``'s month held for ``request`` (see :meth:`hold`), as
-        they are listed: for a price, not for use (:meth:`held_download` checks them)."""
-        found = []
+    def _held(self, entry: CacheEntry) -> Iterator[tuple[Path, dict[str, Any] | None]]:
+        """The downloads of ``entry``'s month held (see :meth:`hold`), with their manifests
+        (None: unreadable). A manifest whose data never arrived (stopped in between) goes."""
         for note_path in sorted(entry.path.parent.glob(f"{entry.stem}*{PENDING_SUFFIX}.json")):
-            note = self._read_json(note_path) or {}
             data = note_path.with_name(note_path.name.removesuffix(MANIFEST_SUFFIX))
-            if data.is_file() and _bought_for(note, request):
-                found.append(data)
-        return found
+            if data.is_file():
+                yield data, self._read_json(note_path)
+            else:
+                note_path.unlink(missing_ok=True)
+
+    def held_for(self, entry: CacheEntry, request: Request) -> list[Path]:
+        """The downloads of ``entry``'s month held for ``request``, as they are listed: for
+        a price, not for use (:meth:`held_download` checks them)."""
+        return [data for data, note in self._held(entry) if _bought_for(note or {}, request)]
 
     def held_download(
         self,
@@ -626,17 +630,12 @@ class DbnCache:
         manifest describes. Returns its path, the entry it becomes and its metadata. One
         that does not fit (another request, or a window that no longer is this run's, such
         as a growing month's piece after the month closed) is moved to the quarantine folder
-        (kept, never deleted)."""
+        with its manifest (kept, never deleted)."""
         found = None
-        for note_path in sorted(entry.path.parent.glob(f"{entry.stem}*{PENDING_SUFFIX}.json")):
-            data = note_path.with_name(note_path.name.removesuffix(MANIFEST_SUFFIX))
-            note = self._read_json(note_path)
-            if not data.is_file():  # stopped between its manifest and its data
-                note_path.unlink(missing_ok=True)
-                continue
+        for data, note in self._held(entry):
             piece = (note or {}).get("piece")
             target = entry.month_entry.with_piece(*piece) if piece else entry.month_entry
-            fits = (
+            if (
                 found is None
                 and note is not None
                 and note.get("schema") == entry.schema
@@ -645,13 +644,11 @@ class DbnCache:
                 and pd.Timestamp(note.get("request_end")).value == end_ns
                 and data.stat().st_size == note.get("dbn_file_bytes")
                 and sha256_of(data) == note.get("sha256")
-            )
-            if fits and note is not None:
+            ):
                 metadata = {k: v for k, v in note.items() if k not in ("piece", "dbn_file_bytes")}
                 found = (data, target, metadata)
                 continue
-            moved = self.quarantine(data, target)
-            note_path.unlink(missing_ok=True)
+            moved = self.quarantine(data, target, with_manifest=True)
             log(
                 f"a download of {target} held by an earlier run is not what this run buys "
                 f"(another request or window, or changed since): moved to {moved}"
