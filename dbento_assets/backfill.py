@@ -35,6 +35,7 @@ from dagster import (
     AssetCheckSpec,
     AssetKey,
     AssetSelection,
+    DagsterEvent,
     DagsterEventType,
     DagsterInstance,
     DagsterRun,
@@ -129,6 +130,15 @@ class PartitionOutcome:
     rows: int = 0
     files: int = 0
     cost_usd: float = 0.0
+    stopped: bool = False  # interrupted while its run was in progress
+
+
+class _Stopped(KeyboardInterrupt):
+    """An interrupt that ended a partition's run, with what the run did before it."""
+
+    def __init__(self, outcome: PartitionOutcome) -> None:
+        super().__init__()
+        self.outcome = outcome
 
 
 @dataclass
@@ -141,7 +151,11 @@ class Summary:
 
     @property
     def failed(self) -> list[PartitionOutcome]:
-        return [o for o in self.outcomes if not o.success]
+        return [o for o in self.outcomes if not o.success and not o.stopped]
+
+    @property
+    def stopped(self) -> list[PartitionOutcome]:
+        return [o for o in self.outcomes if o.stopped]
 
     @property
     def succeeded(self) -> list[PartitionOutcome]:
@@ -156,10 +170,11 @@ class Summary:
         files = sum(o.files for o in self.outcomes)
         cost = sum(o.cost_usd for o in self.outcomes)
         where = f" in {data_dir}" if data_dir else ""
+        stopped = f", {len(self.stopped)} stopped" if self.stopped else ""
         head = (
             f"Done in {self.seconds:.1f} s: {len(self.outcomes)} partition(s), "
             f"{len(self.succeeded)} built, {len(self.skipped)} skipped (already built), "
-            f"{len(self.failed)} failed; {rows:,} rows in {files} file(s){where}; "
+            f"{len(self.failed)} failed{stopped}; {rows:,} rows in {files} file(s){where}; "
             f"Databento cost ${cost:,.4f}."
         )
         if self.failed:
@@ -169,6 +184,12 @@ class Summary:
                 "fixed (or later, for a month not published yet), run the same command again "
                 "with --missing-only: it builds only what is missing, and months already "
                 "downloaded are not paid for again."
+            )
+        if self.stopped:
+            head += (
+                f"\nStopped (interrupted, or its run was cancelled) while building "
+                f"{', '.join(o.partition for o in self.stopped)}: nothing half written, and a "
+                "month paid for is kept for the next build."
             )
         if self.not_started:
             head += (
@@ -358,7 +379,7 @@ def build_range(
     summary.not_started = [p for p in todo if p not in reported]
     summary.seconds = time.monotonic() - started
     text = summary.text(data_dir)
-    if summary.failed or summary.not_started:
+    if summary.failed or summary.stopped or summary.not_started:
         raise RangeFailed(text)
     return text
 
@@ -387,8 +408,11 @@ def _build_each(
             return  # before its run: the partition is not started
         try:
             outcome = _run_one(job, instance, name, asset_keys, tags, log_level)
+        except _Stopped as exc:
+            yield exc.outcome
+            return
         except KeyboardInterrupt:
-            yield PartitionOutcome(name, False, 0.0, None, INTERRUPTED)
+            yield PartitionOutcome(name, False, 0.0, None, INTERRUPTED, stopped=True)
             return
         yield outcome
 
@@ -468,7 +492,7 @@ class _Share:
                         or stopping.is_set()
                     ),
                 ):
-                    if outcome.message == INTERRUPTED:  # a second one must not cut the end
+                    if outcome.stopped:  # a second interrupt must not cut the end
                         signal.signal(signal.SIGINT, signal.SIG_IGN)
                     outcomes.put(outcome)
                 # Stopped or done: the interrupt the command passes on must not cut the end.
@@ -869,35 +893,26 @@ def _run_one(
                 raise_on_error=False,
                 run_id=run_id,
             )
-    except BaseException:
+    except BaseException as exc:
         # Interrupted (a cancelled job run, Ctrl-C) before its run could end: it would show
         # as not started, or running, for ever.
         run = instance.get_run_by_id(run_id)
         if run is not None and not run.is_finished:
             instance.report_run_canceled(run, "Stopped: the build it belongs to was cancelled.")
-        raise
+        if not isinstance(exc, KeyboardInterrupt) or run is None:
+            raise
+        events = [r.dagster_event for r in instance.all_logs(run_id) if r.dagster_event]
+        raise _Stopped(_stopped(partition, start, run_id, events)) from None
     if _interrupted(result):
         # Ctrl-C during the run: Dagster ends it as failed and returns, and the build would
         # go on with the next partition. It stops here, as a Ctrl-C between runs does.
-        raise KeyboardInterrupt
+        raise _Stopped(_stopped(partition, start, run_id, result.all_events))
     seconds = time.monotonic() - start
-    rows, files, cost = _written(result)
-    if result.success:
-        outcome = PartitionOutcome(
-            partition, True, seconds, result.run_id, "", False, rows, files, cost
-        )
-    else:
-        outcome = PartitionOutcome(
-            partition,
-            False,
-            seconds,
-            result.run_id,
-            _failure_text(result),
-            False,
-            rows,
-            files,
-            cost,
-        )
+    rows, files, cost = _written(result.all_events)
+    message = "" if result.success else _failure_text(result)
+    outcome = PartitionOutcome(
+        partition, result.success, seconds, result.run_id, message, False, rows, files, cost
+    )
     # The run's result holds every output value of the run (a month of frames) in
     # reference cycles: collect them now rather than when the collector's oldest
     # generation next happens to run.
@@ -906,11 +921,25 @@ def _run_one(
     return outcome
 
 
-def _written(result: ExecuteInProcessResult) -> tuple[int, int, float]:
-    """(rows, files, Databento cost) of the run: what its materializations wrote, and what
-    it paid Databento, the 1-minute bars of the cross-check and refused downloads included."""
+def _stopped(
+    partition: str, start: float, run_id: str, events: Sequence[DagsterEvent]
+) -> PartitionOutcome:
+    """A partition whose run an interrupt ended: what the run wrote and paid before it."""
+    rows, files, cost = _written(events)
+    seconds = time.monotonic() - start
+    return PartitionOutcome(
+        partition, False, seconds, run_id, INTERRUPTED, False, rows, files, cost, stopped=True
+    )
+
+
+def _written(events: Sequence[DagsterEvent]) -> tuple[int, int, float]:
+    """(rows, files, Databento cost) of a run from its events: what its materializations
+    wrote, and what it paid Databento, the 1-minute bars of the cross-check and refused
+    downloads included."""
     rows, files, cost = 0, 0, 0.0
-    for event in result.get_asset_materialization_events():
+    for event in events:
+        if event.event_type != DagsterEventType.ASSET_MATERIALIZATION:
+            continue
         materialization = event.step_materialization_data.materialization
         metadata = {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}
         rows += int(metadata.get("dagster/row_count") or 0)
@@ -918,7 +947,9 @@ def _written(result: ExecuteInProcessResult) -> tuple[int, int, float]:
         if materialization.asset_key == RAW_KEY:  # 0 for a cached month
             cost += float(metadata.get("source_cost_usd") or 0.0)
             cost += float(metadata.get(VENDOR_COST_KEY) or 0.0)
-    for event in result.get_asset_observation_events():
+    for event in events:
+        if event.event_type != DagsterEventType.ASSET_OBSERVATION:
+            continue
         observation = event.asset_observation_data.asset_observation
         paid = observation.metadata.get(REFUSED_COST_KEY)
         cost += float(getattr(paid, "value", paid) or 0.0)
@@ -980,7 +1011,7 @@ class _ErrorInfo(Protocol):
 def _line(outcome: PartitionOutcome) -> str:
     if outcome.skipped:
         return f"{outcome.partition:<18} skipped  already built"
-    status = "ok" if outcome.success else "FAILED"
+    status = "ok" if outcome.success else "STOPPED" if outcome.stopped else "FAILED"
     line = f"{outcome.partition:<18} {status:<7} {outcome.seconds:6.1f} s  run {outcome.run_id}"
     return f"{line}\n    {outcome.message}" if outcome.message else line
 

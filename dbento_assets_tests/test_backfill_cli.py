@@ -344,10 +344,18 @@ def test_a_stopped_build_stops_every_process_and_leaves_nothing_half_done(
 
     text = "\n".join(lines) + err
     assert code == 1, text
-    assert "0 built, 0 skipped (already built), 2 failed" in text
+    assert "0 built, 0 skipped (already built), 0 failed, 2 stopped" in text
+    (during,) = [line for line in text.splitlines() if "while building" in line]
+    assert ES_JAN in during and ES_FEB in during, text
     assert "Stopped (interrupted, or its run was cancelled) before 2 partition(s)" in text
+    # Each stopped partition's line names its run and how long it ran, as any other's does.
+    said = {line.split()[0]: line.split() for line in lines if line.startswith("20")}
     with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
         runs = all_runs(instance)
+        for run in runs:
+            words = said[partition_of(run)]
+            assert words[1] == "STOPPED" and float(words[2]) > 0, text
+            assert words[-1] == run.run_id, text
         # Each process's run in progress ended (Dagster records a run interrupted in a step
         # as failed) and no process started another partition.
         assert sorted(partition_of(r) for r in runs) == [ES_JAN, ES_FEB]
