@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dagster import DagsterInstance, RunsFilter
+from dagster import DagsterEventType, DagsterInstance, RunsFilter
 
 from dbento_assets.backfill import RANGE_TAG, range_workers
 from dbento_assets.core.months import Month
@@ -243,3 +243,26 @@ def test_the_launchpads_default_config_runs_and_a_setting_changed_in_it_is_refus
     assert requested(fake, since, "ohlcv-1s") == Counter(
         {(f"{symbol}.v.0", "ohlcv-1s", month.start.isoformat()): 1}
     )
+
+
+def test_a_range_it_cannot_build_fails_saying_what_to_fix_before_any_partition(
+    deployment, served_gateway
+):
+    # Dagster 1.13 answers an error raised while the launchpad maps the config with an HTTP
+    # 500 and a stack trace, so the range is checked in the run, before any partition (the
+    # same check as dbento build's, whose messages test_backfill_cli.py covers).
+    config = range_config(start="2024-13")
+    said = "--start '2024-13': month must be 1..12"
+    running, _ = deployment
+    fake, _ = served_gateway
+    since = len(fake.calls(GET_RANGE))
+    run_id = running.launch_run(JOB_NAME, config)
+    assert running.wait_for_run(run_id, TIMEOUT) == "FAILURE"
+    with running.instance() as instance:
+        failures = [
+            e.dagster_event.step_failure_data.error.message
+            for e in instance.all_logs(run_id, of_type=DagsterEventType.STEP_FAILURE)
+        ]
+        assert inner_runs(instance, run_id) == {}
+    assert failures and all(said in f for f in failures), failures
+    assert len(fake.calls(GET_RANGE)) == since
