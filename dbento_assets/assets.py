@@ -31,6 +31,7 @@ from dagster import (
     multi_asset,
 )
 
+from dbento_assets.batches import backfill_policy, build_each
 from dbento_assets.checks import (
     CHECKED_ON_DISK,
     REFUSED,
@@ -452,11 +453,19 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
             for spec in check_specs(AssetKey(name), partitions, tf)
         ],
         required_resource_keys={"databento", "io_manager"},
+        backfill_policy=backfill_policy(),
     )
     def _bars(
-        context: AssetExecutionContext, raw: pd.DataFrame
+        context: AssetExecutionContext, raw: pd.DataFrame | None
     ) -> Iterator[Output | AssetCheckResult]:
-        partition = Partition.from_key(context.partition_key)
+        if context.has_partition_key and raw is not None:
+            yield from _build(context, Partition.from_key(context.partition_key), raw)
+        else:  # a batched backfill's run: several partitions, each recorded as its own
+            build_each(context, context.resources.io_manager, RAW_KEY, _build)
+
+    def _build(
+        context: AssetExecutionContext, partition: Partition, raw: pd.DataFrame
+    ) -> Iterator[Output | AssetCheckResult]:
         month = partition.month
         instrument = catalog.instrument(partition.symbol)
         require_loaded_settings(context, context.resources.databento)

@@ -9,6 +9,7 @@ when a good raw file is written, and records what the UI shows for each material
 # No ``from __future__ import annotations`` here: Dagster reads the IO manager's
 # ``ResourceDependency`` annotation when the class is created, and a string would hide it.
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 import pandas as pd
@@ -175,12 +176,25 @@ class BarFileIOManager(ConfigurableIOManager):
         return found if expected.names_the_same_file(found) else None
 
     def handle_output(self, context: OutputContext, obj: pd.DataFrame) -> None:
-        store = self.store
         partition = Partition.from_key(context.asset_partition_key)
-        path = self.path_for(context.asset_key, partition)
         meta = {k: getattr(v, "value", v) for k, v in context.output_metadata.items()}
+        written = self.write(context.asset_key, partition, obj, meta, context.log.info)
+        context.add_output_metadata(written)
+
+    def write(
+        self,
+        asset_key: AssetKey,
+        partition: Partition,
+        obj: pd.DataFrame,
+        meta: Mapping[str, object],
+        log: Callable[[str], object],
+    ) -> dict[str, object]:
+        """Write one asset partition's file, with the identity its output metadata ``meta``
+        gives; returns the metadata to record with its materialization."""
+        store = self.store
+        path = self.path_for(asset_key, partition)
         identity = self.identity_for(
-            context.asset_key,
+            asset_key,
             partition,
             str(meta.get("dataset") or ""),
             request=str(meta.get(REQUEST_KEY) or ""),
@@ -191,26 +205,33 @@ class BarFileIOManager(ConfigurableIOManager):
             built_from=str(meta.get(BUILT_FROM_KEY) or ""),
         )
         for stale in store.remove_stale_temps([path]):
-            context.log.info(f"Removed {stale}, left by a write that was killed")
+            log(f"Removed {stale}, left by a write that was killed")
         size = store.write_claimed(obj, path, identity, self.source)
-        if timeframe_of(context.asset_key.path[-1]) is None:
+        if timeframe_of(asset_key.path[-1]) is None:
             # A good raw month is stored: an earlier refused download no longer holds it back.
             store.clear_note(partition.symbol, partition.month, REFUSED_NOTE)
             obj.attrs[IDENTITY_ATTR] = identity
             if self.handoff:
                 _HANDOFF.keep(path, obj)
-        context.add_output_metadata(bar_file_metadata(obj, path, size, self.source))
+        return bar_file_metadata(obj, path, size, self.source)
 
-    def load_input(self, context: InputContext) -> pd.DataFrame:
-        partition = Partition.from_key(context.asset_partition_key)
-        path = self.path_for(context.asset_key, partition)
+    def load_input(self, context: InputContext) -> pd.DataFrame | None:
+        if len(context.asset_partition_keys) != 1:
+            # A step over a range of partitions reads each month when it comes to it
+            # (:meth:`load`), so one month at a time is in memory.
+            return None
+        return self.load(context.asset_key, Partition.from_key(context.asset_partition_key))
+
+    def load(self, asset_key: AssetKey, partition: Partition) -> pd.DataFrame:
+        """One asset partition's frame, its file's identity in its attrs."""
+        path = self.path_for(asset_key, partition)
         handed = _HANDOFF.take(path)
         if handed is not None:
             return handed
         try:
             frame, identity = self.store.read_with_identity(path)
         except UnfitFile as exc:
-            name = context.asset_key.to_user_string()
+            name = asset_key.to_user_string()
             raise Failure(
                 description=(
                     f"The {name} file {exc}, so nothing was built from it and no file was "
