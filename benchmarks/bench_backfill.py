@@ -11,7 +11,9 @@ twice:
 - with the ``build_range`` job, launched as the launchpad does (``launchRun``): one run for
   the range, each partition a run of its own inside it;
 - with a backfill launched as the UI's "Materialize" dialog does (``launchPartitionBackfill``):
-  one run per partition, each a new process.
+  one run per partition, each a new process;
+- with the same backfill batched (``DBENTO_BACKFILL_BATCH``, ``--batch``, default 12: a
+  symbol's year per run), in a second deployment on the same data.
 
 For each it prints the wall time (from the launch to the end), its ratio to the pure compute
 of the same partitions and the target (wall <= 2 x pure compute + 60 s), Dagster's step
@@ -66,6 +68,7 @@ from dbento_assets_tests.deployment import (  # noqa: E402
     RunTiming,
     backfill_runs,
     check_evaluations,
+    materializations,
     partition_of,
     run_timings,
     running_deployment,
@@ -94,6 +97,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--months", type=int, default=12)
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument(
+        "--batch", type=int, default=12, help="DBENTO_BACKFILL_BATCH of the batched backfill"
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     return parser.parse_args()
 
@@ -228,7 +234,8 @@ def pure_compute(
 
 def bench_rebuild(args: argparse.Namespace, workdir: Path, partitions: list[str]) -> dict:
     data_dir = workdir / "data"
-    env = {"DBENTO_SOURCE": "demo", "DBENTO_DATA_DIR": str(data_dir)}
+    # A run per partition first; the batched backfill sets its own batch below.
+    env = {"DBENTO_SOURCE": "demo", "DBENTO_DATA_DIR": str(data_dir), "DBENTO_BACKFILL_BATCH": "1"}
     if args.executor != "default":
         env["DBENTO_EXECUTOR"] = args.executor
     symbols, first, last = range_of(partitions)
@@ -236,6 +243,7 @@ def bench_rebuild(args: argparse.Namespace, workdir: Path, partitions: list[str]
     timeframes = load_catalog().timeframes
     labels = tuple(tf.label for tf in timeframes)
     out = pure_compute(data_dir, workdir / "scratch", partitions, labels)
+    out["batch"] = args.batch
     pure = out["pure_compute_seconds"]
     out["target_wall_seconds"] = round(2 * pure + 60, 1)
     bars_assets = [bars_asset_name(tf) for tf in timeframes]
@@ -272,6 +280,21 @@ def bench_rebuild(args: argparse.Namespace, workdir: Path, partitions: list[str]
                 deployment, instance, runs, result.wall_seconds, partitions, pure
             )
         out["backfill"]["status"] = result.status
+    # The same backfill batched: DBENTO_BACKFILL_BATCH partitions of a symbol per run (read
+    # when the code location loads, so in a deployment of its own, on the same data).
+    batched_env = {**env, "DBENTO_BACKFILL_BATCH": str(args.batch)}
+    with deployment_for(args, workdir / "batched", batched_env) as deployment:
+        start = time.monotonic()
+        backfill_id = deployment.launch_backfill(partitions, bars_assets)
+        result = deployment.wait_for_backfill(
+            backfill_id, timeout=args.timeout, poll_seconds=1.0, started_at=start
+        )
+        with deployment.instance() as instance:
+            runs = backfill_runs(instance, backfill_id)
+            out["batched"] = rebuild_figures(
+                deployment, instance, runs, result.wall_seconds, partitions, pure
+            )
+        out["batched"]["status"] = result.status
     return out
 
 
@@ -286,9 +309,16 @@ def rebuild_figures(
     """Wall time against pure compute, and whether the UI shows each partition's checks as
     that partition's own evaluations said."""
     out = figures(run_timings(instance, runs), wall, partitions)
-    out["run_partitions_match"] = sorted(partition_of(r) for r in runs) == sorted(partitions)
-    out.update(attribution(instance, [r.run_id for r in runs], partitions))
-    said = statuses_said(instance, [r.run_id for r in runs])
+    run_ids = [r.run_id for r in runs]
+    if all(partition_of(r) is not None for r in runs):  # a run per partition
+        out["run_partitions_match"] = sorted(partition_of(r) for r in runs) == sorted(partitions)
+    made = Counter((m.asset, m.partition) for m in materializations(instance, run_ids))
+    assets = {asset for asset, _ in made}
+    out["materialized_once_each"] = bool(made) and made == Counter(
+        {(a, p): 1 for a in assets for p in partitions}
+    )
+    out.update(attribution(instance, run_ids, partitions))
+    said = statuses_said(instance, run_ids)
     shown = deployment.check_partition_statuses()
     out["ui_check_status_right"] = bool(said) and all(shown.get(k) == v for k, v in said.items())
     out["ratio_wall_to_pure_compute"] = round(wall / pure, 2) if pure else None
@@ -323,9 +353,13 @@ def print_rebuild(out: dict, partitions: list[str]) -> None:
         ("cli", "dbento build (a run per partition, in DBENTO_RANGE_WORKERS processes)"),
         ("range_job", "build_range job (one run, a run per partition inside it)"),
         ("backfill", "UI backfill (one run per partition)"),
+        ("batched", f"UI backfill, DBENTO_BACKFILL_BATCH={out['batch']} (partitions per run)"),
     ]:
         one = out[key]
-        print(f"  {name}: {one['status']}, {one['runs']} partition runs")
+        print(
+            f"  {name}: {one['status']}, {one['runs']} runs; every partition materialized "
+            f"once: {one['materialized_once_each']}"
+        )
         print(
             f"    wall {one['wall_seconds']:.1f} s = {one['ratio_wall_to_pure_compute']} x pure; "
             f"target {'met' if one['target_met'] else 'not met'}; Dagster's step durations "

@@ -1,14 +1,15 @@
 """Batched backfills: one run builds the bars of several partitions, each recorded as its own.
 
-A UI backfill starts one run per partition, and each run pays Dagster's start-up again (a new
-process, the code location loaded), which dwarfs a month's aggregation. With
-``DBENTO_BACKFILL_BATCH=N`` the bars step takes up to N partitions of one symbol per run
-(``BackfillPolicy.multi_run``). In such a step each partition is built by the same code as
-in a run of its own, then recorded as its own: its files, its materializations with their
-metadata, and its check results, logged with their partition and the materialization they
-checked, so each check's Partitions tab shows every partition's own status. A partition
-that fails is logged and the others go on; the step then fails naming it, and its checks
-show as failed to execute.
+A UI backfill starts one run per partition, and each run pays Dagster's start-up again (a
+new process, the code location loaded), which dwarfs a month's aggregation. With
+``DBENTO_BACKFILL_BATCH=N`` (default 12: a symbol's year) the bars step takes up to N
+partitions of one symbol per run (``BackfillPolicy.multi_run``); the downloads stay one
+partition per run, each in the ``databento`` pool. In such a step each partition is built by
+the same code as in a run of its own, then recorded as its own: its files, its
+materializations with their metadata, and its check results, logged with their partition and
+the materialization they checked, so each check's Partitions tab shows every partition's own
+status. A partition that fails is logged and the others go on; the step then fails naming
+it, and its checks show as failed to execute.
 """
 
 from __future__ import annotations
@@ -43,20 +44,24 @@ Build = Callable[
 ]
 
 
+class BatchSettingError(ValueError):
+    """``DBENTO_BACKFILL_BATCH`` does not fit (one sentence naming it)."""
+
+
 class BatchSettings(BaseModel):
     """How many partitions a backfill run builds, read from ``DBENTO_BACKFILL_BATCH``."""
 
     backfill_batch: int = Field(
-        default=1,
+        default=12,
         ge=1,
         le=120,
-        description="Partitions of one symbol per backfill run of the bars (1: a run each).",
+        description="Months of one symbol per backfill run of the bars (1: a run each).",
     )
 
 
 def backfill_policy() -> BackfillPolicy | None:
     """The bars' backfill policy: ``DBENTO_BACKFILL_BATCH`` partitions per run (None: one)."""
-    batch = read(BatchSettings).backfill_batch
+    batch = read(BatchSettings, error=BatchSettingError).backfill_batch
     return BackfillPolicy.multi_run(batch) if batch > 1 else None
 
 
@@ -75,10 +80,11 @@ def build_each(
     failed: list[str] = []
     for key in keys:
         partition = Partition.from_key(key)
+        judged: dict[AssetKey, object] = {}  # the materialization each asset's checks judged
         try:
             frame = io_manager.load(source, partition)
             for event in build(context, partition, frame):
-                _record(context, io_manager, partition, event)
+                _record(context, io_manager, partition, event, judged)
         except Exception as exc:  # this partition fails; the others are still built
             why = exc.description if isinstance(exc, Failure) else f"{type(exc).__name__}: {exc}"
             context.log.error(f"{key} failed: {why}")
@@ -98,7 +104,10 @@ def _record(
     io_manager: BarFileIOManager,
     partition: Partition,
     event: Output | AssetCheckResult,
+    judged: dict[AssetKey, object],
 ) -> None:
+    """Write and log one event of a partition's build; ``judged`` keeps the materialization
+    each asset's checks name (an asset's file comes before its check results)."""
     if isinstance(event, Output):
         key = AssetKey(event.output_name)
         meta = {k: getattr(v, "value", v) for k, v in event.metadata.items()}
@@ -106,10 +115,13 @@ def _record(
         context.log_event(
             AssetMaterialization(asset_key=key, partition=str(partition), metadata=written | meta)
         )
+        judged.pop(key, None)
         return
     asset_key = event.asset_key
     if asset_key is None:
         raise ValueError(f"check result {event.check_name} names no asset")
+    if asset_key not in judged:
+        judged[asset_key] = _checked(context, asset_key, str(partition))
     context.log_event(
         AssetCheckEvaluation(
             asset_key=asset_key,
@@ -120,7 +132,7 @@ def _record(
             description=event.description,
             blocking=event.severity == AssetCheckSeverity.ERROR,
             partition=str(partition),
-            target_materialization_data=_checked(context, asset_key, str(partition)),
+            target_materialization_data=judged[asset_key],
         )
     )
 

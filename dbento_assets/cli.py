@@ -45,6 +45,7 @@ class Streams:
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message is written for the user: shown as one sentence, no traceback."""
     from dbento_assets.backfill import UsageError
+    from dbento_assets.batches import BatchSettingError
     from dbento_assets.core.catalog import CatalogError
     from dbento_assets.core.source import SourceError
     from dbento_assets.core.storage import StorageError
@@ -57,6 +58,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         CatalogError,
         StorageError,
         ExecutorChoiceError,
+        BatchSettingError,
         click.UsageError,
     )
 

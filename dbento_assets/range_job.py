@@ -1,14 +1,14 @@
 """The ``build_range`` job: a range of partitions in one run, each partition still its own run.
 
-A UI backfill starts one run per partition, and each run pays Dagster's start-up again (a new
-process, the code location loaded, about 4-6 s), which dwarfs a month's work when the raw
-months are already stored. Batching partitions into one ranged run
-(``BackfillPolicy.multi_run``) would lose each partition's check status in Dagster 1.13. This
-job is launched once (the launchpad, or ``dagster job launch``). Its run splits the range into
+A UI backfill starts one run per partition (for the bars, one per ``DBENTO_BACKFILL_BATCH``
+partitions, see :mod:`dbento_assets.batches`), and each run pays Dagster's start-up again (a
+new process, the code location loaded, about 4-6 s), which dwarfs a month's work when the
+raw months are already stored. This job, which builds the downloads too, is launched once
+(the launchpad, or ``dagster job launch``). Its run splits the range into
 ``DBENTO_RANGE_WORKERS`` shares (default: one per CPU core), each a step in a process of its
-own (Dagster's multiprocess executor), and each share builds its partitions with the ``dbento
-build`` loop: every partition is a run of its own in the same instance (its materializations,
-files and check results as in any run).
+own (Dagster's multiprocess executor), and each share builds its partitions with the
+``dbento build`` loop: every partition is a run of its own in the same instance (its
+materializations, files and check results as in any run).
 """
 
 from dagster import (

@@ -1090,7 +1090,8 @@ def test_the_build_range_job_shares_a_range_among_its_workers(monkeypatch, tmp_p
 
 
 @pytest.mark.parametrize(
-    ("name", "value"), [("DBENTO_EXECUTOR", "foo"), ("DBENTO_DEMO_ACTIVITY", "0")]
+    ("name", "value"),
+    [("DBENTO_EXECUTOR", "foo"), ("DBENTO_DEMO_ACTIVITY", "0"), ("DBENTO_BACKFILL_BATCH", "0")],
 )
 def test_a_setting_typo_is_one_sentence_not_a_bug_report(tmp_path, name, value):
     # The command as a user starts it (its code location loads the settings).

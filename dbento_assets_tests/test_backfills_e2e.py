@@ -74,6 +74,7 @@ def demo_deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deploy
         "DBENTO_SOURCE": "demo",
         "DBENTO_DATA_DIR": str(workdir / "data"),
         "DBENTO_EXECUTOR": "in_process",
+        "DBENTO_BACKFILL_BATCH": "1",  # a run per partition (test_batched_backfills.py: more)
     }
     config = DeploymentConfig(max_concurrent_runs=3)
     with running_deployment(
@@ -93,6 +94,7 @@ def databento_deployment(
         "DBENTO_DATA_DIR": str(workdir / "data"),
         "DBENTO_RETRY_ATTEMPTS": str(RETRY_ATTEMPTS),
         "DBENTO_EXECUTOR": "in_process",
+        "DBENTO_BACKFILL_BATCH": "1",
     }
     # One download slot: the raw steps of concurrent runs take turns, so a queued gateway
     # fault hits every attempt of one partition.
