@@ -112,6 +112,9 @@ def _record(
         key = AssetKey(event.output_name)
         meta = {k: getattr(v, "value", v) for k, v in event.metadata.items()}
         written = io_manager.write(key, partition, event.value, meta, context.log.info)
+        # Dagster keeps the locals of the frame that first builds one of its event records
+        # for the life of the process (see backfill.warm_up): not this partition's bars.
+        del event
         context.log_event(
             AssetMaterialization(asset_key=key, partition=str(partition), metadata=written | meta)
         )

@@ -1,13 +1,16 @@
 """End to end: a batched backfill (``DBENTO_BACKFILL_BATCH``) keeps each partition's results.
 
-A real webserver and daemon (:mod:`dbento_assets_tests.deployment`, demo source) run the
-backfills the UI's Materialize dialog launches (``launchPartitionBackfill``). With a batch of
-3, a rebuild of the bars of 2 symbols x 3 months takes 2 runs, one per symbol, instead of 6.
-The proof is what the UI shows: each check's per-partition status (its Partitions tab, read
-through the same GraphQL field) and each partition's materializations. One partition failing
-inside a batch (its raw file edited under its identity) fails alone: the others are built,
-current and passed, its own checks show as failed to execute, and its bar files are not
-touched; once its raw file is right again, re-executing the backfill from failure builds it.
+A real webserver and daemon (:mod:`dbento_assets_tests.deployment`) run the backfills the UI's
+Materialize dialog launches (``launchPartitionBackfill``), with the Databento source against
+the fake HTTPS gateway (:mod:`dbento_assets_tests.gateway`) and the vendor cross-check on, so
+every check of every asset is evaluated. With a batch of 3, a rebuild of the bars of 2
+symbols x 3 months takes 2 runs, one per symbol, instead of 6. The proof is what the UI
+shows: each check's per-partition status (its Partitions tab, read through the same GraphQL
+field) and each partition's materializations. One partition failing inside a batch (its raw
+file edited under its identity) fails alone: the others are built, current and passed, its
+own checks show as failed to execute, and its bar files are not touched; once its raw file is
+right again, re-executing the failed run, then the backfill from failure, builds it. Each
+month is bought once (the gateway's request count), whatever runs again.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from dbento_assets.core.months import Month
-from dbento_assets.core.rules import RULE_VENDOR
 from dbento_assets.core.storage import BarStore
 from dbento_assets.core.timeframes import parse_timeframe
 from dbento_assets.names import BARS_PREFIX, RAW_ASSET
@@ -33,14 +35,16 @@ from dbento_assets_tests.deployment import (
     DeploymentConfig,
     backfill_runs,
     check_evaluations,
+    gateway_env,
     materializations,
     partition_of,
     running_deployment,
 )
+from dbento_assets_tests.gateway import GET_RANGE, TEST_KEY, FakeGateway
 
 pytestmark = pytest.mark.e2e
 
-SYMBOLS = ("ES", "NQ")
+SYMBOLS = ("ES", "SPY")
 MONTHS = (Month(2024, 1), Month(2024, 2), Month(2024, 3))
 NAMES = [str(partition_key(m, s)) for s in SYMBOLS for m in MONTHS]
 BATCH = 3
@@ -49,16 +53,30 @@ RANGE_START = "dagster/asset_partition_range_start"
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def deployment(
+    tmp_path_factory: pytest.TempPathFactory, served_gateway: tuple[FakeGateway, Path]
+) -> Iterator[Deployment]:
+    fake, ca_file = served_gateway
     workdir = tmp_path_factory.mktemp("e2e-batched")
     env = {
-        "DBENTO_SOURCE": "demo",
+        **gateway_env(fake.url, ca_file, TEST_KEY),
         "DBENTO_DATA_DIR": str(workdir / "data"),
+        "DBENTO_RETRY_ATTEMPTS": "1",
+        "DBENTO_VENDOR_CHECK": "true",  # so every check of every asset is evaluated
         "DBENTO_BACKFILL_BATCH": str(BATCH),
     }
     config = DeploymentConfig(max_concurrent_runs=2)
     with running_deployment(workdir, env, config=config, backfill_interval_seconds=1.0) as running:
         yield running
+
+
+def bought(fake: FakeGateway) -> Counter[tuple[str, str, str]]:
+    """Answered ``get_range`` requests per (symbols, schema, start)."""
+    return Counter(
+        (c.fields["symbols"], c.fields["schema"], c.fields["start"])
+        for c in fake.calls(GET_RANGE)
+        if c.fault is None
+    )
 
 
 def bar_assets(deployment: Deployment) -> list[str]:
@@ -67,12 +85,11 @@ def bar_assets(deployment: Deployment) -> list[str]:
 
 
 def shown(deployment: Deployment, assets: list[str]) -> dict[tuple[str, str, str], str]:
-    """What each check's Partitions tab shows for the assets (the vendor check aside: the
-    demo source has no vendor bars, so it is never evaluated)."""
+    """What each check's Partitions tab shows for the assets."""
     return {
         key: status
         for key, status in deployment.check_partition_statuses().items()
-        if key[0] in assets and key[1] != RULE_VENDOR
+        if key[0] in assets
     }
 
 
@@ -82,7 +99,6 @@ def every_check(deployment: Deployment, assets: list[str], status: str) -> dict:
         for asset, checks in deployment.asset_checks().items()
         if asset in assets
         for check in checks
-        if check != RULE_VENDOR
         for name in NAMES
     }
 
@@ -111,8 +127,9 @@ def edit_keeping_footer(path: Path) -> bytes:
 
 
 def test_a_batched_backfill_keeps_each_partitions_results_and_fails_one_partition_alone(
-    deployment: Deployment,
+    deployment: Deployment, served_gateway: tuple[FakeGateway, Path]
 ) -> None:
+    fake, _ = served_gateway
     bars = bar_assets(deployment)
     root = deployment.home.parent / "data"
     store = BarStore.at(root)
@@ -120,6 +137,8 @@ def test_a_batched_backfill_keeps_each_partitions_results_and_fails_one_partitio
     # Every asset: raw one run per partition, the bars in batches; all built and checked.
     first = deployment.run_backfill(NAMES, timeout=TIMEOUT)
     assert first.status == "COMPLETED_SUCCESS", first
+    paid = bought(fake)  # each month's 1-second data and 1-minute bars, once
+    assert len(paid) == 2 * len(NAMES) and set(paid.values()) == {1}, paid
     assert shown(deployment, [RAW_ASSET, *bars]) == every_check(
         deployment, [RAW_ASSET, *bars], "SUCCEEDED"
     )
@@ -170,8 +189,13 @@ def test_a_batched_backfill_keeps_each_partitions_results_and_fails_one_partitio
     # Nothing lost: the failed partition's files untouched, the others rewritten the same.
     assert digests(root, NAMES) == kept
 
-    # Its raw file right again, "Re-execute from failure" builds the failed partition alone.
+    # Its raw file right again: the failed run re-executed (the run page's Re-execute > From
+    # failure) builds its batch again; the backfill re-executed, the failed partition alone.
     raw_path.write_bytes(original)
+    (failed_run,) = [r for r in runs if r.status.value == "FAILURE"]
+    again = deployment.reexecute_run(failed_run.run_id)
+    assert deployment.wait_for_run(again, TIMEOUT) == "SUCCESS", deployment.log_tail()
+    assert shown(deployment, bars) == every_check(deployment, bars, "SUCCEEDED")
     resumed_id = deployment.reexecute_backfill(failing.backfill_id)
     resumed = deployment.wait_for_backfill(resumed_id, timeout=TIMEOUT)
     assert resumed.status == "COMPLETED_SUCCESS", resumed
@@ -181,3 +205,4 @@ def test_a_batched_backfill_keeps_each_partitions_results_and_fails_one_partitio
     assert {m.partition for m in mats} == {broken}
     assert shown(deployment, bars) == every_check(deployment, bars, "SUCCEEDED")
     assert digests(root, NAMES) == kept
+    assert bought(fake) == paid  # nothing bought again, whatever ran again
