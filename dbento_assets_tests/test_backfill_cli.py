@@ -326,8 +326,9 @@ def half_done(tmp_path: Path) -> list[str]:
 
 @pytest.mark.parametrize(
     ("sig", "group"),
-    [(signal.SIGINT, True), (signal.SIGINT, False), (signal.SIGTERM, False)],
-    ids=["ctrl-c", "sigint-to-the-command", "sigterm-to-the-command"],
+    # SIGINT to the command alone: test_a_build_process_whose_run_ends_after_a_stop_...
+    [(signal.SIGINT, True), (signal.SIGTERM, False)],
+    ids=["ctrl-c", "sigterm-to-the-command"],
 )
 def test_a_stopped_build_stops_every_process_and_leaves_nothing_half_done(
     gateway, tmp_path, sig, group

@@ -1,11 +1,12 @@
 """End to end: backfills launched through the GraphQL API the UI uses, run by a real daemon.
 
-Each deployment is a real Dagster webserver plus daemon on 127.0.0.1 with a temporary
+The deployment is a real Dagster webserver plus daemon on 127.0.0.1 with a temporary
 ``DAGSTER_HOME`` (:mod:`dbento_assets_tests.deployment`). The tests launch asset backfills of
 2 symbols x some months with ``launchPartitionBackfill``, wait for the daemon to finish them,
 then check every bar file on disk and, in the instance, every materialization and every asset
-check evaluation per partition. One deployment uses the demo source; the other uses the
-Databento source against the fake HTTPS gateway of :mod:`dbento_assets_tests.gateway`, whose
+check evaluation per partition, each partition a run of its own (``DBENTO_BACKFILL_BATCH=1``;
+test_batched_backfills.py batches). The deployment uses the Databento source against the fake
+HTTPS gateway of :mod:`dbento_assets_tests.gateway`, whose
 ``timeseries.get_range`` requests are counted per partition: one per partition for a backfill,
 none again for a month already downloaded when a failed backfill is re-executed from failure
 (what the UI's "Re-execute from failure" sends), and one more per partition when the backfill
@@ -65,22 +66,6 @@ def partitions(months: Sequence[Month], symbols: Sequence[str] = SYMBOLS) -> lis
 @pytest.fixture(scope="module")
 def catalog() -> Catalog:
     return load_catalog()
-
-
-@pytest.fixture(scope="module")
-def demo_deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    workdir = tmp_path_factory.mktemp("e2e-demo")
-    env = {
-        "DBENTO_SOURCE": "demo",
-        "DBENTO_DATA_DIR": str(workdir / "data"),
-        "DBENTO_EXECUTOR": "in_process",
-        "DBENTO_BACKFILL_BATCH": "1",  # a run per partition (test_batched_backfills.py: more)
-    }
-    config = DeploymentConfig(max_concurrent_runs=3)
-    with running_deployment(
-        workdir, env, config=config, backfill_interval_seconds=BACKFILL_INTERVAL_SECONDS
-    ) as deployment:
-        yield deployment
 
 
 @pytest.fixture(scope="module")
@@ -229,17 +214,6 @@ def assert_partitions_recorded(
 # ---------------------------------------------------------------------- tests
 
 
-def test_demo_backfill_through_the_daemon(demo_deployment: Deployment, catalog: Catalog) -> None:
-    names = partitions(MONTHS)
-    result = launch_and_wait(demo_deployment, names)
-
-    assert result.status == "COMPLETED_SUCCESS", result
-    assert set(result.asset_counts) == {k.to_user_string() for k in demo_deployment.asset_keys()}
-    for counts in result.asset_counts.values():
-        assert counts["materialized"] == counts["targeted"] == len(names), result.asset_counts
-    assert_partitions_recorded(demo_deployment, result.backfill_id, names, catalog)
-
-
 def test_databento_backfill_requests_each_month_once(
     databento_deployment: Deployment, downloaded: Downloaded, catalog: Catalog
 ) -> None:
@@ -247,6 +221,10 @@ def test_databento_backfill_requests_each_month_once(
     result = downloaded.result
 
     assert result.status == "COMPLETED_SUCCESS", result
+    keys = databento_deployment.asset_keys()
+    assert set(result.asset_counts) == {k.to_user_string() for k in keys}
+    for counts in result.asset_counts.values():
+        assert counts["materialized"] == counts["targeted"] == len(names), result.asset_counts
     assert get_range_counts(downloaded.requests, catalog) == Counter(dict.fromkeys(names, 1))
     assert all(r.auth_user == TEST_KEY for r in downloaded.requests)
     for name in names:
