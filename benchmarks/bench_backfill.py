@@ -269,32 +269,32 @@ def bench_rebuild(args: argparse.Namespace, workdir: Path, partitions: list[str]
             out["range_job"] = rebuild_figures(deployment, instance, runs, wall, partitions, pure)
         out["range_job"]["status"] = status
         # The UI's backfill of the same partitions: one run per partition.
-        start = time.monotonic()
-        backfill_id = deployment.launch_backfill(partitions, bars_assets)
-        result = deployment.wait_for_backfill(
-            backfill_id, timeout=args.timeout, poll_seconds=1.0, started_at=start
-        )
-        with deployment.instance() as instance:
-            runs = backfill_runs(instance, backfill_id)
-            out["backfill"] = rebuild_figures(
-                deployment, instance, runs, result.wall_seconds, partitions, pure
-            )
-        out["backfill"]["status"] = result.status
+        out["backfill"] = ui_backfill(args, deployment, partitions, bars_assets, pure)
     # The same backfill batched: DBENTO_BACKFILL_BATCH partitions of a symbol per run (read
     # when the code location loads, so in a deployment of its own, on the same data).
     batched_env = {**env, "DBENTO_BACKFILL_BATCH": str(args.batch)}
     with deployment_for(args, workdir / "batched", batched_env) as deployment:
-        start = time.monotonic()
-        backfill_id = deployment.launch_backfill(partitions, bars_assets)
-        result = deployment.wait_for_backfill(
-            backfill_id, timeout=args.timeout, poll_seconds=1.0, started_at=start
-        )
-        with deployment.instance() as instance:
-            runs = backfill_runs(instance, backfill_id)
-            out["batched"] = rebuild_figures(
-                deployment, instance, runs, result.wall_seconds, partitions, pure
-            )
-        out["batched"]["status"] = result.status
+        out["batched"] = ui_backfill(args, deployment, partitions, bars_assets, pure)
+    return out
+
+
+def ui_backfill(
+    args: argparse.Namespace,
+    deployment: Deployment,
+    partitions: list[str],
+    assets: list[str],
+    pure: float,
+) -> dict:
+    """A backfill launched as the UI's Materialize dialog does, timed to its end."""
+    start = time.monotonic()
+    backfill_id = deployment.launch_backfill(partitions, assets)
+    result = deployment.wait_for_backfill(
+        backfill_id, timeout=args.timeout, poll_seconds=1.0, started_at=start
+    )
+    with deployment.instance() as instance:
+        runs = backfill_runs(instance, backfill_id)
+        out = rebuild_figures(deployment, instance, runs, result.wall_seconds, partitions, pure)
+    out["status"] = result.status
     return out
 
 
