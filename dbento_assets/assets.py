@@ -108,6 +108,7 @@ _NO = ("", "false", "0", "no")  # and no (or not set)
 VENDOR_ERROR_KEY = "vendor_1m_error"  # raw_1s_bars metadata: the 1m download failed
 VENDOR_COST_KEY = "vendor_1m_cost_usd"  # raw_1s_bars metadata: what the 1m download cost
 REFUSED_COST_KEY = "refused_download_cost_usd"  # an observation: a download paid and refused
+BACKFILL_TAG = "dagster/backfill"  # the id of the backfill a run belongs to (Dagster's tag)
 DOWNLOAD_POOL = "databento"
 RAW_GROUP = "raw"
 BARS_GROUP = "aggregated"
@@ -461,7 +462,7 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
         if context.has_partition_key and raw is not None:
             yield from _build(context, Partition.from_key(context.partition_key), raw)
         else:  # a batched backfill's run: several partitions, each recorded as its own
-            build_each(context, context.resources.io_manager, RAW_KEY, _build)
+            build_each(context, context.resources.io_manager, RAW_KEY, _build, raw)
 
     def _build(
         context: AssetExecutionContext, partition: Partition, raw: pd.DataFrame
@@ -517,7 +518,7 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
                 tf.seconds == 60
                 and AssetCheckKey(key, RULE_VENDOR) in context.selected_asset_check_keys
             ):
-                failure = _vendor_failure_in_run(store, partition, context.run.run_id)
+                failure = _vendor_failure_in_run(context, store, partition)
                 vendor, requested = (
                     (failure, True)
                     if failure
@@ -748,14 +749,26 @@ def _raw_coverage(raw: pd.DataFrame, month: Month) -> list[Window]:
     return identity.coverage
 
 
-def _vendor_failure_in_run(store: BarStore, partition: Partition, run_id: str) -> str | None:
-    """Why the cross-check has no vendor bars, when ``raw_1s_bars`` of this very run failed
-    to download them (so the aggregation step does not pay for a second round of retries)."""
+def _vendor_failure_in_run(
+    context: AssetExecutionContext, store: BarStore, partition: Partition
+) -> str | None:
+    """Why the cross-check has no vendor bars, when ``raw_1s_bars`` of this very run (or of
+    this backfill, whose batched bars runs are not its downloads' runs) failed to download
+    them: the aggregation step then does not pay for a second round of retries."""
     note = store.read_note(partition.symbol, partition.month, VENDOR_NOTE)
-    if note is None or note.get("run_id") != run_id or not note.get("error"):
+    if note is None or not note.get("error"):
         return None
-    why = note["error"]
-    return f"downloading Databento's 1-minute bars failed in raw_1s_bars of this run ({why})"
+    if note.get("run_id") == context.run.run_id:
+        why = note["error"]
+        return f"downloading Databento's 1-minute bars failed in raw_1s_bars of this run ({why})"
+    backfill = context.run.tags.get(BACKFILL_TAG)
+    raw_run = context.instance.get_run_by_id(str(note.get("run_id")))
+    if backfill and raw_run is not None and raw_run.tags.get(BACKFILL_TAG) == backfill:
+        return (
+            "downloading Databento's 1-minute bars failed in raw_1s_bars of this backfill "
+            f"(run {raw_run.run_id}: {note['error']})"
+        )
+    return None
 
 
 def _partial_end(raw: pd.DataFrame) -> int | None:

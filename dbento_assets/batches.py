@@ -22,7 +22,6 @@ import pandas as pd
 from dagster import (
     AssetCheckEvaluation,
     AssetCheckResult,
-    AssetCheckSeverity,
     AssetExecutionContext,
     AssetKey,
     AssetMaterialization,
@@ -34,6 +33,7 @@ from dagster import (
 )
 from pydantic import BaseModel, Field
 
+from dbento_assets.core.rules import ERROR, RULE_SEVERITY
 from dbento_assets.core.settings import read
 from dbento_assets.io_managers import BarFileIOManager
 from dbento_assets.partitions import Partition
@@ -66,10 +66,15 @@ def backfill_policy() -> BackfillPolicy | None:
 
 
 def build_each(
-    context: AssetExecutionContext, io_manager: object, source: AssetKey, build: Build
+    context: AssetExecutionContext,
+    io_manager: object,
+    source: AssetKey,
+    build: Build,
+    loaded: pd.DataFrame | None = None,
 ) -> None:
     """Build every partition of the step's range with ``build``, from its ``source`` file
-    (read one month at a time), and record each as a run of its own would."""
+    (read one month at a time; ``loaded``: the one month of a range of one, already read),
+    and record each as a run of its own would."""
     if not isinstance(io_manager, BarFileIOManager):
         raise Failure(
             description="A run over several partitions needs this project's io_manager, "
@@ -82,7 +87,8 @@ def build_each(
         partition = Partition.from_key(key)
         judged: dict[AssetKey, object] = {}  # the materialization each asset's checks judged
         try:
-            frame = io_manager.load(source, partition)
+            frame = loaded if loaded is not None else io_manager.load(source, partition)
+            loaded = None
             for event in build(context, partition, frame):
                 _record(context, io_manager, partition, event, judged)
         except Exception as exc:  # this partition fails; the others are still built
@@ -133,7 +139,7 @@ def _record(
             metadata=event.metadata,
             severity=event.severity,
             description=event.description,
-            blocking=event.severity == AssetCheckSeverity.ERROR,
+            blocking=RULE_SEVERITY.get(str(event.check_name)) == ERROR,  # as its spec says
             partition=str(partition),
             target_materialization_data=judged[asset_key],
         )
