@@ -938,21 +938,18 @@ def _written(events: Sequence[DagsterEvent]) -> tuple[int, int, float]:
     downloads included."""
     rows, files, cost = 0, 0, 0.0
     for event in events:
-        if event.event_type != DagsterEventType.ASSET_MATERIALIZATION:
-            continue
-        materialization = event.step_materialization_data.materialization
-        metadata = {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}
-        rows += int(metadata.get("dagster/row_count") or 0)
-        files += "path" in metadata
-        if materialization.asset_key == RAW_KEY:  # 0 for a cached month
-            cost += float(metadata.get("source_cost_usd") or 0.0)
-            cost += float(metadata.get(VENDOR_COST_KEY) or 0.0)
-    for event in events:
-        if event.event_type != DagsterEventType.ASSET_OBSERVATION:
-            continue
-        observation = event.asset_observation_data.asset_observation
-        paid = observation.metadata.get(REFUSED_COST_KEY)
-        cost += float(getattr(paid, "value", paid) or 0.0)
+        if event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
+            materialization = event.step_materialization_data.materialization
+            metadata = {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}
+            rows += int(metadata.get("dagster/row_count") or 0)
+            files += "path" in metadata
+            if materialization.asset_key == RAW_KEY:  # 0 for a cached month
+                cost += float(metadata.get("source_cost_usd") or 0.0)
+                cost += float(metadata.get(VENDOR_COST_KEY) or 0.0)
+        elif event.event_type == DagsterEventType.ASSET_OBSERVATION:
+            observation = event.asset_observation_data.asset_observation
+            paid = observation.metadata.get(REFUSED_COST_KEY)
+            cost += float(getattr(paid, "value", paid) or 0.0)
     return rows, files, cost
 
 

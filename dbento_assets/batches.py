@@ -33,7 +33,7 @@ from dagster import (
 )
 from pydantic import BaseModel, Field
 
-from dbento_assets.core.rules import ERROR, RULE_SEVERITY
+from dbento_assets.checks import blocking
 from dbento_assets.core.settings import read
 from dbento_assets.io_managers import BarFileIOManager
 from dbento_assets.partitions import Partition
@@ -139,7 +139,7 @@ def _record(
             metadata=event.metadata,
             severity=event.severity,
             description=event.description,
-            blocking=RULE_SEVERITY.get(str(event.check_name)) == ERROR,  # as its spec says
+            blocking=blocking(str(event.check_name)),  # as its spec says
             partition=str(partition),
             target_materialization_data=judged[asset_key],
         )

@@ -77,13 +77,18 @@ def check_specs(
                     name,
                     asset=asset_key,
                     description=f"{v.RULE_TITLES[name]} ({severity}"
-                    + (", blocks the data)" if severity == v.ERROR else ", informs only)"),
-                    blocking=severity == v.ERROR,
+                    + (", blocks the data)" if blocking(name) else ", informs only)"),
+                    blocking=blocking(name),
                     partitions_def=partitions,
                     metadata={"severity": severity},
                 )
             )
     return specs
+
+
+def blocking(check_name: str) -> bool:
+    """Whether the check of a rule blocks the data: its ERROR rules do."""
+    return v.RULE_SEVERITY.get(check_name) == v.ERROR
 
 
 def all_check_keys(catalog: Catalog) -> list[AssetCheckKey]:

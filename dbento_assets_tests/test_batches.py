@@ -42,16 +42,19 @@ def build(
     keys: list[str],
     assets: list[AssetKey],
     tags: dict[str, str] | None = None,
+    *,
+    ranged: bool = False,
 ) -> Any:
-    """One run of ``assets``: a partition's own, or a range's as a batched backfill's."""
+    """One run of ``assets``: a partition's own, or (``ranged``) a batched backfill's run."""
     job = defs.resolve_implicit_global_asset_job_def()
-    if len(keys) == 1 and RANGE[0] not in (tags or {}):
+    if not ranged:
+        (key,) = keys
         return job.execute_in_process(
-            partition_key=keys[0], instance=instance, asset_selection=assets, tags=tags
+            partition_key=key, instance=instance, asset_selection=assets, tags=tags
         )
-    ranged = {RANGE[0]: keys[0], RANGE[1]: keys[-1], **(tags or {})}
+    tags = {RANGE[0]: keys[0], RANGE[1]: keys[-1], **(tags or {})}
     return job.execute_in_process(
-        instance=instance, asset_selection=assets, tags=ranged, raise_on_error=False
+        instance=instance, asset_selection=assets, tags=tags, raise_on_error=False
     )
 
 
@@ -76,7 +79,7 @@ def test_each_month_of_a_range_is_read_once_and_recorded_as_its_own(
     for key in months:
         assert build(defs, fresh_instance, [key], [RAW_KEY]).success
     reads = reads_of_raw(monkeypatch)
-    result = build(defs, fresh_instance, months, BARS, {RANGE[0]: months[0]})
+    result = build(defs, fresh_instance, months, BARS, ranged=True)
 
     assert result.success
     assert reads == Counter({f"ES_2024_{k[5:7]}.parquet": 1 for k in months})
@@ -107,8 +110,8 @@ def test_a_batched_run_knows_its_backfills_vendor_download_failed(defs, fresh_in
     store = BarStore.at(str(Path(defs.resources["databento"].data_dir)))
     store.write_note("ES", JAN, VENDOR_NOTE, {"run_id": raw.run_id, "error": "HTTP 503"})
 
-    other = build(defs, fresh_instance, [ES_JAN], BARS, {RANGE[0]: ES_JAN, BACKFILL_TAG: "b2"})
-    same = build(defs, fresh_instance, [ES_JAN], BARS, {RANGE[0]: ES_JAN, **tags})
+    other = build(defs, fresh_instance, [ES_JAN], BARS, {BACKFILL_TAG: "b2"}, ranged=True)
+    same = build(defs, fresh_instance, [ES_JAN], BARS, tags, ranged=True)
 
     def vendor(run_id: str) -> list[str]:
         return [
