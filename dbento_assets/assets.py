@@ -417,7 +417,9 @@ def bar_store(context: AssetExecutionContext, databento: DatabentoResource) -> B
     return BarStore.at(databento.data_dir)
 
 
-def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -> AssetsDefinition:
+def build_bars_assets(
+    catalog: Catalog, partitions: MultiPartitionsDefinition, *, vendor: bool = True
+) -> AssetsDefinition:
     """The aggregated assets, one ``bars_<label>`` per timeframe, computed in one step.
 
     They are separate assets in the graph (each with its own file, checks and history, and
@@ -451,7 +453,7 @@ def build_bars_assets(catalog: Catalog, partitions: MultiPartitionsDefinition) -
         check_specs=[
             spec
             for name, tf in by_name.items()
-            for spec in check_specs(AssetKey(name), partitions, tf)
+            for spec in check_specs(AssetKey(name), partitions, tf, vendor=vendor)
         ],
         required_resource_keys={"databento", "io_manager"},
         backfill_policy=backfill_policy(),
@@ -721,12 +723,14 @@ def _refuse_unfit_raw(
         )
 
 
-def build_assets(catalog: Catalog) -> list[AssetsDefinition]:
-    """All assets of a catalog: ``raw_1s_bars``, then one ``bars_<tf>`` per timeframe."""
+def build_assets(catalog: Catalog, *, vendor: bool = True) -> list[AssetsDefinition]:
+    """All assets of a catalog: ``raw_1s_bars``, then one ``bars_<tf>`` per timeframe
+    (``bars_1min`` with the vendor cross-check when ``vendor``, see
+    :func:`~dbento_assets.checks.vendor_declared`)."""
     partitions = build_partitions(catalog)
     return [
         build_raw_asset(catalog, partitions),
-        build_bars_assets(catalog, partitions),
+        build_bars_assets(catalog, partitions, vendor=vendor),
     ]
 
 

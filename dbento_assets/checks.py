@@ -3,8 +3,9 @@
 Each rule of :mod:`dbento_assets.core.rules` is an ``AssetCheckSpec`` partitioned like its
 asset (ERROR rules blocking, calendar completeness a WARN). A step yields every result, and
 when an ERROR rule fails it fails with :func:`refusal` without yielding the frame, so a bad
-frame is never written. The vendor cross-check is never a green pass when nothing was compared:
-a failed WARN when the user asked for it, left unevaluated (and logged) otherwise.
+frame is never written. The vendor cross-check is declared only where it can compare
+(``DatabentoResource.declares_vendor_check``), and is never a green pass when nothing was
+compared: a failed WARN when the user asked for it, left unevaluated (and logged) otherwise.
 """
 
 from __future__ import annotations
@@ -53,16 +54,22 @@ CHECKED_ON_DISK = "checked the file on disk"
 # --------------------------------------------------------------------------- check specs
 
 
-def check_names(timeframe: Timeframe | None = None) -> tuple[str, ...]:
-    """The checks of ``raw_1s_bars`` (no timeframe) or of ``bars_<timeframe>``, in order."""
+def check_names(timeframe: Timeframe | None = None, *, vendor: bool = True) -> tuple[str, ...]:
+    """The checks of ``raw_1s_bars`` (no timeframe) or of ``bars_<timeframe>``, in order;
+    the vendor cross-check of ``bars_1min`` only with ``vendor`` (see
+    :meth:`~dbento_assets.resources.DatabentoResource.declares_vendor_check`)."""
     if timeframe is None:
         return v.RAW_RULES
-    vendor = (v.RULE_VENDOR,) if timeframe.seconds == 60 else ()
-    return (*v.AGGREGATED_RULES, *vendor)
+    compared = (v.RULE_VENDOR,) if vendor and timeframe.seconds == 60 else ()
+    return (*v.AGGREGATED_RULES, *compared)
 
 
 def check_specs(
-    asset_key: AssetKey, partitions: PartitionsDefinition, timeframe: Timeframe | None = None
+    asset_key: AssetKey,
+    partitions: PartitionsDefinition,
+    timeframe: Timeframe | None = None,
+    *,
+    vendor: bool = True,
 ) -> list[AssetCheckSpec]:
     """One partitioned spec per rule; ERROR rules block, the WARN rule does not."""
     specs = []
@@ -70,7 +77,7 @@ def check_specs(
         # A partitioned check spec is a preview feature in Dagster 1.13: without it a check
         # result is not attributed to its partition.
         warnings.simplefilter("ignore", PreviewWarning)
-        for name in check_names(timeframe):
+        for name in check_names(timeframe, vendor=vendor):
             severity = v.RULE_SEVERITY[name]
             specs.append(
                 AssetCheckSpec(
@@ -91,12 +98,13 @@ def blocking(check_name: str) -> bool:
     return v.RULE_SEVERITY.get(check_name) == v.ERROR
 
 
-def all_check_keys(catalog: Catalog) -> list[AssetCheckKey]:
-    """Every check of a catalog's assets: raw first, then each timeframe's."""
+def all_check_keys(catalog: Catalog, *, vendor: bool = True) -> list[AssetCheckKey]:
+    """Every check of a catalog's assets: raw first, then each timeframe's (the vendor
+    cross-check with ``vendor``)."""
     keys = [AssetCheckKey(RAW_KEY, name) for name in check_names()]
     for tf in catalog.timeframes:
         asset = AssetKey(bars_asset_name(tf))
-        keys += [AssetCheckKey(asset, name) for name in check_names(tf)]
+        keys += [AssetCheckKey(asset, name) for name in check_names(tf, vendor=vendor)]
     return keys
 
 
@@ -209,9 +217,8 @@ def vendor_result(
 
     With nothing to compare it is never a green pass. If the user asked for the comparison
     (``requested``) it is a non-blocking WARN saying why (a failed or refused 1m download);
-    otherwise (demo data, ``DBENTO_VENDOR_CHECK`` off, a DBN folder without ohlcv-1m files)
-    None: the step yields no result, so Dagster shows the check as skipped (not executed), and
-    the reason goes to the step's log.
+    otherwise (a DBN folder without ohlcv-1m files) None: the step yields no result, so
+    Dagster shows the check as skipped (not executed), and the reason goes to the step's log.
     """
     if isinstance(vendor, str):
         result = vendor_skipped(vendor)

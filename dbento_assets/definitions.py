@@ -30,7 +30,7 @@ def build_definitions(
     databento = databento or databento_resource_from_env()
     catalog = catalog or load_catalog()
     assets = Definitions(
-        assets=build_assets(catalog),
+        assets=build_assets(catalog, vendor=databento.declares_vendor_check()),
         schedules=build_schedules(catalog),
         executor=executor or executor_from_env(),
         resources={

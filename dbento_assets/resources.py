@@ -168,6 +168,14 @@ class DatabentoResource(ConfigurableResource):
             return DbnFilesSource(self.dbn_dir.strip())
         return self.api_source(catalog_file)
 
+    def declares_vendor_check(self) -> bool:
+        """Whether this deployment has the vendor cross-check: when it buys Databento's
+        1-minute bars (``DBENTO_VENDOR_CHECK`` with the Databento source) or reads a DBN folder,
+        which may hold them. Elsewhere it could never be evaluated, and a check that a failed
+        run planned and did not evaluate shows as failed to execute: in a batched run, on every
+        good month of a run that one month failed."""
+        return self.source == "dbn" or (self.vendor_check and self.source == "databento")
+
     def vendor_month(
         self, instrument: Instrument, month: Month, log: Logger
     ) -> tuple[VendorMonth | str, bool]:

@@ -33,9 +33,11 @@ def render(instance: DagsterInstance, symbols: Sequence[str] | None = None) -> s
     wanted = list(symbols) if symbols else catalog.symbols
     for symbol in wanted:
         catalog.instrument(symbol)  # a CatalogError naming the known symbols
-    io_manager = io_manager_from_env(databento_resource_from_env())
+    databento = databento_resource_from_env()
+    io_manager = io_manager_from_env(databento)
     store = io_manager.store
-    cells = matrix(collect(instance, all_check_keys(catalog), wanted))
+    checks = all_check_keys(catalog, vendor=databento.declares_vendor_check())
+    cells = matrix(collect(instance, checks, wanted))
     keys = [RAW_KEY, *(AssetKey(bars_asset_name(tf)) for tf in catalog.timeframes)]
     last = current_month()
     rows: list[list[str]] = []

@@ -4,6 +4,7 @@ Runs carry the range tags a batched backfill gives them (Dagster's daemon path i
 test_batched_backfills.py). Each month is read once, and a range of one month is read once
 too; the vendor cross-check of a batched run knows when the backfill's own download of the
 1-minute bars failed, as a run of raw and bars together does, instead of buying them again.
+A month failing in a batched run leaves no check of the others without its result.
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dagster import AssetKey, DagsterEventType, DagsterInstance, Definitions
+from dagster import AssetCheckKey, AssetKey, DagsterEventType, DagsterInstance, Definitions
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+from dagster._core.storage.event_log.base import PartitionKeyFilter
 
-from dbento_assets.assets import BACKFILL_TAG
+from dbento_assets.assets import BACKFILL_TAG, build_assets
+from dbento_assets.core.catalog import load_catalog
 from dbento_assets.core.months import Month
 from dbento_assets.core.rules import RULE_VENDOR
 from dbento_assets.core.storage import VENDOR_NOTE, BarStore
 from dbento_assets.definitions import build_definitions
+from dbento_assets.io_managers import io_manager_from_env
 from dbento_assets.names import RAW_KEY
 from dbento_assets.partitions import partition_key
 from dbento_assets.resources import DatabentoResource
@@ -32,8 +37,18 @@ RANGE = ("dagster/asset_partition_range_start", "dagster/asset_partition_range_e
 
 @pytest.fixture
 def defs(tmp_path: Path) -> Definitions:
+    return demo_definitions(tmp_path)
+
+
+def demo_definitions(tmp_path: Path, *, vendor: bool = False) -> Definitions:
     resource = DatabentoResource(source="demo", data_dir=str(tmp_path / "data"), demo_activity=0.02)
-    return build_definitions(databento=resource)
+    if not vendor:
+        return build_definitions(databento=resource)
+    # With the vendor cross-check declared, as a deployment that buys the 1-minute bars has it.
+    return Definitions(
+        assets=build_assets(load_catalog(), vendor=True),
+        resources={"databento": resource, "io_manager": io_manager_from_env(resource)},
+    )
 
 
 def build(
@@ -102,9 +117,10 @@ def test_each_month_of_a_range_is_read_once_and_recorded_as_its_own(
         assert target.storage_id == made[(evaluation.asset_key, evaluation.partition)]
 
 
-def test_a_batched_run_knows_its_backfills_vendor_download_failed(defs, fresh_instance):
+def test_a_batched_run_knows_its_backfills_vendor_download_failed(tmp_path, fresh_instance):
     # The backfill's raw run left the note its failed 1-minute download leaves: the bars run
     # of the same backfill says so in the cross-check instead of asking for them again.
+    defs = demo_definitions(tmp_path, vendor=True)
     tags = {BACKFILL_TAG: "b1"}
     raw = build(defs, fresh_instance, [ES_JAN], [RAW_KEY], tags)
     store = BarStore.at(str(Path(defs.resources["databento"].data_dir)))
@@ -127,3 +143,41 @@ def test_a_batched_run_knows_its_backfills_vendor_download_failed(defs, fresh_in
     (said,) = vendor(same.run_id)
     assert "failed in raw_1s_bars of this backfill" in said and "HTTP 503" in said
     assert raw.run_id in said
+
+
+def test_a_month_failing_in_a_batched_run_leaves_every_check_of_the_others_evaluated(
+    defs, fresh_instance, monkeypatch
+):
+    # A check that a failed run planned and never evaluated shows as "failed to execute" in
+    # the UI. The demo cannot compare with Databento's 1-minute bars, so it declares no such
+    # check: every check of the good month has its result, in the run that failed.
+    for key in (ES_JAN, ES_FEB):
+        assert build(defs, fresh_instance, [key], [RAW_KEY]).success
+    original = BarStore.read_with_identity
+
+    def february_unreadable(self: BarStore, path: Any) -> Any:
+        if "ES_2024_02" in str(path):
+            raise OSError("the disk went away")
+        return original(self, path)
+
+    monkeypatch.setattr(BarStore, "read_with_identity", february_unreadable)
+    result = build(defs, fresh_instance, [ES_JAN, ES_FEB], BARS, ranged=True)
+
+    assert not result.success
+    declared = defs.resolve_asset_graph().asset_check_keys
+    checks = [k for k in declared if k.asset_key in BARS]
+    statuses = {}
+    for key in checks:
+        for partition in (ES_JAN, ES_FEB):
+            (record,) = fresh_instance.event_log_storage.get_asset_check_execution_history(
+                key, limit=1, partition_filter=PartitionKeyFilter(key=partition)
+            )
+            assert record.run_id == result.run_id
+            statuses[(key.name, partition)] = record.status
+    good = {status for (_, partition), status in statuses.items() if partition == ES_JAN}
+    assert good == {AssetCheckExecutionRecordStatus.SUCCEEDED}
+    # The failed month's checks stay planned: the UI shows them failed to execute.
+    bad = {status for (_, partition), status in statuses.items() if partition == ES_FEB}
+    assert bad == {AssetCheckExecutionRecordStatus.PLANNED}
+    assert AssetCheckKey(AssetKey("bars_1min"), RULE_VENDOR) not in declared
+    assert len(checks) == 3 * 7

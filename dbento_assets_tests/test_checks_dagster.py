@@ -66,6 +66,7 @@ from dbento_assets.core.run_rules import raw_rules_proof, raw_rules_proven, run_
 from dbento_assets.core.source import FetchedMonth, FetchRequest, Logger, MonthSource
 from dbento_assets.core.storage import REFUSED_NOTE, BarStore
 from dbento_assets.core.timeframes import parse_timeframe
+from dbento_assets.definitions import build_definitions
 from dbento_assets.history import completed_evaluations, evaluation_of
 from dbento_assets.io_managers import BarFileIOManager
 from dbento_assets.resources import DatabentoResource
@@ -324,6 +325,29 @@ def test_every_rule_is_a_partitioned_check_and_only_errors_block() -> None:
 def test_vendor_cross_check_runs_for_1min_bars_only() -> None:
     assert v.RULE_VENDOR not in check_names(parse_timeframe("30s"))
     assert check_names(parse_timeframe("1min")) == (*v.AGGREGATED_RULES, v.RULE_VENDOR)
+
+
+@pytest.mark.parametrize(
+    ("source", "vendor_check", "declared"),
+    [
+        ("databento", True, True),  # it buys Databento's 1-minute bars to compare with
+        ("dbn", False, True),  # the folder may hold ohlcv-1m files
+        ("databento", False, False),
+        ("demo", False, False),
+        ("demo", True, False),  # it has no 1-minute bars to buy
+    ],
+)
+def test_a_deployment_declares_the_vendor_check_only_when_it_can_compare(
+    tmp_path: Path, source: str, vendor_check: bool, declared: bool
+) -> None:
+    resource = DatabentoResource(
+        source=source, data_dir=str(tmp_path), dbn_dir=str(tmp_path), vendor_check=vendor_check
+    )
+    keys = build_definitions(CATALOG, databento=resource).resolve_asset_graph().asset_check_keys
+    vendor = AssetCheckKey(AssetKey("bars_1min"), v.RULE_VENDOR)
+    assert (vendor in keys) is declared
+    assert set(keys) | {vendor} == set(all_check_keys(CATALOG))  # every other check, always
+    assert set(keys) == set(all_check_keys(CATALOG, vendor=resource.declares_vendor_check()))
 
 
 # --------------------------------------------------------------------------- valid data

@@ -38,7 +38,7 @@ from dbento_assets.core.dbn import OHLCV_RECORD_DTYPE
 from dbento_assets.core.dbn_files import DbnFilesSource
 from dbento_assets.core.demo import DemoSource
 from dbento_assets.core.months import Month
-from dbento_assets.core.rules import RULE_VENDOR
+from dbento_assets.core.rules import RULE_RECONCILED, RULE_VENDOR
 from dbento_assets.core.source import SourceError
 from dbento_assets.core.timeframes import parse_timeframe
 from dbento_assets.definitions import build_definitions
@@ -54,7 +54,7 @@ from dbento_assets_tests.gateway import (
     GET_RANGE,
     TEST_KEY,
 )
-from dbento_assets_tests.test_checks_dagster import dbn_folder, latest_evaluation, left_unevaluated
+from dbento_assets_tests.test_checks_dagster import dbn_folder, latest_evaluation
 
 RAW = AssetKey("raw_1s_bars")
 BARS_1MIN = AssetKey("bars_1min")
@@ -544,16 +544,21 @@ def test_a_vendor_bar_that_disagrees_fails_the_check_and_bars_1min_is_not_writte
     assert str(int(fourth["volume"]) + 1) in found["first_violations"]
 
 
-def test_without_vendor_check_no_1m_request_is_made_and_the_check_says_skipped(
+def test_without_vendor_check_no_1m_request_is_made_and_the_check_is_not_declared(
     gateway, env, instance
 ):
-    result = run(instance, resource=databento_resource_from_env(), assets=[RAW, BARS_1MIN])
+    resource = databento_resource_from_env()
+    result = run(instance, resource=resource, assets=[RAW, BARS_1MIN])
     assert result.success
     assert gateway.schemas(GET_RANGE) == ["ohlcv-1s"]
     assert "ohlcv-1m" not in gateway.schemas("metadata.get_cost")
     assert not vendor_file(env).exists() and bars_1min_file(env).is_file()
-    # Not asked for, nothing compared: left unevaluated (skipped in the UI), never a green pass.
-    assert left_unevaluated(instance, VENDOR_CHECK, partition_key(JAN, "ES"), result)
+    # Not asked for, nothing to compare: the deployment has no such check (so no run can show
+    # it green, nor failed to execute), and no result of it is recorded.
+    declared = build_definitions(databento=resource).resolve_asset_graph().asset_check_keys
+    assert VENDOR_CHECK not in declared
+    assert AssetCheckKey(BARS_1MIN, RULE_RECONCILED) in declared
+    assert not instance.event_log_storage.get_asset_check_execution_history(VENDOR_CHECK, limit=1)
 
 
 def test_a_failed_1m_download_skips_the_check_and_keeps_the_data(
