@@ -14,9 +14,10 @@ import hashlib
 import io
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol, TypeVar, cast
 
 import databento
 import databento_dbn
@@ -213,29 +214,63 @@ def _decompressed(payload: DbnPayload, digest: Digest | None = None) -> Iterator
                     digest.update(chunk)
                 yield chunk
             return
-        decoder = zstandard.ZstdDecompressor().decompressobj()
-        open_frame = False
-        while raw := handle.read(_READ_CHUNK):
-            if digest is not None:
-                digest.update(raw)
-            while raw:
-                open_frame = True
-                try:
-                    out = decoder.decompress(raw)
-                except zstandard.ZstdError as exc:
-                    raise DbnError(f"cannot read DBN from {_describe(payload)}: {exc}") from None
-                if out:
-                    yield out
-                if decoder.eof:
-                    raw = decoder.unused_data
-                    decoder = zstandard.ZstdDecompressor().decompressobj()
-                    open_frame = False
-                else:
-                    raw = b""
-        if open_frame:
-            raise TruncatedDbn(
-                f"{_describe(payload)} ends inside a zstd frame: the file is cut short"
-            )
+        # zstd releases the GIL: a worker thread decompresses the next few MiB while the
+        # caller decodes the ones before (about a third off decoding a month).
+        for pieces in _one_ahead(_zstd_pieces(handle, payload, digest)):
+            yield from pieces
+
+
+def _zstd_pieces(
+    handle: BinaryIO, payload: DbnPayload, digest: Digest | None
+) -> Iterator[list[bytes]]:
+    """The decompressed bytes of a zstd stream (one frame or several), in groups of about
+    :data:`_PLAIN_READ` bytes; raises :class:`TruncatedDbn` after the last group when the
+    stream ends inside a frame."""
+    decoder = zstandard.ZstdDecompressor().decompressobj()
+    open_frame = False
+    group: list[bytes] = []
+    held = 0
+    while raw := handle.read(_READ_CHUNK):
+        if digest is not None:
+            digest.update(raw)
+        while raw:
+            open_frame = True
+            try:
+                out = decoder.decompress(raw)
+            except zstandard.ZstdError as exc:
+                if group:
+                    yield group  # what was read before the damage, as a reader sees it
+                raise DbnError(f"cannot read DBN from {_describe(payload)}: {exc}") from None
+            if out:
+                group.append(out)
+                held += len(out)
+            if decoder.eof:
+                raw = decoder.unused_data
+                decoder = zstandard.ZstdDecompressor().decompressobj()
+                open_frame = False
+            else:
+                raw = b""
+        if held >= _PLAIN_READ:
+            yield group
+            group, held = [], 0
+    if group:
+        yield group
+    if open_frame:
+        raise TruncatedDbn(f"{_describe(payload)} ends inside a zstd frame: the file is cut short")
+
+
+_T = TypeVar("_T")
+_END = object()
+
+
+def _one_ahead(items: Iterator[_T]) -> Iterator[_T]:
+    """``items`` in order, each next one computed by a worker thread while the caller uses
+    the current one (an exception of ``items`` is raised where the item would come)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbento-zstd") as worker:
+        coming = worker.submit(next, items, _END)
+        while (item := coming.result()) is not _END:
+            coming = worker.submit(next, items, _END)
+            yield cast(_T, item)
 
 
 def read_records(
