@@ -567,7 +567,9 @@ def test_bar_outside_the_month_in_raw_is_reported_in_the_aggregate() -> None:
     assert failing(results) == {RULE_IN_MONTH}
 
 
-def test_a_roll_inside_a_minute_fails_the_1min_bars_only() -> None:
+@pytest.mark.parametrize("finer", [None, "15s", "30s"], ids=["from raw", "via 15s", "via 30s"])
+def test_a_roll_inside_a_minute_fails_the_1min_bars_only(finer: str | None) -> None:
+    # As the bars step checks them: from raw, or via the finer bars they were built from.
     raw = raw_es()
     schedule = demo_contract_schedule(ES, MARCH)
     ts = raw["ts_event"].array.asi8
@@ -579,7 +581,8 @@ def test_a_roll_inside_a_minute_fails_the_1min_bars_only() -> None:
         schedule[0].instrument_id
     )
     assert failing(run_raw_rules(raw, MARCH, ES)) == set()
-    results = by_rule(run_aggregated_rules(agg_es(raw), raw, MARCH, MINUTE))
+    built_from = None if finer is None else aggregate_bars(raw, parse_timeframe(finer))
+    results = by_rule(run_aggregated_rules(agg_es(raw), raw, MARCH, MINUTE, built_from=built_from))
     assert failing(list(results.values())) == {RULE_NO_ROLL_IN_BAR}
     rolls = results[RULE_NO_ROLL_IN_BAR]
     assert rolls.violations == 2  # the minute became two bars, one per contract

@@ -107,14 +107,19 @@ def check_rolls(raw: pd.DataFrame) -> RuleResult:
 
 @rule(RULE_NO_ROLL_IN_BAR)
 def check_rolls_aggregated(
-    agg: pd.DataFrame, raw: pd.DataFrame, timeframe: Timeframe
+    agg: pd.DataFrame,
+    raw: pd.DataFrame,
+    timeframe: Timeframe,
+    built_from: pd.DataFrame | None = None,
 ) -> RuleResult:
     """Each aggregated bar's interval holds raw bars of exactly one instrument_id: its own.
 
     A violation is a bar whose bin has raw bars of several instrument_ids (a roll inside the
     bar) or none of its own. ``extra`` carries the raw rolls as in :func:`check_rolls`.
+    ``built_from``: finer bars already reconciled with ``raw``, whose (bin, instrument_id)
+    pairs are raw's at their timeframe, so raw's at this one come from a fraction of the rows.
     """
-    bins, ids = bins_in_raw(raw, timeframe)
+    bins, ids = bins_in_raw(raw if built_from is None else built_from, timeframe)
     ts, iid = ts_column(agg), int_column(agg, "instrument_id")
     step = timeframe.nanos
     agg_bins = np.floor_divide(ts, step) * step

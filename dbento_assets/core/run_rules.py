@@ -163,5 +163,5 @@ def run_aggregated_rules(
         check_inside_month(agg, month),
         check_alignment(agg, timeframe),
         check_reconciliation(agg, raw, timeframe, built_from),
-        check_rolls_aggregated(agg, raw, timeframe),
+        check_rolls_aggregated(agg, raw, timeframe, built_from),
     ]
