@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from collections import Counter
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dbento_assets.core import comparison
+from dbento_assets.core import calendars, comparison
 from dbento_assets.core.aggregate import aggregate_bars
 from dbento_assets.core.bars import make_bars, sort_bars
 from dbento_assets.core.calendars import check_calendar
@@ -697,6 +698,43 @@ def test_calendar_names_follow_the_venue() -> None:
     assert calendar_for(eurex) == "XEUR"  # a future, but not on CME
     with pytest.raises(ValueError, match="not an exchange_calendars calendar"):
         check_calendar(raw_es(), MARCH, "NOPE")
+
+
+@pytest.mark.parametrize("damage", ["none", "cut short", "another file's", "unwritable"])
+def test_a_calendars_sessions_are_kept_once_computed_and_a_bad_copy_is_computed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first, last = pd.Timestamp("2024-01-01"), pd.Timestamp("2024-01-31")
+    computed = calendars._computed_sessions("XNYS", first, last)
+    assert calendars._sessions("XNYS", first, last).equals(computed)
+    (kept,) = (tmp_path / "cache").rglob("*.json")
+    assert "exchange_calendars-" in str(kept)  # a new library version computes them again
+    if damage == "cut short":
+        kept.write_text(kept.read_text()[:40])
+    elif damage == "another file's":
+        other = calendars._cache_path("XNYS", pd.Timestamp("2024-02-01"), last)
+        calendars._write_sessions(other, computed.iloc[:3])
+        kept.write_bytes(other.read_bytes())
+    elif damage == "unwritable":  # a cache folder that cannot be made (root writes anywhere)
+        (tmp_path / "not a folder").write_text("")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not a folder"))
+    computing = Counter[str]()
+    original = calendars._computed_sessions
+
+    def counted(*args: object) -> pd.DataFrame:
+        computing["calls"] += 1
+        return original(*args)
+
+    monkeypatch.setattr(calendars, "_computed_sessions", counted)
+    again = calendars._sessions("XNYS", first, last)
+    pd.testing.assert_frame_equal(again, computed, check_freq=False)
+    assert computing["calls"] == (damage != "none")
+    # No temporary file left behind, whatever happened.
+    other = {"XNYS_20240201_20240131.json"} if damage == "another file's" else set()
+    assert {p.name for p in kept.parent.iterdir()} == {kept.name, *other}
+    if damage in ("cut short", "another file's"):  # written again, whole
+        pd.testing.assert_frame_equal(calendars._read_sessions(kept), computed, check_freq=False)
 
 
 # --------------------------------------------------------------------------- vendor cross-check
