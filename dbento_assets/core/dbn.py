@@ -147,7 +147,7 @@ def verified_chunks(
     chunk_bytes = (chunk_records or CHUNK_RECORDS) * _RECORD_SIZE
     pieces: list[bytes] = []
     held = 0
-    for data in _body(payload, digest):
+    for data in _body(payload, digest, chunk_bytes):
         pieces.append(data)
         held += len(data)
         if held < chunk_bytes:
@@ -177,11 +177,12 @@ def _checked(data: bytes | memoryview, rtype: int, payload: DbnPayload, schema: 
     return records
 
 
-def _body(payload: DbnPayload, digest: Digest | None = None) -> Iterator[bytes]:
-    """The decompressed bytes after the metadata header, checked to be there whole."""
+def _body(payload: DbnPayload, digest: Digest | None, ahead: int) -> Iterator[bytes]:
+    """The decompressed bytes after the metadata header, checked to be there whole (see
+    :func:`_decompressed` for ``ahead``)."""
     header = b""
     meta_left: int | None = None
-    for data in _decompressed(payload, digest):
+    for data in _decompressed(payload, digest, ahead):
         if meta_left is None:
             header += data
             if len(header) < 8:
@@ -200,7 +201,10 @@ def _body(payload: DbnPayload, digest: Digest | None = None) -> Iterator[bytes]:
         raise TruncatedDbn(f"{_describe(payload)} ends inside the DBN metadata header")
 
 
-def _decompressed(payload: DbnPayload, digest: Digest | None = None) -> Iterator[bytes]:
+def _decompressed(payload: DbnPayload, digest: Digest | None, ahead: int) -> Iterator[bytes]:
+    """The payload's bytes, decompressed when zstd: ``ahead`` bytes at a time decompressed
+    in a worker thread while the caller uses the ones before (its chunk size: the worker
+    then keeps the caller busy, and no more than two chunks are alive at once)."""
     with (
         io.BytesIO(payload)
         if isinstance(payload, bytes | bytearray | memoryview)
@@ -216,15 +220,15 @@ def _decompressed(payload: DbnPayload, digest: Digest | None = None) -> Iterator
             return
         # zstd releases the GIL: a worker thread decompresses the next few MiB while the
         # caller decodes the ones before (about a third off decoding a month).
-        for pieces in _one_ahead(_zstd_pieces(handle, payload, digest)):
+        for pieces in _one_ahead(_zstd_pieces(handle, payload, digest, ahead)):
             yield from pieces
 
 
 def _zstd_pieces(
-    handle: BinaryIO, payload: DbnPayload, digest: Digest | None
+    handle: BinaryIO, payload: DbnPayload, digest: Digest | None, ahead: int
 ) -> Iterator[list[bytes]]:
     """The decompressed bytes of a zstd stream (one frame or several), in groups of about
-    :data:`_PLAIN_READ` bytes; raises :class:`TruncatedDbn` after the last group when the
+    ``ahead`` bytes; raises :class:`TruncatedDbn` after the last group when the
     stream ends inside a frame."""
     decoder = zstandard.ZstdDecompressor().decompressobj()
     open_frame = False
@@ -250,7 +254,7 @@ def _zstd_pieces(
                 open_frame = False
             else:
                 raw = b""
-        if held >= _PLAIN_READ:
+        if held >= ahead:
             yield group
             group, held = [], 0
     if group:
