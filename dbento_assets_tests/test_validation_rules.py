@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 from collections import Counter
 from collections.abc import Callable
 from functools import cache
@@ -700,25 +701,39 @@ def test_calendar_names_follow_the_venue() -> None:
         check_calendar(raw_es(), MARCH, "NOPE")
 
 
-@pytest.mark.parametrize("damage", ["none", "cut short", "another file's", "unwritable"])
+@pytest.mark.parametrize(
+    "damage", ["none", "cut short", "another file's", "edited", "unwritable", "no home"]
+)
 def test_a_calendars_sessions_are_kept_once_computed_and_a_bad_copy_is_computed_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     first, last = pd.Timestamp("2024-01-01"), pd.Timestamp("2024-01-31")
     computed = calendars._computed_sessions("XNYS", first, last)
-    assert calendars._sessions("XNYS", first, last).equals(computed)
+    assert calendars._cached_sessions("XNYS", first, last).equals(computed)
     (kept,) = (tmp_path / "cache").rglob("*.json")
     assert "exchange_calendars-" in str(kept)  # a new library version computes them again
     if damage == "cut short":
         kept.write_text(kept.read_text()[:40])
     elif damage == "another file's":
         other = calendars._cache_path("XNYS", pd.Timestamp("2024-02-01"), last)
+        assert other is not None
         calendars._write_sessions(other, computed.iloc[:3])
         kept.write_bytes(other.read_bytes())
+    elif damage == "edited":  # whole and well formed, but not what was computed
+        stored = json.loads(kept.read_text())
+        stored.update({k: stored[k][:3] for k in ("sessions", "open_ns", "close_ns")})
+        kept.write_text(json.dumps(stored))
     elif damage == "unwritable":  # a cache folder that cannot be made (root writes anywhere)
         (tmp_path / "not a folder").write_text("")
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not a folder"))
+    elif damage == "no home":
+
+        def homeless(*args: object, **kwargs: object) -> str:
+            raise RuntimeError("could not determine the home directory")
+
+        monkeypatch.setattr(calendars.platformdirs, "user_cache_dir", homeless)
+    files_before = sorted(tmp_path.rglob("*"))
     computing = Counter[str]()
     original = calendars._computed_sessions
 
@@ -727,14 +742,29 @@ def test_a_calendars_sessions_are_kept_once_computed_and_a_bad_copy_is_computed_
         return original(*args)
 
     monkeypatch.setattr(calendars, "_computed_sessions", counted)
-    again = calendars._sessions("XNYS", first, last)
+    again = calendars._cached_sessions("XNYS", first, last)
     pd.testing.assert_frame_equal(again, computed, check_freq=False)
     assert computing["calls"] == (damage != "none")
-    # No temporary file left behind, whatever happened.
-    other = {"XNYS_20240201_20240131.json"} if damage == "another file's" else set()
-    assert {p.name for p in kept.parent.iterdir()} == {kept.name, *other}
-    if damage in ("cut short", "another file's"):  # written again, whole
+    if damage in ("none", "unwritable", "no home"):  # nothing written, nothing left behind
+        assert sorted(tmp_path.rglob("*")) == files_before
+    else:  # written again, whole, with no temporary file left beside it
         pd.testing.assert_frame_equal(calendars._read_sessions(kept), computed, check_freq=False)
+        assert sorted(tmp_path.rglob("*")) == files_before
+
+
+def test_the_completeness_gate_computes_its_sessions_instead_of_reading_the_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Days without a session excuse missing data: a cached file must never decide them.
+    computed = calendars.days_without_session("CMES", Month(2024, 2))
+
+    def wrong(*args: object) -> pd.DataFrame:
+        raise AssertionError("the gate read the cache")
+
+    monkeypatch.setattr(calendars, "_read_sessions", wrong)
+    monkeypatch.setattr(calendars, "_cached_sessions", wrong)
+    assert calendars.days_without_session("CMES", Month(2024, 2)) == computed
+    assert len(computed) == 4  # February 2024's Saturdays
 
 
 # --------------------------------------------------------------------------- vendor cross-check

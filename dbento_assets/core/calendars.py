@@ -9,6 +9,7 @@ month nothing can trade.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -61,38 +62,51 @@ def _month_sessions(calendar: str, year: int, month_number: int) -> pd.DataFrame
     month = Month(year, month_number)
     first = month.start.tz_localize(None)
     last = month.end.tz_localize(None) - pd.Timedelta(days=1)
-    schedule = _sessions(calendar, first, last)
+    schedule = _cached_sessions(calendar, first, last)
     return schedule.set_axis(schedule.index.strftime("%Y-%m-%d"), axis=0)
 
 
-def _sessions(calendar: str, first: pd.Timestamp, last: pd.Timestamp) -> pd.DataFrame:
-    """The sessions labelled ``first`` to ``last`` (naive dates), with UTC open and close.
+def _cached_sessions(calendar: str, first: pd.Timestamp, last: pd.Timestamp) -> pd.DataFrame:
+    """:func:`_computed_sessions`, kept in the user's cache folder once computed.
 
-    Kept in the user's cache folder once computed: loading a calendar takes 0.07 s (CME) to
-    0.3 s (NYSE) in every new process, and each partition's run is one; the file is a few
-    hundred bytes, keyed by the library's version, and any unreadable one is computed again.
+    Loading a calendar takes 0.07 s (CME) to 0.3 s (NYSE) in every new process, and each
+    partition's run is one. A file is a few hundred bytes, keyed by the library's version and
+    carrying its own digest; one that is unreadable, edited or another's is computed again.
+    Only the calendar warning reads it: the completeness gate computes its sessions.
     """
     path = _cache_path(calendar, first, last)
-    cached = _read_sessions(path)
+    cached = None if path is None else _read_sessions(path)
     if cached is not None:
         return cached
     schedule = _computed_sessions(calendar, first, last)
-    _write_sessions(path, schedule)
+    if path is not None:
+        _write_sessions(path, schedule)
     return schedule
 
 
-def _cache_path(calendar: str, first: pd.Timestamp, last: pd.Timestamp) -> Path:
-    folder = Path(platformdirs.user_cache_dir("dbento_assets")) / "calendars"
-    name = f"{calendar}_{first:%Y%m%d}_{last:%Y%m%d}.json"
-    return folder / f"exchange_calendars-{version('exchange_calendars')}" / name
+_CACHE_FORMAT = 1  # raised when what is stored changes
+
+
+def _cache_path(calendar: str, first: pd.Timestamp, last: pd.Timestamp) -> Path | None:
+    """Where these sessions are kept (None: no cache folder, e.g. no home directory)."""
+    try:
+        folder = Path(platformdirs.user_cache_dir("dbento_assets")).expanduser().absolute()
+    except (RuntimeError, OSError, KeyError):
+        return None
+    kept = f"v{_CACHE_FORMAT}-exchange_calendars-{version('exchange_calendars')}"
+    return folder / "calendars" / kept / f"{calendar}_{first:%Y%m%d}_{last:%Y%m%d}.json"
+
+
+def _digest(name: str, labels: list[str], opens: list[int], closes: list[int]) -> str:
+    return hashlib.sha256(json.dumps([name, labels, opens, closes]).encode()).hexdigest()
 
 
 def _read_sessions(path: Path) -> pd.DataFrame | None:
     try:
         stored = json.loads(path.read_text())
         labels, opens, closes = (stored[k] for k in ("sessions", "open_ns", "close_ns"))
-        if stored["name"] != path.name or not len(labels) == len(opens) == len(closes):
-            return None  # another file under this name
+        if stored["sha256"] != _digest(path.name, labels, opens, closes):
+            return None  # edited, or another file under this name
         return pd.DataFrame(
             {"open": pd.to_datetime(opens, utc=True), "close": pd.to_datetime(closes, utc=True)},
             index=pd.DatetimeIndex(labels, dtype="datetime64[ns]"),
@@ -102,11 +116,14 @@ def _read_sessions(path: Path) -> pd.DataFrame | None:
 
 
 def _write_sessions(path: Path, schedule: pd.DataFrame) -> None:
+    labels = schedule.index.strftime("%Y-%m-%d").tolist()
+    opens = schedule["open"].array.as_unit("ns").asi8.tolist()
+    closes = schedule["close"].array.as_unit("ns").asi8.tolist()
     stored = {
-        "name": path.name,
-        "sessions": schedule.index.strftime("%Y-%m-%d").tolist(),
-        "open_ns": schedule["open"].array.as_unit("ns").asi8.tolist(),
-        "close_ns": schedule["close"].array.as_unit("ns").asi8.tolist(),
+        "sessions": labels,
+        "open_ns": opens,
+        "close_ns": closes,
+        "sha256": _digest(path.name, labels, opens, closes),
     }
     temporary = None
     try:
@@ -122,6 +139,7 @@ def _write_sessions(path: Path, schedule: pd.DataFrame) -> None:
 
 
 def _computed_sessions(calendar: str, first: pd.Timestamp, last: pd.Timestamp) -> pd.DataFrame:
+    """The sessions labelled ``first`` to ``last`` (naive dates), with UTC open and close."""
     try:
         with warnings.catch_warnings():
             # exchange_calendars reads Series.values, which pandas 3.1 flags as deprecated.
@@ -142,7 +160,8 @@ def days_without_session(calendar: str, month: Month) -> list[tuple[int, int]]:
     nothing can trade; extended hours around a regular session are on touched days.
     """
     week = pd.Timedelta(days=7)  # sessions of the neighbouring months can reach into this one
-    schedule = _sessions(
+    # Computed, never read from the cache: these days excuse missing data in a month.
+    schedule = _computed_sessions(
         calendar, month.start.tz_localize(None) - week, month.end.tz_localize(None) + week
     )
     day = 86_400 * 1_000_000_000
