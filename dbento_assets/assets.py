@@ -726,7 +726,7 @@ def _refuse_unfit_raw(
 def build_assets(catalog: Catalog, *, vendor: bool = True) -> list[AssetsDefinition]:
     """All assets of a catalog: ``raw_1s_bars``, then one ``bars_<tf>`` per timeframe
     (``bars_1min`` with the vendor cross-check when ``vendor``, see
-    :func:`~dbento_assets.checks.vendor_declared`)."""
+    :meth:`~dbento_assets.resources.DatabentoResource.declares_vendor_check`)."""
     partitions = build_partitions(catalog)
     return [
         build_raw_asset(catalog, partitions),

@@ -8,11 +8,10 @@ month nothing can trade.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from importlib.metadata import version
 from pathlib import Path
@@ -22,6 +21,7 @@ import exchange_calendars as xcals
 import numpy as np
 import pandas as pd
 import platformdirs
+from upath import UPath
 
 from dbento_assets.core.bars import TS_DTYPE, in_order
 from dbento_assets.core.catalog import Instrument, no_calendar_reason
@@ -37,6 +37,7 @@ from dbento_assets.core.rules import (
     rule,
     ts_column,
 )
+from dbento_assets.core.storage import write_atomic
 
 
 def calendar_skipped(instrument: Instrument, month: Month) -> RuleResult:
@@ -125,17 +126,9 @@ def _write_sessions(path: Path, schedule: pd.DataFrame) -> None:
         "close_ns": closes,
         "sha256": _digest(path.name, labels, opens, closes),
     }
-    temporary = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Written whole under a name of its own, then renamed: a reader never sees part of it.
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as handle:
-            temporary = Path(handle.name)
-            json.dump(stored, handle)
-        os.replace(temporary, path)
-    except OSError:  # a cache only: a read-only or full home folder costs time, not correctness
-        if temporary is not None:
-            temporary.unlink(missing_ok=True)
+    # A cache only: a read-only or full home folder costs time, not correctness.
+    with contextlib.suppress(OSError):
+        write_atomic(UPath(path), lambda f: f.write(json.dumps(stored).encode()))
 
 
 def _computed_sessions(calendar: str, first: pd.Timestamp, last: pd.Timestamp) -> pd.DataFrame:

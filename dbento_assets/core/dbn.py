@@ -204,7 +204,7 @@ def _body(payload: DbnPayload, digest: Digest | None, ahead: int) -> Iterator[by
 def _decompressed(payload: DbnPayload, digest: Digest | None, ahead: int) -> Iterator[bytes]:
     """The payload's bytes, decompressed when zstd: ``ahead`` bytes at a time decompressed
     in a worker thread while the caller uses the ones before (its chunk size: the worker
-    then keeps the caller busy, and no more than two chunks are alive at once)."""
+    then keeps the caller busy, and memory stays a few chunks)."""
     with (
         io.BytesIO(payload)
         if isinstance(payload, bytes | bytearray | memoryview)
