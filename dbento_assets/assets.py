@@ -96,6 +96,7 @@ from dbento_assets.io_managers import (
 )
 from dbento_assets.names import RAW_ASSET, RAW_KEY, bars_asset_name
 from dbento_assets.partitions import Partition, build_partitions
+from dbento_assets.pool import machine_slot
 from dbento_assets.resources import DatabentoResource, refuse_changed_settings
 
 FORCE_TAG = "dbento/force"
@@ -165,20 +166,7 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
     # Databento's 1-minute bars are bought only for a cross-check that will compare them.
     compared = any(tf.seconds == 60 for tf in catalog.timeframes)
 
-    @asset(
-        name=RAW_ASSET,
-        partitions_def=partitions,
-        group_name=RAW_GROUP,
-        pool=DOWNLOAD_POOL,
-        kinds={"databento", "pandas"},
-        check_specs=check_specs(RAW_KEY, partitions),
-        description=(
-            "Databento ohlcv-1s bars of one symbol for one UTC month, each stamped at its "
-            "open; a second without a trade has no bar. Decoded from DBN, validated before "
-            "it is saved."
-        ),
-    )
-    def raw_1s_bars(
+    def build_month(
         context: AssetExecutionContext, config: RawBarsConfig, databento: DatabentoResource
     ) -> Iterator[Output | AssetCheckResult]:
         partition = Partition.from_key(context.partition_key)
@@ -304,6 +292,26 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
             },
         )
         yield from selected_results(context, RAW_KEY, results, SAVED)
+
+    @asset(
+        name=RAW_ASSET,
+        partitions_def=partitions,
+        group_name=RAW_GROUP,
+        pool=DOWNLOAD_POOL,
+        kinds={"databento", "pandas"},
+        check_specs=check_specs(RAW_KEY, partitions),
+        description=(
+            "Databento ohlcv-1s bars of one symbol for one UTC month, each stamped at its "
+            "open; a second without a trade has no bar. Decoded from DBN, validated before "
+            "it is saved."
+        ),
+    )
+    def raw_1s_bars(
+        context: AssetExecutionContext, config: RawBarsConfig, databento: DatabentoResource
+    ) -> Iterator[Output | AssetCheckResult]:
+        # Dagster's own claim of the pool's slot can let two steps through at once.
+        with machine_slot(context.instance, DOWNLOAD_POOL, context.log.info):
+            yield from build_month(context, config, databento)
 
     return raw_1s_bars
 

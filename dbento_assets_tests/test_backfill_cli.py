@@ -63,6 +63,7 @@ from dbento_assets.definitions import build_definitions
 from dbento_assets.io_managers import BarFileIOManager
 from dbento_assets.names import RAW_ASSET
 from dbento_assets.partitions import Partition, partition_key
+from dbento_assets.pool import slot_lock
 from dbento_assets.range_job import JOB_NAME
 from dbento_assets.resources import DatabentoResource
 from dbento_assets.status import render as status_table
@@ -275,6 +276,34 @@ def test_build_processes_keep_to_the_download_pools_limit(gateway, tmp_path):
     with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
         pids = process_ids(instance, all_runs(instance))
     assert len(set.union(*pids.values())) == 2  # built by two processes all the same
+
+
+def test_a_step_dagster_lets_through_with_the_pools_slot_taken_waits_for_it(gateway, tmp_path):
+    # Dagster's claim of a slot on SQLite is a read, then a write: two processes claiming at
+    # the same moment can both take the last one. The step also needs the slot's lock file
+    # on this machine; held here, as by such a twin, the build's download waits for it.
+    env = gateway_env(tmp_path, pool_limit=1)
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        _settle_download_pool(instance)
+        twin = slot_lock(instance, DOWNLOAD_POOL, 0)
+        twin.acquire()
+        try:
+            process = build_command(["--symbol", "ES", "--start", "2024-01"], tmp_path, env)
+            deadline = time.monotonic() + 120
+            while not any(
+                "waiting for a slot of the databento pool" in (r.user_message or "")
+                for run in all_runs(instance)
+                for r in instance.all_logs(run.run_id)
+            ):
+                assert process.poll() is None and time.monotonic() < deadline, finished(process)
+                time.sleep(0.2)
+            time.sleep(2.0)  # time enough to start a download, were it not held
+            assert gateway.calls(GET_RANGE) == [] and process.poll() is None
+        finally:
+            twin.release()
+    code, lines, err = finished(process)
+    assert code == 0, "\n".join(lines) + err
+    assert bought(gateway) == Counter([ES_JAN])
 
 
 def test_the_download_pool_gets_its_slots_before_build_processes_claim_them(tmp_path):
