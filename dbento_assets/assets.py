@@ -48,6 +48,7 @@ from dbento_assets.core.bars import bars_before
 from dbento_assets.core.catalog import Catalog, Instrument
 from dbento_assets.core.coverage import (
     IncompleteMonth,
+    VendorMonth,
     Window,
     intersect_windows,
     require_whole_month,
@@ -529,13 +530,24 @@ def build_bars_assets(
                 and AssetCheckKey(key, RULE_VENDOR) in context.selected_asset_check_keys
             ):
                 failure = _vendor_failure_in_run(context, store, partition)
-                vendor, requested = (
-                    (failure, True)
+                vendor, requested, paid = (
+                    (failure, True, 0.0)
                     if failure
                     else context.resources.databento.vendor_month(
                         instrument, month, context.log.info
                     )
                 )
+                if paid:  # bought here, not with the month (a build of the bars alone)
+                    refused = "" if isinstance(vendor, VendorMonth) else ", and refused"
+                    context.log_event(
+                        AssetObservation(
+                            asset_key=key,
+                            partition=partition.key,
+                            description="Databento's 1-minute bars bought for the vendor "
+                            f"cross-check{refused}",
+                            metadata={VENDOR_COST_KEY: paid},
+                        )
+                    )
                 compared = vendor_result(
                     bars,
                     vendor,
@@ -831,10 +843,12 @@ def _prefetch_vendor_1m(
             "to use the cross-check"
         )
         return {}
+    before = source.paid_usd
     found = source.vendor_bars(request, log)
     if isinstance(found, str):
         log(f"Databento's 1-minute bars (for the vendor cross-check) were not downloaded: {found}")
-        return {VENDOR_ERROR_KEY: found}
+        paid = source.paid_usd - before  # a download that arrived and was refused
+        return {VENDOR_ERROR_KEY: found, **({VENDOR_COST_KEY: paid} if paid else {})}
     return {
         f"vendor_1m_{key}": found.metadata[key]
         for key in ("dbn_cache", DBN_FILE_KEY, "cost_usd", "record_count")

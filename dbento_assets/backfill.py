@@ -948,8 +948,9 @@ def _written(events: Sequence[DagsterEvent]) -> tuple[int, int, float]:
                 cost += float(metadata.get(VENDOR_COST_KEY) or 0.0)
         elif event.event_type == DagsterEventType.ASSET_OBSERVATION:
             observation = event.asset_observation_data.asset_observation
-            paid = observation.metadata.get(REFUSED_COST_KEY)
-            cost += float(getattr(paid, "value", paid) or 0.0)
+            for key in (REFUSED_COST_KEY, VENDOR_COST_KEY):  # refused; 1m bought by the bars
+                paid = observation.metadata.get(key)
+                cost += float(getattr(paid, "value", paid) or 0.0)
     return rows, files, cost
 
 

@@ -178,14 +178,16 @@ class DatabentoResource(ConfigurableResource):
 
     def vendor_month(
         self, instrument: Instrument, month: Month, log: Logger
-    ) -> tuple[VendorMonth | str, bool]:
+    ) -> tuple[VendorMonth | str, bool, float]:
         """Databento's own 1m bars of a partition from the source in force (or the reason there
-        are none to compare), and whether the user asked for the comparison."""
+        are none to compare), whether the user asked for the comparison, and what buying them
+        now cost (a download refused included; 0 when they were bought before)."""
         try:
             source = self.month_source()
         except SourceError as exc:
-            return f"no source to read Databento's 1-minute bars from ({exc})", False
-        return source.vendor_bars(FetchRequest(instrument, month), log), source.vendor_requested
+            return f"no source to read Databento's 1-minute bars from ({exc})", False, 0.0
+        found = source.vendor_bars(FetchRequest(instrument, month), log)
+        return found, source.vendor_requested, source.paid_usd
 
     def api_source(self, catalog_file: Path | str | None = None) -> DatabentoSource:
         """The Databento API source whatever ``source`` says (used by the cost estimate)."""

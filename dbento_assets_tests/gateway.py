@@ -139,6 +139,7 @@ class FakeGateway:
     max_in_flight: dict[str, int] = field(default_factory=dict)
     _gates: dict[str, threading.Barrier] = field(default_factory=dict)
     _vendor_corruption: int | None = None
+    _vendor_inverted: bool = False
 
     # ------------------------------------------------------------------ test controls
 
@@ -198,11 +199,13 @@ class FakeGateway:
         if gate is not None:
             gate.abort()
 
-    def corrupt_vendor_bar(self, index: int | None = 0) -> None:
-        """Serve the ``index``-th ohlcv-1m bar of every answer with one lot more volume (None:
-        serve them right again)."""
+    def corrupt_vendor_bar(self, index: int | None = 0, *, inverted: bool = False) -> None:
+        """Serve the ``index``-th ohlcv-1m bar of every answer with one lot more volume, or
+        ``inverted``: its high below its low, which no bar can be (None: serve them right
+        again)."""
         with self._lock:
             self._vendor_corruption = index
+            self._vendor_inverted = inverted
             for query in [q for q in self._bodies if q.schema == "ohlcv-1m"]:
                 del self._bodies[query]
 
@@ -231,7 +234,11 @@ class FakeGateway:
             records = minute_records(records)
             index = self._vendor_corruption
             if index is not None and len(records):
-                records["volume"][min(index, len(records) - 1)] += 1
+                at = min(index, len(records) - 1)
+                if self._vendor_inverted:
+                    records["high"][at] = records["low"][at] - 1
+                else:
+                    records["volume"][at] += 1
         body = _encode(records, query, mappings)
         with self._lock:
             self._bodies[query] = (records, mappings, body)

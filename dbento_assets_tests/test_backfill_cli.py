@@ -695,29 +695,56 @@ def test_force_vendor_1m_buys_only_the_1_minute_bars_again(gateway, tmp_path):
         assert raw.metadata["forced"] is False and raw.metadata["vendor_1m_forced"] is True
 
 
+def charged(gateway: FakeGateway, month: Month, schema: str) -> float:
+    """What the gateway charges for ES's ``schema`` in ``month`` (the data it serves now)."""
+    es = load_catalog().instrument("ES")
+    query = Query(
+        es.dataset, (es.request_symbol,), schema, es.stype_in, month.start_ns, month.end_ns
+    )
+    return len(gateway.answer(query)[0]) * RECORD_BYTES / 2**30 * gateway.price_per_gb
+
+
 def test_the_summary_counts_every_dollar_paid(gateway, tmp_path):
     # The 1-minute bars of the cross-check, and a download paid for and then refused by its
     # checks, are money spent too: the summary's cost is what the gateway charged.
     defs = build_definitions(databento=gateway_resource(gateway, tmp_path, vendor_check=True))
-    es = load_catalog().instrument("ES")
-
-    def charged(month: Month, schema: str) -> float:
-        query = Query(
-            es.dataset, (es.request_symbol,), schema, es.stype_in, month.start_ns, month.end_ns
-        )
-        return len(gateway.answer(query)[0]) * RECORD_BYTES / 2**30 * gateway.price_per_gb
-
     with instance_for_test() as instance:
         out = io.StringIO()
         assert run(["--partition", ES_JAN], out, defs=defs, instance=instance) == 0
-        paid = charged(JAN, "ohlcv-1s") + charged(JAN, "ohlcv-1m")
+        paid = charged(gateway, JAN, "ohlcv-1s") + charged(gateway, JAN, "ohlcv-1m")
         assert f"Databento cost ${paid:,.4f}." in out.getvalue(), out.getvalue()
 
         serve_bad_data(gateway)  # February's 1-second bars fail their checks
         out = io.StringIO()
         assert run(["--partition", ES_FEB], out, defs=defs, instance=instance) == 1
         assert gateway.schemas(GET_RANGE)[-1] == "ohlcv-1s"  # bought, then refused
-        assert f"Databento cost ${charged(FEB, 'ohlcv-1s'):,.4f}." in out.getvalue()
+        assert f"Databento cost ${charged(gateway, FEB, 'ohlcv-1s'):,.4f}." in out.getvalue()
+
+
+def test_the_summary_counts_1_minute_bars_refused_or_bought_without_their_month(gateway, tmp_path):
+    # Databento's 1-minute bars refused by their checks once they arrived, and those a build
+    # of the bars alone buys (the month was bought before the cross-check was on), are paid
+    # for too.
+    on = build_definitions(databento=gateway_resource(gateway, tmp_path, vendor_check=True))
+    off = build_definitions(databento=gateway_resource(gateway, tmp_path))
+    gateway.corrupt_vendor_bar(inverted=True)
+    with instance_for_test() as instance:
+        out = io.StringIO()
+        assert run(["--partition", ES_JAN], out, defs=on, instance=instance) == 0
+        assert gateway.schemas(GET_RANGE) == ["ohlcv-1s", "ohlcv-1m"]
+        runs = [r.run_id for r in all_runs(instance)]
+        (raw,) = [m for m in materializations(instance, runs) if m.asset == RAW_ASSET]
+        assert "fail the rule" in raw.metadata["vendor_1m_error"]  # arrived, and refused
+        paid = charged(gateway, JAN, "ohlcv-1s") + charged(gateway, JAN, "ohlcv-1m")
+        assert f"Databento cost ${paid:,.4f}." in out.getvalue(), out.getvalue()
+
+        gateway.corrupt_vendor_bar(None)
+        argv = ["--partition", ES_FEB, "--select"]
+        assert run([*argv, RAW_ASSET], io.StringIO(), defs=off, instance=instance) == 0
+        out = io.StringIO()
+        assert run([*argv, "bars_1min"], out, defs=on, instance=instance) == 0, out.getvalue()
+        assert gateway.schemas(GET_RANGE)[-2:] == ["ohlcv-1s", "ohlcv-1m"]
+        assert f"Databento cost ${charged(gateway, FEB, 'ohlcv-1m'):,.4f}." in out.getvalue()
 
 
 def test_a_build_that_writes_nothing_leaves_the_data_folder_free(gateway, gateway_defs, tmp_path):

@@ -976,12 +976,12 @@ def test_the_api_source_is_asked_for_1m_bars_only_when_the_user_turns_it_on(
         lambda self, c=None: Api("db-test", tmp_path, vendor_check=self.vendor_check),
     )
     resource = DatabentoResource(source="databento", api_key="db-test")
-    off, requested = resource.vendor_month(qqq, QQQ_MONTH, lambda _m: None)
+    off, requested, _ = resource.vendor_month(qqq, QQQ_MONTH, lambda _m: None)
     assert isinstance(off, str) and "DBENTO_VENDOR_CHECK=true" in off and asked == []
     assert not requested
 
     resource = DatabentoResource(source="databento", api_key="db-test", vendor_check=True)
-    found, requested = resource.vendor_month(qqq, QQQ_MONTH, lambda _m: None)
+    found, requested, _ = resource.vendor_month(qqq, QQQ_MONTH, lambda _m: None)
     assert requested
     assert asked == [FetchRequest(qqq, QQQ_MONTH)]
     assert isinstance(found, VendorMonth) and len(found.bars) == 4

@@ -228,6 +228,7 @@ class DatabentoSource:
         self.retry = retry or RetryPolicy()
         self.catalog_file = catalog_file
         self.vendor_requested = vendor_check
+        self.paid_usd = 0.0  # see MonthSource.paid_usd
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._client: databento.Historical | None = None
@@ -672,7 +673,9 @@ class DatabentoSource:
             )
         except DownloadRefused as exc:  # a file that arrived, paid for, and was refused
             exc.paid_usd = cost
+            self.paid_usd += cost
             raise
+        self.paid_usd += cost
         metadata: dict[str, Any] = {
             "source": self.name,
             "dbn_cache": "forced" if request.force else "miss",

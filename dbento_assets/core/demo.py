@@ -255,6 +255,7 @@ class DemoSource:
 
     name = "demo"
     vendor_requested = False
+    paid_usd = 0.0  # it buys nothing
 
     def cache_folder(self, symbol: str, month: Month) -> None:
         return None  # nothing is bought, so nothing is cached

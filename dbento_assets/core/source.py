@@ -113,6 +113,10 @@ class MonthSource(Protocol):
     # Whether the user asked for the vendor comparison: then comparing nothing is a warning.
     vendor_requested: bool
 
+    # What its downloads have cost so far: every file that arrived, refused ones included
+    # (0 for a source that buys nothing). A step tells what it paid from the difference.
+    paid_usd: float
+
     def fetch(self, request: FetchRequest, log: Logger) -> FetchedMonth: ...
 
     def cache_folder(self, symbol: str, month: Month) -> Path | None:
