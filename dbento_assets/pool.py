@@ -28,10 +28,10 @@ def pool_limit(instance: DagsterInstance, pool: str) -> int:
 
 
 def slot_lock(instance: DagsterInstance, pool: str, slot: int) -> FileLock:
-    """The lock file of the pool's ``slot``-th slot on this machine."""
-    folder = Path(instance.root_directory) / ".dbento-pools"
-    folder.mkdir(parents=True, exist_ok=True)
-    return FileLock(folder / f"{pool}-{slot}.lock", thread_local=False)
+    """The lock file of the pool's ``slot``-th slot on this machine (its folder is made when
+    it is first acquired)."""
+    path = Path(instance.root_directory) / ".dbento-pools" / f"{pool}-{slot}.lock"
+    return FileLock(path, thread_local=False)
 
 
 @contextmanager
@@ -46,15 +46,19 @@ def machine_slot(
             yield
             return
         for slot in range(limit):
-            lock = slot_lock(instance, pool, slot)
+            lock: FileLock | None = slot_lock(instance, pool, slot)
             try:
                 lock.acquire(timeout=0)
             except Timeout:
                 continue
+            except OSError as exc:  # a read-only DAGSTER_HOME (one mounted from a config map)
+                log(f"the {pool} pool's limit is left to Dagster alone: {exc}")
+                lock = None
             try:
                 yield
             finally:
-                lock.release()
+                if lock is not None:
+                    lock.release()
             return
         if not said:
             log(

@@ -21,6 +21,7 @@ import io
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,6 +32,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import filelock
 import pandas as pd
 import psutil
 import pytest
@@ -63,7 +65,7 @@ from dbento_assets.definitions import build_definitions
 from dbento_assets.io_managers import BarFileIOManager
 from dbento_assets.names import RAW_ASSET
 from dbento_assets.partitions import Partition, partition_key
-from dbento_assets.pool import slot_lock
+from dbento_assets.pool import machine_slot, slot_lock
 from dbento_assets.range_job import JOB_NAME
 from dbento_assets.resources import DatabentoResource
 from dbento_assets.status import render as status_table
@@ -304,6 +306,30 @@ def test_a_step_dagster_lets_through_with_the_pools_slot_taken_waits_for_it(gate
     code, lines, err = finished(process)
     assert code == 0, "\n".join(lines) + err
     assert bought(gateway) == Counter([ES_JAN])
+
+
+def test_the_pools_slots_on_this_machine_number_its_limit_or_are_left_to_dagster(tmp_path):
+    write_dagster_yaml(tmp_path / "home", DeploymentConfig(databento_pool_limit=2))
+    said: list[str] = []
+    with DagsterInstance.from_config(str(tmp_path / "home")) as instance:
+        _settle_download_pool(instance)
+        with (
+            machine_slot(instance, DOWNLOAD_POOL, said.append),
+            machine_slot(instance, DOWNLOAD_POOL, said.append),
+        ):
+            for i in (0, 1):  # both slots held, so a third step would wait
+                with pytest.raises(filelock.Timeout):
+                    slot_lock(instance, DOWNLOAD_POOL, i).acquire(timeout=0)
+            assert (
+                said == []
+                and not (tmp_path / "home" / ".dbento-pools" / "databento-2.lock").exists()
+            )
+        # A DAGSTER_HOME that cannot take the lock files (read-only, or as here, a file in
+        # the way) leaves the limit to Dagster instead of failing the download.
+        shutil.rmtree(tmp_path / "home" / ".dbento-pools")
+        (tmp_path / "home" / ".dbento-pools").write_text("not a folder")
+        with machine_slot(instance, DOWNLOAD_POOL, said.append):
+            assert said and "left to Dagster alone" in said[0]
 
 
 def test_the_download_pool_gets_its_slots_before_build_processes_claim_them(tmp_path):
