@@ -213,6 +213,10 @@ class Router:
     def __init__(self, plan: dict[str, CorruptingSource], fallback: MonthSource) -> None:
         self.plan, self.fallback = plan, fallback
 
+    @property
+    def paid_usd(self) -> float:
+        return self.fallback.paid_usd
+
     def fetch(self, request: FetchRequest, log: Logger) -> FetchedMonth:
         key = f"{request.month.key}|{request.instrument.symbol}"
         return self.plan.get(key, self.fallback).fetch(request, log)
