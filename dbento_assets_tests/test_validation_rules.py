@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dbento_assets.core import calendars, comparison
+from dbento_assets.core import calendars, comparison, rolls, run_rules
 from dbento_assets.core.aggregate import aggregate_bars
 from dbento_assets.core.bars import make_bars, sort_bars
 from dbento_assets.core.calendars import check_calendar
@@ -155,6 +155,25 @@ def test_valid_aggregates_pass_every_rule() -> None:
             results = run_aggregated_rules(aggregate_bars(frame, tf), frame, month, tf)
             assert [r.rule for r in results] == list(AGGREGATED_RULES)
             assert failing(results) == set(), (label, [r.description for r in results])
+
+
+def test_reconciliation_and_the_roll_check_share_one_computation_of_the_bin_pairs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each takes the (bin, contract) pairs of the bars it comes from; on a month of raw bars
+    # that is the costliest part of the roll check, so it is computed once for both. An
+    # unusable frame still fails the rules (not the call).
+    calls: list[int] = []
+    real = rolls.bins_in_raw
+    for module in (rolls, comparison, run_rules):  # wherever it is called from
+        monkeypatch.setattr(module, "bins_in_raw", lambda *a: calls.append(1) or real(*a))
+    raw = raw_es()
+    results = by_rule(run_aggregated_rules(agg_es(raw), raw, MARCH, MINUTE))
+    assert failing(list(results.values())) == set() and len(calls) == 1
+    broken = raw.drop(columns=["instrument_id"])
+    results = by_rule(run_aggregated_rules(agg_es(raw), broken, MARCH, MINUTE))
+    for name in (RULE_RECONCILED, RULE_NO_ROLL_IN_BAR):
+        assert results[name].description.startswith("Not checked: column instrument_id")
 
 
 def test_rolls_report_the_roll_dates_of_the_month() -> None:

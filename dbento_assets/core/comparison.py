@@ -11,7 +11,7 @@ repeated bars.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -220,6 +220,7 @@ def check_reconciliation(
     raw: pd.DataFrame,
     timeframe: Timeframe,
     built_from: pd.DataFrame | None = None,
+    pairs: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> RuleResult:
     """Prove an aggregated frame from the raw 1s frame it was built from.
 
@@ -229,7 +230,8 @@ def check_reconciliation(
     raw's too, for a fraction of the rows). The volume per instrument_id and the number of
     non-empty (bin, instrument_id) pairs are computed directly from the same bars (raw, or
     ``built_from``), independently of both computations. ``violations`` counts the wrong
-    bars, or the wrong totals when only a total disagrees.
+    bars, or the wrong totals when only a total disagrees. ``pairs``: :func:`bins_in_raw` of
+    those bars at this timeframe, when the caller shares it with the roll check.
     """
     try:
         expected = expected_bars(raw if built_from is None else built_from, timeframe)
@@ -249,7 +251,7 @@ def check_reconciliation(
     # From the finer bars when given: proven equal to raw's (bars, count and totals), and a
     # fifteenth of its rows.
     base = raw if built_from is None else built_from
-    bins, _ = bins_in_raw(base, timeframe)
+    bins, _ = bins_in_raw(base, timeframe) if pairs is None else pairs()
     raw_totals = _volume_per_instrument(base)
     agg_totals = _volume_per_instrument(agg)
     ids = raw_totals.index.union(agg_totals.index)

@@ -7,6 +7,7 @@ its own contract only. Both results list the roll dates and events of the raw mo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -111,6 +112,7 @@ def check_rolls_aggregated(
     raw: pd.DataFrame,
     timeframe: Timeframe,
     built_from: pd.DataFrame | None = None,
+    pairs: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> RuleResult:
     """Each aggregated bar's interval holds raw bars of exactly one instrument_id: its own.
 
@@ -118,8 +120,10 @@ def check_rolls_aggregated(
     bar) or none of its own. ``extra`` carries the raw rolls as in :func:`check_rolls`.
     ``built_from``: finer bars already reconciled with ``raw``, whose (bin, instrument_id)
     pairs are raw's at their timeframe, so raw's at this one come from a fraction of the rows.
+    ``pairs``: :func:`bins_in_raw` of those bars, when the caller shares it with reconciliation.
     """
-    bins, ids = bins_in_raw(raw if built_from is None else built_from, timeframe)
+    base = raw if built_from is None else built_from
+    bins, ids = bins_in_raw(base, timeframe) if pairs is None else pairs()
     ts, iid = ts_column(agg), int_column(agg, "instrument_id")
     step = timeframe.nanos
     agg_bins = np.floor_divide(ts, step) * step

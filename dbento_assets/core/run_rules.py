@@ -8,6 +8,7 @@ file records once its blocking rules passed, so a later step need not run them a
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Literal
 
@@ -24,7 +25,7 @@ from dbento_assets.core.frame_rules import (
     check_time_order,
 )
 from dbento_assets.core.months import Month
-from dbento_assets.core.rolls import check_rolls, check_rolls_aggregated
+from dbento_assets.core.rolls import bins_in_raw, check_rolls, check_rolls_aggregated
 from dbento_assets.core.rules import (
     RAW_BLOCKING_RULES,
     RAW_RULES,
@@ -156,12 +157,16 @@ def run_aggregated_rules(
     reconciled with ``raw`` (see :func:`~.comparison.check_reconciliation`);
     ``negative_prices``: the instrument's (see :class:`~.catalog.Instrument`).
     """
+    # The (bin, contract) pairs of the bars it comes from, computed once for both rules (inside
+    # the first that asks, so an unusable frame fails that rule, not the call).
+    base = raw if built_from is None else built_from
+    pairs = functools.cache(functools.partial(bins_in_raw, base, timeframe))
     return [
         check_schema(agg, aggregated=True, negative_prices=negative_prices),
         check_time_order(agg),
         check_ohlc(agg),
         check_inside_month(agg, month),
         check_alignment(agg, timeframe),
-        check_reconciliation(agg, raw, timeframe, built_from),
-        check_rolls_aggregated(agg, raw, timeframe, built_from),
+        check_reconciliation(agg, raw, timeframe, built_from, pairs),
+        check_rolls_aggregated(agg, raw, timeframe, built_from, pairs),
     ]
