@@ -48,7 +48,6 @@ from dbento_assets.core.bars import bars_before
 from dbento_assets.core.catalog import Catalog, Instrument
 from dbento_assets.core.coverage import (
     IncompleteMonth,
-    VendorMonth,
     Window,
     intersect_windows,
     require_whole_month,
@@ -109,7 +108,8 @@ _YES = ("true", "1", "yes")  # how a yes/no run tag may say yes
 _NO = ("", "false", "0", "no")  # and no (or not set)
 VENDOR_ERROR_KEY = "vendor_1m_error"  # raw_1s_bars metadata: the 1m download failed
 VENDOR_COST_KEY = "vendor_1m_cost_usd"  # raw_1s_bars metadata: what the 1m download cost
-REFUSED_COST_KEY = "refused_download_cost_usd"  # an observation: a download paid and refused
+# An observation of a step that paid Databento: what it paid (downloads refused included).
+PAID_KEY = "databento_paid_usd"
 BACKFILL_TAG = "dagster/backfill"  # the id of the backfill a run belongs to (Dagster's tag)
 DOWNLOAD_POOL = "databento"
 RAW_GROUP = "raw"
@@ -219,59 +219,58 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
                 )
             return decoded, results, covered
 
+        paid_before = source.paid_usd
         try:
-            fetched, (decoded, results, covered) = fetch_accepted(
-                source, request, context.log.info, accept
-            )
-        except DownloadRefused as exc:
-            if exc.paid_usd:  # bought, then refused: still paid, and the build says so
-                context.log_event(
-                    AssetObservation(
-                        asset_key=RAW_KEY,
-                        partition=context.partition_key,
-                        description="Downloaded, paid for and refused (not stored)",
-                        metadata={REFUSED_COST_KEY: exc.paid_usd},
-                    )
+            try:
+                fetched, (decoded, results, covered) = fetch_accepted(
+                    source, request, context.log.info, accept
                 )
-            if exc.results is None:  # refused by the file check: no rule results to show
-                raise
-            yield from selected_results(context, RAW_KEY, exc.results, REFUSED)
-            failed = [r for r in exc.results if r.blocking]
-            # Beside the raw file, so the bars step refuses to build on it until raw is fixed.
-            store.write_note(
-                symbol,
-                month,
-                REFUSED_NOTE,
-                {
-                    "run_id": context.run.run_id,
-                    "refused_at": pd.Timestamp.now(tz="UTC").isoformat(),
-                    "checks": [{"name": r.rule, "description": r.description} for r in failed],
-                },
+            except DownloadRefused as exc:
+                if exc.results is None:  # refused by the file check: no rule results to show
+                    raise
+                yield from selected_results(context, RAW_KEY, exc.results, REFUSED)
+                failed = [r for r in exc.results if r.blocking]
+                # Beside the raw file, so the bars step refuses to build on it until raw is fixed.
+                store.write_note(
+                    symbol,
+                    month,
+                    REFUSED_NOTE,
+                    {
+                        "run_id": context.run.run_id,
+                        "refused_at": pd.Timestamp.now(tz="UTC").isoformat(),
+                        "checks": [{"name": r.rule, "description": r.description} for r in failed],
+                    },
+                )
+                raise refusal(str(exc), failed) from None
+            if whole and not fetched.complete:  # a source without a price: checked once read
+                raise Failure(
+                    description=f"{partition}: the source holds {month} only up to "
+                    f"{_through(fetched)}, and this run asks for the whole month (as the monthly "
+                    "schedule does), so nothing was written. Re-execute it once the source holds "
+                    "the whole month.",
+                    allow_retries=False,
+                )
+            bars = decoded.bars
+            rolls = sorted({int(i) for i in bars["instrument_id"].unique()}) if len(bars) else []
+            # A force of the 1-minute bars alone renews them whole, pieces bought while the month
+            # was open included; a force of the month keeps those and buys their new part.
+            vendor_request = replace(
+                request,
+                force=forced.vendor_1m,
+                renew_pieces=forced.vendor_1m and not forced.bars_1s,
             )
-            raise refusal(str(exc), failed) from None
-        if whole and not fetched.complete:  # a source without a price: checked once read
-            raise Failure(
-                description=f"{partition}: the source holds {month} only up to "
-                f"{_through(fetched)}, and this run asks for the whole month (as the monthly "
-                "schedule does), so nothing was written. Re-execute it once the source holds "
-                "the whole month.",
-                allow_retries=False,
-            )
-        bars = decoded.bars
-        rolls = sorted({int(i) for i in bars["instrument_id"].unique()}) if len(bars) else []
-        # A force of the 1-minute bars alone renews them whole, pieces bought while the month
-        # was open included; a force of the month keeps those and buys their new part.
-        vendor_request = replace(
-            request, force=forced.vendor_1m, renew_pieces=forced.vendor_1m and not forced.bars_1s
-        )
-        vendor = _prefetch_vendor_1m(source, vendor_request, context.log.info, compared)
-        if VENDOR_ERROR_KEY in vendor:
-            # For the bars step of this run, which then does not pay for a second round of
-            # retries (a later run's bars step tries again).
-            note = {"run_id": context.run.run_id, "error": vendor[VENDOR_ERROR_KEY]}
-            store.write_note(symbol, month, VENDOR_NOTE, note)
-        else:
-            store.clear_note(symbol, month, VENDOR_NOTE)
+            vendor = _prefetch_vendor_1m(source, vendor_request, context.log.info, compared)
+            if VENDOR_ERROR_KEY in vendor:
+                # For the bars step of this run, which then does not pay for a second round of
+                # retries (a later run's bars step tries again).
+                note = {"run_id": context.run.run_id, "error": vendor[VENDOR_ERROR_KEY]}
+                store.write_note(symbol, month, VENDOR_NOTE, note)
+            else:
+                store.clear_note(symbol, month, VENDOR_NOTE)
+        finally:
+            # Recorded before the file is written: money paid stays counted when the write
+            # fails (a full disk), the month is refused or the run is stopped.
+            record_paid(context, RAW_KEY, partition, source.paid_usd - paid_before)
         yield Output(
             bars,
             metadata={
@@ -537,17 +536,8 @@ def build_bars_assets(
                         instrument, month, context.log.info
                     )
                 )
-                if paid:  # bought here, not with the month (a build of the bars alone)
-                    refused = "" if isinstance(vendor, VendorMonth) else ", and refused"
-                    context.log_event(
-                        AssetObservation(
-                            asset_key=key,
-                            partition=partition.key,
-                            description="Databento's 1-minute bars bought for the vendor "
-                            f"cross-check{refused}",
-                            metadata={VENDOR_COST_KEY: paid},
-                        )
-                    )
+                # Bought here, not with the month (a build of the bars alone).
+                record_paid(context, key, partition, paid)
                 compared = vendor_result(
                     bars,
                     vendor,
@@ -822,6 +812,22 @@ def _plain(value: object) -> object:
     return str(value)
 
 
+def record_paid(
+    context: AssetExecutionContext, key: AssetKey, partition: Partition, paid: float
+) -> None:
+    """Record what a step paid Databento for a partition (nothing when it paid nothing): the
+    build's summary adds these up, so each dollar is counted once, where it was spent."""
+    if paid:
+        context.log_event(
+            AssetObservation(
+                asset_key=key,
+                partition=partition.key,
+                description=f"Paid Databento ${paid:,.4f} (downloads refused included)",
+                metadata={PAID_KEY: paid},
+            )
+        )
+
+
 def _prefetch_vendor_1m(
     source: MonthSource, request: FetchRequest, log: Logger, compared: bool
 ) -> dict[str, Any]:
@@ -843,12 +849,10 @@ def _prefetch_vendor_1m(
             "to use the cross-check"
         )
         return {}
-    before = source.paid_usd
     found = source.vendor_bars(request, log)
     if isinstance(found, str):
         log(f"Databento's 1-minute bars (for the vendor cross-check) were not downloaded: {found}")
-        paid = source.paid_usd - before  # a download that arrived and was refused
-        return {VENDOR_ERROR_KEY: found, **({VENDOR_COST_KEY: paid} if paid else {})}
+        return {VENDOR_ERROR_KEY: found}
     return {
         f"vendor_1m_{key}": found.metadata[key]
         for key in ("dbn_cache", DBN_FILE_KEY, "cost_usd", "record_count")

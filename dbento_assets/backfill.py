@@ -57,8 +57,7 @@ from dbento_assets.assets import (
     DOWNLOAD_POOL,
     FORCE_TAG,
     FORCE_VENDOR_1M,
-    REFUSED_COST_KEY,
-    VENDOR_COST_KEY,
+    PAID_KEY,
 )
 from dbento_assets.core.catalog import Catalog, load_catalog
 from dbento_assets.core.months import Month, month_range
@@ -901,14 +900,17 @@ def _run_one(
             instance.report_run_canceled(run, "Stopped: the build it belongs to was cancelled.")
         if not isinstance(exc, KeyboardInterrupt) or run is None:
             raise
-        events = [r.dagster_event for r in instance.all_logs(run_id) if r.dagster_event]
-        raise _Stopped(_stopped(partition, start, run_id, events)) from None
+        raise _Stopped(
+            _stopped(partition, start, run_id, _stored_events(instance, run_id))
+        ) from None
     if _interrupted(result):
         # Ctrl-C during the run: Dagster ends it as failed and returns, and the build would
         # go on with the next partition. It stops here, as a Ctrl-C between runs does.
-        raise _Stopped(_stopped(partition, start, run_id, result.all_events))
+        raise _Stopped(_stopped(partition, start, run_id, _stored_events(instance, run_id)))
     seconds = time.monotonic() - start
-    rows, files, cost = _written(result.all_events)
+    # From the events stored: the run's result leaves out those a failing step logged last
+    # (what a refused download cost, recorded as the step fails).
+    rows, files, cost = _written(_stored_events(instance, run_id))
     message = "" if result.success else _failure_text(result)
     outcome = PartitionOutcome(
         partition, result.success, seconds, result.run_id, message, False, rows, files, cost
@@ -919,6 +921,10 @@ def _run_one(
     del result
     gc.collect()
     return outcome
+
+
+def _stored_events(instance: DagsterInstance, run_id: str) -> list[DagsterEvent]:
+    return [r.dagster_event for r in instance.all_logs(run_id) if r.dagster_event]
 
 
 def _stopped(
@@ -943,14 +949,10 @@ def _written(events: Sequence[DagsterEvent]) -> tuple[int, int, float]:
             metadata = {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}
             rows += int(metadata.get("dagster/row_count") or 0)
             files += "path" in metadata
-            if materialization.asset_key == RAW_KEY:  # 0 for a cached month
-                cost += float(metadata.get("source_cost_usd") or 0.0)
-                cost += float(metadata.get(VENDOR_COST_KEY) or 0.0)
         elif event.event_type == DagsterEventType.ASSET_OBSERVATION:
             observation = event.asset_observation_data.asset_observation
-            for key in (REFUSED_COST_KEY, VENDOR_COST_KEY):  # refused; 1m bought by the bars
-                paid = observation.metadata.get(key)
-                cost += float(getattr(paid, "value", paid) or 0.0)
+            paid = observation.metadata.get(PAID_KEY)  # see assets.record_paid
+            cost += float(getattr(paid, "value", paid) or 0.0)
     return rows, files, cost
 
 

@@ -31,7 +31,10 @@ def slot_lock(instance: DagsterInstance, pool: str, slot: int) -> FileLock:
     """The lock file of the pool's ``slot``-th slot on this machine (its folder is made when
     it is first acquired)."""
     path = Path(instance.root_directory) / ".dbento-pools" / f"{pool}-{slot}.lock"
-    return FileLock(path, thread_local=False)
+    # No marker-file fallback where the filesystem has no flock: a marker outlives a killed
+    # process and would hold the slot for ever (the OSError leaves the limit to Dagster).
+    # Writable by every account sharing the instance.
+    return FileLock(path, mode=0o666, thread_local=False, fallback_to_soft=False)
 
 
 @contextmanager

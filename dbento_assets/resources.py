@@ -186,8 +186,9 @@ class DatabentoResource(ConfigurableResource):
             source = self.month_source()
         except SourceError as exc:
             return f"no source to read Databento's 1-minute bars from ({exc})", False, 0.0
+        before = source.paid_usd
         found = source.vendor_bars(FetchRequest(instrument, month), log)
-        return found, source.vendor_requested, source.paid_usd
+        return found, source.vendor_requested, source.paid_usd - before
 
     def api_source(self, catalog_file: Path | str | None = None) -> DatabentoSource:
         """The Databento API source whatever ``source`` says (used by the cost estimate)."""

@@ -84,7 +84,7 @@ from dbento_assets_tests.gateway import (
     Query,
     RecordedRequest,
 )
-from dbento_assets_tests.test_cache_integrity import serve_bad_data
+from dbento_assets_tests.test_cache_integrity import serve_bad_data, tmpfs
 from dbento_assets_tests.test_databento_dagster import catalog_from
 
 JAN, FEB = Month(2024, 1), Month(2024, 2)
@@ -745,6 +745,40 @@ def test_the_summary_counts_every_dollar_paid(gateway, tmp_path):
         assert run(["--partition", ES_FEB], out, defs=defs, instance=instance) == 1
         assert gateway.schemas(GET_RANGE)[-1] == "ohlcv-1s"  # bought, then refused
         assert f"Databento cost ${charged(gateway, FEB, 'ohlcv-1s'):,.4f}." in out.getvalue()
+
+
+def test_a_month_paid_for_and_not_stored_is_counted_once(gateway, tmp_path):
+    # The download is paid, then its raw file does not fit on the full data disk (the DBN
+    # cache is elsewhere): the failed build still counts what it paid, and the build that
+    # stores the month from the download cache once there is room pays and counts nothing.
+    disk = tmpfs(tmp_path / "data-disk", "32m")
+    data = next(disk) / "data"
+    try:
+        resource = DatabentoResource(
+            source="databento",
+            api_key=TEST_KEY,
+            gateway=gateway.url,
+            data_dir=str(data),
+            cache_dir=str(tmp_path / "cache"),
+            retry_backoff_seconds=0.0,
+        )
+        defs = build_definitions(databento=resource)
+        filler = data.parent / "filler"
+        with filler.open("wb") as f:  # all but 8 KiB of the disk
+            os.posix_fallocate(f.fileno(), 0, os.statvfs(data.parent).f_bavail * 4096 - 8192)
+        with instance_for_test() as instance:
+            out = io.StringIO()
+            assert run(["--partition", ES_JAN], out, defs=defs, instance=instance) == 1
+            assert "No space left" in out.getvalue(), out.getvalue()
+            paid = charged(gateway, JAN, "ohlcv-1s")
+            assert f"Databento cost ${paid:,.4f}." in out.getvalue(), out.getvalue()
+            filler.unlink()
+            out = io.StringIO()
+            assert run(["--partition", ES_JAN], out, defs=defs, instance=instance) == 0
+            assert "Databento cost $0.0000." in out.getvalue(), out.getvalue()
+        assert gateway.schemas(GET_RANGE) == ["ohlcv-1s"]  # bought once
+    finally:
+        disk.close()
 
 
 def test_the_summary_counts_1_minute_bars_refused_or_bought_without_their_month(gateway, tmp_path):
