@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -313,10 +314,17 @@ def test_the_pools_slots_on_this_machine_number_its_limit_or_are_left_to_dagster
     said: list[str] = []
     with DagsterInstance.from_config(str(tmp_path / "home")) as instance:
         _settle_download_pool(instance)
-        with (
-            machine_slot(instance, DOWNLOAD_POOL, said.append),
-            machine_slot(instance, DOWNLOAD_POOL, said.append),
-        ):
+        entered, release = threading.Event(), threading.Event()
+
+        def second_step() -> None:  # in a thread: a step that waited would not hang the test
+            with machine_slot(instance, DOWNLOAD_POOL, said.append):
+                entered.set()
+                release.wait(30)
+
+        second = threading.Thread(target=second_step, daemon=True)
+        with machine_slot(instance, DOWNLOAD_POOL, said.append):
+            second.start()
+            assert entered.wait(30), "a second step waits although the limit is 2"
             for i in (0, 1):  # both slots held, so a third step would wait
                 with pytest.raises(filelock.Timeout):
                     slot_lock(instance, DOWNLOAD_POOL, i).acquire(timeout=0)
@@ -324,6 +332,8 @@ def test_the_pools_slots_on_this_machine_number_its_limit_or_are_left_to_dagster
                 said == []
                 and not (tmp_path / "home" / ".dbento-pools" / "databento-2.lock").exists()
             )
+            release.set()
+            second.join(30)
         # A DAGSTER_HOME that cannot take the lock files (read-only, or as here, a file in
         # the way) leaves the limit to Dagster instead of failing the download.
         shutil.rmtree(tmp_path / "home" / ".dbento-pools")
