@@ -116,6 +116,8 @@ def step_raw(dbn: Path, out: Path, clock: Clock) -> pd.DataFrame:
     store = BarStore.at(out)
     with clock("decode DBN"):
         raw = decode_month([dbn], SYMBOL, month).bars
+    with clock("raw file encoded ahead (started)"):
+        store.encode_ahead(raw)  # as raw_1s_bars does: encoded while the rules run
     with clock("raw rules"):
         results = run_raw_rules(raw, month, instrument)
     assert not [r for r in results if r.blocking], "the benchmark month must pass its rules"
@@ -170,6 +172,9 @@ def step_bars(
     timeframes = [parse_timeframe(label) for label in labels]
     with clock("aggregate"):
         aggregated = aggregate_many(raw, timeframes)
+    with clock("bar files encoded ahead (started)"):
+        for bars in aggregated.values():  # as the bars step does: encoded while checked
+            store.encode_ahead(bars)
     plan = built_from(timeframes)
     reconciled: dict[Timeframe, pd.DataFrame] = {}
     for tf in timeframes:

@@ -208,6 +208,8 @@ def build_raw_asset(catalog: Catalog, partitions: MultiPartitionsDefinition) -> 
                 covered = require_whole_month(fetched, decoded, instrument, month, source.name)
             except IncompleteMonth as exc:
                 raise DownloadRefused(str(exc), rules=["complete_month"]) from None
+            # Its file is encoded while the rules judge it (written only if they pass).
+            store.encode_ahead(decoded.bars)
             # A month that has not closed yet is judged complete up to what it covers.
             results = run_raw_rules(decoded.bars, month, instrument, asof=_through(fetched))
             failed = [r for r in results if r.blocking]
@@ -488,6 +490,9 @@ def build_bars_assets(
         selected = [tf for name, tf in by_name.items() if name in built]
         aggregated = aggregate_many(raw, selected)
         through_ns = _partial_end(raw)
+        if through_ns is None:  # each file encoded while the rules judge it (a partial
+            for bars in aggregated.values():  # month's bars are cut first)
+                store.encode_ahead(bars)
         plan = built_from(selected)
         # Built bars proven equal to raw's, kept while a coarser timeframe built from them
         # is reconciled against them (a fraction of raw's rows, same proof).

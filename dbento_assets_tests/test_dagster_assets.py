@@ -13,6 +13,7 @@ import pytest
 from dagster import AssetKey, DagsterInstance, materialize
 
 from dbento_assets.assets import build_assets
+from dbento_assets.core import storage
 from dbento_assets.core.aggregate import aggregate_bars
 from dbento_assets.core.catalog import DEFAULT_CATALOG, load_catalog
 from dbento_assets.core.dbn import decode_month
@@ -136,6 +137,24 @@ def test_demo_materialization_is_byte_identical_twice(tmp_path):
     assert sum(name.endswith(".csv.json") for name in a) == 4
     assert run_partition(first, fmt="csv").success  # and again over the existing files
     assert without_write_times(files_under(first)) == without_write_times(b)
+
+
+def test_each_parquet_file_is_encoded_while_its_rules_run(tmp_path, monkeypatch):
+    # The raw step begins encoding its file before the raw rules, the bars step each bar file
+    # before that timeframe's rules: no write has to encode its frame itself, and the files
+    # are exactly those written without encoding ahead.
+    plain, ahead = tmp_path / "plain", tmp_path / "ahead"
+    monkeypatch.setattr(BarStore, "encode_ahead", lambda self, frame: None)
+    assert run_partition(plain).success
+    monkeypatch.undo()
+
+    def encoded_again(table: object, f: object) -> None:
+        raise AssertionError("a bar file was encoded at its write, not ahead")
+
+    monkeypatch.setattr(storage, "_write_parquet", encoded_again)
+    assert run_partition(ahead).success
+    files = files_under(ahead)
+    assert len(files) == 4 and files == files_under(plain)
 
 
 def without_write_times(files: dict[str, bytes]) -> dict[str, object]:

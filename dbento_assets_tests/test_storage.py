@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -310,3 +312,106 @@ def test_a_run_shares_glibcs_allocator_with_arrow_unless_told_otherwise(tmp_path
     imported, during = done.stdout.split()[-2:]
     assert imported != "system" or preset == "system"
     assert during == expected
+
+
+def month_of_bars(rows: int = 300_000) -> pd.DataFrame:
+    """Bars over several Parquet row groups, with a roll, as a decoded month holds them."""
+    rng = np.random.default_rng(7)
+    ts = (
+        JAN.start_ns
+        + np.sort(rng.choice((JAN.end_ns - JAN.start_ns) // 10**9, rows, replace=False)) * 10**9
+    )
+    ids = np.where(np.arange(rows) < rows // 2, 5, 6)
+    close = 4750 + np.round(np.cumsum(rng.integers(-4, 5, rows)) * 0.25, 2)
+    high, low = close + 0.25, close - 0.25
+    return make_bars(ts, "ES", ids, close, high, low, close, rng.integers(1, 50, rows))
+
+
+def refuse_encoding_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From here on, a Parquet write that encodes its frame itself fails the test."""
+
+    def encoded_again(table: object, f: object) -> None:
+        raise AssertionError("the frame was encoded again instead of taking its encoding")
+
+    monkeypatch.setattr(storage, "_write_parquet", encoded_again)
+
+
+def test_a_frame_encoded_ahead_is_stored_byte_for_byte_as_it_would_be_without(
+    tmp_path, monkeypatch
+):
+    frame = month_of_bars()
+    identity = storage.FileIdentity("ES", JAN, "synthetic", raw_rules="proof")
+    plain, ahead = BarStore.at(tmp_path / "plain"), BarStore.at(tmp_path / "ahead")
+    plain.write(frame, plain.raw_path("ES", JAN), identity)
+    ahead.encode_ahead(frame)
+    refuse_encoding_twice(monkeypatch)
+    ahead.write(frame, ahead.raw_path("ES", JAN), identity)
+    written = Path(ahead.raw_path("ES", JAN).path).read_bytes()
+    assert written == Path(plain.raw_path("ES", JAN).path).read_bytes()
+    assert pq.ParquetFile(ahead.raw_path("ES", JAN).path).metadata.num_row_groups == 3
+    back, found = ahead.read_with_identity(ahead.raw_path("ES", JAN))
+    assert found == identity
+    pd.testing.assert_frame_equal(back, frame, check_exact=True)
+    assert sorted(p.name for p in Path(ahead.raw_path("ES", JAN).path).parent.iterdir()) == [
+        "ES_2024_01.parquet"
+    ]
+
+
+def test_an_encoding_ahead_serves_only_its_own_frame_and_only_in_parquet(tmp_path, monkeypatch):
+    first, second = month_of_bars(), month_of_bars(1000)
+    store, csv = BarStore.at(tmp_path / "parquet"), BarStore.at(tmp_path / "csv", "csv")
+    store.encode_ahead(first)
+    store.encode_ahead(second)
+    # An equal copy is another frame: it is encoded for itself.
+    twin = first.copy()
+    store.write(twin, store.raw_path("NQ", JAN))
+    pd.testing.assert_frame_equal(store.read(store.raw_path("NQ", JAN)), first, check_exact=True)
+    # A CSV store writes CSV, whatever a Parquet store began for the same frame.
+    csv.write(first, csv.raw_path("ES", JAN))
+    pd.testing.assert_frame_equal(csv.read(csv.raw_path("ES", JAN)), first, check_exact=True)
+    # Each frame takes its own encoding, in any order, once.
+    refuse_encoding_twice(monkeypatch)
+    store.write(second, store.raw_path("ES", Month(2024, 2)))
+    store.write(first, store.raw_path("ES", JAN))
+    for frame, month in [(first, JAN), (second, Month(2024, 2))]:
+        back = store.read(store.raw_path("ES", month))
+        pd.testing.assert_frame_equal(back, frame, check_exact=True)
+    with pytest.raises(AssertionError, match="encoded again"):
+        store.write(first, store.raw_path("ES", Month(2024, 3)))
+
+
+def test_an_encoding_ahead_of_a_frame_never_stored_goes_with_the_frame(tmp_path):
+    import pyarrow as pa
+
+    store = BarStore.at(tmp_path)
+    frame = month_of_bars()
+    gc.collect()
+    before = pa.default_memory_pool().bytes_allocated()
+    store.encode_ahead(frame)  # a month the rules then refuse: never written
+    storage._ENCODER.submit(lambda: None).result()  # its encoding is done (one worker)
+    assert pa.default_memory_pool().bytes_allocated() > before + 1_000_000
+    kept = weakref.ref(frame)
+    del frame
+    assert kept() is None
+    assert pa.default_memory_pool().bytes_allocated() <= before
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_encoding_that_fails_fails_the_write_and_keeps_the_old_file(tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    store = BarStore.at(tmp_path)
+    path = store.raw_path("ES", JAN)
+    store.write(sample_bars(), path)
+    before = Path(path.path).read_bytes()
+
+    def out_of_memory(table: object) -> object:
+        raise pa.ArrowMemoryError("malloc of size 9437184 failed (injected)")
+
+    monkeypatch.setattr(storage, "_encode_rows", out_of_memory)
+    frame = month_of_bars()
+    store.encode_ahead(frame)
+    with pytest.raises(pa.ArrowMemoryError, match="injected"):
+        store.write(frame, path)
+    assert Path(path.path).read_bytes() == before
+    assert sorted(p.name for p in Path(path.path).parent.iterdir()) == [Path(path.path).name]

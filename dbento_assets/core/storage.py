@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -19,9 +20,12 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata as package_metadata
 from typing import Any, BinaryIO
@@ -474,9 +478,10 @@ class BarStore:
         file, stored as pending before the file is replaced and as the sidecar after it; a
         CSV written without one loses any old sidecar.
         """
-        table = to_arrow(frame)
+        ahead = _take_ahead(frame) if self.fmt == "parquet" else None
+        table = to_arrow(frame) if ahead is None else None
         pairs = identity.to_metadata() if identity is not None else {}
-        if pairs:
+        if pairs and table is not None:
             table = table.replace_schema_metadata(pairs)
         hashed = _Hashing()  # the CSV's size and SHA-256, taken as it is written
         sidecar, pending = _sidecar(path), _pending(path)
@@ -498,7 +503,10 @@ class BarStore:
                 write_atomic(pending, lambda f: f.write(note_text.encode()))
 
         try:
-            if self.fmt == "parquet":
+            if ahead is not None:
+                encoded = ahead.finish(pairs)
+                write_atomic(path, lambda f: f.write(encoded))
+            elif self.fmt == "parquet":
                 write_atomic(path, lambda f: _write_parquet(table, f))
             else:
                 write_atomic(path, lambda f: _write_csv(table, hashed.wrap(f)), note_first)
@@ -522,6 +530,26 @@ class BarStore:
                 with _remote_errors(gone, "remove"), contextlib.suppress(FileNotFoundError):
                     gone.unlink()
         return size
+
+    def encode_ahead(self, frame: pd.DataFrame) -> None:
+        """Begin encoding ``frame`` for this store in a worker thread, while the caller goes
+        on with other work (the rules that decide whether it is stored at all).
+
+        Arrow encodes Parquet without holding the GIL, so on a machine with two cores the
+        encoding costs little wall time. :meth:`write` of this same frame finishes that
+        encoding (adds the identity, closes it) instead of starting over; nothing reaches
+        the disk before it. A frame dropped unwritten lets its encoding go. CSV is written
+        whole by :meth:`write`.
+        """
+        if self.fmt != "parquet":
+            return
+        try:
+            table = to_arrow(frame)
+        except StorageError:
+            return  # the write refuses it, saying why
+        ahead = _Ahead(frame, table)
+        with _AHEAD_LOCK:
+            _AHEAD[id(frame)] = ahead
 
     def write_claimed(
         self, frame: pd.DataFrame, path: UPath, identity: FileIdentity, source_name: str
@@ -985,9 +1013,17 @@ _PARQUET_ROW_GROUP = 131_072
 def _write_parquet(table: pa.Table, f: BinaryIO) -> None:
     identity = table.schema.metadata or {}  # the file's identity, see BarStore.write
     table = _symbol_as_dictionary(table.replace_schema_metadata(None))
-    with pq.ParquetWriter(
-        f,
-        table.schema,
+    with _parquet_writer(f, table.schema) as writer:
+        writer.write_table(table, row_group_size=_PARQUET_ROW_GROUP)
+        if identity:
+            writer.add_key_value_metadata(dict(identity))
+
+
+def _parquet_writer(sink: Any, schema: pa.Schema) -> pq.ParquetWriter:
+    """A writer of bars with the layout above, ``schema`` being the bars' own."""
+    return pq.ParquetWriter(
+        sink,
+        schema,
         compression="zstd",
         compression_level=1,
         use_dictionary=["symbol"],
@@ -998,10 +1034,59 @@ def _write_parquet(table: pa.Table, f: BinaryIO) -> None:
         # back exactly the bar dtypes. The identity goes in as plain key-value pairs, which
         # every Parquet reader shows and none interprets.
         store_schema=False,
-    ) as writer:
-        writer.write_table(table, row_group_size=_PARQUET_ROW_GROUP)
+    )
+
+
+_Encoded = tuple[pa.BufferOutputStream, pq.ParquetWriter]
+
+
+def _encode_rows(table: pa.Table) -> _Encoded:
+    """``table``'s bars encoded in memory, the writer left open for the file's identity."""
+    sink = pa.BufferOutputStream()
+    table = _symbol_as_dictionary(table)
+    writer = _parquet_writer(sink, table.schema)
+    writer.write_table(table, row_group_size=_PARQUET_ROW_GROUP)
+    return sink, writer
+
+
+class _Ahead:
+    """A frame's Parquet encoding begun by :meth:`BarStore.encode_ahead`."""
+
+    def __init__(self, frame: pd.DataFrame, table: pa.Table) -> None:
+        # Weak: the encoding must not keep a month alive that nobody will write.
+        self.frame = weakref.ref(frame, functools.partial(_forget, id(frame)))
+        self.encoding: Future[_Encoded] = _ENCODER.submit(_encode_rows, table)
+
+    def finish(self, identity: Mapping[str, str]) -> pa.Buffer:
+        """The whole file: the encoded bars, then ``identity`` in the footer."""
+        sink, writer = self.encoding.result()  # raises what the encoding raised
         if identity:
             writer.add_key_value_metadata(dict(identity))
+        writer.close()
+        return sink.getvalue()
+
+
+def _forget(key: int, ref: weakref.ref[pd.DataFrame]) -> None:
+    """Drop the encoding of a frame that is gone (``ref`` its weak reference)."""
+    with _AHEAD_LOCK:
+        if (ahead := _AHEAD.get(key)) is not None and ahead.frame is ref:
+            del _AHEAD[key]
+
+
+# Re-entrant: a frame's last reference may go (and _forget run) while the lock is held.
+_AHEAD_LOCK = threading.RLock()
+_ENCODER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbento-encode")
+_AHEAD: dict[int, _Ahead] = {}  # by id() of the frame, which each entry checks
+
+
+def _take_ahead(frame: pd.DataFrame) -> _Ahead | None:
+    """The encoding begun for this very frame, if any (taken: it serves one write)."""
+    with _AHEAD_LOCK:
+        found = _AHEAD.get(id(frame))
+        if found is None or found.frame() is not frame:
+            return None
+        del _AHEAD[id(frame)]
+        return found
 
 
 def _symbol_as_dictionary(table: pa.Table) -> pa.Table:
