@@ -314,6 +314,67 @@ def test_a_run_shares_glibcs_allocator_with_arrow_unless_told_otherwise(tmp_path
     assert during == expected
 
 
+COUNT_ARENAS = """
+import ctypes, os, re, sys, tempfile, threading
+from dbento_assets.core.storage import share_system_allocator
+
+libc = ctypes.CDLL(None)
+libc.fopen.restype = ctypes.c_void_p
+
+
+def arenas():  # glibc's own report of its heaps (malloc_info)
+    path = os.path.join(tempfile.mkdtemp(), "malloc.xml")
+    f = ctypes.c_void_p(libc.fopen(path.encode(), b"w"))
+    libc.malloc_info(0, f)
+    libc.fclose(f)
+    return len(re.findall("<heap nr=", open(path).read()))
+
+
+if sys.argv[1] == "shared":
+    share_system_allocator()
+before = arenas()
+together = threading.Barrier(4)
+
+
+def work():  # four threads allocating at once, as a step's threads do
+    together.wait()
+    held = [bytearray(100_000) for _ in range(20)]
+    together.wait()
+
+
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(arenas() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_info")
+@pytest.mark.parametrize(
+    ("shared", "preset", "more_arenas"),
+    [("shared", None, False), ("not-shared", None, True), ("shared", "4", True)],
+    ids=["a-run", "control-without-it", "malloc-arena-max-set"],
+)
+def test_a_run_keeps_glibc_to_one_arena_for_its_threads_unless_told_otherwise(
+    shared, preset, more_arenas
+):
+    # Threads started once a run has begun (the encoding thread among them) allocate from
+    # the arenas there are, instead of each keeping pages of its own; MALLOC_ARENA_MAX wins.
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    if preset:
+        env["MALLOC_ARENA_MAX"] = preset
+    done = subprocess.run(
+        [sys.executable, "-c", COUNT_ARENAS, shared],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert (int(done.stdout.split()[-1]) > 0) is more_arenas
+
+
 def month_of_bars(rows: int = 300_000) -> pd.DataFrame:
     """Bars over several Parquet row groups, with a roll, as a decoded month holds them."""
     rng = np.random.default_rng(7)
