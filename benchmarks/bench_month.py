@@ -9,7 +9,9 @@ then measures, in the same run and each in a fresh process (time and peak RSS):
     raw rules, the raw file (with the proof that its blocking rules passed), then the bars
     step: the raw gate (the proof recomputed; the rules are not run again), aggregation to
     15s/30s/1min, the aggregated rules (reconciliation against an independent groupby), the
-    files. Timed stage by stage. Once more with the two steps in separate processes, the
+    files; each Parquet file is encoded in a worker thread while its rules run, as the
+    steps do (``BarStore.encode_ahead``). Timed stage by stage. Once more with the two steps
+    in separate processes, the
     bars step reading the raw file back (the multiprocess executor; time: the sum of the
     steps, peak RSS: the larger step's);
 (b) the seed pipeline: ``DBNStore.to_df()``, raw CSV, ``read_csv``,
