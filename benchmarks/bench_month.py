@@ -11,9 +11,8 @@ then measures, in the same run and each in a fresh process (time and peak RSS):
     15s/30s/1min, the aggregated rules (reconciliation against an independent groupby), the
     files; each Parquet file is encoded in a worker thread while its rules run, as the
     steps do (``BarStore.encode_ahead``). Timed stage by stage. Once more with the two steps
-    in separate processes, the
-    bars step reading the raw file back (the multiprocess executor; time: the sum of the
-    steps, peak RSS: the larger step's);
+    in separate processes, the bars step reading the raw file back (the multiprocess
+    executor; time: the sum of the steps, peak RSS: the larger step's);
 (b) the seed pipeline: ``DBNStore.to_df()``, raw CSV, ``read_csv``,
     ``resample(label='left', closed='left').agg(...).dropna()`` per timeframe, CSV files; then
     its validation step, written as a seed engineer would: a pandera schema (dtypes, positive
