@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from dagster import AssetKey, DagsterInstance, materialize
 
+from dbento_assets import assets
 from dbento_assets.assets import build_assets
 from dbento_assets.core import storage
 from dbento_assets.core.aggregate import aggregate_bars
@@ -152,7 +153,18 @@ def test_each_parquet_file_is_encoded_while_its_rules_run(tmp_path, monkeypatch)
         raise AssertionError("a bar file was encoded at its write, not ahead")
 
     monkeypatch.setattr(storage, "_write_parquet", encoded_again)
+    # Whether each frame's encoding had begun when its rules were run.
+    begun: list[bool] = []
+    for name in ("run_raw_rules", "run_aggregated_rules"):
+        rules = getattr(assets, name)
+
+        def watched(bars: pd.DataFrame, *args: object, _rules=rules, **kwargs: object):
+            begun.append(id(bars) in storage._AHEAD)
+            return _rules(bars, *args, **kwargs)
+
+        monkeypatch.setattr(assets, name, watched)
     assert run_partition(ahead).success
+    assert begun == [True] * 4  # raw, then 15s, 30s and 1min
     files = files_under(ahead)
     assert len(files) == 4 and files == files_under(plain)
 

@@ -476,3 +476,66 @@ def test_an_encoding_that_fails_fails_the_write_and_keeps_the_old_file(tmp_path,
         store.write(frame, path)
     assert Path(path.path).read_bytes() == before
     assert sorted(p.name for p in Path(path.path).parent.iterdir()) == [Path(path.path).name]
+
+
+@pytest.mark.parametrize("change", ["a value set in place", "a column replaced", "a missing value"])
+def test_a_frame_changed_after_its_encoding_began_is_stored_as_it_is_at_the_write(tmp_path, change):
+    store = BarStore.at(tmp_path)
+    path = store.raw_path("ES", JAN)
+    frame = month_of_bars()
+    store.encode_ahead(frame)
+    storage._ENCODER.submit(lambda: None).result()  # the old values are encoded by now
+    if change == "a value set in place":
+        frame.loc[0, "close"] = 1.0
+    elif change == "a column replaced":
+        frame["volume"] = frame["volume"] + 1
+    else:
+        frame.loc[7, "high"] = np.nan
+        with pytest.raises(StorageError, match="high"):
+            store.write(frame, path)
+        assert not Path(path.path).exists()
+        return
+    store.write(frame, path)
+    pd.testing.assert_frame_equal(store.read(path), frame, check_exact=True)
+
+
+def encode_and_write_in_child(root: str) -> None:
+    store = BarStore.at(root)
+    frame = month_of_bars(1000)
+    store.encode_ahead(frame)
+    store.write(frame, store.raw_path("NQ", JAN))
+
+
+def test_a_process_forked_after_an_encoding_encodes_and_writes_its_own(tmp_path):
+    # The child of a fork has no worker thread, only a copy of the parent's records of it.
+    import multiprocessing
+
+    store = BarStore.at(tmp_path)
+    frame = month_of_bars(1000)
+    store.encode_ahead(frame)
+    store.write(frame, store.raw_path("ES", JAN))  # the worker thread is running
+    child = multiprocessing.get_context("fork").Process(
+        target=encode_and_write_in_child, args=(str(tmp_path),)
+    )
+    child.start()
+    child.join(30)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == 0
+    back = store.read(store.raw_path("NQ", JAN))
+    pd.testing.assert_frame_equal(back, month_of_bars(1000), check_exact=True)
+
+
+def test_a_frame_written_while_the_interpreter_shuts_down_is_encoded_by_the_write(
+    tmp_path, monkeypatch
+):
+    from concurrent.futures import ThreadPoolExecutor
+
+    stopped = ThreadPoolExecutor(max_workers=1)
+    stopped.shutdown()  # as the interpreter's exit leaves it: no new work taken
+    monkeypatch.setattr(storage, "_ENCODER", stopped)
+    store = BarStore.at(tmp_path)
+    frame = month_of_bars(1000)
+    store.encode_ahead(frame)
+    store.write(frame, store.raw_path("ES", JAN))
+    pd.testing.assert_frame_equal(store.read(store.raw_path("ES", JAN)), frame, check_exact=True)

@@ -99,16 +99,19 @@ def share_system_allocator() -> None:
     month's peak memory by about 20 MB with no measurable cost in time. A pool chosen with
     Arrow's own ``ARROW_DEFAULT_MEMORY_POOL`` wins.
 
-    glibc is also told to keep one arena for the threads created from here on (unless
-    ``MALLOC_ARENA_MAX`` says otherwise): by default each thread that allocates gets an arena
-    of its own, whose free memory the others cannot reuse, so a file encoded in a worker
-    thread (see :meth:`BarStore.encode_ahead`) would leave its buffers' pages beside the
-    main thread's. With one arena a month's peak memory is about 15 MB lower (50 MB when
-    the bars step reads the raw file back) and the partition about 10% faster.
+    glibc is also told to make no more memory arenas (unless ``MALLOC_ARENA_MAX`` or
+    ``GLIBC_TUNABLES`` set its own limit): by default each thread that allocates gets an
+    arena of its own, whose free memory the others cannot reuse, so a file encoded in a
+    worker thread (see :meth:`BarStore.encode_ahead`) would leave its buffers' pages beside
+    the main thread's. Threads started from here on share the arenas there are; this lowers a
+    month's peak memory by about 5 MB (25 MB when the bars step reads the raw file back).
+    glibc fixes its limit once a process has had more than 8 arenas, and then ignores this.
     """
     if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
         pa.set_memory_pool(pa.system_memory_pool())
-    if not os.environ.get("MALLOC_ARENA_MAX"):
+    if "MALLOC_ARENA_MAX" not in os.environ and "arena_max" not in os.environ.get(
+        "GLIBC_TUNABLES", ""
+    ):
         _set_malloc_option(_M_ARENA_MAX, 1)
 
 
@@ -560,16 +563,18 @@ class BarStore:
         Arrow encodes Parquet without holding the GIL, so on a machine with two cores the
         encoding costs little wall time. :meth:`write` of this same frame finishes that
         encoding (adds the identity, closes it) instead of starting over; nothing reaches
-        the disk before it. A frame dropped unwritten lets its encoding go. CSV is written
-        whole by :meth:`write`.
+        the disk before it. A frame changed in between (a column replaced, or a value set in
+        place, which pandas then copies on write) is encoded again by :meth:`write`. A frame
+        dropped unwritten lets its encoding go. CSV is written whole by :meth:`write`.
         """
         if self.fmt != "parquet":
             return
         try:
-            table = to_arrow(frame)
+            ahead = _Ahead(frame)
         except StorageError:
             return  # the write refuses it, saying why
-        ahead = _Ahead(frame, table)
+        except RuntimeError:
+            return  # the interpreter is shutting down: the write encodes it
         with _AHEAD_LOCK:
             _AHEAD[id(frame)] = ahead
 
@@ -1074,7 +1079,12 @@ def _encode_rows(table: pa.Table) -> _Encoded:
 class _Ahead:
     """A frame's Parquet encoding begun by :meth:`BarStore.encode_ahead`."""
 
-    def __init__(self, frame: pd.DataFrame, table: pa.Table) -> None:
+    def __init__(self, frame: pd.DataFrame) -> None:
+        # A shallow copy shares the frame's columns, so that pandas copies a column the
+        # caller then changes in place instead of writing into what is being encoded.
+        self.snapshot = frame.copy(deep=False)
+        self.columns = _column_addresses(frame)
+        table = to_arrow(self.snapshot)
         # Weak: the encoding must not keep a month alive that nobody will write.
         self.frame = weakref.ref(frame, functools.partial(_forget, id(frame)))
         self.encoding: Future[_Encoded] = _ENCODER.submit(_encode_rows, table)
@@ -1088,6 +1098,22 @@ class _Ahead:
         return sink.getvalue()
 
 
+def _column_addresses(frame: pd.DataFrame) -> tuple[int, ...]:
+    """Where a frame's bar columns lie in memory: a column replaced, or copied on write,
+    moves."""
+    found: list[int] = [len(frame)]
+    for name in COLUMNS:
+        column = frame[name]
+        if name == "symbol":
+            array = pa.array(column)  # pandas hands over its Arrow strings as they are
+            chunks = array.chunks if isinstance(array, pa.ChunkedArray) else [array]
+            found += [b.address for chunk in chunks for b in chunk.buffers() if b is not None]
+        else:
+            values = column.array.asi8 if name == "ts_event" else column.to_numpy()
+            found.append(values.__array_interface__["data"][0])
+    return tuple(found)
+
+
 def _forget(key: int, ref: weakref.ref[pd.DataFrame]) -> None:
     """Drop the encoding of a frame that is gone (``ref`` its weak reference)."""
     with _AHEAD_LOCK:
@@ -1095,20 +1121,31 @@ def _forget(key: int, ref: weakref.ref[pd.DataFrame]) -> None:
             del _AHEAD[key]
 
 
-# Re-entrant: a frame's last reference may go (and _forget run) while the lock is held.
-_AHEAD_LOCK = threading.RLock()
-_ENCODER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbento-encode")
-_AHEAD: dict[int, _Ahead] = {}  # by id() of the frame, which each entry checks
+def _start_encoder() -> None:
+    """A fresh worker and registry: at import, and in a child forked from a process that
+    had them (the child has no worker thread, only a copy of the parent's records)."""
+    global _AHEAD_LOCK, _ENCODER, _AHEAD
+    # Re-entrant: a frame's last reference may go (and _forget run) while it is held.
+    _AHEAD_LOCK = threading.RLock()
+    _ENCODER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbento-encode")
+    _AHEAD = {}  # by id() of the frame, which each entry checks
+
+
+_AHEAD_LOCK: threading.RLock
+_ENCODER: ThreadPoolExecutor
+_AHEAD: dict[int, _Ahead]
+_start_encoder()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_start_encoder)
 
 
 def _take_ahead(frame: pd.DataFrame) -> _Ahead | None:
     """The encoding begun for this very frame, if any (taken: it serves one write)."""
     with _AHEAD_LOCK:
-        found = _AHEAD.get(id(frame))
-        if found is None or found.frame() is not frame:
-            return None
-        del _AHEAD[id(frame)]
-        return found
+        found = _AHEAD.pop(id(frame), None)
+    if found is None or found.frame() is not frame:
+        return None
+    return found if _column_addresses(frame) == found.columns else None
 
 
 def _symbol_as_dictionary(table: pa.Table) -> pa.Table:
