@@ -93,7 +93,7 @@ class BarFileIOManager(ConfigurableIOManager):
         return BarStore.at(self.data_dir, self.format)
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
-        run = context.dagster_run
+        run = context.run
         given = ((run.run_config.get("resources") or {}).get("io_manager") or {}) if run else {}
         if given.get("config"):
             self._require_loaded_settings()
