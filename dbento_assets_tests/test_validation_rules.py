@@ -367,6 +367,53 @@ def test_each_raw_corruption_fails_exactly_its_rule(case: str) -> None:
     assert result.blocking == (rule != RULE_CALENDAR)
 
 
+_SCHEMA_WORDS = """
+import sys
+import numpy as np
+import pandas as pd
+from dbento_assets.core.bars import make_bars
+from dbento_assets.core.months import Month
+from dbento_assets.core.run_rules import run_aggregated_rules, run_raw_rules
+from dbento_assets.core.catalog import DEFAULT_CATALOG, load_catalog
+from dbento_assets.core.timeframes import parse_timeframe
+
+month, minute = Month(2024, 1), parse_timeframe("1min")
+ts = month.start_ns + np.arange(3) * 60_000_000_000
+price = np.array([100.0, np.inf, 100.0])
+bad = make_bars(ts, "ES", [7, 7, 7], price, price, price, price, [1, 1, 1])
+bad["symbol"] = bad["symbol"].astype(object)
+for step in sys.argv[1:]:
+    if step == "raw":
+        results = run_raw_rules(bad, month, load_catalog(DEFAULT_CATALOG).instrument("ES"))
+    else:
+        results = run_aggregated_rules(bad, bad, month, minute)
+    print(step, results[0].description)
+"""
+
+
+@pytest.mark.parametrize("order", [("raw", "bars"), ("bars", "raw")])
+def test_the_schema_rule_words_each_failure_alike_in_either_step_and_order(
+    order: tuple[str, str], tmp_path: Path
+) -> None:
+    # As a run checks them: one process, the raw month's rules then the bars' (or, in a step
+    # of its own, the bars' first). Each names every failure in words, never by the name of
+    # the function behind the check.
+    import subprocess
+    import sys
+
+    script = tmp_path / "schema_words.py"
+    script.write_text(_SCHEMA_WORDS)
+    done = subprocess.run(
+        [sys.executable, str(script), *order], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == list(order)
+    for line in lines:
+        assert "close infinite values (1)" in line and "symbol not text" in line, line
+        assert "_prices_finite" not in line and "_symbol_is_text" not in line, line
+
+
 def test_ohlc_counts_each_kind_of_impossible_bar() -> None:
     frame = raw_es()
     frame = _high_below_low(_low_above_open(_high_below_close(frame, 0), 1), _moving_bar(frame, 2))

@@ -28,7 +28,7 @@ from dbento_assets.core.rules import (
     rule,
     ts_column,
 )
-from dbento_assets.core.schemas import AggregatedBarsSchema, RawBarsSchema
+from dbento_assets.core.schemas import BarsSchema
 from dbento_assets.core.timeframes import Timeframe
 
 _CHECK_WORDS: dict[str, str] = {
@@ -42,9 +42,7 @@ _CHECK_WORDS: dict[str, str] = {
 }
 
 
-def check_schema(
-    frame: pd.DataFrame, *, aggregated: bool = False, negative_prices: bool = False
-) -> RuleResult:
+def check_schema(frame: pd.DataFrame, *, negative_prices: bool = False) -> RuleResult:
     """Columns, dtypes, no nulls, finite prices > 0 (any finite price with
     ``negative_prices``: an instrument the catalog says trades at or below zero), volume >= 0,
     ``ts_event`` in UTC.
@@ -52,7 +50,6 @@ def check_schema(
     Pandera runs lazily, so every failure is counted: one violation per failing value, plus
     one per wrong dtype, missing column or unexpected column.
     """
-    schema = AggregatedBarsSchema if aggregated else RawBarsSchema
     prices = "finite" if negative_prices else "positive and finite"
     passed = make_result(
         RULE_SCHEMA,
@@ -62,7 +59,7 @@ def check_schema(
         "",
     )
     try:
-        schema.validate(frame, lazy=True, inplace=True)
+        BarsSchema.validate(frame, lazy=True, inplace=True)
     except pa.errors.SchemaErrors as exc:
         cases = exc.failure_cases
     else:

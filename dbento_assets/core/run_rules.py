@@ -162,7 +162,7 @@ def run_aggregated_rules(
     base = raw if built_from is None else built_from
     pairs = functools.cache(functools.partial(bins_in_raw, base, timeframe))
     return [
-        check_schema(agg, aggregated=True, negative_prices=negative_prices),
+        check_schema(agg, negative_prices=negative_prices),
         check_time_order(agg),
         check_ohlc(agg),
         check_inside_month(agg, month),

@@ -11,8 +11,14 @@ import pandera.pandas as pa
 from pandera.typing import Series
 
 
-class RawBarsSchema(pa.DataFrameModel):
-    """The raw 1-second bar frame: exactly the columns and dtypes of ``core.bars.DTYPES``."""
+class BarsSchema(pa.DataFrameModel):
+    """A bar frame, raw or aggregated: exactly the columns and dtypes of ``core.bars.DTYPES``
+    (alignment to the timeframe is its own rule).
+
+    One model for both: a model inheriting this one would name its custom checks by their
+    method names (``_prices_finite``) once another model had been built in the process
+    (pandera 0.35), and the schema rule words each check by its name.
+    """
 
     ts_event: Series[pd.DatetimeTZDtype] = pa.Field(
         nullable=False, dtype_kwargs={"unit": "ns", "tz": "UTC"}
@@ -40,7 +46,3 @@ class RawBarsSchema(pa.DataFrameModel):
     class Config:
         strict = True  # no extra columns
         coerce = False  # report wrong dtypes, never fix them silently
-
-
-class AggregatedBarsSchema(RawBarsSchema):
-    """Aggregated bars have the same columns as raw bars (alignment is its own rule)."""
