@@ -9,10 +9,11 @@ then measures, in the same run and each in a fresh process (time and peak RSS):
     raw rules, the raw file (with the proof that its blocking rules passed), then the bars
     step: the raw gate (the proof recomputed; the rules are not run again), aggregation to
     15s/30s/1min, the aggregated rules (reconciliation against an independent groupby), the
-    files; each Parquet file is encoded in a worker thread while its rules run, as the
-    steps do (``BarStore.encode_ahead``). Timed stage by stage. Once more with the two steps
-    in separate processes, the bars step reading the raw file back (the multiprocess
-    executor; time: the sum of the steps, peak RSS: the larger step's);
+    files; each Parquet file is encoded in a worker thread while its rules run, and the
+    groupby that reconciles the 15s bars with raw runs in it beside the aggregation, as the
+    steps do (``BarStore.encode_ahead``, ``reconcile_ahead``). Timed stage by stage. Once
+    more with the two steps in separate processes, the bars step reading the raw file back
+    (the multiprocess executor; time: the sum of the steps, peak RSS: the larger step's);
 (b) the seed pipeline: ``DBNStore.to_df()``, raw CSV, ``read_csv``,
     ``resample(label='left', closed='left').agg(...).dropna()`` per timeframe, CSV files; then
     its validation step, written as a seed engineer would: a pandera schema (dtypes, positive
@@ -150,6 +151,7 @@ def step_bars(
     from dbento_assets.core.rules import RAW_BLOCKING_RULES, RULE_RECONCILED
     from dbento_assets.core.run_rules import (
         raw_rules_proven,
+        reconcile_ahead,
         run_aggregated_rules,
         run_raw_rules,
     )
@@ -171,12 +173,14 @@ def step_bars(
         with clock("raw gate (rules again)"):
             run_raw_rules(raw, month_, instrument, rules=RAW_BLOCKING_RULES)
     timeframes = [parse_timeframe(label) for label in labels]
+    plan = built_from(timeframes)
+    with clock("recomputation from raw begun ahead (started)"):
+        reconcile_ahead(raw, plan)  # as the bars step does: beside the aggregation
     with clock("aggregate"):
         aggregated = aggregate_many(raw, timeframes)
     with clock("bar files encoded ahead (started)"):
         for bars in aggregated.values():  # as the bars step does: encoded while checked
             store.encode_ahead(bars)
-    plan = built_from(timeframes)
     reconciled: dict[Timeframe, pd.DataFrame] = {}
     for tf in timeframes:
         bars = aggregated[tf]

@@ -61,6 +61,7 @@ from dbento_assets.core.run_rules import (
     raw_content,
     raw_proof_status,
     raw_rules_proof,
+    reconcile_ahead,
     run_aggregated_rules,
     run_raw_rules,
 )
@@ -488,12 +489,17 @@ def build_bars_assets(
         checked = {key.asset_key.path[-1] for key in context.selected_asset_check_keys}
         refused: list[tuple[str, list[RuleResult]]] = []
         selected = [tf for name, tf in by_name.items() if name in built]
-        aggregated = aggregate_many(raw, selected)
-        through_ns = _partial_end(raw)
-        if through_ns is None:  # each file encoded while the rules judge it (a partial
-            for bars in aggregated.values():  # month's bars are cut first)
-                store.encode_ahead(bars)
         plan = built_from(selected)
+        through_ns = _partial_end(raw)
+        # A whole month only (a partial month's bars and raw are cut first): what
+        # reconciliation recomputes from raw is begun beside the aggregation, and each file
+        # is encoded while the rules judge it.
+        if through_ns is None:
+            reconcile_ahead(raw, plan)
+        aggregated = aggregate_many(raw, selected)
+        if through_ns is None:
+            for bars in aggregated.values():
+                store.encode_ahead(bars)
         # Built bars proven equal to raw's, kept while a coarser timeframe built from them
         # is reconciled against them (a fraction of raw's rows, same proof).
         proven: dict[Timeframe, pd.DataFrame] = {}

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +15,7 @@ from dagster import AssetKey, DagsterInstance, materialize
 
 from dbento_assets import assets
 from dbento_assets.assets import build_assets
-from dbento_assets.core import storage
+from dbento_assets.core import ahead, comparison, storage
 from dbento_assets.core.aggregate import aggregate_bars
 from dbento_assets.core.catalog import DEFAULT_CATALOG, load_catalog
 from dbento_assets.core.dbn import decode_month
@@ -22,7 +23,7 @@ from dbento_assets.core.demo import DemoSource
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import FetchRequest
 from dbento_assets.core.storage import BarStore, StorageError
-from dbento_assets.core.timeframes import parse_timeframe
+from dbento_assets.core.timeframes import Timeframe, parse_timeframe
 from dbento_assets.definitions import build_definitions
 from dbento_assets.io_managers import BarFileIOManager, io_manager_from_env
 from dbento_assets.resources import DatabentoResource
@@ -140,12 +141,15 @@ def test_demo_materialization_is_byte_identical_twice(tmp_path):
     assert without_write_times(files_under(first)) == without_write_times(b)
 
 
-def test_each_parquet_file_is_encoded_while_its_rules_run(tmp_path, monkeypatch):
+def test_work_is_done_ahead_in_the_worker_thread_and_files_are_the_same(tmp_path, monkeypatch):
     # The raw step begins encoding its file before the raw rules, the bars step each bar file
-    # before that timeframe's rules: no write has to encode its frame itself, and the files
-    # are exactly those written without encoding ahead.
-    plain, ahead = tmp_path / "plain", tmp_path / "ahead"
+    # before that timeframe's rules: no write has to encode its frame itself. The bars step
+    # begins reconciliation's recomputation of the 15s bars from raw before it aggregates:
+    # only 30s and 1min (from the finer bars) are recomputed in the step's own thread. The
+    # files are exactly those written without any of it.
+    plain, early = tmp_path / "plain", tmp_path / "early"
     monkeypatch.setattr(BarStore, "encode_ahead", lambda self, frame: None)
+    monkeypatch.setattr(assets, "reconcile_ahead", lambda raw, plan: None)
     assert run_partition(plain).success
     monkeypatch.undo()
 
@@ -159,13 +163,22 @@ def test_each_parquet_file_is_encoded_while_its_rules_run(tmp_path, monkeypatch)
         rules = getattr(assets, name)
 
         def watched(bars: pd.DataFrame, *args: object, _rules=rules, **kwargs: object):
-            begun.append(id(bars) in storage._AHEAD)
+            begun.append((id(bars), storage._ENCODING) in ahead._BEGUN)
             return _rules(bars, *args, **kwargs)
 
         monkeypatch.setattr(assets, name, watched)
-    assert run_partition(ahead).success
+    recomputed: list[tuple[str, str]] = []
+    expected = comparison._expected  # what recomputes the bars, in either thread
+
+    def where(arrays: object, timeframe: Timeframe) -> pd.DataFrame:
+        recomputed.append((timeframe.label, threading.current_thread().name.split("_")[0]))
+        return expected(arrays, timeframe)
+
+    monkeypatch.setattr(comparison, "_expected", where)
+    assert run_partition(early).success
     assert begun == [True] * 4  # raw, then 15s, 30s and 1min
-    files = files_under(ahead)
+    assert recomputed == [("15s", "dbento-ahead"), ("30s", "MainThread"), ("1min", "MainThread")]
+    files = files_under(early)
     assert len(files) == 4 and files == files_under(plain)
 
 

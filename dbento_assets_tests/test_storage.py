@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from dbento_assets.core import storage
+from dbento_assets.core import ahead, storage
 from dbento_assets.core.bars import DTYPES, make_bars
 from dbento_assets.core.databento_api import dbn_cache_path
 from dbento_assets.core.months import Month
@@ -449,7 +449,7 @@ def test_an_encoding_ahead_of_a_frame_never_stored_goes_with_the_frame(tmp_path)
     gc.collect()
     before = pa.default_memory_pool().bytes_allocated()
     store.encode_ahead(frame)  # a month the rules then refuse: never written
-    storage._ENCODER.submit(lambda: None).result()  # its encoding is done (one worker)
+    ahead._WORKER.submit(lambda: None).result()  # its encoding is done (one worker)
     assert pa.default_memory_pool().bytes_allocated() > before + 1_000_000
     kept = weakref.ref(frame)
     del frame
@@ -484,7 +484,7 @@ def test_a_frame_changed_after_its_encoding_began_is_stored_as_it_is_at_the_writ
     path = store.raw_path("ES", JAN)
     frame = month_of_bars()
     store.encode_ahead(frame)
-    storage._ENCODER.submit(lambda: None).result()  # the old values are encoded by now
+    ahead._WORKER.submit(lambda: None).result()  # the old values are encoded by now
     if change == "a value set in place":
         frame.loc[0, "close"] = 1.0
     elif change == "a column replaced":
@@ -533,7 +533,7 @@ def test_a_frame_written_while_the_interpreter_shuts_down_is_encoded_by_the_writ
 
     stopped = ThreadPoolExecutor(max_workers=1)
     stopped.shutdown()  # as the interpreter's exit leaves it: no new work taken
-    monkeypatch.setattr(storage, "_ENCODER", stopped)
+    monkeypatch.setattr(ahead, "_WORKER", stopped)
     store = BarStore.at(tmp_path)
     frame = month_of_bars(1000)
     store.encode_ahead(frame)

@@ -11,12 +11,15 @@ repeated bars.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
+from dbento_assets.core import ahead
 from dbento_assets.core.bars import PRICE_COLUMNS, in_order, make_bars
 from dbento_assets.core.months import Month
 from dbento_assets.core.rendering import SAMPLE_ROWS, plural
@@ -183,11 +186,30 @@ def expected_bars(source: pd.DataFrame, timeframe: Timeframe) -> pd.DataFrame:
     Deliberately not :func:`~dbento_assets.core.aggregate.aggregate_bars`: reconciliation
     compares that kernel's output with this independent computation.
     """
+    return _expected(_source_arrays(source), timeframe)
+
+
+_SourceArrays = tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], str]
+
+
+def _source_arrays(source: pd.DataFrame) -> _SourceArrays:
+    """What :func:`_expected` reads of ``source``: timestamps, instrument ids, the value
+    columns and the symbol, as arrays (no copy)."""
     ts = ts_column(source)
     iid = int_column(source, "instrument_id")
+    values = {c: source[c].to_numpy() for c in VALUE_COLUMNS}
+    symbol = str(source["symbol"].iloc[0]) if len(source) else ""
+    return ts, iid, values, symbol
+
+
+def _expected(arrays: _SourceArrays, timeframe: Timeframe) -> pd.DataFrame:
+    """:func:`expected_bars` of the arrays of a frame, in a frame of its own."""
+    ts, iid, values, symbol = arrays
     if not in_order(ts):  # first and last follow the row order within each group
         order = np.argsort(ts, kind="stable")
-        ts, iid, source = ts[order], iid[order], source.iloc[order]
+        ts, iid = ts[order], iid[order]
+        values = {c: v[order] for c, v in values.items()}
+    source = pd.DataFrame(values, copy=False)
     bins = np.floor_divide(ts, timeframe.nanos)
     # One int64 key (bin, then id in the low 32 bits) groups faster and leaner than two;
     # bins beyond 32 bits (a 1s timeframe far from 1970) take the two-key path.
@@ -209,9 +231,26 @@ def expected_bars(source: pd.DataFrame, timeframe: Timeframe) -> pd.DataFrame:
     else:
         starts = bars.index.get_level_values(0).to_numpy() * timeframe.nanos
         ids = bars.index.get_level_values(1).to_numpy()
-    symbol = str(source["symbol"].iloc[0]) if len(source) else ""
     columns = [bars[c].to_numpy() for c in VALUE_COLUMNS]
     return make_bars(starts, symbol, ids.astype(np.uint32), *columns)
+
+
+def expect_ahead(source: pd.DataFrame, timeframe: Timeframe) -> None:
+    """Begin :func:`expected_bars` of ``source`` at ``timeframe`` in the worker thread of
+    :mod:`.ahead`; :func:`check_reconciliation` of bars built from this very ``source`` takes
+    it instead of computing it (a pandas groupby over a month of 1s bars, which releases the
+    GIL in its loops: it runs beside the aggregation kernel). A ``source`` it cannot read is
+    left to the rule, which says why."""
+    with contextlib.suppress(Unusable, ValueError, TypeError, KeyError):
+        ahead.begin(
+            source,
+            (_EXPECTED, timeframe.nanos),
+            _source_arrays,
+            functools.partial(_expected, timeframe=timeframe),
+        )
+
+
+_EXPECTED = "expected bars"  # the kind of work expect_ahead begins
 
 
 @rule(RULE_RECONCILED)
@@ -233,8 +272,10 @@ def check_reconciliation(
     bars, or the wrong totals when only a total disagrees. ``pairs``: :func:`bins_in_raw` of
     those bars at this timeframe, when the caller shares it with the roll check.
     """
+    source = raw if built_from is None else built_from
+    begun = ahead.take(source, (_EXPECTED, timeframe.nanos))
     try:
-        expected = expected_bars(raw if built_from is None else built_from, timeframe)
+        expected = expected_bars(source, timeframe) if begun is None else begun.result()
     except (ValueError, TypeError, KeyError) as exc:
         raise Unusable(f"the 1-second bars cannot be aggregated: {exc}") from exc
     diff = _compare(
@@ -250,9 +291,8 @@ def check_reconciliation(
     )
     # From the finer bars when given: proven equal to raw's (bars, count and totals), and a
     # fifteenth of its rows.
-    base = raw if built_from is None else built_from
-    bins, _ = bins_in_raw(base, timeframe) if pairs is None else pairs()
-    raw_totals = _volume_per_instrument(base)
+    bins, _ = bins_in_raw(source, timeframe) if pairs is None else pairs()
+    raw_totals = _volume_per_instrument(source)
     agg_totals = _volume_per_instrument(agg)
     ids = raw_totals.index.union(agg_totals.index)
     raw_totals = raw_totals.reindex(ids, fill_value=0)

@@ -9,14 +9,14 @@ file records once its blocking rules passed, so a later step need not run them a
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Literal
 
 import pandas as pd
 
 from dbento_assets.core.calendars import calendar_skipped, check_calendar
 from dbento_assets.core.catalog import Instrument, calendar_for
-from dbento_assets.core.comparison import check_reconciliation
+from dbento_assets.core.comparison import check_reconciliation, expect_ahead
 from dbento_assets.core.frame_rules import (
     check_alignment,
     check_inside_month,
@@ -139,6 +139,15 @@ def run_raw_rules(
         ),
     }
     return [runners[name]() for name in RAW_RULES if name in wanted]
+
+
+def reconcile_ahead(raw: pd.DataFrame, plan: Mapping[Timeframe, Timeframe | None]) -> None:
+    """Begin, in a worker thread, what reconciliation recomputes from ``raw`` for each
+    timeframe ``plan`` builds from raw itself (see :func:`~.aggregate.built_from`), so that
+    it runs while the kernel aggregates; :func:`run_aggregated_rules` on ``raw`` takes it."""
+    for timeframe, finer in plan.items():
+        if finer is None:
+            expect_ahead(raw, timeframe)
 
 
 def run_aggregated_rules(

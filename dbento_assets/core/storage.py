@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import functools
 import hashlib
 import io
 import json
@@ -21,12 +20,10 @@ import os
 import re
 import shutil
 import tempfile
-import threading
 import time
 import uuid
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from importlib import metadata as package_metadata
 from typing import Any, BinaryIO
@@ -45,6 +42,7 @@ import pyarrow.parquet as pq
 import xxhash
 from upath import UPath
 
+from dbento_assets.core import ahead
 from dbento_assets.core.bars import COLUMNS, DTYPES
 from dbento_assets.core.months import Month
 from dbento_assets.core.timeframes import Timeframe
@@ -503,8 +501,8 @@ class BarStore:
         file, stored as pending before the file is replaced and as the sidecar after it; a
         CSV written without one loses any old sidecar.
         """
-        ahead = _take_ahead(frame) if self.fmt == "parquet" else None
-        table = to_arrow(frame) if ahead is None else None
+        encoding = ahead.take(frame, _ENCODING) if self.fmt == "parquet" else None
+        table = to_arrow(frame) if encoding is None else None
         pairs = identity.to_metadata() if identity is not None else {}
         if pairs and table is not None:
             table = table.replace_schema_metadata(pairs)
@@ -528,8 +526,8 @@ class BarStore:
                 write_atomic(pending, lambda f: f.write(note_text.encode()))
 
         try:
-            if ahead is not None:
-                encoded = ahead.finish(pairs)
+            if encoding is not None:
+                encoded = _finish(encoding, pairs)
                 write_atomic(path, lambda f: f.write(encoded))
             elif self.fmt == "parquet":
                 write_atomic(path, lambda f: _write_parquet(table, f))
@@ -557,8 +555,8 @@ class BarStore:
         return size
 
     def encode_ahead(self, frame: pd.DataFrame) -> None:
-        """Begin encoding ``frame`` for this store in a worker thread, while the caller goes
-        on with other work (the rules that decide whether it is stored at all).
+        """Begin encoding ``frame`` for this store in the worker thread of :mod:`.ahead`, while
+        the caller goes on with other work (the rules that decide whether it is stored at all).
 
         Arrow encodes Parquet without holding the GIL, so on a machine with two cores the
         encoding costs little wall time. :meth:`write` of this same frame finishes that
@@ -570,13 +568,9 @@ class BarStore:
         if self.fmt != "parquet":
             return
         try:
-            ahead = _Ahead(frame)
+            ahead.begin(frame, _ENCODING, to_arrow, _encode_rows)
         except StorageError:
             return  # the write refuses it, saying why
-        except RuntimeError:
-            return  # the interpreter is shutting down: the write encodes it
-        with _AHEAD_LOCK:
-            _AHEAD[id(frame)] = ahead
 
     def write_claimed(
         self, frame: pd.DataFrame, path: UPath, identity: FileIdentity, source_name: str
@@ -1076,76 +1070,16 @@ def _encode_rows(table: pa.Table) -> _Encoded:
     return sink, writer
 
 
-class _Ahead:
-    """A frame's Parquet encoding begun by :meth:`BarStore.encode_ahead`."""
-
-    def __init__(self, frame: pd.DataFrame) -> None:
-        # A shallow copy shares the frame's columns, so that pandas copies a column the
-        # caller then changes in place instead of writing into what is being encoded.
-        self.snapshot = frame.copy(deep=False)
-        self.columns = _column_addresses(frame)
-        table = to_arrow(self.snapshot)
-        # Weak: the encoding must not keep a month alive that nobody will write.
-        self.frame = weakref.ref(frame, functools.partial(_forget, id(frame)))
-        self.encoding: Future[_Encoded] = _ENCODER.submit(_encode_rows, table)
-
-    def finish(self, identity: Mapping[str, str]) -> pa.Buffer:
-        """The whole file: the encoded bars, then ``identity`` in the footer."""
-        sink, writer = self.encoding.result()  # raises what the encoding raised
-        if identity:
-            writer.add_key_value_metadata(dict(identity))
-        writer.close()
-        return sink.getvalue()
+_ENCODING = "parquet encoding"  # the kind of work BarStore.encode_ahead begins
 
 
-def _column_addresses(frame: pd.DataFrame) -> tuple[int, ...]:
-    """Where a frame's bar columns lie in memory: a column replaced, or copied on write,
-    moves."""
-    found: list[int] = [len(frame)]
-    for name in COLUMNS:
-        column = frame[name]
-        if name == "symbol":
-            array = pa.array(column)  # pandas hands over its Arrow strings as they are
-            chunks = array.chunks if isinstance(array, pa.ChunkedArray) else [array]
-            found += [b.address for chunk in chunks for b in chunk.buffers() if b is not None]
-        else:
-            values = column.array.asi8 if name == "ts_event" else column.to_numpy()
-            found.append(values.__array_interface__["data"][0])
-    return tuple(found)
-
-
-def _forget(key: int, ref: weakref.ref[pd.DataFrame]) -> None:
-    """Drop the encoding of a frame that is gone (``ref`` its weak reference)."""
-    with _AHEAD_LOCK:
-        if (ahead := _AHEAD.get(key)) is not None and ahead.frame is ref:
-            del _AHEAD[key]
-
-
-def _start_encoder() -> None:
-    """A fresh worker and registry: at import, and in a child forked from a process that
-    had them (the child has no worker thread, only a copy of the parent's records)."""
-    global _AHEAD_LOCK, _ENCODER, _AHEAD
-    # Re-entrant: a frame's last reference may go (and _forget run) while it is held.
-    _AHEAD_LOCK = threading.RLock()
-    _ENCODER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbento-encode")
-    _AHEAD = {}  # by id() of the frame, which each entry checks
-
-
-_AHEAD_LOCK: threading.RLock
-_ENCODER: ThreadPoolExecutor
-_AHEAD: dict[int, _Ahead]
-_start_encoder()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_start_encoder)
-
-
-def _take_ahead(frame: pd.DataFrame) -> _Ahead | None:
-    """The encoding begun for this very frame, if any (taken: it serves one write)."""
-    with _AHEAD_LOCK:
-        found = _AHEAD.pop(id(frame), None)
-    if found is None or found.frame() is not frame:
-        return None
-    return found if _column_addresses(frame) == found.columns else None
+def _finish(encoding: Future[_Encoded], identity: Mapping[str, str]) -> pa.Buffer:
+    """The whole file of an encoding begun ahead: the bars, then ``identity`` in the footer."""
+    sink, writer = encoding.result()  # raises what the encoding raised
+    if identity:
+        writer.add_key_value_metadata(dict(identity))
+    writer.close()
+    return sink.getvalue()
 
 
 def _symbol_as_dictionary(table: pa.Table) -> pa.Table:
