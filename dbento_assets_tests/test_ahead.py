@@ -122,6 +122,71 @@ def test_a_frame_of_a_column_kind_not_known_here_is_never_served() -> None:
     assert ahead.take(frame, "sum") is None
 
 
+def test_python_stored_strings_and_a_changed_dtype_are_never_served() -> None:
+    # pyarrow copies Python-stored strings into buffers it frees at once, so their addresses
+    # can repeat after a change; a column whose dtype changed keeps its memory.
+    frame = bars().assign(symbol=lambda f: f["symbol"].astype(pd.StringDtype("python")))
+    ahead.begin(frame, "sum", closes, total)
+    assert ahead.take(frame, "sum") is None
+    frame = bars()
+    ahead.begin(frame, "sum", closes, total)
+    settled()
+    frame["ts_event"] = frame["ts_event"].dt.tz_convert("America/New_York")
+    assert ahead.take(frame, "sum") is None
+
+
+def test_work_not_begun_yet_on_a_dropped_or_changed_frame_is_skipped() -> None:
+    release = threading.Event()
+    blocker = ahead._WORKER.submit(release.wait, 10)  # the one worker is busy
+    ran: list[str] = []
+
+    def noted(close: np.ndarray) -> float:
+        ran.append("ran")
+        return total(close)
+
+    dropped, changed = bars(), bars()
+    ahead.begin(dropped, "sum", closes, noted)
+    ahead.begin(changed, "sum", closes, noted)
+    del dropped
+    changed["close"] = changed["close"] + 1
+    assert ahead.take(changed, "sum") is None
+    release.set()
+    blocker.result()
+    settled()
+    assert ran == []
+
+
+def take_in_a_forked_child(parent_frame: pd.DataFrame) -> None:
+    # Work the parent began (still waiting in its worker) is not the child's to take, and
+    # the child's own work runs in a worker of its own.
+    assert ahead.take(parent_frame, "sum") is None
+    frame = bars(100)
+    ahead.begin(frame, "sum", closes, total)
+    taken = ahead.take(frame, "sum")
+    assert taken is not None and taken.result(timeout=20) == total_close(frame)
+
+
+def test_a_process_forked_while_work_is_pending_takes_only_its_own() -> None:
+    import multiprocessing
+
+    release = threading.Event()
+    blocker = ahead._WORKER.submit(release.wait, 30)
+    frame = bars()
+    ahead.begin(frame, "sum", closes, total)  # pending behind the blocker
+    child = multiprocessing.get_context("fork").Process(
+        target=take_in_a_forked_child, args=(frame,)
+    )
+    child.start()
+    child.join(30)
+    if child.exitcode is None:
+        child.kill()
+    release.set()
+    blocker.result()
+    assert child.exitcode == 0
+    taken = ahead.take(frame, "sum")
+    assert taken is not None and taken.result() == total_close(frame)
+
+
 def test_work_on_a_frame_that_is_dropped_goes_with_it() -> None:
     frame = bars()
     ahead.begin(frame, "sum", closes, total)
@@ -170,6 +235,15 @@ def test_reconciliation_takes_its_recomputation_from_raw_begun_ahead(
         return real(source, timeframe)
 
     monkeypatch.setattr(comparison, "expected_bars", counted)
+    given: list[type] = []
+    expected = comparison._expected
+
+    def arrays_only(arrays: tuple, timeframe) -> pd.DataFrame:
+        ts, iid, values, symbol = arrays
+        given.extend(type(a) for a in (ts, iid, *values.values(), symbol))
+        return expected(arrays, timeframe)
+
+    monkeypatch.setattr(comparison, "_expected", arrays_only)
     proven: dict = {}
     for tf in timeframes:
         finer = proven.get(plan[tf])
@@ -177,14 +251,24 @@ def test_reconciliation_takes_its_recomputation_from_raw_begun_ahead(
         passed = {r.rule: r.passed for r in results}
         assert all(passed.values()), passed
         proven[tf] = aggregated[tf]
-    # 30s and 1min are recomputed from the finer bars here; 15s came from the worker.
+    # 30s and 1min are recomputed from the finer bars here; 15s came from the worker, which
+    # was handed arrays, never the caller's pandas objects.
     assert in_caller == ["30s", "1min"]
+    assert given and set(given) <= {np.ndarray, str}
 
 
-def test_a_wrong_kernel_is_caught_with_the_recomputation_begun_ahead() -> None:
+def test_a_wrong_kernel_is_caught_with_the_recomputation_begun_ahead(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     raw = demo_month()
     tf = parse_timeframe("15s")
     run_rules.reconcile_ahead(raw, {tf: None})
+    settled()
+
+    def not_here(source: pd.DataFrame, timeframe) -> pd.DataFrame:
+        raise AssertionError("recomputed in the caller instead of taking the worker's")
+
+    monkeypatch.setattr(comparison, "expected_bars", not_here)
     wrong = aggregate_many(raw, [tf])[tf]
     wrong.loc[10, "high"] = wrong.loc[10, "high"] + 0.25  # a kernel off on one bar
     results = run_rules.run_aggregated_rules(wrong, raw, MARCH, tf)

@@ -8,6 +8,9 @@ is taken, so a column the caller then changes in place is copied by pandas (copy
 instead of changing under the work; :func:`take` compares where each column lies in memory and
 gives None for a frame changed since, so the caller computes afresh. The work gets arrays, not
 the caller's pandas objects (pandas is not thread-safe). A frame dropped lets its work go.
+Not seen: a value written into a column's memory behind pandas' back (through
+``Series.array``, or into an array the frame was built on without a copy); nothing here
+writes bars that way.
 """
 
 from __future__ import annotations
@@ -69,7 +72,10 @@ def take(frame: pd.DataFrame, kind: Hashable) -> Future[Any] | None:
         found = _BEGUN.pop((id(frame), kind), None)
     if found is None or found.frame() is not frame:
         return None
-    return found.future if column_addresses(frame) == found.columns else None
+    if column_addresses(frame) != found.columns:
+        found.future.cancel()  # not begun yet: the worker skips it
+        return None
+    return found.future
 
 
 def column_addresses(frame: pd.DataFrame) -> tuple[object, ...]:
@@ -77,17 +83,22 @@ def column_addresses(frame: pd.DataFrame) -> tuple[object, ...]:
     A column of a kind not known here counts as moved (its work is then done again)."""
     if not frame.columns.is_unique:
         return (object(),)
-    found: list[object] = [len(frame), tuple(frame.columns)]
+    found: list[object] = [len(frame), tuple(frame.columns), tuple(map(str, frame.dtypes))]
     for name in frame.columns:
         column = frame[name]
-        if isinstance(column.dtype, pd.DatetimeTZDtype):
+        dtype = column.dtype
+        if isinstance(dtype, pd.DatetimeTZDtype):
             found.append(column.array.asi8.__array_interface__["data"][0])
-        elif isinstance(column.dtype, pd.StringDtype | pd.ArrowDtype):
+        elif isinstance(dtype, pd.ArrowDtype) or (
+            isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow"
+        ):
             array = pa.array(column)  # pandas hands over its Arrow data as it is
             chunks = array.chunks if isinstance(array, pa.ChunkedArray) else [array]
             found += [b.address for chunk in chunks for b in chunk.buffers() if b is not None]
-        elif isinstance(column.dtype, pd.api.extensions.ExtensionDtype):
-            found.append(object())  # equal to nothing else: no work is trusted on it
+        elif isinstance(dtype, pd.api.extensions.ExtensionDtype):
+            # Equal to nothing else: no work is trusted on it (Python-stored strings, say,
+            # which pyarrow copies into buffers freed at once, so addresses can repeat).
+            found.append(object())
         else:
             found.append(column.to_numpy().__array_interface__["data"][0])
     return tuple(found)
@@ -98,6 +109,7 @@ def _forget(key: _Key, ref: weakref.ref[pd.DataFrame]) -> None:
     with _LOCK:
         if (found := _BEGUN.get(key)) is not None and found.frame is ref:
             del _BEGUN[key]
+            found.future.cancel()  # not begun yet: the worker skips it
 
 
 def _start() -> None:
