@@ -170,3 +170,28 @@ def test_the_documented_command_turns_it_on(tmp_path):
     with DagsterInstance.from_config(str(tmp_path)) as instance:
         [state] = instance.all_instigator_state()
         assert state.name == SCHEDULE_NAME and state.status == InstigatorStatus.RUNNING
+
+
+def test_loading_the_code_location_warns_of_nothing_about_backfill_policies(tmp_path):
+    # Dagster warns at each load of a job mixing the raw asset's policy (a month a run) with
+    # the batched bars' (the monthly job, or every asset at once); the mix is on purpose and
+    # documented, and a user would read the warning at each start of the UI as a fault.
+    code = (
+        "from dbento_assets.definitions import defs\n"
+        "names = [job.name for job in defs.resolve_all_job_defs()]\n"
+        "defs.resolve_implicit_global_asset_job_def()\n"
+        "print(names)\n"
+    )
+    env = {**os.environ, "DBENTO_SOURCE": "demo", "DAGSTER_HOME": str(tmp_path)}
+    env.pop("DBENTO_BACKFILL_BATCH", None)  # the default batch: the policies differ
+    done = subprocess.run(
+        [sys.executable, "-W", "error::UserWarning", "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert JOB_NAME in done.stdout
+    assert "BackfillPolicies" not in done.stderr
