@@ -9,8 +9,9 @@ then measures, in the same run and each in a fresh process (time and peak RSS):
     raw rules, the raw file (with the proof that its blocking rules passed), then the bars
     step: the raw gate (the proof recomputed; the rules are not run again), aggregation to
     15s/30s/1min, the aggregated rules (reconciliation against an independent groupby), the
-    files; each Parquet file is encoded in a worker thread while its rules run, and the
-    groupby that reconciles the 15s bars with raw runs in it beside the aggregation, as the
+    files; each Parquet file is encoded in a worker thread while its rules run, the
+    groupby that reconciles the 15s bars with raw runs in it beside the aggregation, and
+    those of 30s and 1min (from the finer bars) beside the finer timeframe's rules, as the
     steps do (``BarStore.encode_ahead``, ``reconcile_ahead``). Timed stage by stage. Once
     more with the two steps in separate processes, the bars step reading the raw file back
     (the multiprocess executor; time: the sum of the steps, peak RSS: the larger step's);
@@ -181,6 +182,8 @@ def step_bars(
     with clock("bar files encoded ahead (started)"):
         for bars in aggregated.values():  # as the bars step does: encoded while checked
             store.encode_ahead(bars)
+    with clock("recomputation from finer bars begun ahead (started)"):
+        reconcile_ahead(raw, plan, aggregated)  # as the bars step does
     reconciled: dict[Timeframe, pd.DataFrame] = {}
     for tf in timeframes:
         bars = aggregated[tf]

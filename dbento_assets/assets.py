@@ -492,14 +492,16 @@ def build_bars_assets(
         plan = built_from(selected)
         through_ns = _partial_end(raw)
         # A whole month only (a partial month's bars and raw are cut first): what
-        # reconciliation recomputes from raw is begun beside the aggregation, and each file
-        # is encoded while the rules judge it.
+        # reconciliation recomputes from raw is begun beside the aggregation, each file is
+        # encoded while the rules judge it, and what it recomputes from finer bars is begun
+        # while the finer timeframe is judged.
         if through_ns is None:
             reconcile_ahead(raw, plan)
         aggregated = aggregate_many(raw, selected)
         if through_ns is None:
             for bars in aggregated.values():
                 store.encode_ahead(bars)
+            reconcile_ahead(raw, plan, aggregated)
         # Built bars proven equal to raw's, kept while a coarser timeframe built from them
         # is reconciled against them (a fraction of raw's rows, same proof).
         proven: dict[Timeframe, pd.DataFrame] = {}

@@ -218,15 +218,28 @@ def demo_month() -> pd.DataFrame:
     return decode_month([encode_month(records, instrument, MARCH)], "ES", MARCH).bars
 
 
-def test_reconciliation_takes_its_recomputation_from_raw_begun_ahead(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("from_finer", [False, True], ids=["from-raw", "from-raw-and-finer"])
+def test_reconciliation_takes_its_recomputations_begun_ahead(
+    monkeypatch: pytest.MonkeyPatch, from_finer: bool
 ) -> None:
+    given: list[tuple[str, list[type]]] = []  # what the recomputation was handed, and where
+    expected = comparison._expected
+
+    def arrays_only(arrays: tuple, timeframe) -> pd.DataFrame:
+        ts, iid, values, symbol = arrays
+        kinds = [type(a) for a in (ts, iid, *values.values(), symbol)]
+        given.append((threading.current_thread().name.split("_")[0], kinds))
+        return expected(arrays, timeframe)
+
+    monkeypatch.setattr(comparison, "_expected", arrays_only)
     raw = demo_month()
     timeframes = [parse_timeframe(label) for label in ("15s", "30s", "1min")]
     plan = built_from(timeframes)
     run_rules.reconcile_ahead(raw, plan)  # 15s: the one built from raw itself
-    settled()
     aggregated = aggregate_many(raw, timeframes)
+    if from_finer:  # 30s from the 15s bars, 1min from the 30s bars
+        run_rules.reconcile_ahead(raw, plan, aggregated)
+    settled()
     in_caller: list[str] = []
     real = comparison.expected_bars
 
@@ -235,15 +248,6 @@ def test_reconciliation_takes_its_recomputation_from_raw_begun_ahead(
         return real(source, timeframe)
 
     monkeypatch.setattr(comparison, "expected_bars", counted)
-    given: list[type] = []
-    expected = comparison._expected
-
-    def arrays_only(arrays: tuple, timeframe) -> pd.DataFrame:
-        ts, iid, values, symbol = arrays
-        given.extend(type(a) for a in (ts, iid, *values.values(), symbol))
-        return expected(arrays, timeframe)
-
-    monkeypatch.setattr(comparison, "_expected", arrays_only)
     proven: dict = {}
     for tf in timeframes:
         finer = proven.get(plan[tf])
@@ -251,27 +255,37 @@ def test_reconciliation_takes_its_recomputation_from_raw_begun_ahead(
         passed = {r.rule: r.passed for r in results}
         assert all(passed.values()), passed
         proven[tf] = aggregated[tf]
-    # 30s and 1min are recomputed from the finer bars here; 15s came from the worker, which
-    # was handed arrays, never the caller's pandas objects.
-    assert in_caller == ["30s", "1min"]
-    assert given and set(given) <= {np.ndarray, str}
+    # What was begun came from the worker, which was handed arrays, never the caller's pandas
+    # objects; the rest was recomputed here, from the finer bars.
+    assert in_caller == ([] if from_finer else ["30s", "1min"])
+    assert [where for where, _ in given] == ["dbento-ahead"] * (3 if from_finer else 1) + [
+        "MainThread"
+    ] * len(in_caller)
+    assert all(set(kinds) <= {np.ndarray, str} for _, kinds in given)
 
 
+@pytest.mark.parametrize("label", ["15s", "30s"], ids=["from-raw", "from-finer"])
 def test_a_wrong_kernel_is_caught_with_the_recomputation_begun_ahead(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, label: str
 ) -> None:
     raw = demo_month()
-    tf = parse_timeframe("15s")
-    run_rules.reconcile_ahead(raw, {tf: None})
+    timeframes = [parse_timeframe(x) for x in ("15s", "30s")]
+    plan = built_from(timeframes)
+    tf = parse_timeframe(label)
+    run_rules.reconcile_ahead(raw, plan)
+    aggregated = aggregate_many(raw, timeframes)
+    run_rules.reconcile_ahead(raw, plan, aggregated)
     settled()
 
     def not_here(source: pd.DataFrame, timeframe) -> pd.DataFrame:
         raise AssertionError("recomputed in the caller instead of taking the worker's")
 
     monkeypatch.setattr(comparison, "expected_bars", not_here)
-    wrong = aggregate_many(raw, [tf])[tf]
+    finer = None if plan[tf] is None else aggregated[plan[tf]]
+    wrong = aggregated[tf]
     wrong.loc[10, "high"] = wrong.loc[10, "high"] + 0.25  # a kernel off on one bar
-    results = run_rules.run_aggregated_rules(wrong, raw, MARCH, tf)
+    results = run_rules.run_aggregated_rules(wrong, raw, MARCH, tf, built_from=finer)
     reconciled = next(r for r in results if r.rule == RULE_RECONCILED)
     assert not reconciled.passed and reconciled.extra["differing_bars"] == 1
-    assert ahead.take(raw, ("expected bars", tf.nanos)) is None  # it was taken
+    source = raw if finer is None else finer
+    assert ahead.take(source, ("expected bars", tf.nanos)) is None  # it was taken

@@ -141,13 +141,22 @@ def run_raw_rules(
     return [runners[name]() for name in RAW_RULES if name in wanted]
 
 
-def reconcile_ahead(raw: pd.DataFrame, plan: Mapping[Timeframe, Timeframe | None]) -> None:
-    """Begin, in a worker thread, what reconciliation recomputes from ``raw`` for each
-    timeframe ``plan`` builds from raw itself (see :func:`~.aggregate.built_from`), so that
-    it runs while the kernel aggregates; :func:`run_aggregated_rules` on ``raw`` takes it."""
+def reconcile_ahead(
+    raw: pd.DataFrame,
+    plan: Mapping[Timeframe, Timeframe | None],
+    built: Mapping[Timeframe, pd.DataFrame] | None = None,
+) -> None:
+    """Begin, in a worker thread, what reconciliation recomputes for the timeframes of
+    ``plan`` (see :func:`~.aggregate.built_from`): without ``built``, those built from
+    ``raw`` itself, from ``raw``, so that it runs while the kernel aggregates; with
+    ``built`` (the bars just aggregated), the others, each from the finer bars it was built
+    from, so that it runs while the finer timeframe's rules do. :func:`run_aggregated_rules`
+    of bars reconciled from that very frame takes it."""
     for timeframe, finer in plan.items():
-        if finer is None:
+        if built is None and finer is None:
             expect_ahead(raw, timeframe)
+        elif built is not None and finer is not None and finer in built:
+            expect_ahead(built[finer], timeframe)
 
 
 def run_aggregated_rules(
