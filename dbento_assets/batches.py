@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -37,6 +38,7 @@ from pydantic import BaseModel, Field
 from dbento_assets.checks import blocking
 from dbento_assets.core.settings import read
 from dbento_assets.io_managers import BarFileIOManager
+from dbento_assets.names import MONTHLY_JOB
 from dbento_assets.partitions import Partition
 
 # What builds one partition: the events a run of that partition alone would yield.
@@ -47,12 +49,15 @@ Build = Callable[
 
 # Dagster warns, each time it loads a job holding both the raw asset (a month a run: each
 # download in a run of its own) and the batched bars, that a backfill of that job runs one
-# partition per run. That is what this project wants of such a job (``monthly_bars_job``, or
-# ``dagster asset materialize`` of every asset); a backfill of the bars alone is batched. A
-# user would read it at each start of the UI as something to fix.
+# partition per run. That is what this project wants of its own such jobs (the monthly job,
+# the implicit job of every asset, and that of ``dagster asset materialize``); a backfill of
+# the bars alone is batched. A user would read it at each start of the UI as something to
+# fix. Any other job keeps the warning.
+_MIXED_ON_PURPOSE = (MONTHLY_JOB, "__ASSET_JOB", "__ephemeral_asset_job__")
 warnings.filterwarnings(
     "ignore",
-    message=r"Asset job \S+ materializes assets with varying BackfillPolicies",
+    message=rf"Asset job ({'|'.join(map(re.escape, _MIXED_ON_PURPOSE))}) materializes assets "
+    "with varying BackfillPolicies",
     category=UserWarning,
 )
 

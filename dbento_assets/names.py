@@ -1,4 +1,5 @@
-"""Asset names: ``raw_1s_bars`` and one ``bars_<tf>`` per catalog timeframe.
+"""Asset names: ``raw_1s_bars`` and one ``bars_<tf>`` per catalog timeframe (and the monthly
+job's name).
 
 The one module that builds an asset name from a timeframe or reads the timeframe back from a
 name; every other module asks here.
@@ -14,6 +15,7 @@ RAW_ASSET = "raw_1s_bars"
 RAW_KEY = AssetKey(RAW_ASSET)
 BARS_PREFIX = "bars_"
 CATALOG_METADATA_KEY = "dbento/catalog"  # the Definitions' metadata: its catalog file
+MONTHLY_JOB = "monthly_bars_job"  # the job of the monthly schedule: raw and bars of a month
 
 
 def bars_asset_name(timeframe: Timeframe) -> str:

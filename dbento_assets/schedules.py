@@ -27,9 +27,10 @@ from dagster import (
 from dbento_assets.assets import WHOLE_MONTH_TAG, build_assets
 from dbento_assets.core.catalog import Catalog
 from dbento_assets.core.months import Month
+from dbento_assets.names import MONTHLY_JOB
 from dbento_assets.partitions import partition_key
 
-JOB_NAME = "monthly_bars_job"
+JOB_NAME = MONTHLY_JOB
 SCHEDULE_NAME = "monthly_bars_schedule"
 # 06:00 UTC on the 2nd: the month's last second became historical at 23:59:59 on the 1st, and
 # six more hours let Databento's end-of-day processing finish (a day reads "pending" until then).

@@ -177,10 +177,19 @@ def test_loading_the_code_location_warns_of_nothing_about_backfill_policies(tmp_
     # the batched bars' (the monthly job, or every asset at once); the mix is on purpose and
     # documented, and a user would read the warning at each start of the UI as a fault.
     code = (
+        "from dagster import AssetSelection, Definitions, define_asset_job\n"
         "from dbento_assets.definitions import defs\n"
         "names = [job.name for job in defs.resolve_all_job_defs()]\n"
         "defs.resolve_implicit_global_asset_job_def()\n"
         "print(names)\n"
+        # Another job mixing the same policies (by mistake, say) keeps its warning.
+        "other = define_asset_job('another_job', selection=AssetSelection.all())\n"
+        "mixed = Definitions(assets=list(defs.assets), resources=dict(defs.resources), "
+        "jobs=[other])\n"
+        "try:\n"
+        "    mixed.resolve_job_def('another_job')\n"
+        "except Exception as error:  # Dagster raises the warning wrapped in its own error\n"
+        "    print('another job:', error.__cause__)\n"
     )
     env = {**os.environ, "DBENTO_SOURCE": "demo", "DAGSTER_HOME": str(tmp_path)}
     env.pop("DBENTO_BACKFILL_BATCH", None)  # the default batch: the policies differ
@@ -195,3 +204,4 @@ def test_loading_the_code_location_warns_of_nothing_about_backfill_policies(tmp_
     assert done.returncode == 0, done.stderr
     assert JOB_NAME in done.stdout
     assert "BackfillPolicies" not in done.stderr
+    assert "another job: Asset job another_job materializes assets with varying" in done.stdout
