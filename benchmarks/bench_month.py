@@ -173,7 +173,8 @@ def step_bars(
     if not proven:
         with clock("raw gate (rules again)"):
             run_raw_rules(raw, month_, instrument, rules=RAW_BLOCKING_RULES)
-    timeframes = [parse_timeframe(label) for label in labels]
+    # Finest first, as the bars step judges them.
+    timeframes = sorted((parse_timeframe(label) for label in labels), key=lambda tf: tf.nanos)
     plan = built_from(timeframes)
     with clock("recomputation from raw begun ahead (started)"):
         reconcile_ahead(raw, plan)  # as the bars step does: beside the aggregation

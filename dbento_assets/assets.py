@@ -441,7 +441,11 @@ def build_bars_assets(
     raw too) before it is yielded; a timeframe failing a blocking rule is not yielded, the
     others are, and the step then fails naming it.
     """
-    by_name = {bars_asset_name(tf): tf for tf in catalog.timeframes}
+    # Finest first, whatever the catalog's order: each timeframe is then judged after the
+    # finer one it is built and reconciled from.
+    by_name = {
+        bars_asset_name(tf): tf for tf in sorted(catalog.timeframes, key=lambda tf: tf.nanos)
+    }
 
     @multi_asset(
         name="aggregate_bars",
@@ -494,7 +498,8 @@ def build_bars_assets(
         # A whole month only (a partial month's bars and raw are cut first): what
         # reconciliation recomputes from raw is begun beside the aggregation, each file is
         # encoded while the rules judge it, and what it recomputes from finer bars is begun
-        # while the finer timeframe is judged.
+        # while the finest timeframe is judged (after the encodings: each write comes right
+        # after its rules; the other order measured no faster).
         if through_ns is None:
             reconcile_ahead(raw, plan)
         aggregated = aggregate_many(raw, selected)

@@ -141,12 +141,21 @@ def test_demo_materialization_is_byte_identical_twice(tmp_path):
     assert without_write_times(files_under(first)) == without_write_times(b)
 
 
-def test_work_is_done_ahead_in_the_worker_thread_and_files_are_the_same(tmp_path, monkeypatch):
+@pytest.mark.parametrize("timeframes", [["15s", "30s", "1min"], ["1min", "30s", "15s"]])
+def test_work_is_done_ahead_in_the_worker_thread_and_files_are_the_same(
+    tmp_path, monkeypatch, timeframes
+):
     # The raw step begins encoding its file before the raw rules, the bars step each bar file
     # before that timeframe's rules: no write has to encode its frame itself. The bars step
     # begins reconciliation's recomputation of the 15s bars from raw before it aggregates,
     # and that of 30s and 1min from the finer bars once aggregated: none is recomputed in
-    # the step's own thread. The files are exactly those written without any of it.
+    # the step's own thread, whatever the order of the catalog's timeframes. The files are
+    # exactly those written without any of it.
+    catalog_file = tmp_path / "catalog.toml"
+    old = 'timeframes = ["15s", "30s", "1min"]'
+    catalog_file.write_text(DEFAULT_CATALOG.read_text().replace(old, f"timeframes = {timeframes}"))
+    catalog = load_catalog(str(catalog_file))
+    assert [tf.label for tf in catalog.timeframes] == timeframes
     plain, early = tmp_path / "plain", tmp_path / "early"
     monkeypatch.setattr(BarStore, "encode_ahead", lambda self, frame: None)
     monkeypatch.setattr(assets, "reconcile_ahead", lambda *args: None)
@@ -175,7 +184,7 @@ def test_work_is_done_ahead_in_the_worker_thread_and_files_are_the_same(tmp_path
         return expected(arrays, timeframe)
 
     monkeypatch.setattr(comparison, "_expected", where)
-    assert run_partition(early).success
+    assert run_partition(early, catalog=catalog).success
     assert begun == [True] * 4  # raw, then 15s, 30s and 1min
     assert recomputed == [(label, "dbento-ahead") for label in ("15s", "30s", "1min")]
     files = files_under(early)
