@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -205,3 +206,30 @@ def test_loading_the_code_location_warns_of_nothing_about_backfill_policies(tmp_
     assert JOB_NAME in done.stdout
     assert "BackfillPolicies" not in done.stderr
     assert "another job: Asset job another_job materializes assets with varying" in done.stdout
+
+
+def test_describing_the_schedules_to_the_ui_warns_of_nothing(tmp_path):
+    # Dagster reads its own deprecated ScheduleDefinition.environment_vars to describe each
+    # schedule to the UI: a DeprecationWarning per schedule at each start of the UI, about
+    # nothing a user of this project can change.
+    code = (
+        "import json, warnings\n"
+        "from dbento_assets.definitions import defs\n"
+        "names = [s.name for s in defs.get_repository_def().schedule_defs]\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    for name in names:\n"
+        "        defs.resolve_schedule_def(name).environment_vars\n"
+        "print(json.dumps({'schedules': names, 'warnings': [str(w.message) for w in seen]}))\n"
+    )
+    env = {**os.environ, "DBENTO_SOURCE": "demo", "DAGSTER_HOME": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-W", "always::DeprecationWarning", "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    said = json.loads(done.stdout.strip().splitlines()[-1])
+    assert SCHEDULE_NAME in said["schedules"] and said["warnings"] == [], said
