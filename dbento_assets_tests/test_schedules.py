@@ -192,17 +192,7 @@ def test_loading_the_code_location_warns_of_nothing_about_backfill_policies(tmp_
         "except Exception as error:  # Dagster raises the warning wrapped in its own error\n"
         "    print('another job:', error.__cause__)\n"
     )
-    env = {**os.environ, "DBENTO_SOURCE": "demo", "DAGSTER_HOME": str(tmp_path)}
-    env.pop("DBENTO_BACKFILL_BATCH", None)  # the default batch: the policies differ
-    done = subprocess.run(
-        [sys.executable, "-W", "error::UserWarning", "-c", code],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
+    done = fresh_python(code, "error::UserWarning", tmp_path)
     assert JOB_NAME in done.stdout
     assert "BackfillPolicies" not in done.stderr
     assert "another job: Asset job another_job materializes assets with varying" in done.stdout
@@ -221,15 +211,24 @@ def test_describing_the_schedules_to_the_ui_warns_of_nothing(tmp_path):
         "        defs.resolve_schedule_def(name).environment_vars\n"
         "print(json.dumps({'schedules': names, 'warnings': [str(w.message) for w in seen]}))\n"
     )
-    env = {**os.environ, "DBENTO_SOURCE": "demo", "DAGSTER_HOME": str(tmp_path)}
+    done = fresh_python(code, "always::DeprecationWarning", tmp_path)
+    said = json.loads(done.stdout.strip().splitlines()[-1])
+    assert SCHEDULE_NAME in said["schedules"] and said["warnings"] == [], said
+
+
+def fresh_python(code: str, warning_option: str, home: Path) -> subprocess.CompletedProcess[str]:
+    """``code`` run by a new interpreter with ``-W warning_option``, the demo source and the
+    default settings (the default backfill batch: the raw and bars policies differ); it must
+    succeed."""
+    env = {**os.environ, "DBENTO_SOURCE": "demo", "DAGSTER_HOME": str(home)}
+    env.pop("DBENTO_BACKFILL_BATCH", None)
     done = subprocess.run(
-        [sys.executable, "-W", "always::DeprecationWarning", "-c", code],
-        cwd=tmp_path,
+        [sys.executable, "-W", warning_option, "-c", code],
+        cwd=home,
         env=env,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    said = json.loads(done.stdout.strip().splitlines()[-1])
-    assert SCHEDULE_NAME in said["schedules"] and said["warnings"] == [], said
+    return done
