@@ -326,7 +326,10 @@ def ui(streams: Streams, port: int, args: tuple[str, ...]) -> int:
             file=streams.err,
             flush=True,
         )
-        command = [sys.executable, "-m", "dagster", "dev", "-m", "dbento_assets"]
+        # Dagster's CLI warns at each start that `dagster dev` is superseded by `dg dev`, a
+        # tool this project does not install: a user following it would find no such command.
+        quiet = ["-W", "ignore:Function `dev_command` is superseded:FutureWarning"]
+        command = [sys.executable, *quiet, "-m", "dagster", "dev", "-m", "dbento_assets"]
         command += ["-h", "127.0.0.1", "-p", str(port), *args]
         os.execvp(command[0], command)
         return EXIT_OK  # not reached
