@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import databento
 import databento_dbn
 import numpy as np
 import pandas as pd
 import pytest
+import zstandard
 
 from dbento_assets.core import dbn
 from dbento_assets.core.catalog import load_catalog
 from dbento_assets.core.dbn import (
     DbnError,
+    TruncatedDbn,
     decode_month,
     encode_month,
     encode_ohlcv,
     ohlcv_records,
+    read_metadata,
 )
 from dbento_assets.core.months import Month
 
@@ -112,6 +119,57 @@ def test_wrong_schema_and_garbage_are_refused():
         decode_month([b"not dbn at all"], "ES", FEB)
     with pytest.raises(DbnError, match="schema 'trades'"):
         decode_month([one_minute], "QQQ", Month(2023, 3), schema="trades")
+
+
+SAMPLE_FILES = sorted(SAMPLES.glob("*/*.dbn.zst"))
+
+
+@pytest.mark.parametrize("sample", SAMPLE_FILES, ids=lambda p: f"{p.parent.name}-{p.name}")
+def test_a_header_is_read_as_the_real_client_reads_it(sample: Path):
+    expected = databento.DBNStore.from_file(sample).metadata
+    plain = zstandard.ZstdDecompressor().decompressobj().decompress(sample.read_bytes())
+    for payload in (sample, sample.read_bytes(), plain, str(sample)):
+        found = read_metadata(payload, schema=None)
+        assert found == expected and found.encode() == expected.encode()
+    assert str(read_metadata(sample, schema=str(expected.schema)).dataset) == sample.parent.name
+
+
+def test_a_header_cut_short_or_not_dbn_is_refused():
+    plain = zstandard.ZstdDecompressor().decompressobj().decompress(SAMPLE_FILES[0].read_bytes())
+    header = 8 + int.from_bytes(plain[4:8], "little")
+    for cut in (0, 3, 8, header // 2, header - 1):
+        for payload in (plain[:cut], zstandard.ZstdCompressor().compress(plain[:cut])):
+            with pytest.raises(TruncatedDbn, match="ends inside the DBN metadata header"):
+                read_metadata(payload, schema=None)
+    assert read_metadata(plain[:header], schema=None).dataset  # the header alone is whole
+    with pytest.raises(DbnError, match="bad magic"):
+        read_metadata(b"PK\x03\x04" + plain[4:], schema=None)
+    with pytest.raises(DbnError, match="cannot read DBN"):
+        read_metadata(b"DBN\x03" + (4).to_bytes(4, "little") + b"\xff" * 4, schema=None)
+
+
+def test_loading_the_code_location_and_reading_dbn_import_no_client(tmp_path: Path):
+    # The client and its HTTP stack cost about 15 MB and 0.3 s in each process that loads
+    # the code location (the UI, the daemon, every run); only a download needs them.
+    sample = SAMPLES / "GLBX.MDP3" / "test_data.ohlcv-1s.dbn.zst"
+    code = f"""
+import sys
+import dbento_assets.definitions
+from dbento_assets.core.dbn import check_dbn_file, decode_month
+from dbento_assets.core.dbn_files import DbnFilesSource
+from dbento_assets.core.months import Month
+month = Month(2020, 12)
+assert len(DbnFilesSource({str(SAMPLES)!r}).scan()) == {len(SAMPLE_FILES)}
+assert len(decode_month([{str(sample)!r}], "ES", month).bars) == 4
+assert check_dbn_file({str(sample)!r}, month.start_ns, month.end_ns).records == 4
+print(sorted(name for name in sys.modules if name.split(".")[0] in ("databento", "requests")))
+"""
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 def test_columns_grow_past_their_reserved_rows(monkeypatch):

@@ -17,7 +17,7 @@ import pandas as pd
 
 from dbento_assets.core.calendars import days_without_session
 from dbento_assets.core.catalog import Instrument, calendar_for
-from dbento_assets.core.dbn import DbnError, DbnPayload, DecodedMonth, open_store, read_records
+from dbento_assets.core.dbn import DbnError, DbnPayload, DecodedMonth, read_metadata, read_records
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import FetchedMonth, SourceError
 
@@ -55,7 +55,7 @@ def dbn_coverage(payloads: Iterable[DbnPayload], month: Month, schema: str) -> l
     windows = []
     for payload in payloads:
         try:
-            meta = open_store(payload, schema).metadata
+            meta = read_metadata(payload, schema)
         except DbnError:
             continue  # decoding has already judged the payload; coverage stays conservative
         start = max(int(meta.start), month.start_ns)
@@ -146,7 +146,7 @@ def require_whole_month(
             "dataset) and the data; nothing was stored."
         )
     for payload in fetched.payloads:
-        meta = open_store(payload).metadata
+        meta = read_metadata(payload)
         for field_name in ("partial", "not_found"):
             listed = {str(s) for s in getattr(meta, field_name, None) or []}
             if instrument.request_symbol in listed:

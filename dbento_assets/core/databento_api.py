@@ -17,13 +17,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import databento
 import pandas as pd
-import requests
 import tenacity
-from databento import BentoClientError, BentoError, BentoServerError
 
 from dbento_assets.core.catalog import Instrument, catalog_path, sent_symbol
 from dbento_assets.core.coverage import VendorMonth, dbn_coverage
@@ -56,6 +53,10 @@ from dbento_assets.core.source import (
     Logger,
     SourceError,
 )
+
+if TYPE_CHECKING:
+    import databento
+    from databento import BentoClientError, BentoServerError
 
 T = TypeVar("T")
 
@@ -832,6 +833,10 @@ class DatabentoSource:
 
     def _client_(self) -> databento.Historical:
         if self._client is None:
+            # Imported on first use: the client and its HTTP stack cost about 15 MB and 0.3 s
+            # in every process that loads the code location, and most never download.
+            import databento
+
             try:
                 client = databento.Historical(key=self._key, gateway=self.gateway)
             except ValueError as exc:
@@ -1017,16 +1022,19 @@ class DatabentoSource:
     ) -> T:
         """Run one API call under the retry policy (tenacity); faults become SourceError."""
 
+        import databento  # on first use, as in _client_
+        import requests
+
         def classified() -> T:
             try:
                 return fn()
             except (_Transient, SourceError):
                 raise
-            except BentoClientError as exc:
+            except databento.BentoClientError as exc:
                 raise self._client_fault(exc, what, inst, month) from None
-            except BentoServerError as exc:
+            except databento.BentoServerError as exc:
                 raise _Transient(f"HTTP {exc.http_status} {self._detail(exc)}") from None
-            except (BentoError, requests.RequestException, ConnectionError) as exc:
+            except (databento.BentoError, requests.RequestException, ConnectionError) as exc:
                 raise _Transient(f"{type(exc).__name__}: {self._scrub(str(exc))}") from None
 
         def wait(state: tenacity.RetryCallState) -> float:

@@ -1,25 +1,22 @@
 """DBN in and out: the one decoding path every source's ohlcv records take.
 
 :func:`decode_month` turns DBN payloads into the sorted bar frame of
-:mod:`dbento_assets.core.bars`, keeping the month window. :func:`verified_chunks` reads the
-records in one pass that also proves the payload whole (:class:`TruncatedDbn`), as the client
-itself only warns. :func:`encode_ohlcv` writes DBN for the demo source, filtered files and the
-test gateway.
+:mod:`dbento_assets.core.bars`, keeping the month window. :func:`read_metadata` reads a
+header; :func:`verified_chunks` reads the records in one pass that also proves the payload
+whole (:class:`TruncatedDbn`), as the client itself only warns. :func:`encode_ohlcv` writes
+DBN for the demo source, filtered files and the test gateway.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol, TypeVar, cast
 
-import databento
 import databento_dbn
 import numpy as np
 import pandas as pd
@@ -85,47 +82,57 @@ class TruncatedDbn(DbnError):
     """A DBN file or stream that ends early (cut mid-frame, mid-header or mid-record)."""
 
 
-# databento 0.88 exports no public name for its BentoWarning, so its one truncation warning
-# ("DBN file is truncated or contains an incomplete record") is matched by its text.
-_TRUNCATION_WARNING = r"(?i).*truncated.*"
+def read_metadata(payload: DbnPayload, schema: str | None = "ohlcv-1s") -> databento_dbn.Metadata:
+    """The metadata header of one DBN payload (bytes or a file path, zstd or not), its schema
+    checked (``None``: any schema, to read the header of any DBN file).
 
-
-@contextlib.contextmanager
-def _truncation_is_an_error(payload: DbnPayload) -> Iterator[None]:
-    """Turn the client's truncation warning into :class:`TruncatedDbn` naming the payload."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=_TRUNCATION_WARNING)
-        try:
-            yield
-        except Warning as warning:
-            raise TruncatedDbn(f"{_describe(payload)} is truncated: {warning}") from None
-
-
-def open_store(payload: DbnPayload, schema: str | None = "ohlcv-1s") -> databento.DBNStore:
-    """Open one DBN payload (bytes or a file path, zstd or not) and check its schema
-    (``None``: any schema, to read the metadata header of any DBN file).
-
-    Only the metadata header is read here; :func:`verified_chunks` reads the records.
+    Only the header is read; :func:`verified_chunks` reads the records. It is decoded by
+    ``databento_dbn`` as the client itself does, without importing the client: every process
+    that loads the code location reads headers, and few of them download.
     """
     if schema is not None:
         _rtype(schema)
+    with _opened(payload) as handle:
+        compressed = handle.read(4) == _ZSTD_MAGIC
+        handle.seek(0)
+        reader = handle
+        if compressed:
+            stream = zstandard.ZstdDecompressor().stream_reader(handle, read_across_frames=True)
+            reader = cast(BinaryIO, stream)
+        try:
+            prefix = _read_exactly(reader, 8, payload)
+            if prefix[:3] != _DBN_MAGIC:
+                raise DbnError(f"cannot read DBN from {_describe(payload)}: bad magic")
+            header = prefix + _read_exactly(reader, int.from_bytes(prefix[4:8], "little"), payload)
+        except zstandard.ZstdError as exc:
+            raise DbnError(f"cannot read DBN from {_describe(payload)}: {exc}") from None
     try:
-        with _truncation_is_an_error(payload):
-            # BytesIO, not the bytes themselves: from_bytes(bytes) keeps repr(payload) as the
-            # source name, which costs a copy of the whole month in text.
-            store = (
-                databento.DBNStore.from_bytes(io.BytesIO(payload))
-                if isinstance(payload, bytes | bytearray | memoryview)
-                else databento.DBNStore.from_file(Path(payload))
-            )
-    except TruncatedDbn:
-        raise
-    except Exception as exc:  # the client raises several types for unreadable input
+        metadata = databento_dbn.Metadata.decode(
+            header, upgrade_policy=databento_dbn.VersionUpgradePolicy.AS_IS
+        )
+    except Exception as exc:  # databento_dbn raises its own error types for a bad header
         raise DbnError(f"cannot read DBN from {_describe(payload)}: {exc}") from exc
-    found = store.schema
+    found = metadata.schema
     if schema is not None and found is not None and str(found) != schema:
         raise DbnError(f"{_describe(payload)} holds schema {found}, expected {schema}")
-    return store
+    return metadata
+
+
+def _opened(payload: DbnPayload) -> BinaryIO:
+    return (
+        io.BytesIO(payload)
+        if isinstance(payload, bytes | bytearray | memoryview)
+        else Path(payload).open("rb")
+    )
+
+
+def _read_exactly(reader: BinaryIO, size: int, payload: DbnPayload) -> bytes:
+    data = b""
+    while len(data) < size and (more := reader.read(size - len(data))):
+        data += more
+    if len(data) < size:
+        raise TruncatedDbn(f"{_describe(payload)} ends inside the DBN metadata header")
+    return data
 
 
 def verified_chunks(
@@ -205,11 +212,7 @@ def _decompressed(payload: DbnPayload, digest: Digest | None, ahead: int) -> Ite
     """The payload's bytes, decompressed when zstd: ``ahead`` bytes at a time decompressed
     in a worker thread while the caller uses the ones before (its chunk size: the worker
     then keeps the caller busy, and memory stays a few chunks)."""
-    with (
-        io.BytesIO(payload)
-        if isinstance(payload, bytes | bytearray | memoryview)
-        else Path(payload).open("rb")
-    ) as handle:
+    with _opened(payload) as handle:
         head = handle.read(4)
         handle.seek(0)
         if head != _ZSTD_MAGIC:
@@ -281,10 +284,10 @@ def read_records(
     payload: DbnPayload, schema: str = "ohlcv-1s"
 ) -> tuple[np.ndarray, databento_dbn.Metadata]:
     """All records of one DBN payload of ``schema``, with its metadata (proved whole)."""
-    store = open_store(payload, schema)
+    metadata = read_metadata(payload, schema)
     chunks = list(verified_chunks(payload, schema))
     records = np.concatenate(chunks) if chunks else np.empty(0, dtype=OHLCV_RECORD_DTYPE)
-    return records, store.metadata
+    return records, metadata
 
 
 def decode_month(
@@ -314,7 +317,7 @@ def decode_month(
     read = 0
     wanted = None if instrument_ids is None else np.fromiter(instrument_ids, dtype="uint32")
     for payload in payloads:
-        datasets.add(str(open_store(payload, schema).metadata.dataset))
+        datasets.add(str(read_metadata(payload, schema).dataset))
         for chunk in verified_chunks(payload, schema):
             read += len(chunk)
             ts = chunk["ts_event"]

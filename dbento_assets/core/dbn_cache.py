@@ -29,7 +29,7 @@ from filelock import FileLock, Timeout
 from upath import UPath
 
 from dbento_assets.core.catalog import sent_symbol
-from dbento_assets.core.dbn import DbnError, check_dbn_file, open_store
+from dbento_assets.core.dbn import DbnError, check_dbn_file, read_metadata
 from dbento_assets.core.months import Month
 from dbento_assets.core.source import DownloadRefused, SourceError
 from dbento_assets.core.storage import disk_full_text, fsync_dir, is_disk_full, write_atomic
@@ -215,7 +215,7 @@ def _requested(path: Path) -> dict[str, str]:
     """The dataset, ``stype_in`` and (single) request symbol a DBN file's header names; what
     it cannot tell is left out."""
     try:
-        meta = open_store(path, None).metadata
+        meta = read_metadata(path, None)
     except (DbnError, OSError, ValueError):
         return {}
     found = {

@@ -34,7 +34,7 @@ from dbento_assets.core.dbn import (
     DbnPayload,
     decode_month,
     encode_ohlcv,
-    open_store,
+    read_metadata,
     read_records,
 )
 from dbento_assets.core.months import Month
@@ -294,7 +294,7 @@ class DbnFilesSource:
 
 def _read_info(path: Path) -> DbnFileInfo:
     try:
-        meta = open_store(path, schema=None).metadata  # the header only, any schema
+        meta = read_metadata(path, schema=None)  # the header only, any schema
     except DbnError as exc:
         raise SourceError(f"cannot read the DBN file {path}: {exc}") from None
     mappings: dict[str, list[tuple[dt.date, dt.date, str]]] = {}

@@ -20,7 +20,6 @@ from zoneinfo import ZoneInfo
 import exchange_calendars as xcals
 import numpy as np
 import pandas as pd
-from databento import Publisher
 
 from dbento_assets.core.catalog import Instrument, calendar_for
 from dbento_assets.core.dbn import PRICE_SCALE, encode_month, ohlcv_records
@@ -512,6 +511,8 @@ def _tick_fixed_point(tick: float) -> int:
 
 def _publisher_id(dataset: str) -> int:
     """The dataset's own consolidated publisher (GLBX.MDP3.GLBX = 1, EQUS.MINI.EQUS = 95)."""
+    from databento import Publisher  # on first use, see DatabentoSource._client_
+
     venue = dataset.split(".")[0]
     for publisher in Publisher:
         if str(publisher.dataset) == dataset and str(publisher.venue) == venue:
