@@ -28,7 +28,9 @@ then measures, in the same run and each in a fresh process (time and peak RSS):
     default) and once without it (the bars step reads the raw file).
 
 In (a) and (b) interpreter start-up and imports are outside the timing; (c) is what a user
-waits for, start-up included. Every process runs as the README's install makes it, without the
+waits for, start-up included. For (a) and (c) it also prints the floor of a design that holds
+the raw month as one frame: the memory before any work (after the imports; for (c) the
+process as its first step starts) plus that frame alone. Every process runs as the README's install makes it, without the
 test-only package hypothesis (pandera imports it on its first validation when it is there;
 ``--with-test-extras`` keeps it). Run: ``python benchmarks/bench_month.py`` (``--repeat 3`` keeps
 the best of three).
@@ -45,6 +47,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -297,12 +300,34 @@ def through_dagster(dbn: Path, out: Path, handoff: bool) -> dict[str, float]:
     cmd = [dagster, "asset", "materialize", "-m", "dbento_assets.definitions"]
     cmd += ["--select", "*", "--partition", PARTITION]
     start = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=out)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=out
+    )
+    # Its memory as the first step starts (the CLI, Dagster, the code location and the
+    # instance loaded; no bar yet): what one partition's work adds to at the least.
+    sampled = [0.0]
+    sampler = threading.Thread(target=_sample_rss, args=(proc, sampled), daemon=True)
+    sampler.start()
+    before_work = 0.0
+    assert proc.stderr is not None
+    log = []
+    for line in proc.stderr:
+        log.append(line)
+        if not before_work and "STEP_START" in line:
+            before_work = sampled[0]
+    proc.wait()
     wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"dagster asset materialize failed:\n{done.stderr[-3000:]}")
+    if proc.returncode != 0:
+        raise SystemExit(f"dagster asset materialize failed:\n{''.join(log)[-3000:]}")
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"seconds": wall, "peak_rss_mb": rss}
+    return {"seconds": wall, "peak_rss_mb": rss, "imports_mb": before_work}
+
+
+def _sample_rss(proc: subprocess.Popen[str], last: list[float]) -> None:
+    """Keep ``last[0]`` the process's resident memory, read every 5 ms while it runs."""
+    while proc.poll() is None:
+        last[0] = rss_mb(proc.pid) or last[0]
+        time.sleep(0.005)
 
 
 # --------------------------------------------------------------------------- processes
@@ -320,13 +345,13 @@ def child(kind: str, dbn: Path, out: Path) -> None:
         from dbento_assets.core.storage import share_system_allocator
 
         share_system_allocator()  # as the IO manager does when a run starts
-    # Import what any piece uses before the clock starts: start-up is not the pipeline.
-    import databento  # noqa: F401
+    # Import what the piece uses before the clock starts: start-up is not the pipeline.
     import pandas  # noqa: F401
     import pyarrow.csv
     import pyarrow.parquet  # noqa: F401
 
     if kind == "seed":
+        import databento  # noqa: F401  (the seed decodes with the client; we do not)
         import pandera.pandas  # noqa: F401
     else:
         import dbento_assets.core.aggregate
@@ -335,8 +360,12 @@ def child(kind: str, dbn: Path, out: Path) -> None:
         import dbento_assets.core.storage  # noqa: F401
 
     clock = Clock()
+    floor: dict[str, float] = {"imports_mb": rss_mb()}
     if kind == "ours":
-        step_bars(out, clock, raw=step_raw(dbn, out, clock))
+        raw = step_raw(dbn, out, clock)
+        floor["raw_frame_mb"] = float(raw.memory_usage(deep=True).sum()) / 2**20
+        step_bars(out, clock, raw=raw)
+        del raw
     elif kind == "raw":
         step_raw(dbn, out, clock)
     elif kind == "bars":
@@ -344,18 +373,28 @@ def child(kind: str, dbn: Path, out: Path) -> None:
     elif kind == "seed":
         seed(dbn, out, clock)
     seconds = sum(clock.stages.values())
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "stages": clock.stages}))
+    peak = peak_rss_mb()
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, "stages": clock.stages, **floor}))
 
 
 def peak_rss_mb() -> float:
     """This process's peak resident memory. VmHWM belongs to the process image, so unlike
     ``ru_maxrss`` it does not inherit the parent's high-water mark across fork and exec."""
-    status = Path("/proc/self/status")
-    if status.exists():
+    return _status_mb("self", "VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb(pid: int | str = "self") -> float:
+    """A process's resident memory now (0 where /proc is missing)."""
+    return _status_mb(pid, "VmRSS")
+
+
+def _status_mb(pid: int | str, field: str) -> float:
+    status = Path(f"/proc/{pid}/status")
+    with contextlib.suppress(OSError):
         for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return 0.0
 
 
 def as_installed(folder: Path) -> dict[str, str]:
@@ -392,11 +431,23 @@ def measure(kinds: list[str], dbn: Path, repeat: int, env: dict[str, str] | None
             "seconds": sum(r["seconds"] for r in runs),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
             "stages": stages,
+            **{k: max(r.get(k, 0.0) for r in runs) for k in ("imports_mb", "raw_frame_mb")},
         }
         if best is None or total["seconds"] < best["seconds"]:
             best = total
     assert best is not None
     return best
+
+
+def floor_text(run: dict, ref: dict, before: str) -> str:
+    """The least peak a whole-month design can have: the memory before any work plus the raw
+    month's frame alone (no file buffer, no rule or aggregation temporary)."""
+    least = run["imports_mb"] + run["raw_frame_mb"]
+    return (
+        f"  floor: {before} {run['imports_mb']:.0f} MB + the raw month's frame "
+        f"{run['raw_frame_mb']:.0f} MB = {least:.0f} MB = {least / ref['peak_rss_mb']:.2f} of the "
+        "seed's peak"
+    )
 
 
 def stage_text(stages: Stages) -> str:
@@ -440,14 +491,18 @@ def main() -> None:
             "whole partition, rules included, one process (in-process executor)": ["ours"],
             "whole partition, rules included, a process per step (files only)": ["raw", "bars"],
         }
+        frame = 0.0
         for name, kinds in variants.items():
             ours = measure(kinds, dbn, args.repeat, env)
+            frame = frame or ours["raw_frame_mb"]
             print(
                 f"dbento_assets [parquet], {name}: {ours['seconds']:.3f} s -> "
                 f"{ref['seconds'] / ours['seconds']:.1f}x faster than the seed; peak RSS "
                 f"{ours['peak_rss_mb']:.0f} MB = {ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}"
                 f" of the seed's\n  stages (s): {stage_text(ours['stages'])}"
             )
+            if ours["raw_frame_mb"]:
+                print(floor_text(ours, ref, "the imports"))
         for kind, name in [("dagster", "with"), ("dagster-files", "without")]:
             run = measure([kind], dbn, args.repeat, env)
             print(
@@ -456,6 +511,8 @@ def main() -> None:
                 f"seed's time; peak RSS {run['peak_rss_mb']:.0f} MB = "
                 f"{run['peak_rss_mb'] / ref['peak_rss_mb']:.2f} of the seed's"
             )
+            before = "the process as its first step starts"
+            print(floor_text({**run, "raw_frame_mb": frame}, ref, before))
 
 
 if __name__ == "__main__":
