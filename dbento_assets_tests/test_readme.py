@@ -437,3 +437,5 @@ def test_12_python_snippets_read_the_bars(sandbox):
 def test_13_benchmark_prints_its_ratios(sandbox):
     out = sandbox.run(line_matching(BENCHMARK), timeout=900).stdout
     assert "reference" in out and "x faster" in out and "validation rules" in out
+    # The floor of the whole-month design: in one process, and through Dagster twice.
+    assert len(re.findall(r"floor: .* = \d+ MB = 0\.\d\d of the seed's peak", out)) == 3
