@@ -597,7 +597,7 @@ def _build_in_processes(
     A process that dies leaves its partitions not built, each reported failed with its exit
     code, and its run in progress cancelled. An interrupt (Ctrl-C, SIGTERM) stops every
     process, each after its run in progress has ended; the partitions not reached are left
-    for the caller to list."""
+    for the caller to list, as they are when an interrupt reaches a process and not this one."""
     context = multiprocessing.get_context("spawn")
     outcomes = context.Queue()
     # Set on an interrupt, so a process whose run ends before the interrupt is passed on to
@@ -635,6 +635,11 @@ def _build_in_processes(
     if interrupted:
         return
     for index, worker in enumerate(workers):
+        if worker.exitcode == 0:
+            # It stopped as told: an interrupt reached it and not this process (which ignores
+            # SIGINT when a shell started it in the background). What it did not reach is
+            # listed as not started, as after a Ctrl-C, not as failed.
+            continue
         for name in partitions[index::processes]:
             if name not in reported:
                 message = (

@@ -389,18 +389,25 @@ def half_done(tmp_path: Path) -> list[str]:
     return [f for f in stored(tmp_path) if ".part" in f or ".tmp" in f or f.endswith(".parquet")]
 
 
+def ignore_ctrl_c() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @pytest.mark.parametrize(
-    ("sig", "group"),
+    ("sig", "group", "ignored"),
     # SIGINT to the command alone: test_a_build_process_whose_run_ends_after_a_stop_...
-    [(signal.SIGINT, True), (signal.SIGTERM, False)],
-    ids=["ctrl-c", "sigterm-to-the-command"],
+    [(signal.SIGINT, True, False), (signal.SIGTERM, False, False), (signal.SIGINT, True, True)],
+    ids=["ctrl-c", "sigterm-to-the-command", "ctrl-c-to-a-command-started-in-the-background"],
 )
 def test_a_stopped_build_stops_every_process_and_leaves_nothing_half_done(
-    gateway, tmp_path, sig, group
+    gateway, tmp_path, sig, group, ignored
 ):
     # Ctrl-C in a terminal signals the whole group; kill or a supervisor the command alone,
-    # which passes it on.
-    env, process = two_downloads_held(gateway, tmp_path, start_new_session=True)
+    # which passes it on. A shell starts a command in the background (`cmd &` in a script)
+    # ignoring SIGINT: only its build processes stop then, and the command must still tell
+    # the partitions they did not reach as stopped, not as failed.
+    popen: dict[str, Any] = {"preexec_fn": ignore_ctrl_c} if ignored else {}
+    env, process = two_downloads_held(gateway, tmp_path, start_new_session=True, **popen)
     if group:
         os.killpg(process.pid, sig)
     else:
