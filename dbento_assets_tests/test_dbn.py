@@ -146,6 +146,8 @@ def test_a_header_cut_short_or_not_dbn_is_refused():
         read_metadata(b"PK\x03\x04" + plain[4:], schema=None)
     with pytest.raises(DbnError, match="cannot read DBN"):
         read_metadata(b"DBN\x03" + (4).to_bytes(4, "little") + b"\xff" * 4, schema=None)
+    with pytest.raises(DbnError, match=r"cannot read DBN from .*missing\.dbn\.zst"):
+        read_metadata(SAMPLES / "missing.dbn.zst", schema=None)  # as the client's reader did
 
 
 def test_loading_the_code_location_and_reading_dbn_import_no_client(tmp_path: Path):

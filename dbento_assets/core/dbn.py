@@ -92,20 +92,20 @@ def read_metadata(payload: DbnPayload, schema: str | None = "ohlcv-1s") -> datab
     """
     if schema is not None:
         _rtype(schema)
-    with _opened(payload) as handle:
-        compressed = handle.read(4) == _ZSTD_MAGIC
-        handle.seek(0)
-        reader = handle
-        if compressed:
-            stream = zstandard.ZstdDecompressor().stream_reader(handle, read_across_frames=True)
-            reader = cast(BinaryIO, stream)
-        try:
+    try:
+        with _opened(payload) as handle:
+            compressed = handle.read(4) == _ZSTD_MAGIC
+            handle.seek(0)
+            reader = handle
+            if compressed:
+                stream = zstandard.ZstdDecompressor().stream_reader(handle, read_across_frames=True)
+                reader = cast(BinaryIO, stream)
             prefix = _read_exactly(reader, 8, payload)
             if prefix[:3] != _DBN_MAGIC:
                 raise DbnError(f"cannot read DBN from {_describe(payload)}: bad magic")
             header = prefix + _read_exactly(reader, int.from_bytes(prefix[4:8], "little"), payload)
-        except zstandard.ZstdError as exc:
-            raise DbnError(f"cannot read DBN from {_describe(payload)}: {exc}") from None
+    except (zstandard.ZstdError, OSError) as exc:  # a missing or unreadable file too
+        raise DbnError(f"cannot read DBN from {_describe(payload)}: {exc}") from None
     try:
         metadata = databento_dbn.Metadata.decode(
             header, upgrade_policy=databento_dbn.VersionUpgradePolicy.AS_IS
