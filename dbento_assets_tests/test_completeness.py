@@ -13,7 +13,6 @@ missing from a day-split folder, a request cut short by its ``limit``) fails too
 from __future__ import annotations
 
 import re
-import warnings
 from pathlib import Path
 
 import databento_dbn
@@ -108,16 +107,6 @@ def test_the_sample_cut_inside_its_metadata_header_is_truncated(tmp_path):
     path.write_bytes(data[: records_start(data) - 10])
     with pytest.raises(dbn.DbnError, match=re.escape(str(path))):
         decode_month([path], "ES", DEC20)
-
-
-def test_the_clients_truncation_warning_is_an_error(tmp_path):
-    # databento 0.88 has no public name for BentoWarning; the test raises the client's own.
-    from databento.common.error import BentoWarning
-
-    with pytest.raises(TruncatedDbn, match="truncated"), dbn._truncation_is_an_error(tmp_path):
-        warnings.warn(
-            BentoWarning("DBN file is truncated or contains an incomplete record"), stacklevel=1
-        )
 
 
 # --------------------------------------------------------------------------- a month file
