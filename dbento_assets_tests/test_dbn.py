@@ -150,6 +150,27 @@ def test_a_header_cut_short_or_not_dbn_is_refused():
         read_metadata(SAMPLES / "missing.dbn.zst", schema=None)  # as the client's reader did
 
 
+def test_a_header_claiming_gigabytes_is_truncated_without_reserving_them(tmp_path: Path):
+    # A foreign file under a DBN name can claim a 4 GB header; reading it must not reserve
+    # 4 GB (the child's address space is capped 1 GB above what it has).
+    plain = zstandard.ZstdDecompressor().decompressobj().decompress(SAMPLE_FILES[0].read_bytes())
+    path = tmp_path / "foreign.dbn"
+    path.write_bytes(plain[:4] + (4_000_000_000).to_bytes(4, "little") + plain[8:])
+    code = f"""
+import resource
+from dbento_assets.core.dbn import TruncatedDbn, read_metadata
+size = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + 2**30, resource.RLIM_INFINITY))
+try:
+    read_metadata({str(path)!r}, schema=None)
+except TruncatedDbn as exc:
+    print("truncated:", exc)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "truncated:" in done.stdout and "ends inside the DBN metadata header" in done.stdout
+
+
 def test_loading_the_code_location_and_reading_dbn_import_no_client(tmp_path: Path):
     # The client and its HTTP stack cost about 15 MB and 0.3 s in each process that loads
     # the code location (the UI, the daemon, every run); only a download needs them.

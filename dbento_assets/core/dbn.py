@@ -127,12 +127,15 @@ def _opened(payload: DbnPayload) -> BinaryIO:
 
 
 def _read_exactly(reader: BinaryIO, size: int, payload: DbnPayload) -> bytes:
-    data = b""
-    while len(data) < size and (more := reader.read(size - len(data))):
-        data += more
-    if len(data) < size:
+    # By pieces: a foreign file's header can claim gigabytes, which must not be reserved.
+    pieces: list[bytes] = []
+    left = size
+    while left > 0 and (more := reader.read(min(left, _READ_CHUNK))):
+        pieces.append(more)
+        left -= len(more)
+    if left > 0:
         raise TruncatedDbn(f"{_describe(payload)} ends inside the DBN metadata header")
-    return data
+    return b"".join(pieces)
 
 
 def verified_chunks(
