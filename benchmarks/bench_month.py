@@ -30,10 +30,10 @@ then measures, in the same run and each in a fresh process (time and peak RSS):
 In (a) and (b) interpreter start-up and imports are outside the timing; (c) is what a user
 waits for, start-up included. For (a) and (c) it also prints the floor of a design that holds
 the raw month as one frame: the memory before any work (after the imports; for (c) the
-process as its first step starts) plus that frame alone. Every process runs as the README's install makes it, without the
-test-only package hypothesis (pandera imports it on its first validation when it is there;
-``--with-test-extras`` keeps it). Run: ``python benchmarks/bench_month.py`` (``--repeat 3`` keeps
-the best of three).
+process as its first step starts) plus that frame alone. Every process runs as the README's
+install makes it, without the test-only package hypothesis (pandera imports it on its first
+validation when it is there; ``--with-test-extras`` keeps it). Run:
+``python benchmarks/bench_month.py`` (``--repeat 3`` keeps the best of three).
 """
 
 from __future__ import annotations
@@ -319,6 +319,8 @@ def through_dagster(dbn: Path, out: Path, handoff: bool) -> dict[str, float]:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"dagster asset materialize failed:\n{''.join(log)[-3000:]}")
+    if not before_work:
+        raise SystemExit("dagster asset materialize logged no STEP_START: no floor to print")
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"seconds": wall, "peak_rss_mb": rss, "imports_mb": before_work}
 

@@ -475,30 +475,35 @@ class _Share:
             job = defs.resolve_implicit_global_asset_job_def()
             asset_keys = selected_assets(defs, self.select)
             with DagsterInstance.from_ref(self.instance) as instance, _stop_signals() as signalled:
-                warm_up()
-                for outcome in _build_each(
-                    job,
-                    instance,
-                    partitions,
-                    asset_keys,
-                    self.tags,
-                    self.log_level,
+
+                def stop() -> bool:
                     # The command first: a command killed while it held the event's lock
                     # would leave is_set() waiting for ever.
-                    lambda: (
+                    return (
                         (command is not None and not command.is_alive())
                         or signalled()
                         or stopping.is_set()
-                    ),
+                    )
+
+                warm_up()
+                for outcome in _build_each(
+                    job, instance, partitions, asset_keys, self.tags, self.log_level, stop
                 ):
                     if outcome.stopped:  # a second interrupt must not cut the end
                         signal.signal(signal.SIGINT, signal.SIG_IGN)
                     outcomes.put(outcome)
                 # Stopped or done: the interrupt the command passes on must not cut the end.
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
+                stopped = stop()
         except KeyboardInterrupt:
-            pass  # between two runs: the parent tells what is left
+            stopped = True  # between two runs: the parent tells what is left
+        if stopped:
+            sys.exit(_STOPPED_EXIT)
 
+
+# A build process's exit code when it stopped as told, with partitions perhaps left (as a shell
+# reports a command Ctrl-C ended); any other ending with partitions left is a failure.
+_STOPPED_EXIT = 130
 
 # How long build processes get to stop by themselves after an interrupt (a terminal's Ctrl-C
 # reaches them too) before it is passed on to them, and then to end their runs before they
@@ -635,7 +640,7 @@ def _build_in_processes(
     if interrupted:
         return
     for index, worker in enumerate(workers):
-        if worker.exitcode == 0:
+        if worker.exitcode == _STOPPED_EXIT:
             # It stopped as told: an interrupt reached it and not this process (which ignores
             # SIGINT when a shell started it in the background). What it did not reach is
             # listed as not started, as after a Ctrl-C, not as failed.

@@ -105,7 +105,7 @@ def test_the_sample_cut_inside_its_metadata_header_is_truncated(tmp_path):
     data = plain(SAMPLE)
     path = tmp_path / "header.dbn"
     path.write_bytes(data[: records_start(data) - 10])
-    with pytest.raises(dbn.DbnError, match=re.escape(str(path))):
+    with pytest.raises(TruncatedDbn, match=re.escape(str(path))):
         decode_month([path], "ES", DEC20)
 
 

@@ -128,7 +128,11 @@ SAMPLE_FILES = sorted(SAMPLES.glob("*/*.dbn.zst"))
 def test_a_header_is_read_as_the_real_client_reads_it(sample: Path):
     expected = databento.DBNStore.from_file(sample).metadata
     plain = zstandard.ZstdDecompressor().decompressobj().decompress(sample.read_bytes())
-    for payload in (sample, sample.read_bytes(), plain, str(sample)):
+    # A writer may end a zstd frame anywhere, inside the header too.
+    split = 8 + int.from_bytes(plain[4:8], "little") // 2
+    compress = zstandard.ZstdCompressor().compress
+    frames = compress(plain[:split]) + compress(plain[split:])
+    for payload in (sample, sample.read_bytes(), plain, str(sample), frames):
         found = read_metadata(payload, schema=None)
         assert found == expected and found.encode() == expected.encode()
     assert str(read_metadata(sample, schema=str(expected.schema)).dataset) == sample.parent.name
@@ -137,13 +141,21 @@ def test_a_header_is_read_as_the_real_client_reads_it(sample: Path):
 def test_a_header_cut_short_or_not_dbn_is_refused():
     plain = zstandard.ZstdDecompressor().decompressobj().decompress(SAMPLE_FILES[0].read_bytes())
     header = 8 + int.from_bytes(plain[4:8], "little")
-    for cut in (0, 3, 8, header // 2, header - 1):
+    compressed = zstandard.ZstdCompressor().compress(plain)
+    for cut in (2, 3, 8, header // 2, header - 1):
         for payload in (plain[:cut], zstandard.ZstdCompressor().compress(plain[:cut])):
             with pytest.raises(TruncatedDbn, match="ends inside the DBN metadata header"):
                 read_metadata(payload, schema=None)
+    # A download cut inside its first zstd frame, which holds the header.
+    for cut in (4, 12, 40):
+        with pytest.raises(TruncatedDbn, match="ends inside the DBN metadata header"):
+            read_metadata(compressed[:cut], schema=None)
     assert read_metadata(plain[:header], schema=None).dataset  # the header alone is whole
-    with pytest.raises(DbnError, match="bad magic"):
-        read_metadata(b"PK\x03\x04" + plain[4:], schema=None)
+    with pytest.raises(DbnError, match=r"cannot read DBN from .*: it is empty"):
+        read_metadata(b"", schema=None)
+    for foreign in (b"PK\x03\x04" + plain[4:], b"PK", b"D\x00"):
+        with pytest.raises(DbnError, match="bad magic"):
+            read_metadata(foreign, schema=None)
     with pytest.raises(DbnError, match="cannot read DBN"):
         read_metadata(b"DBN\x03" + (4).to_bytes(4, "little") + b"\xff" * 4, schema=None)
     with pytest.raises(DbnError, match=r"cannot read DBN from .*missing\.dbn\.zst"):

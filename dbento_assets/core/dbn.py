@@ -100,10 +100,15 @@ def read_metadata(payload: DbnPayload, schema: str | None = "ohlcv-1s") -> datab
             if compressed:
                 stream = zstandard.ZstdDecompressor().stream_reader(handle, read_across_frames=True)
                 reader = cast(BinaryIO, stream)
-            prefix = _read_exactly(reader, 8, payload)
-            if prefix[:3] != _DBN_MAGIC:
+            prefix = _read_up_to(reader, 8)
+            if not prefix and not compressed:  # (zstd with nothing in it is cut short)
+                raise DbnError(f"cannot read DBN from {_describe(payload)}: it is empty")
+            if prefix[:3] != _DBN_MAGIC[: len(prefix)]:
                 raise DbnError(f"cannot read DBN from {_describe(payload)}: bad magic")
-            header = prefix + _read_exactly(reader, int.from_bytes(prefix[4:8], "little"), payload)
+            length = int.from_bytes(prefix[4:8], "little")
+            header = prefix + _read_up_to(reader, length)
+            if len(prefix) < 8 or len(header) < 8 + length:
+                raise TruncatedDbn(f"{_describe(payload)} ends inside the DBN metadata header")
     except (zstandard.ZstdError, OSError) as exc:  # a missing or unreadable file too
         raise DbnError(f"cannot read DBN from {_describe(payload)}: {exc}") from None
     try:
@@ -126,15 +131,14 @@ def _opened(payload: DbnPayload) -> BinaryIO:
     )
 
 
-def _read_exactly(reader: BinaryIO, size: int, payload: DbnPayload) -> bytes:
+def _read_up_to(reader: BinaryIO, size: int) -> bytes:
+    """``size`` bytes, or fewer where the stream ends first."""
     # By pieces: a foreign file's header can claim gigabytes, which must not be reserved.
     pieces: list[bytes] = []
     left = size
     while left > 0 and (more := reader.read(min(left, _READ_CHUNK))):
         pieces.append(more)
         left -= len(more)
-    if left > 0:
-        raise TruncatedDbn(f"{_describe(payload)} ends inside the DBN metadata header")
     return b"".join(pieces)
 
 
