@@ -160,7 +160,7 @@ def step_bars(
         run_raw_rules,
     )
     from dbento_assets.core.storage import BarStore, FileIdentity
-    from dbento_assets.core.timeframes import Timeframe, parse_timeframe
+    from dbento_assets.core.timeframes import Timeframe, finest_first, parse_timeframe
 
     month_ = Month(*month)
     instrument = load_catalog().instrument(symbol)
@@ -177,7 +177,7 @@ def step_bars(
         with clock("raw gate (rules again)"):
             run_raw_rules(raw, month_, instrument, rules=RAW_BLOCKING_RULES)
     # Finest first, as the bars step judges them.
-    timeframes = sorted((parse_timeframe(label) for label in labels), key=lambda tf: tf.nanos)
+    timeframes = finest_first(parse_timeframe(label) for label in labels)
     plan = built_from(timeframes)
     with clock("recomputation from raw begun ahead (started)"):
         reconcile_ahead(raw, plan)  # as the bars step does: beside the aggregation

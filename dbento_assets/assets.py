@@ -83,7 +83,7 @@ from dbento_assets.core.storage import (
     identity_problem,
     windows_json,
 )
-from dbento_assets.core.timeframes import Timeframe
+from dbento_assets.core.timeframes import Timeframe, finest_first
 from dbento_assets.history import latest_materialization
 from dbento_assets.io_managers import (
     BUILT_FROM_KEY,
@@ -443,9 +443,7 @@ def build_bars_assets(
     """
     # Finest first, whatever the catalog's order: each timeframe is then judged after the
     # finer one it is built and reconciled from.
-    by_name = {
-        bars_asset_name(tf): tf for tf in sorted(catalog.timeframes, key=lambda tf: tf.nanos)
-    }
+    by_name = {bars_asset_name(tf): tf for tf in finest_first(catalog.timeframes)}
 
     @multi_asset(
         name="aggregate_bars",

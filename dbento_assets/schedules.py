@@ -40,7 +40,6 @@ warnings.filterwarnings(
     category=DeprecationWarning,
 )
 
-JOB_NAME = MONTHLY_JOB
 SCHEDULE_NAME = "monthly_bars_schedule"
 # 06:00 UTC on the 2nd: the month's last second became historical at 23:59:59 on the 1st, and
 # six more hours let Databento's end-of-day processing finish (a day reads "pending" until then).
@@ -59,7 +58,7 @@ SYMBOL_TAG = "dbento/symbol"
 def build_monthly_job(catalog: Catalog) -> Any:  # define_asset_job's type is not public
     """The job over every asset of the catalog (their asset checks come along)."""
     return define_asset_job(
-        JOB_NAME,
+        MONTHLY_JOB,
         selection=AssetSelection.assets(*build_assets(catalog)),
         description=(
             "Every asset of one symbol-month: download the ohlcv-1s bars, build each timeframe "

@@ -26,10 +26,10 @@ from dbento_assets.core.months import Month
 from dbento_assets.core.storage import BarStore
 from dbento_assets.core.timeframes import parse_timeframe
 from dbento_assets.io_managers import BarFileIOManager
+from dbento_assets.names import MONTHLY_JOB
 from dbento_assets.resources import DatabentoResource
 from dbento_assets.schedules import (
     CRON,
-    JOB_NAME,
     MONTH_TAG,
     SCHEDULE_NAME,
     SCHEDULE_TAG,
@@ -87,14 +87,14 @@ def test_a_tick_asks_for_the_month_that_just_closed_once_per_symbol(at, month):
         assert request.tags[SYMBOL_TAG] == symbol
         assert "dbento/force" not in request.tags  # a schedule never pays twice for a month
         assert request.tags[WHOLE_MONTH_TAG] == "true"  # never stored partial by the close
-        assert request.job_name in (None, JOB_NAME)
+        assert request.job_name in (None, MONTHLY_JOB)
 
 
 def test_the_schedule_fires_on_the_2nd_at_0600_utc_after_the_24h_embargo():
     schedule = definitions().resolve_schedule_def(SCHEDULE_NAME)
     assert schedule.cron_schedule == CRON == "0 6 2 * *"
     assert schedule.execution_timezone == "UTC"
-    assert schedule.job_name == JOB_NAME
+    assert schedule.job_name == MONTHLY_JOB
     # The last second of January is historical 24 hours later, on Feb 1st at 23:59:59 UTC;
     # the tick is after that.
     feb_tick = pd.Timestamp("2024-02-02T06:00Z")
@@ -130,7 +130,7 @@ def test_the_job_covers_every_asset_and_a_new_timeframe(tmp_path):
     catalog = load_catalog(catalog_file)
     defs = definitions(catalog=catalog)
     Definitions.validate_loadable(defs)
-    job = defs.resolve_job_def(JOB_NAME)
+    job = defs.resolve_job_def(MONTHLY_JOB)
     selected = {key.to_user_string() for key in job.asset_layer.selected_asset_keys}
     assert selected == {"raw_1s_bars", "bars_15s", "bars_30s", "bars_1min", "bars_5min"}
     graph_checks = defs.resolve_asset_graph().asset_check_keys
@@ -142,7 +142,7 @@ def test_a_scheduled_run_request_materializes_its_partition(tmp_path):
     request = tick(datetime(2024, 2, 2, 6, tzinfo=UTC), defs).run_requests[0]
     assert request.partition_key == "2024-01-01|ES"
     instance = DagsterInstance.ephemeral()
-    result = defs.resolve_job_def(JOB_NAME).execute_in_process(
+    result = defs.resolve_job_def(MONTHLY_JOB).execute_in_process(
         partition_key=request.partition_key, tags=request.tags, instance=instance
     )
     assert result.success
@@ -193,7 +193,7 @@ def test_loading_the_code_location_warns_of_nothing_about_backfill_policies(tmp_
         "    print('another job:', error.__cause__)\n"
     )
     done = fresh_python(code, "error::UserWarning", tmp_path)
-    assert JOB_NAME in done.stdout
+    assert MONTHLY_JOB in done.stdout
     assert "BackfillPolicies" not in done.stderr
     assert "another job: Asset job another_job materializes assets with varying" in done.stdout
 

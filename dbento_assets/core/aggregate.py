@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from dbento_assets.core.bars import empty_bars, in_order, make_bars, sort_bars, ts_nanos
-from dbento_assets.core.timeframes import Timeframe
+from dbento_assets.core.timeframes import Timeframe, finest_first
 
 
 def bin_starts(ts_ns: np.ndarray, timeframe: Timeframe) -> np.ndarray:
@@ -100,7 +100,7 @@ def built_from(timeframes: Iterable[Timeframe]) -> dict[Timeframe, Timeframe | N
     """What :func:`aggregate_many` builds each timeframe from, finest first: the widest
     finer one of ``timeframes`` dividing it, or None (the 1-second bars)."""
     plan: dict[Timeframe, Timeframe | None] = {}
-    for timeframe in sorted(set(timeframes), key=lambda tf: tf.nanos):
+    for timeframe in finest_first(timeframes):
         finer = [tf for tf in plan if timeframe.nanos % tf.nanos == 0]
         plan[timeframe] = max(finer, key=lambda tf: tf.nanos) if finer else None
     return plan

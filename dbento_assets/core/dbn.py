@@ -94,8 +94,7 @@ def read_metadata(payload: DbnPayload, schema: str | None = "ohlcv-1s") -> datab
         _rtype(schema)
     try:
         with _opened(payload) as handle:
-            compressed = handle.read(4) == _ZSTD_MAGIC
-            handle.seek(0)
+            compressed = _is_zstd(handle)
             reader = handle
             if compressed:
                 stream = zstandard.ZstdDecompressor().stream_reader(handle, read_across_frames=True)
@@ -129,6 +128,13 @@ def _opened(payload: DbnPayload) -> BinaryIO:
         if isinstance(payload, bytes | bytearray | memoryview)
         else Path(payload).open("rb")
     )
+
+
+def _is_zstd(handle: BinaryIO) -> bool:
+    """Whether the payload is zstd (its first bytes), the handle left at its start."""
+    compressed = handle.read(4) == _ZSTD_MAGIC
+    handle.seek(0)
+    return compressed
 
 
 def _read_up_to(reader: BinaryIO, size: int) -> bytes:
@@ -220,9 +226,7 @@ def _decompressed(payload: DbnPayload, digest: Digest | None, ahead: int) -> Ite
     in a worker thread while the caller uses the ones before (its chunk size: the worker
     then keeps the caller busy, and memory stays a few chunks)."""
     with _opened(payload) as handle:
-        head = handle.read(4)
-        handle.seek(0)
-        if head != _ZSTD_MAGIC:
+        if not _is_zstd(handle):
             while chunk := handle.read(_PLAIN_READ):
                 if digest is not None:
                     digest.update(chunk)

@@ -10,6 +10,7 @@ width exactly: ``60s`` becomes ``1min``, ``3600s`` becomes ``1h``, ``90s`` stays
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 SECONDS_PER_DAY = 86_400
@@ -46,6 +47,12 @@ class Timeframe:
 
     def __str__(self) -> str:
         return self.label
+
+
+def finest_first(timeframes: Iterable[Timeframe]) -> list[Timeframe]:
+    """``timeframes`` once each, finest first: each after the finer ones it may be built and
+    reconciled from."""
+    return sorted(set(timeframes), key=lambda tf: tf.nanos)
 
 
 def parse_timeframe(text: str) -> Timeframe:
